@@ -1,0 +1,51 @@
+# Borderline: two commands do everything on a fresh machine with Python 3.11 and pip.
+#   make book   set up, run every stage on the default (synthetic) data, build the book
+#   make test   set up, run every test
+# Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make bench, make clean.
+
+PYTHON ?= python3.11
+PROFILE ?= default
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup book stages stage test browser bench lint clean
+
+setup: $(STAMP)
+
+# Rebuilt only when the pinned dependencies change.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	touch $(STAMP)
+
+# Every stage of the chosen profile, in order, into data/runs/$(PROFILE).
+stages: $(STAMP)
+	$(PY) -m lib.pipeline run --profile $(PROFILE)
+
+# One stage with other parameters, e.g. make stage STAGE=03_attack PARAMS="-p lr0 0.01"
+stage: $(STAMP)
+	$(PY) -m lib.pipeline run --profile $(PROFILE) --stage $(STAGE) $(PARAMS)
+
+book: stages
+	$(PY) -m lib.pipeline book --profile $(PROFILE)
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo "open _build/html/index.html"
+
+# Headless Chromium for the tests that open built pages (Debian package, needs root).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
+	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_attack.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lib tests notebooks benchmarks
+
+clean:
+	rm -rf _build book/executed _static/vega-*.js

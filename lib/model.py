@@ -1,0 +1,297 @@
+"""AlexNet with the ImageNet normalisation inside; checkpoints that load without running code.
+
+The classifier takes images in [0, 1] (float, shape [N, 3, S, S], S >= :data:`MIN_IMAGE_SIZE`)
+and normalises them itself, so attacks step in pixel space and distances are in pixel units.
+
+Checkpoints are safetensors files: a flat table of tensors behind a JSON header. Reading one
+parses that header and copies bytes; nothing in the file is ever executed. ImageNet weights
+(torchvision's ``alexnet-owt-*.pth``, a pickled state dict) are read with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+
+from lib import NUM_CLASSES
+from lib.errors import CheckpointError, ParameterError
+from lib.io import atomic_path
+
+#: Per-channel mean and standard deviation of ImageNet (RGB, [0, 1] units), torchvision's values.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: Smallest square input AlexNet's feature stack accepts. conv 11/4 (pad 2), then three 3x3/2
+#: max-pools with 5x5 and 3x3 same-padded convolutions between: the last pool needs a 3x3 map,
+#: so the second pool needs 7x7, the first 15x15, and the first conv ((S - 7) // 4 + 1 >= 15)
+#: needs S >= 63. Checked in tests/test_model.py against the network itself.
+MIN_IMAGE_SIZE: int = 63
+
+#: The ImageNet head that pretrained weights do not share with a 7-class model.
+_HEAD_PREFIX = "classifier.6."
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; mean and std are buffers, so they follow ``.to()``."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+
+class ToolClassifier(nn.Module):
+    """torchvision AlexNet behind an ImageNet normalisation layer.
+
+    ``forward(images)``: images float [N, 3, S, S] in [0, 1], S >= :data:`MIN_IMAGE_SIZE`
+    -> logits [N, num_classes]. The network has dropout and no batch norm: ``train()`` for
+    training, ``eval()`` for evaluation and attacks.
+    """
+
+    def __init__(self, *, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.alexnet = torchvision.models.alexnet(weights=None, num_classes=num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ParameterError(
+                f"the classifier expects images of shape [N, 3, S, S], got {tuple(images.shape)}"
+            )
+        check_image_size(min(images.shape[-2:]))
+        return self.alexnet(self.normalize(images))
+
+
+def check_image_size(size: int) -> None:
+    """Raise :class:`ParameterError` if square images of side ``size`` are too small for AlexNet."""
+    if size < MIN_IMAGE_SIZE:
+        raise ParameterError(
+            f"image size {size} px is too small for AlexNet: its feature stack needs at least "
+            f"{MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} px; choose image_size >= {MIN_IMAGE_SIZE} "
+            "(the default profile uses 64, the paper 224)"
+        )
+
+
+def build_model(
+    *, num_classes: int = NUM_CLASSES, weights_path: str | os.PathLike[str] | None = None
+) -> ToolClassifier:
+    """A fresh classifier, randomly initialised from torch's global RNG, in train mode.
+
+    Args:
+        num_classes: number of outputs (7 for the Cholec80 tools).
+        weights_path: optional local ImageNet AlexNet weights: torchvision's
+            ``alexnet-owt-*.pth`` (a pickled state dict, read with ``weights_only=True``) or a
+            ``.safetensors`` file with the same keys. Every tensor except the 1000-class last
+            layer (``classifier.6``) is copied; the new head keeps its random initialisation.
+            Keys may carry an ``alexnet.`` prefix (a checkpoint of this module). Never
+            downloaded: the user names a file they already have.
+
+    Raises:
+        CheckpointError: the weights file is missing, unreadable, not a state dict of tensors,
+            or its tensors do not fit AlexNet (the message names the first mismatching key).
+    """
+    if num_classes < 2:
+        raise ParameterError(f"num_classes must be at least 2, got {num_classes}")
+    model = ToolClassifier(num_classes=num_classes)
+    if weights_path is not None:
+        _load_imagenet_features(model.alexnet, Path(weights_path))
+    return model
+
+
+def _load_imagenet_features(alexnet: nn.Module, path: Path) -> None:
+    tensors = _read_weights_file(path)
+    if tensors and all(key.startswith("alexnet.") for key in tensors):
+        tensors = {key.removeprefix("alexnet."): value for key, value in tensors.items()}
+    wanted = {k: v for k, v in alexnet.state_dict().items() if not k.startswith(_HEAD_PREFIX)}
+    found = {k: v for k, v in tensors.items() if not k.startswith(_HEAD_PREFIX)}
+    for key, target in wanted.items():
+        if key not in found:
+            raise CheckpointError(
+                f"{path}: weights file has no tensor {key!r} (shape {tuple(target.shape)}) that "
+                "AlexNet needs; pass torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)"
+            )
+        if tuple(found[key].shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(found[key].shape)}, AlexNet needs "
+                f"{tuple(target.shape)}; pass torchvision's AlexNet ImageNet weights "
+                "(alexnet-owt-*.pth)"
+            )
+    extra = sorted(set(found) - set(wanted))
+    if extra:
+        raise CheckpointError(
+            f"{path}: weights file has tensors AlexNet does not have, first {extra[0]!r}; "
+            "pass torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)"
+        )
+    with torch.no_grad():
+        for key, target in alexnet.state_dict().items():
+            if key in wanted:
+                target.copy_(found[key])
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a pickled state dict read with weights_only=True."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found; name an existing local file")
+    if _is_safetensors(path):
+        return _read_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: cannot read as a state dict of tensors ({_first_line(error)}); pass "
+            "torchvision's alexnet-owt-*.pth or a .safetensors file"
+        ) from error
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{path}: holds a {type(state).__name__}, not a state dict (name -> tensor); pass "
+            "torchvision's alexnet-owt-*.pth or a .safetensors file"
+        )
+    return state
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write ``model.state_dict()`` to ``path`` as safetensors, atomically.
+
+    Tensors are copied to the CPU first, so a checkpoint from a GPU loads anywhere. Equal
+    weights give byte-identical files.
+    """
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    metadata = {"model": "alexnet", "num_classes": str(getattr(model, "num_classes", ""))}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(state, tmp, metadata=metadata)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    num_classes: int = NUM_CLASSES,
+    map_location: str | torch.device = "cpu",
+) -> ToolClassifier:
+    """Read a checkpoint written by :func:`save_checkpoint`; returns the model in eval mode.
+
+    Only safetensors files are accepted: reading one never executes code, unlike a pickle.
+
+    Raises:
+        CheckpointError: the file is missing, not a safetensors file (e.g. a ``torch.save``
+            pickle), truncated, not this model's state dict, or made for another number of
+            classes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; name a file written by training")
+    if not _is_safetensors(path):
+        kind = _describe_non_safetensors(path)
+        raise CheckpointError(
+            f"{path}: not a safetensors checkpoint ({kind}). Checkpoints are read only as "
+            "safetensors, which never runs code; a pickle is refused without being opened. "
+            "Use a checkpoint written by lib.model.save_checkpoint (train/epoch_NN.safetensors)"
+        )
+    tensors = _read_safetensors(path, device=map_location)
+    model = ToolClassifier(num_classes=num_classes)
+    expected = model.state_dict()
+    head = "alexnet." + _HEAD_PREFIX + "weight"
+    if head in tensors and tensors[head].ndim == 2 and tensors[head].shape[0] != num_classes:
+        raise CheckpointError(
+            f"{path}: checkpoint is for {tensors[head].shape[0]} classes, expected {num_classes}; "
+            f"load it with num_classes={tensors[head].shape[0]} or use a checkpoint of a "
+            f"{num_classes}-class model"
+        )
+    missing = [key for key in expected if key not in tensors]
+    extra = [key for key in tensors if key not in expected]
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has unexpected tensor {extra[0]!r}"
+        raise CheckpointError(
+            f"{path}: not a state dict of this AlexNet classifier: it {what} "
+            f"({len(missing)} missing, {len(extra)} unexpected of {len(expected)} tensors); "
+            "use a checkpoint written by lib.model.save_checkpoint"
+        )
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs "
+                f"{tuple(target.shape)}; use a checkpoint written by lib.model.save_checkpoint"
+            )
+    model.load_state_dict(tensors)
+    return model.to(map_location).eval()
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True if the file starts like safetensors: an 8-byte header length, then a JSON '{'."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device=str(device))
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file ({_first_line(error)}); it is probably "
+            "truncated or corrupt (e.g. an interrupted copy): copy it again or retrain"
+        ) from error
+
+
+def _describe_non_safetensors(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "the file is empty"
+    if head[:1] == b"\x80":
+        return "it is a Python pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "it is a zip archive, as torch.save writes"
+    return f"it starts with bytes {head!r}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device for ``name`` ("cpu", "cuda", "cuda:1", "mps"), checked to be usable.
+
+    Raises:
+        ParameterError: unknown device type, or a device this machine does not have.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ParameterError(
+            f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N' ({_first_line(error)})"
+        ) from error
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError(
+                f"device {name!r} requested but CUDA is not available here; use device='cpu'"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ParameterError(
+                f"device {name!r} requested but this machine has {count} CUDA device(s) "
+                f"(cuda:0 .. cuda:{count - 1}); pick one of those or 'cpu'"
+            )
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ParameterError(f"device {name!r} requested but MPS is not available; use 'cpu'")
+        return device
+    raise ParameterError(f"unsupported device {name!r}; use 'cpu', 'cuda' or 'cuda:N'")
