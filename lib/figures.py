@@ -82,3 +82,90 @@ def image_grid(images: torch.Tensor, *, columns: int, scale: int = 2) -> Image.I
     if scale != 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     return picture
+
+
+def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.Chart:
+    """Training loss per SGD step (light) and its running mean over ``window`` steps.
+
+    Args:
+        losses: columns ``epoch`` (1-based), ``step`` (within the epoch), ``loss`` (>= 0).
+    """
+    table = losses.sort_values(["epoch", "step"]).reset_index(drop=True)
+    steps_per_epoch = table.groupby("epoch")["step"].transform("max") + 1
+    table = table.assign(
+        position=(table["epoch"] - 1) + table["step"] / steps_per_epoch,
+        smoothed=table["loss"].rolling(window, min_periods=1).mean(),
+    )
+    base = alt.Chart(table).encode(x=alt.X("position:Q", title="epoch"))
+    raw = base.mark_line(opacity=0.25, color="gray").encode(y=alt.Y("loss:Q", title="training loss"))
+    mean = base.mark_line(color="black").encode(y="smoothed:Q")
+    return (raw + mean).properties(width=480, height=200)
+
+
+def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart:
+    """The paper's Figure 1: test accuracy and macro F1 per epoch.
+
+    Args:
+        metrics: columns ``epoch`` (1-based), ``accuracy`` and ``macro_f1`` (in [0, 1]).
+    """
+    table = metrics.melt(id_vars="epoch", value_vars=["accuracy", "macro_f1"],
+                         var_name="metric", value_name="value")
+    table["metric"] = table["metric"].map({"accuracy": "accuracy", "macro_f1": "macro F1"})
+    return (
+        alt.Chart(table)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("epoch:O", title="epoch"),
+            y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title="on the test split"),
+            color=alt.Color("metric:N", title=None),
+            tooltip=["epoch", "metric", alt.Tooltip("value:Q", format=".3f")],
+        )
+        .properties(width=420, height=220)
+    )
+
+
+def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
+    """F1 of every tool per epoch.
+
+    Args:
+        per_class: columns ``epoch``, ``tool``, ``f1`` (in [0, 1]), ``support`` (int).
+    """
+    return (
+        alt.Chart(per_class)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("epoch:O"),
+            y=alt.Y("f1:Q", scale=alt.Scale(domain=[0, 1]), title="F1"),
+            color=alt.Color("tool:N", scale=TOOL_SCALE),
+            tooltip=["epoch", "tool", alt.Tooltip("f1:Q", format=".3f"), "support"],
+        )
+        .properties(width=420, height=220)
+    )
+
+
+def confusion_chart(confusion: pd.DataFrame) -> alt.Chart:
+    """Heatmap of a confusion matrix, rows normalised (each true class sums to 1).
+
+    Args:
+        confusion: one epoch's cells: columns ``true`` and ``predicted`` (labels 0-6),
+            ``count`` (int >= 0).
+    """
+    table = confusion.copy()
+    totals = table.groupby("true")["count"].transform("sum")
+    table["share"] = (table["count"] / totals.where(totals > 0)).fillna(0.0)
+    table["true tool"] = table["true"].map(dict(enumerate(TOOLS)))
+    table["predicted tool"] = table["predicted"].map(dict(enumerate(TOOLS)))
+    base = alt.Chart(table).encode(
+        x=alt.X("predicted tool:N", sort=list(TOOLS)),
+        y=alt.Y("true tool:N", sort=list(TOOLS)),
+    )
+    cells = base.mark_rect().encode(
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
+                        title="share of row"),
+        tooltip=["true tool", "predicted tool", "count", alt.Tooltip("share:Q", format=".1%")],
+    )
+    labels = base.mark_text(fontSize=10).encode(
+        text="count:Q",
+        color=alt.condition("datum.share > 0.5", alt.value("white"), alt.value("black")),
+    )
+    return (cells + labels).properties(width=300, height=300)

@@ -118,6 +118,27 @@ def check_parameter_types(stage: str, values: Mapping[str, Any]) -> None:
             )
 
 
+def stage_parameters(stage: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The current values of ``stage``'s parameters, read from a notebook's ``globals()``."""
+    return {name: namespace[name] for name in notebook_defaults(stage)}
+
+
+def parameter_table(stage: str) -> list[tuple[str, Any, str]]:
+    """``(name, default, comment)`` for each line of ``stage``'s parameters cell."""
+    import jupytext
+
+    notebook = jupytext.read(notebook_path(stage))
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    defaults = notebook_defaults(stage)
+    rows = []
+    for line in cell.source.splitlines():
+        name = line.split("=", 1)[0].strip()
+        if name in defaults:
+            comment = line.split("#", 1)[1].strip() if "#" in line else ""
+            rows.append((name, defaults[name], comment))
+    return rows
+
+
 # --------------------------------------------------------------------------- profiles
 
 
@@ -125,21 +146,29 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
+def load_profile_spec(name: str) -> dict[str, Any]:
+    """The raw profile file: ``common``, ``stages`` and ``skip`` (stages this profile omits)."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ParameterError(
+            f"profile {name!r} does not exist (no profiles/{name}.yaml); "
+            f"available profiles: {', '.join(available_profiles())}"
+        )
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"common", "stages", "skip"}
+    if unknown:
+        raise ParameterError(
+            f"{path}: unknown top-level keys {sorted(unknown)}; use common, stages, skip"
+        )
+    return spec
+
+
 def load_profile(name: str) -> dict[str, dict[str, Any]]:
     """Parameters per stage for profile ``name``: ``common`` merged into every stage.
 
     A ``common`` key is given to every stage whose notebook has that parameter.
     """
-    path = PROFILE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ParameterError(
-            f"profile {name!r} does not exist (no {path.relative_to(REPO)}); "
-            f"available profiles: {', '.join(available_profiles())}"
-        )
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"common", "stages"}
-    if unknown:
-        raise ParameterError(f"{path}: unknown top-level keys {sorted(unknown)}; use common, stages")
+    spec = load_profile_spec(name)
     common = spec.get("common") or {}
     stages = spec.get("stages") or {}
     for stage in stages:
@@ -312,7 +341,8 @@ def run(profile: str, *, stages: Sequence[str] | None = None,
     stage has is an error.
     """
     plan = load_profile(profile)
-    stages = list(stages or STAGES)
+    skipped = set(load_profile_spec(profile).get("skip") or [])
+    stages = list(stages or [s for s in STAGES if s not in skipped and notebook_path(s).exists()])
     overrides = dict(overrides or {})
     for stage in stages:
         notebook_path(stage)
@@ -365,20 +395,59 @@ def write_vega_scripts(static_dir: Path = STATIC_DIR) -> list[Path]:
     return [versions_path, bundle_path]
 
 
+def parameters_markdown() -> str:
+    """One Markdown table per stage: every papermill parameter, its default and its meaning."""
+    parts = []
+    for stage in STAGES:
+        if not notebook_path(stage).exists():
+            continue
+        parts.append(f"### {stage}\n\n| parameter | default | meaning |\n|---|---|---|")
+        for name, default, comment in parameter_table(stage):
+            comment = comment.replace("|", "\\|")
+            parts.append(f"| `{name}` | `{default!r}` | {comment} |")
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+def _skipped_stage_notebook(stage: str, profile: str) -> Any:
+    import nbformat
+
+    text = (
+        f"# {stage}: not run in this build\n\n"
+        f"The profile `{profile}` does not run this stage. Run it with "
+        f"`make stage STAGE={stage} PROFILE={profile}` and build the book again."
+    )
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)])
+
+
 def prepare_book(profile: str) -> None:
-    """Copy the profile's executed notebooks into ``book/executed/`` and write the vega scripts."""
+    """Hand the profile's executed notebooks to the book (``book/executed/``).
+
+    Also writes the generated pages the chapters include (``parameters.md``) and the vega
+    scripts for offline charts. A stage the profile skipped gets a one-paragraph page that
+    says so; a stage that should have run and did not is an error.
+    """
+    import nbformat
+
     plan = load_profile(profile)
-    run_dirs = {Path(plan[s].get("run_dir") or notebook_defaults(s)["run_dir"]) for s in STAGES}
+    skipped = set(load_profile_spec(profile).get("skip") or [])
     BOOK_EXECUTED_DIR.mkdir(parents=True, exist_ok=True)
     for stage in STAGES:
-        found = [d / "notebooks" / f"{stage}.ipynb" for d in run_dirs]
-        found = [p for p in found if p.exists()]
-        if not found:
+        if not notebook_path(stage).exists():
+            continue
+        target = BOOK_EXECUTED_DIR / f"{stage}.ipynb"
+        if stage in skipped:
+            nbformat.write(_skipped_stage_notebook(stage, profile), target)
+            continue
+        run_dir = Path(plan[stage].get("run_dir") or notebook_defaults(stage)["run_dir"])
+        executed = run_dir / "notebooks" / f"{stage}.ipynb"
+        if not executed.exists():
             raise RunFolderError(
-                f"no executed notebook for stage {stage} in {', '.join(map(str, run_dirs))}; "
-                f"run the stages first (make stages PROFILE={profile})"
+                f"no executed notebook {executed}; run the stages first "
+                f"(make stages PROFILE={profile})"
             )
-        shutil.copyfile(found[0], BOOK_EXECUTED_DIR / f"{stage}.ipynb")
+        shutil.copyfile(executed, target)
+    io.write_text(BOOK_EXECUTED_DIR / "parameters.md", parameters_markdown())
     write_vega_scripts()
 
 

@@ -1,0 +1,121 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Training
+#
+# ## Overview
+#
+# AlexNet learns to name the tool in each single-tool frame. After every epoch the stage keeps
+# a checkpoint and evaluates it on the **whole** test split; the attack stage later measures
+# the robustness of each of these checkpoints. The accuracy and F1 per epoch are the paper's
+# Figure 1.
+#
+# ## Prerequisites
+#
+# The data stage (01_data) has written the run folder's `data/`. Parameters below; the
+# defaults suit the synthetic data on two CPU cores, and the comments give the paper-scale
+# values for Cholec80.
+
+# %% tags=["parameters"]
+run_dir = "data/runs/default"  # run folder written by 01_data; this stage writes train/
+epochs = 10  # training epochs, one checkpoint each (paper: 10)
+batch_size = 64  # images per SGD step (paper scale: 64)
+lr = 0.01  # SGD learning rate, constant (paper scale: 0.01)
+momentum = 0.9  # SGD momentum (paper scale: 0.9)
+weight_decay = 0.0005  # L2 penalty (paper scale: 0.0005)
+augment = True  # random flip, crop and brightness/contrast jitter
+balance = "weights"  # "none", "weights" (inverse-frequency loss) or "sampler" (balanced batches)
+seed = 0  # fixes initialisation, order, augmentation and dropout
+weights_path = ""  # local ImageNet AlexNet weights to start from; "" trains from scratch
+device = "cpu"  # "cpu", "cuda" or "cuda:N"
+overwrite = False  # discard train/ (and later stages) if made with other parameters
+
+# %%
+import pandas as pd
+from IPython.display import display
+from myst_nb import glue
+
+from lib import TOOLS, datasets, figures, pipeline, training
+
+train_dir = pipeline.start_stage(
+    "02_train", run_dir=run_dir, overwrite=overwrite,
+    parameters=pipeline.stage_parameters("02_train", globals()),
+)
+train_set = datasets.load_run_split(run_dir, "train")
+test_set = datasets.load_run_split(run_dir, "test")
+print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.image_size} px")
+
+# %% [markdown]
+# ## Training with a checkpoint per epoch
+#
+# The classes are imbalanced, so the default weights the cross-entropy by inverse class
+# frequency. Every random choice (initial weights, order, augmentation, dropout) comes from
+# the seed and the epoch number, so on the CPU a rerun gives identical checkpoints, and an
+# interrupted run continues from its last finished epoch with the same result.
+
+# %%
+metrics = training.fit(
+    train_set, test_set, out_dir=train_dir, epochs=epochs, batch_size=batch_size, lr=lr,
+    momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
+    device=device, weights_path=weights_path or None,
+)
+pipeline.finish_stage("02_train", run_dir=run_dir)
+metrics.round(4)
+
+# %% [markdown]
+# ## Loss
+
+# %% mystnb={"figure": {"caption": "Training loss of every SGD step (grey) and its running mean (black).", "name": "fig-training-loss"}}
+figures.loss_curve_chart(pd.read_csv(train_dir / "losses.csv"))
+
+# %% [markdown]
+# ## Accuracy and F1 per epoch
+#
+# {numref}`fig-training-accuracy-f1` is the paper's Figure 1 for this run: every checkpoint
+# evaluated on the whole test split. Because the classes are imbalanced, the macro F1 (the
+# unweighted mean of the seven per-class F1 scores) is the fairer summary; accuracy is
+# dominated by the frequent tools.
+
+# %% mystnb={"figure": {"caption": "Test accuracy and macro F1 of the checkpoint after every epoch (the paper's Figure 1).", "name": "fig-training-accuracy-f1"}}
+figures.accuracy_f1_chart(metrics)
+
+# %%
+last = metrics.iloc[-1]
+glue("train_final_accuracy", f"{last['accuracy']:.3f}", display=False)
+glue("train_final_macro_f1", f"{last['macro_f1']:.3f}", display=False)
+glue("train_epochs", int(last["epoch"]), display=False)
+
+# %% [markdown]
+# After {glue:text}`train_epochs` epochs the test accuracy is {glue:text}`train_final_accuracy`
+# and the macro F1 {glue:text}`train_final_macro_f1`.
+#
+# ## Per-class F1
+
+# %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}}
+per_class = pd.read_csv(train_dir / "per_class.csv")
+figures.per_class_f1_chart(per_class)
+
+# %% [markdown]
+# ## Confusion matrix of the last checkpoint
+
+# %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}}
+confusion = pd.read_csv(train_dir / "confusion.csv")
+figures.confusion_chart(confusion[confusion["epoch"] == confusion["epoch"].max()])
+
+# %% [markdown]
+# ## Summary
+#
+# The run folder's `train/` now holds one checkpoint per epoch (safetensors: loading one never
+# runs code) and the tables behind these figures: `metrics.csv`, `per_class.csv`,
+# `confusion.csv`, `predictions.csv` (every test image, every epoch) and `losses.csv`. The
+# attack stage selects its images from `predictions.csv`.

@@ -1,0 +1,142 @@
+"""Profiles, parameter checks and run-folder manifests (lib/pipeline.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lib import pipeline
+from lib.errors import ParameterError, RunFolderError
+
+TRAIN = "02_train"
+
+
+def test_notebook_defaults_read_the_parameters_cell() -> None:
+    defaults = pipeline.notebook_defaults(TRAIN)
+    assert defaults["epochs"] == 10
+    assert defaults["balance"] == "weights"
+    assert defaults["augment"] is True
+    assert pipeline.stage_parameters(TRAIN, {**defaults, "unrelated": 1}) == defaults
+
+
+def test_parameter_table_has_a_comment_for_every_parameter() -> None:
+    for stage in pipeline.STAGES:
+        if not pipeline.notebook_path(stage).exists():
+            continue
+        rows = pipeline.parameter_table(stage)
+        assert [name for name, _, _ in rows] == list(pipeline.notebook_defaults(stage))
+        assert all(comment for _, _, comment in rows), stage
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epochs": "3"}, "parameter 'epochs': expected int"),
+        ({"epochs": 2.5}, "parameter 'epochs': expected int"),
+        ({"epochs": True}, "parameter 'epochs': expected int"),
+        ({"lr": "fast"}, "parameter 'lr': expected float"),
+        ({"augment": 1}, "parameter 'augment': expected bool"),
+        ({"epoch": 3}, "has no parameter 'epoch'"),
+    ],
+)
+def test_wrong_parameters_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        pipeline.check_parameter_types(TRAIN, values)
+
+
+def test_an_int_is_a_valid_float() -> None:
+    pipeline.check_parameter_types(TRAIN, {"lr": 1, "epochs": 3})
+
+
+def test_unknown_profile_lists_the_available_ones() -> None:
+    with pytest.raises(ParameterError, match="available profiles: .*default"):
+        pipeline.load_profile("nonexistent")
+
+
+def test_unknown_stage_lists_the_stages() -> None:
+    with pytest.raises(ParameterError, match="the stages are 01_data, 02_train"):
+        pipeline.notebook_path("02_training")
+
+
+def test_default_profile_parameters_are_valid() -> None:
+    for name in pipeline.available_profiles():
+        for stage, params in pipeline.load_profile(name).items():
+            if pipeline.notebook_path(stage).exists():
+                pipeline.check_parameter_types(stage, params)
+
+
+def _data_params(**changes: object) -> dict:
+    params = pipeline.notebook_defaults("01_data")
+    params.update(changes)
+    return params
+
+
+def test_manifest_records_parameters_and_versions(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    out = pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params())
+    assert out == run_dir / "data" and out.is_dir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    entry = manifest["stages"]["01_data"]
+    assert entry["parameters"]["image_size"] == 64
+    assert "run_dir" not in entry["parameters"]  # runtime parameters are not recorded
+    assert entry["versions"]["torch"].startswith("2.")
+    assert entry["finished"] is False
+    pipeline.finish_stage("01_data", run_dir=run_dir)
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["01_data"]["finished"]
+
+
+def test_other_parameters_are_refused_with_the_differences(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params())
+    with pytest.raises(RunFolderError) as error:
+        pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params(image_size=96))
+    message = str(error.value)
+    assert "image_size: run folder has 64, now 96" in message
+    assert "overwrite" in message and "new run folder" in message
+
+
+def test_same_parameters_continue(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params())
+    (run_dir / "data" / "kept.csv").write_text("x\n")
+    pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params(workers=1))
+    assert (run_dir / "data" / "kept.csv").exists()
+
+
+def test_overwrite_discards_this_and_later_stages(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params())
+    pipeline.finish_stage("01_data", run_dir=run_dir)
+    train = pipeline.notebook_defaults(TRAIN)
+    pipeline.start_stage(TRAIN, run_dir=run_dir, parameters=train)
+    (run_dir / "data" / "old.csv").write_text("x\n")
+    (run_dir / "train" / "old.csv").write_text("x\n")
+    pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params(image_size=96),
+                         overwrite=True)
+    assert not (run_dir / "data" / "old.csv").exists()
+    assert not (run_dir / "train").exists()
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert set(stages) == {"01_data"}
+
+
+def test_a_later_stage_needs_the_run_folder_and_the_stage_before(tmp_path: Path) -> None:
+    train = pipeline.notebook_defaults(TRAIN)
+    with pytest.raises(RunFolderError, match="does not exist; run the data stage"):
+        pipeline.start_stage(TRAIN, run_dir=tmp_path / "missing", parameters=train)
+    assert not (tmp_path / "missing").exists()
+    pipeline.start_stage("01_data", run_dir=tmp_path / "run", parameters=_data_params())
+    with pytest.raises(RunFolderError, match="no finished stage 01_data"):
+        pipeline.start_stage(TRAIN, run_dir=tmp_path / "run", parameters=train)
+
+
+def test_override_that_no_stage_has_is_refused() -> None:
+    with pytest.raises(ParameterError, match="no selected stage has parameter"):
+        pipeline.run("default", stages=["02_train"], overrides={"lr00": 1.0})
+
+
+def test_parameters_markdown_lists_every_stage() -> None:
+    text = pipeline.parameters_markdown()
+    assert "### 02_train" in text
+    assert "| `epochs` | `10` |" in text
