@@ -14,11 +14,12 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Rebuilt only when the pinned dependencies change.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt build-constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e .
+	$(PY) -m pip install --quiet pip==26.3
+	# adv-lib needs visdom, whose source build needs a setuptools that still has pkg_resources
+	$(PY) -m pip install --quiet -c constraints.txt --build-constraint build-constraints.txt -e .
 	touch $(STAMP)
 
 # Every stage of the chosen profile, in order, into data/runs/$(PROFILE).
