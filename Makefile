@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt build-constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3
 	# adv-lib needs visdom, whose source build needs a setuptools that still has pkg_resources
-	$(PY) -m pip install --quiet -c constraints.txt --build-constraint build-constraints.txt -e .
+	$(PY) -m pip install --quiet -c constraints.txt --build-constraint build-constraints.txt \
+		--config-settings editable_mode=compat -e .
 	touch $(STAMP)
 
 # Every stage of the chosen profile, in order, into data/runs/$(PROFILE).

@@ -1,0 +1,151 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Data
+#
+# ## Overview
+#
+# Cholec80 holds 80 videos of laparoscopic cholecystectomy, each annotated once per second with
+# the presence of seven tools {cite:p}`twinanda2017endonet`. This stage reads a folder in that
+# layout, keeps the annotated frames that show exactly one tool, labels each with its tool,
+# splits them by video into training and test frames, and caches the decoded frames at the
+# run's image size so that no later stage decodes video again.
+#
+# ```{admonition} Which data this build used
+# :class: note
+# The parameters below say which dataset this page was built from. The default build uses a
+# **synthetic** dataset written by `lib.synthetic` in the exact Cholec80 layout (mp4 videos at
+# 25 fps and `tool_annotations/videoNN-tool.txt` files); it is read by the same Cholec80 reader
+# as the real data, but its frames are drawn, not filmed.
+# ```
+#
+# ## Prerequisites
+#
+# Nothing but a dataset folder. With `dataset_kind = "synthetic"` the folder is generated when
+# it does not exist yet; with `"cholec80"` it must hold the real `videos/` and
+# `tool_annotations/` folders; with `"imagefolder"` it holds `train/<Tool>/` and `test/<Tool>/`
+# image folders.
+
+# %% tags=["parameters"]
+run_dir = "data/runs/default"  # run folder that this and every later stage writes into
+dataset_kind = "synthetic"  # "synthetic" (generated if missing), "cholec80" or "imagefolder"
+dataset_root = "data/cholec80-synthetic"  # the dataset folder (Cholec80 layout or ImageFolder)
+train_videos = "1-40"  # video ids of the training split (paper: 1-40; ids not present are skipped)
+test_videos = "41-80"  # video ids of the test split (paper: 41-80)
+image_size = 64  # frames are resized to image_size x image_size (paper scale: 224)
+cache_dir = "data/cache"  # decoded frames, one folder per dataset and image size
+synthetic_videos = 16  # synthetic only: number of videos
+synthetic_seconds = 180  # synthetic only: annotated seconds per video
+synthetic_width = 192  # synthetic only: frame width in pixels (Cholec80: 854)
+synthetic_height = 108  # synthetic only: frame height in pixels (Cholec80: 480)
+seed = 0  # synthetic only: the generator's seed
+workers = 2  # processes decoding videos in parallel
+overwrite = False  # discard data/ (and later stages) if made with other parameters
+
+# %%
+import pandas as pd
+import torch
+from IPython.display import display
+from myst_nb import glue
+
+from lib import TOOLS, datasets, figures, pipeline, synthetic
+
+data_dir = pipeline.start_stage(
+    "01_data", run_dir=run_dir, overwrite=overwrite,
+    parameters=pipeline.stage_parameters("01_data", globals()),
+)
+if dataset_kind == "synthetic":
+    synthetic.ensure(
+        dataset_root, n_videos=synthetic_videos, seconds_per_video=synthetic_seconds,
+        width=synthetic_width, height=synthetic_height, seed=seed,
+    )
+splits = datasets.load(
+    dataset_kind, dataset_root, image_size=image_size, train_videos=train_videos,
+    test_videos=test_videos, cache_dir=cache_dir, workers=workers,
+)
+datasets.write_run_data(run_dir, splits)
+pipeline.finish_stage("01_data", run_dir=run_dir)
+decoded = len(splits["train"].meta.get("decoded_videos", []))  # one list for the whole load
+print(f"{len(splits['train'])} training and {len(splits['test'])} test frames of "
+      f"{image_size} px; videos decoded now: {decoded} (the others came from the cache)")
+
+# %% [markdown]
+# ## Frames per tool
+#
+# A frame enters the study when exactly one tool is annotated in it. The label is that tool.
+# Frames with two or more tools are ambiguous for a single-label classifier and frames with no
+# tool have no label, so both are left out, as in the paper.
+
+# %%
+counts = datasets.class_counts(splits)
+table = counts.pivot(index="tool", columns="split", values="frames").loc[list(TOOLS), ["train", "test"]]
+table.loc["all"] = table.sum()
+glue("data_train_frames", f"{int(table.loc['all', 'train']):,}", display=False)
+glue("data_test_frames", f"{int(table.loc['all', 'test']):,}", display=False)
+table
+
+# %% mystnb={"figure": {"caption": "Single-tool frames per tool in the training and test split.", "name": "fig-data-counts"}}
+figures.class_counts_chart(counts)
+
+# %% [markdown]
+# The training split has {glue:text}`data_train_frames` single-tool frames and the test split
+# {glue:text}`data_test_frames`. The tools are far from balanced, as in Cholec80, where the
+# hook alone appears in almost half of the single-tool training frames and the scissors in
+# under 2 %. This is why the training chapter reports macro F1 beside accuracy.
+#
+# ## How many tools per annotated frame
+
+# %% mystnb={"figure": {"caption": "Share of annotated frames that show no tool, one tool, or two or more.", "name": "fig-data-tools-per-frame"}}
+if dataset_kind == "imagefolder":
+    shares = None
+    print("An ImageFolder dataset holds labelled images only: no per-frame annotation to count.")
+else:
+    shares = datasets.tools_per_frame(dataset_root, train_videos=train_videos, test_videos=test_videos)
+    shares = shares[shares["split"] != "all"].rename(columns={"tools": "tools_present"})
+    display(figures.tool_share_chart(shares))
+
+# %% [markdown]
+# ## Comparison with the published Cholec80 counts
+#
+# On the real Cholec80 (all 80 videos, split 1-40 / 41-80) the counts must equal the ones the
+# paper reports: 31,477 training and 48,713 test frames. The table below compares them cell by
+# cell; on the synthetic data they differ by construction.
+
+# %%
+comparison = datasets.compare_with_published(counts)
+all_match = bool(comparison["match"].all())
+glue("data_counts_match", "match" if all_match else "do not match", display=False)
+comparison
+
+# %% [markdown]
+# Our counts {glue:text}`data_counts_match` the published ones.
+#
+# ## Sample frames
+#
+# Four frames of each tool from the training split, at the resolution the network sees.
+
+# %%
+samples = []
+for label in range(len(TOOLS)):
+    picks = (splits["train"].labels == label).nonzero().flatten()[:4]
+    samples.append(splits["train"].images[picks])
+print("rows, top to bottom: " + ", ".join(TOOLS))
+figures.image_grid(torch.cat(samples), columns=4, scale=2)
+
+# %% [markdown]
+# ## Summary
+#
+# The run folder's `data/` now holds `dataset.json` (where the frames came from and at which
+# size), `frames.csv` (one row per single-tool frame: id, split, video, frame number, label)
+# and `counts.csv`. The decoded frames live in the cache folder, one file per video and image
+# size, so the next stages, and reruns of this one, decode nothing.
