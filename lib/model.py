@@ -65,6 +65,7 @@ class ToolClassifier(nn.Module):
         self.num_classes = num_classes
         self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.alexnet = torchvision.models.alexnet(weights=None, num_classes=num_classes)
+        he_initialise(self.alexnet)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -73,6 +74,26 @@ class ToolClassifier(nn.Module):
             )
         check_image_size(min(images.shape[-2:]))
         return self.alexnet(self.normalize(images))
+
+
+def he_initialise(network: nn.Module) -> None:
+    """He (Kaiming) normal initialisation of every conv and linear layer, zero biases.
+
+    torchvision's AlexNet keeps PyTorch's per-layer default (uniform, variance 1 / (3 fan_in)),
+    under which the activations' variance drops about 6-fold per layer (ReLU halves it, the
+    weights take two thirds): the logits start nearly independent of the image, and training
+    from scratch stalls for many steps. He et al. (2015) scale each layer to keep the variance
+    through ReLUs, as torchvision does for VGG and ResNet. The architecture is unchanged.
+    Draws from torch's global RNG.
+    """
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.Linear):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        else:
+            continue
+        nn.init.zeros_(module.bias)
 
 
 def check_image_size(size: int) -> None:
@@ -88,7 +109,9 @@ def check_image_size(size: int) -> None:
 def build_model(
     *, num_classes: int = NUM_CLASSES, weights_path: str | os.PathLike[str] | None = None
 ) -> ToolClassifier:
-    """A fresh classifier, randomly initialised from torch's global RNG, in train mode.
+    """A fresh classifier, He-initialised (:func:`he_initialise`) from torch's global RNG.
+
+    The model is in train mode (dropout on).
 
     Args:
         num_classes: number of outputs (7 for the Cholec80 tools).
@@ -113,28 +136,32 @@ def build_model(
 
 def _load_imagenet_features(alexnet: nn.Module, path: Path) -> None:
     tensors = _read_weights_file(path)
-    if tensors and all(key.startswith("alexnet.") for key in tensors):
-        tensors = {key.removeprefix("alexnet."): value for key, value in tensors.items()}
+    if any(key.startswith("alexnet.") for key in tensors):  # a checkpoint of ToolClassifier
+        tensors = {
+            key.removeprefix("alexnet."): value
+            for key, value in tensors.items()
+            if key.startswith("alexnet.")
+        }
     wanted = {k: v for k, v in alexnet.state_dict().items() if not k.startswith(_HEAD_PREFIX)}
     found = {k: v for k, v in tensors.items() if not k.startswith(_HEAD_PREFIX)}
+    advice = "pass torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)"
+    extra = [key for key in found if key not in wanted]
+    if extra:
+        raise CheckpointError(
+            f"{path}: weights file has tensors AlexNet does not have, first {extra[0]!r} "
+            f"({len(extra)} in all); {advice}"
+        )
     for key, target in wanted.items():
         if key not in found:
             raise CheckpointError(
                 f"{path}: weights file has no tensor {key!r} (shape {tuple(target.shape)}) that "
-                "AlexNet needs; pass torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)"
+                f"AlexNet needs; {advice}"
             )
         if tuple(found[key].shape) != tuple(target.shape):
             raise CheckpointError(
                 f"{path}: tensor {key!r} has shape {tuple(found[key].shape)}, AlexNet needs "
-                f"{tuple(target.shape)}; pass torchvision's AlexNet ImageNet weights "
-                "(alexnet-owt-*.pth)"
+                f"{tuple(target.shape)}; {advice}"
             )
-    extra = sorted(set(found) - set(wanted))
-    if extra:
-        raise CheckpointError(
-            f"{path}: weights file has tensors AlexNet does not have, first {extra[0]!r}; "
-            "pass torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)"
-        )
     with torch.no_grad():
         for key, target in alexnet.state_dict().items():
             if key in wanted:
@@ -145,10 +172,11 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, or of a pickled state dict read with weights_only=True."""
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found; name an existing local file")
-    if _is_safetensors(path):
-        return _read_safetensors(path)
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        return read_safetensors(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(
             f"{path}: cannot read as a state dict of tensors ({_first_line(error)}); pass "
@@ -171,7 +199,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
     weights give byte-identical files.
     """
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    metadata = {"model": "alexnet", "num_classes": str(getattr(model, "num_classes", ""))}
+    # one metadata entry only: safetensors writes a map of several in arbitrary order, which
+    # would make equal weights give different bytes
+    metadata = {"format": "pt"}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(state, tmp, metadata=metadata)
 
@@ -201,9 +231,8 @@ def load_checkpoint(
             "safetensors, which never runs code; a pickle is refused without being opened. "
             "Use a checkpoint written by lib.model.save_checkpoint (train/epoch_NN.safetensors)"
         )
-    tensors = _read_safetensors(path, device=map_location)
-    model = ToolClassifier(num_classes=num_classes)
-    expected = model.state_dict()
+    device = resolve_device(map_location)
+    tensors = read_safetensors(path, device=device)
     head = "alexnet." + _HEAD_PREFIX + "weight"
     if head in tensors and tensors[head].ndim == 2 and tensors[head].shape[0] != num_classes:
         raise CheckpointError(
@@ -211,23 +240,31 @@ def load_checkpoint(
             f"load it with num_classes={tensors[head].shape[0]} or use a checkpoint of a "
             f"{num_classes}-class model"
         )
-    missing = [key for key in expected if key not in tensors]
-    extra = [key for key in tensors if key not in expected]
-    if missing or extra:
-        what = f"lacks {missing[0]!r}" if missing else f"has unexpected tensor {extra[0]!r}"
-        raise CheckpointError(
-            f"{path}: not a state dict of this AlexNet classifier: it {what} "
-            f"({len(missing)} missing, {len(extra)} unexpected of {len(expected)} tensors); "
-            "use a checkpoint written by lib.model.save_checkpoint"
-        )
+    with torch.device("meta"):  # shapes only: no time spent on a random init that is replaced
+        model = ToolClassifier(num_classes=num_classes)
+    expected = model.state_dict()
+    advice = "use a checkpoint written by lib.model.save_checkpoint (train/epoch_NN.safetensors)"
     for key, target in expected.items():
+        if key not in tensors:
+            raise CheckpointError(
+                f"{path}: not a state dict of this AlexNet classifier: it lacks {key!r} "
+                f"({sum(k not in tensors for k in expected)} of {len(expected)} tensors "
+                f"missing); {advice}"
+            )
         if tuple(tensors[key].shape) != tuple(target.shape):
             raise CheckpointError(
                 f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs "
-                f"{tuple(target.shape)}; use a checkpoint written by lib.model.save_checkpoint"
+                f"{tuple(target.shape)}; {advice}"
             )
-    model.load_state_dict(tensors)
-    return model.to(map_location).eval()
+    extra = [key for key in tensors if key not in expected]
+    if extra:
+        raise CheckpointError(
+            f"{path}: not a state dict of this AlexNet classifier: unexpected tensor "
+            f"{extra[0]!r} ({len(extra)} in all); {advice}"
+        )
+    state = {key: tensors[key].to(target.dtype) for key, target in expected.items()}
+    model.load_state_dict(state, assign=True)
+    return model.eval()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -237,7 +274,11 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (no code runs); CheckpointError if unreadable."""
+    path = Path(path)
     try:
         return safetensors.torch.load_file(path, device=str(device))
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:

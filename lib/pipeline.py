@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
+import functools
 import datetime as _dt
 import importlib.metadata
 import platform
@@ -71,9 +73,15 @@ def notebook_defaults(stage: str) -> dict[str, Any]:
     The cell must hold only assignments of literals (``name = 1  # comment``), which is what
     papermill can override.
     """
+    path = notebook_path(stage)
+    return copy.deepcopy(_parse_defaults(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_defaults(path: Path, mtime_ns: int) -> dict[str, Any]:
+    # cached per file version: reading a script with jupytext takes a noticeable time
     import jupytext
 
-    path = notebook_path(stage)
     notebook = jupytext.read(path)
     cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
     if len(cells) != 1:
@@ -314,7 +322,7 @@ def execute_stage(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     failed = output_path.with_name(f"{stage}.failed.ipynb")
     failed.unlink(missing_ok=True)
-    with io.atomic_path(output_path) as tmp:
+    with io.atomic_path(output_path, suffix=".tmp.ipynb") as tmp:
         try:
             papermill.execute_notebook(
                 notebook,

@@ -1,0 +1,166 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # How minimal are the borderline images?
+#
+# ## Overview
+#
+# The attack stops at the first iterate past the decision boundary, so its image is *a*
+# borderline image, reached along the path of signed-gradient steps. It need not be the
+# *closest* one. A sign step moves every pixel by the same amount, while the smallest change in
+# the L1 sense tends to be sparse: a few pixels moved a lot. This chapter measures the gap. For
+# the same (image, target) pairs that the attack stage attacked, we run attacks built to find
+# minimal perturbations: FMN {cite:p}`pintor2021fmn` with the L1 and the L-infinity norm, ALMA
+# {cite:p}`rony2021alma` with the L1 distance and PDPGD {cite:p}`matyasko2021pdpgd` with the L1
+# norm, all from the `adv-lib` package. For every pair, the smallest successful L1 found by any
+# of them, or by any of our schedules, is the *best-known* minimal L1.
+#
+# Two measures compare each schedule with that reference:
+#
+# - the **median ratio** of the schedule's L1 to the best-known L1 over its successful pairs
+#   (1 means as small as the best known; 3 means three times as large);
+# - the **optimality score** of AttackBench {cite:p}`cina2024attackbench`. Plot, for a growing
+#   perturbation budget $\varepsilon$, the share of pairs an attack has *not* flipped within
+#   $\varepsilon$ (its robust-accuracy curve). The best-known distances give the lowest
+#   possible curve. The score is one minus the area between the attack's curve and the
+#   best-known curve, divided by the largest that area can be; 1 means the attack matches the
+#   best known on every pair, 0 means it did no better than not attacking. Failed attacks count
+#   as never flipping.
+#
+# ## Prerequisites
+#
+# The attack stage (03_attack) has written `attack/results.csv`. The reference attacks are far
+# more expensive than ours (hundreds of steps each, no early stop), so the default build runs
+# them on a few pairs of one checkpoint; raise `n_pairs` and `steps` for a firmer answer.
+
+# %% tags=["parameters"]
+run_dir = "data/runs/default"  # run folder with attack/; this stage writes minimality/
+epochs = []  # checkpoints to compare; [] for the last attacked one
+n_pairs = 6  # (image, target) pairs per checkpoint: the first ones in the attack stage's order
+steps = [100, 500]  # step budgets of every reference attack (100 matches our max_iter)
+attacks = ["fmn_l1", "alma_l1", "pdpgd_l1", "fmn_linf"]  # reference attacks (lib.minimality)
+batch_size = 64  # pairs per reference-attack batch
+seed = 0  # seeds the reference attacks' random initialisations
+device = "cpu"  # "cpu", "cuda" or "cuda:N"
+overwrite = False  # discard minimality/ if made with other parameters
+
+# %%
+import altair as alt
+import pandas as pd
+import torch
+from myst_nb import glue
+
+from lib import io, metrics, minimality, pipeline, robustness
+from lib.datasets import load_run_split
+from lib.model import load_checkpoint
+
+out_dir = pipeline.start_stage(
+    "05_minimality", run_dir=run_dir, overwrite=overwrite,
+    parameters=pipeline.stage_parameters("05_minimality", globals()),
+)
+results = metrics.read_results(run_dir)
+targeted = results[results["mode"] == "targeted"]
+chosen = list(epochs) or [int(targeted["epoch"].max())]
+print(f"checkpoints {chosen}, {n_pairs} pairs each, reference budgets {list(steps)} steps")
+
+# %% [markdown]
+# ## The reference attacks
+#
+# For each chosen checkpoint, the first `n_pairs` (image, target) pairs of the attack stage are
+# attacked again by every reference attack at every step budget. Each returned image is
+# classified again here; only images that really reach the target count.
+
+# %%
+reference_path = out_dir / "reference.csv"
+if reference_path.exists():
+    reference = pd.read_csv(reference_path)
+else:
+    test_set = load_run_split(run_dir, "test")
+    position = {image_id: i for i, image_id in enumerate(test_set.index["image_id"])}
+    parts = []
+    for epoch in chosen:
+        pairs = (targeted[targeted["epoch"] == epoch]
+                 .drop_duplicates(["image_id", "target"])
+                 .head(n_pairs)[["epoch", "image_id", "target"]]
+                 .reset_index(drop=True))
+        images = test_set.images[[position[i] for i in pairs["image_id"]]].float() / 255
+        model = load_checkpoint(robustness.checkpoint_path(run_dir, epoch), map_location=device)
+        parts.append(minimality.run_reference_attacks(
+            model, images, torch.as_tensor(pairs["target"].to_numpy()), keys=pairs, steps=list(steps),
+            attacks=list(attacks), device=device, batch_size=batch_size, seed=seed,
+        ))
+    reference = pd.concat(parts, ignore_index=True)
+    io.write_csv(reference_path, reference)
+pipeline.finish_stage("05_minimality", run_dir=run_dir)
+summary = (reference.groupby(["attack", "steps"])
+           .agg(pairs=("success", "size"), successful=("success", "sum"),
+                median_l1=("l1", "median"), median_changed=("changed_fraction", "median"))
+           .reset_index())
+summary
+
+# %% [markdown]
+# `median_changed` is the median share of pixel values an attack changed by more than half a
+# grey level: the L1 attacks change a small fraction, the L-infinity attack nearly all.
+#
+# ## Our schedules against the best known
+
+# %%
+ours = targeted[targeted["epoch"].isin(chosen)]
+best = minimality.best_per_sample(reference, ours, on=["epoch", "image_id", "target"])
+ratios = minimality.l1_ratio_table(ours, best)
+optimality = minimality.optimality_table(ours, best)
+table = ratios.merge(optimality, on=["schedule", "epoch"], suffixes=("", "_opt"))
+io.write_csv(out_dir / "ratios.csv", table)
+table.round(3)
+
+# %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 (bars: quartiles), on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}}
+base = alt.Chart(ratios).encode(y=alt.Y("schedule:N", sort=None, title=None))
+(base.mark_rule().encode(x=alt.X("q25_ratio:Q", title="L1 / best-known L1", scale=alt.Scale(zero=False)), x2="q75_ratio:Q")
+ + base.mark_point(filled=True, size=60).encode(x="median_ratio:Q", tooltip=list(ratios.columns))
+ ).properties(width=380, height=160)
+
+# %% mystnb={"figure": {"caption": "AttackBench's optimality score of each schedule against the best-known distances (1: as small as the best known on every pair).", "name": "fig-minimality-optimality"}}
+alt.Chart(optimality).mark_bar().encode(
+    x=alt.X("optimality:Q", scale=alt.Scale(domain=[0, 1])),
+    y=alt.Y("schedule:N", sort=None, title=None),
+    tooltip=list(optimality.columns),
+).properties(width=380, height=160)
+
+# %%
+last = ratios[ratios["epoch"] == max(chosen)].set_index("schedule")
+closest = last["median_ratio"].idxmin()
+glue("min_pairs", str(int(best.shape[0])), display=False)
+glue("min_closest", closest, display=False)
+glue("min_closest_ratio", f"{last.loc[closest, 'median_ratio']:.1f}", display=False)
+glue("min_worst_ratio", f"{last['median_ratio'].max():.1f}", display=False)
+adaptive = last.loc["loss-adaptive", "median_ratio"] if "loss-adaptive" in last.index else float("nan")
+glue("min_adaptive_ratio", f"{adaptive:.1f}", display=False)
+verdict = ("closer to minimal than every other schedule" if closest == "loss-adaptive"
+           else f"not the closest; {closest} is")
+glue("min_adaptive_verdict", verdict, display=False)
+
+# %% [markdown]
+# ## What this says
+#
+# On {glue:text}`min_pairs` pairs, the borderline images of our schedules are between
+# {glue:text}`min_closest_ratio` and {glue:text}`min_worst_ratio` times as far (median L1)
+# from their clean image as the best-known minimal perturbation. The loss-adaptive schedule's
+# median ratio is {glue:text}`min_adaptive_ratio`: it is {glue:text}`min_adaptive_verdict`.
+# The sign-gradient attacks find *where along their own path* the boundary lies, which is what
+# the robustness index needs to compare checkpoints; they do not find the nearest boundary
+# point, so their distances are upper bounds on the true minimal L1, not estimates of it.
+#
+# ## Summary
+#
+# `minimality/reference.csv` holds every reference attack's result per pair and budget;
+# `minimality/ratios.csv` the ratio and optimality per schedule and checkpoint.
