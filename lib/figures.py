@@ -169,3 +169,230 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.Chart:
         color=alt.condition("datum.share > 0.5", alt.value("white"), alt.value("black")),
     )
     return (cells + labels).properties(width=300, height=300)
+
+
+# --------------------------------------------------------------------------- attack results
+# Every chart below takes a table of lib.metrics (aggregated, never the per-attack rows).
+
+
+def _schedule_color(table: pd.DataFrame) -> alt.Color:
+    """One colour per schedule, in the order the table lists them (the stage's order)."""
+    order = list(dict.fromkeys(table["schedule"]))
+    return alt.Color("schedule:N", sort=order, scale=alt.Scale(domain=order, scheme="dark2"),
+                     title="schedule")
+
+
+def success_rate_chart(rates: pd.DataFrame) -> alt.Chart:
+    """The paper's Figure 2: success rate within ``max_iter`` per schedule and epoch.
+
+    Args:
+        rates: :func:`lib.metrics.success_rates` (epoch, schedule, attacks, successes,
+            success_rate in [0, 1], skipped).
+    """
+    return (
+        alt.Chart(rates)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("epoch:O", title="epoch"),
+            y=alt.Y("success_rate:Q", title="success rate", axis=alt.Axis(format="%"),
+                    scale=alt.Scale(zero=False)),
+            color=_schedule_color(rates),
+            tooltip=["epoch", "schedule", "attacks", "successes",
+                     alt.Tooltip("success_rate:Q", format=".1%"), "skipped"],
+        )
+        .properties(width=420, height=240)
+    )
+
+
+def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
+    """The paper's Figure 3: mean L1 of the successful attacks per schedule and epoch.
+
+    Args:
+        l1: :func:`lib.metrics.mean_l1` (epoch, schedule, successes, mean_l1_255, sem_l1_255).
+            The error bars are +- one standard error of the mean.
+    """
+    table = l1.assign(low=l1["mean_l1_255"] - l1["sem_l1_255"].fillna(0),
+                      high=l1["mean_l1_255"] + l1["sem_l1_255"].fillna(0))
+    base = alt.Chart(table).encode(x=alt.X("epoch:O", title="epoch"), color=_schedule_color(table))
+    lines = base.mark_line(point=True).encode(
+        y=alt.Y("mean_l1_255:Q", title="mean L1 of successful attacks (x 1/255)"),
+        tooltip=["epoch", "schedule", "successes",
+                 alt.Tooltip("mean_l1_255:Q", format=".3f", title="mean L1 (x 1/255)"),
+                 alt.Tooltip("sem_l1_255:Q", format=".3f", title="standard error")],
+    )
+    bars = base.mark_errorbar().encode(y="low:Q", y2="high:Q")
+    return (bars + lines).properties(width=420, height=240)
+
+
+def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
+    """The paper's Figure 4: mean iterations and mean step size per schedule at one epoch.
+
+    Args:
+        summary: :func:`lib.metrics.iterations_and_lr` (schedule, attacks, mean_iterations,
+            mean_lr_255, success_rate).
+    """
+    order = list(dict.fromkeys(summary["schedule"]))
+    base = alt.Chart(summary).encode(
+        x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
+        color=alt.Color("schedule:N", sort=order, scale=alt.Scale(domain=order, scheme="dark2"),
+                        legend=None),
+        tooltip=["schedule", "attacks", alt.Tooltip("mean_iterations:Q", format=".1f"),
+                 alt.Tooltip("mean_lr_255:Q", format=".3f", title="mean step (x 1/255)"),
+                 alt.Tooltip("success_rate:Q", format=".1%")],
+    )
+    iterations = base.mark_bar().encode(y=alt.Y("mean_iterations:Q", title="mean iterations"))
+    steps = base.mark_bar().encode(y=alt.Y("mean_lr_255:Q", title="mean step size (x 1/255)"))
+    return alt.hconcat(iterations.properties(width=200, height=220),
+                       steps.properties(width=200, height=220))
+
+
+def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
+    """Source x target mean L1 per epoch (small multiples), one schedule at a time (a selector).
+
+    Args:
+        matrix: :func:`lib.metrics.class_pair_l1` (epoch, schedule, source_tool, target_tool,
+            attacks, successes, mean_l1_255; NaN where no attack of the pair succeeded).
+    """
+    order = list(dict.fromkeys(matrix["schedule"]))
+    choice = alt.param(
+        name="schedule_choice", value=order[0],
+        bind=alt.binding_select(options=order, name="schedule "),
+    )
+    top = float(np.nanmax(matrix["mean_l1_255"])) if matrix["mean_l1_255"].notna().any() else 1.0
+    base = alt.Chart().encode(
+        x=alt.X("target_tool:N", sort=list(TOOLS), title="target"),
+        y=alt.Y("source_tool:N", sort=list(TOOLS), title="source"),
+    )
+    cells = base.mark_rect().encode(
+        color=alt.Color("mean_l1_255:Q", scale=alt.Scale(scheme="viridis", domain=[0, top]),
+                        title="mean L1 (x 1/255)"),
+        tooltip=["epoch", "schedule", "source_tool", "target_tool", "attacks", "successes",
+                 alt.Tooltip("mean_l1_255:Q", format=".3f")],
+    )
+    labels = base.mark_text(fontSize=8).encode(
+        text=alt.Text("mean_l1_255:Q", format=".1f"),
+        color=alt.condition(f"datum.mean_l1_255 > {top / 2}", alt.value("black"),
+                            alt.value("white")),
+    )
+    return (
+        alt.layer(cells, labels, data=matrix)
+        .transform_filter(alt.datum.schedule == choice)
+        .properties(width=170, height=170)
+        .facet(column=alt.Column("epoch:O", title="epoch"))
+        .add_params(choice)
+    )
+
+
+def l1_histogram_chart(histogram: pd.DataFrame) -> alt.FacetChart:
+    """L1 distribution of the successful attacks, one row per schedule.
+
+    Args:
+        histogram: :func:`lib.metrics.l1_histogram` (schedule, bin_start_255, bin_end_255, count).
+    """
+    order = list(dict.fromkeys(histogram["schedule"]))
+    return (
+        alt.Chart(histogram)
+        .mark_bar()
+        .encode(
+            x=alt.X("bin_start_255:Q", title="L1 of successful attacks (x 1/255)"),
+            x2="bin_end_255:Q",
+            y=alt.Y("count:Q", title="attacks"),
+            color=alt.Color("schedule:N", sort=order,
+                            scale=alt.Scale(domain=order, scheme="dark2"), legend=None),
+            tooltip=["schedule", alt.Tooltip("bin_start_255:Q", format=".3f"),
+                     alt.Tooltip("bin_end_255:Q", format=".3f"), "count"],
+        )
+        .properties(width=420, height=60)
+        .facet(row=alt.Row("schedule:N", sort=order, title=None))
+    )
+
+
+def trace_chart(summary: pd.DataFrame) -> alt.HConcatChart:
+    """Step size, loss and attacks still running over the iterations, per schedule.
+
+    Args:
+        summary: :func:`lib.metrics.trace_summary` (schedule, iteration, running,
+            mean_lr_255, mean_loss).
+    """
+    base = alt.Chart(summary).encode(
+        x=alt.X("iteration:Q", title="iteration"), color=_schedule_color(summary),
+        tooltip=["schedule", "iteration", "running", alt.Tooltip("mean_lr_255:Q", format=".3f"),
+                 alt.Tooltip("mean_loss:Q", format=".3f")],
+    )
+    panels = [
+        base.mark_line().encode(y=alt.Y("mean_lr_255:Q", title="mean step size (x 1/255)")),
+        base.mark_line().encode(y=alt.Y("mean_loss:Q", title="mean loss (cross-entropy)")),
+        base.mark_line().encode(y=alt.Y("running:Q", title="attacks still running")),
+    ]
+    return alt.hconcat(*[p.properties(width=210, height=200) for p in panels])
+
+
+def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
+    """Success rate and mean L1 against the initial step size lr0, per schedule.
+
+    Args:
+        sensitivity: :func:`lib.metrics.lr0_sensitivity` (lr0_255, schedule, attacks,
+            success_rate, mean_l1_255, mean_iterations).
+    """
+    base = alt.Chart(sensitivity).encode(
+        x=alt.X("lr0_255:Q", scale=alt.Scale(type="log"), title="lr0 (x 1/255)"),
+        color=_schedule_color(sensitivity),
+        tooltip=["schedule", alt.Tooltip("lr0_255:Q", format=".3g"), "attacks",
+                 alt.Tooltip("success_rate:Q", format=".1%"),
+                 alt.Tooltip("mean_l1_255:Q", format=".3f"),
+                 alt.Tooltip("mean_iterations:Q", format=".1f")],
+    )
+    rate = base.mark_line(point=True).encode(
+        y=alt.Y("success_rate:Q", title="success rate", axis=alt.Axis(format="%")))
+    distance = base.mark_line(point=True).encode(
+        y=alt.Y("mean_l1_255:Q", title="mean L1 of successful attacks (x 1/255)"))
+    return alt.hconcat(rate.properties(width=240, height=220),
+                       distance.properties(width=240, height=220))
+
+
+def gallery_picture(gallery: dict[str, np.ndarray], *, scale: int = 2,
+                    schedules: list[str] | None = None) -> Image.Image:
+    """Borderline images: per row one attack image; columns the original, then for every
+    schedule the borderline image, then for every schedule the amplified perturbation.
+
+    Perturbations are shown as ``0.5 + delta / (2 max |delta|)``, with the maximum taken over
+    the row, so grey is no change and the schedules of one row share one amplification.
+
+    Args:
+        gallery: ``attack/gallery.npz``: ``original`` uint8 [G, 3, S, S], ``borderline`` float
+            [G, 3, S, S] in [0, 1], ``image_id``, ``schedule``, ``source``, ``target`` [G].
+        scale: integer upscaling of every image.
+        schedules: column order; default the order of first appearance.
+
+    Returns:
+        An RGB PIL image with a header line naming the columns.
+    """
+    from PIL import ImageDraw
+
+    names = schedules or list(dict.fromkeys(gallery["schedule"].tolist()))
+    keys = list(dict.fromkeys(zip(gallery["image_id"].tolist(), gallery["target"].tolist(),
+                                  strict=True)))
+    tiles = []
+    for image_id, target in keys:
+        mask = (gallery["image_id"] == image_id) & (gallery["target"] == target)
+        original = torch.as_tensor(gallery["original"][mask][0]).float() / 255
+        borderline = {s: torch.as_tensor(b).float() for s, b in zip(
+            gallery["schedule"][mask].tolist(), gallery["borderline"][mask], strict=True)}
+        deltas = {s: borderline[s] - original for s in names if s in borderline}
+        peak = max([float(d.abs().max()) for d in deltas.values()] + [1e-12])
+        blank = torch.ones_like(original)
+        tiles.append(original)
+        tiles += [borderline.get(s, blank) for s in names]
+        tiles += [0.5 + deltas[s] / (2 * peak) if s in deltas else blank for s in names]
+    columns = 1 + 2 * len(names)
+    grid = image_grid(torch.stack(tiles), columns=columns, scale=scale)
+    cell = grid.width / columns
+    header = Image.new("RGB", (grid.width, 28), "white")
+    draw = ImageDraw.Draw(header)
+    labels = ["original"] + names + [f"{n} (x)" for n in names]
+    for k, label in enumerate(labels):
+        draw.text((k * cell + 3, 2 + 12 * (k % 2)), label[: int(cell // 6)], fill="black")
+    picture = Image.new("RGB", (grid.width, grid.height + header.height), "white")
+    picture.paste(header, (0, 0))
+    picture.paste(grid, (0, header.height))
+    return picture

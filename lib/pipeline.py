@@ -455,6 +455,14 @@ def prepare_book(profile: str) -> None:
                 f"(make stages PROFILE={profile})"
             )
         shutil.copyfile(executed, target)
+        # the chapters link the stage's tables as downloads, relative to the notebook
+        output = STAGE_OUTPUTS[stage]
+        tables = sorted((run_dir / output).glob("*.csv")) if stage == "04_analysis" else []
+        if tables:
+            shutil.rmtree(BOOK_EXECUTED_DIR / output, ignore_errors=True)
+            (BOOK_EXECUTED_DIR / output).mkdir(parents=True)
+            for table in tables:
+                shutil.copyfile(table, BOOK_EXECUTED_DIR / output / table.name)
     io.write_text(BOOK_EXECUTED_DIR / "parameters.md", parameters_markdown())
     write_vega_scripts()
 

@@ -1,0 +1,144 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Attacking every checkpoint
+#
+# ## Overview
+#
+# For each chosen checkpoint this stage picks correctly classified test images, pushes each
+# one toward every other tool class with targeted I-FGSM, and stops the moment the model's
+# answer flips to the target. The image at that moment sits just across the decision
+# boundary: a *borderline* image. How far it had to move from the original (its L1 distance)
+# is our measure of how robust the checkpoint is around that image. Every attack is repeated
+# with each step-size schedule, so the schedules can be compared on identical inputs.
+#
+# The stage writes one row per attack into the run folder's `attack/results.csv`, the step
+# sizes and losses of every iteration into `attack/traces.npz`, a few borderline images into
+# `attack/gallery.npz`, and a small sweep over the initial step size into
+# `attack/lr0_sweep.csv`. The analysis stage draws every figure from these files.
+#
+# ## Prerequisites
+#
+# The training stage (02_train) has written the checkpoints and `train/predictions.csv`. The
+# defaults below keep the whole default build within its time budget on two CPU cores; the
+# comments give the paper's values.
+
+# %% tags=["parameters"]
+run_dir = "data/runs/default"  # run folder with train/; this stage writes attack/
+epochs = [1, 4, 7, 10]  # checkpoints to attack; [] for every trained epoch (paper: all 10)
+schedules = ["constant", "iteration", "exponential", "step", "loss-adaptive"]  # step-size schedules (lib.schedules)
+lr0 = 0.008  # initial step size in [0, 1] pixel units, about 2/255 (the paper does not give it)
+max_iter = 100  # update budget per attack; no flip by then is a failure (paper: 100)
+n_per_class = 2  # correctly classified test images per class and checkpoint (paper: 50)
+mode = "targeted"  # "targeted": every other class as target (paper); "untargeted": leave the class
+seed = 0  # seed of the one test-split permutation all checkpoints share
+batch_size = 64  # attacks in flight per forward/backward pass
+chunk_size = 420  # attacks per chunk (one engine call, written atomically): the unit of resume
+schedule_constants = {}  # per schedule, constants other than METHOD.md's, e.g. {"step": {"drop": 0.5}}
+sweep_lr0 = [0.002, 0.004, 0.016]  # lr0 values of the sensitivity sweep; [] for no sweep
+sweep_per_class = 1  # images per class in the sweep (taken from the main selection)
+sweep_epoch = 0  # checkpoint of the sweep; 0 for the last attacked one
+gallery_images = 7  # classes whose first image is kept as pictures (all schedules)
+device = "cpu"  # "cpu", "cuda" or "cuda:N"
+progress = True  # a progress bar over the attacks (stderr)
+overwrite = False  # discard attack/ (and later stages) if made with other parameters
+
+# %%
+import pandas as pd
+from myst_nb import glue
+
+from lib import TOOLS, pipeline, robustness
+
+attack_dir = pipeline.start_stage(
+    "03_attack", run_dir=run_dir, overwrite=overwrite,
+    parameters=pipeline.stage_parameters("03_attack", globals()),
+)
+settings = robustness.AttackSettings(
+    epochs=epochs, schedules=schedules, lr0=lr0, max_iter=max_iter, n_per_class=n_per_class,
+    mode=mode, seed=seed, batch_size=batch_size, chunk_size=chunk_size,
+    schedule_constants=schedule_constants, sweep_lr0=sweep_lr0,
+    sweep_per_class=sweep_per_class, sweep_epoch=sweep_epoch, gallery_images=gallery_images,
+)
+job = robustness.plan_job(run_dir, settings)
+robustness.save_plan(job, run_dir)
+main_rows = job.rows[job.rows["kind"] == "main"]
+print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
+      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep, in {len(job.chunks)} chunks")
+
+# %% [markdown]
+# ## Which images are attacked
+#
+# One seeded shuffle of the test split serves every checkpoint. For each checkpoint and tool,
+# the stage walks that shuffled list and keeps the first images the checkpoint gets right.
+# Because the order is shared, two checkpoints that both classify an image correctly attack
+# the same image, and differences between epochs come from the model rather than from a new
+# draw of images.
+
+# %%
+images = job.selection.images
+per_class = (images.groupby(["epoch", "label"]).size().unstack(fill_value=0)
+             .reindex(columns=range(len(TOOLS)), fill_value=0))
+per_class.columns = list(TOOLS)
+per_class
+
+# %% [markdown]
+# A class with fewer correctly classified test images than asked for is attacked with what
+# there is. The table below lists every such case (it is empty when nothing is missing).
+
+# %%
+shortfall = job.selection.shortfall
+glue("attack_shortfall_classes", str(len(shortfall)), display=False)
+shortfall
+
+# %% [markdown]
+# ## Running the attacks
+#
+# The attacks are processed in fixed chunks of consecutive rows. Each chunk is one call of
+# the batched engine, written to disk atomically when it finishes, so an interrupted stage
+# resumes from its last finished chunk and a rerun gives the same numbers bit for bit.
+
+# %%
+attacked = robustness.run_chunks(job, run_dir, device=device, progress=progress)
+written = robustness.merge(job, run_dir)
+pipeline.finish_stage("03_attack", run_dir=run_dir)
+print(f"{attacked} chunks attacked now, {len(job.chunks) - attacked} found finished")
+
+# %% [markdown]
+# ## A first look
+#
+# Success rate within the budget, mean iterations and mean L1 of the successful attacks
+# (in 1/255 grey levels) per schedule and checkpoint. The analysis chapter draws and discusses
+# these numbers.
+
+# %%
+results = pd.read_csv(written["results"], dtype={"image_id": str})
+overview = (
+    results.assign(l1_success=results["l1_255"].where(results["success"]))
+    .groupby(["epoch", "schedule"], sort=False)
+    .agg(attacks=("row_id", "size"), success_rate=("success", "mean"),
+         mean_iterations=("iterations", "mean"), mean_l1_255=("l1_success", "mean"),
+         not_ok=("status", lambda s: int((s != "ok").sum())))
+)
+glue("attack_total", f"{len(results):,}", display=False)
+glue("attack_epochs", ", ".join(map(str, job.settings.epochs)), display=False)
+overview.round(3)
+
+# %% [markdown]
+# ## Summary
+#
+# The stage attacked {glue:text}`attack_total` (image, target, schedule) combinations on the
+# checkpoints of epochs {glue:text}`attack_epochs`; {glue:text}`attack_shortfall_classes`
+# (epoch, class) pairs had fewer correctly classified images than asked for. The run folder's
+# `attack/` holds `results.csv` (one row per attack), `traces.npz`, `gallery.npz`,
+# `lr0_sweep.csv`, `selection.csv` and `shortfall.csv`; the chunks under `attack/chunks/` are
+# what a resumed run continues from.

@@ -1,0 +1,245 @@
+"""Aggregates and the paper-claims table (lib/metrics.py) on a hand-made results table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import NUM_CLASSES, metrics
+from lib.robustness import RESULT_COLUMNS
+
+PAIRS = [(0, 1), (0, 2), (1, 0), (2, 0)]  # the four attacks of each (epoch, schedule)
+
+# (schedule, epoch) -> four attacks: (success, iterations, mean_lr x255, l1 x255)
+ATTACKS = {
+    ("constant", 1): [(True, 3, 1.0, 4), (True, 3, 1.0, 4), (True, 5, 1.0, 6), (True, 5, 1.0, 6)],
+    ("iteration", 1): [(True, 6, 0.5, 3)] * 4,
+    ("exponential", 1): [
+        (True, 10, 0.2, 1),
+        (True, 10, 0.2, 2),
+        (True, 10, 0.2, 3),
+        (False, 100, 0.02, 4),
+    ],
+    ("step", 1): [
+        (True, 20, 0.1, 1),
+        (True, 20, 0.1, 1),
+        (False, 100, 0.02, 2),
+        (False, 100, 0.02, 2),
+    ],
+    ("loss-adaptive", 1): [(True, 8, 0.3, 2)] * 4,
+}
+for (name, _), attacks in list(ATTACKS.items()):
+    ATTACKS[(name, 2)] = attacks
+ATTACKS[("step", 2)] = [
+    (True, 20, 0.1, 1),
+    (True, 20, 0.1, 1),
+    (True, 30, 0.1, 1),
+    (True, 30, 0.1, 1),
+]
+SCHEDULES = ["constant", "iteration", "exponential", "step", "loss-adaptive"]
+
+
+def results_table(attacks=ATTACKS, *, nonfinite: bool = True) -> pd.DataFrame:
+    rows = []
+    for epoch in sorted({e for _, e in attacks}):
+        row_id = 0
+        for name in SCHEDULES:
+            for (source, target), (success, iterations, lr_255, l1_255) in zip(
+                PAIRS, attacks.get((name, epoch), []), strict=False
+            ):
+                rows.append(
+                    {
+                        "epoch": epoch,
+                        "schedule": name,
+                        "mode": "targeted",
+                        "row_id": row_id,
+                        "image_id": f"img{source}",
+                        "source": source,
+                        "target": target,
+                        "success": success,
+                        "iterations": iterations,
+                        "mean_lr": lr_255 / 255,
+                        "l1": l1_255 / 255,
+                        "l1_255": float(l1_255),
+                        "l2": 0.1,
+                        "linf": 0.01,
+                        "target_prob": 0.5 if success else 0.1,
+                        "final_class": target if success else source,
+                        "status": "ok",
+                    }
+                )
+                row_id += 1
+    if nonfinite:
+        rows.append(
+            {
+                **rows[-1],
+                "row_id": 999,
+                "success": False,
+                "l1": np.nan,
+                "l1_255": np.nan,
+                "status": "nonfinite",
+                "final_class": -1,
+            }
+        )
+    return pd.DataFrame(rows)[list(RESULT_COLUMNS)]
+
+
+TRAINING = pd.DataFrame({"epoch": [1, 2], "accuracy": [0.80, 0.83], "macro_f1": [0.7, 0.75]})
+
+
+def test_success_rates() -> None:
+    rates = metrics.success_rates(results_table()).set_index(["epoch", "schedule"])
+    assert rates.loc[(1, "step"), "success_rate"] == 0.5
+    assert rates.loc[(2, "step"), "success_rate"] == 1.0
+    assert rates.loc[(1, "exponential"), "success_rate"] == 0.75
+    assert rates.loc[(2, "loss-adaptive"), "success_rate"] == 1.0  # nonfinite row skipped
+    assert rates.loc[(2, "loss-adaptive"), "skipped"] == 1
+    assert rates.loc[(2, "loss-adaptive"), "attacks"] == 4
+    assert rates["skipped"].sum() == 1
+    # rows in the stage's schedule order within each epoch
+    assert metrics.success_rates(results_table())["schedule"].tolist()[:5] == SCHEDULES
+
+
+def test_mean_l1_counts_successful_attacks_only() -> None:
+    table = metrics.mean_l1(results_table()).set_index(["epoch", "schedule"])
+    assert table.loc[(1, "constant"), "mean_l1_255"] == pytest.approx(5.0)
+    assert table.loc[(1, "constant"), "successes"] == 4
+    assert table.loc[(1, "exponential"), "mean_l1_255"] == pytest.approx(2.0)  # not 2.5
+    assert table.loc[(1, "exponential"), "successes"] == 3
+    assert table.loc[(1, "step"), "mean_l1_255"] == pytest.approx(1.0)
+    assert table.loc[(1, "iteration"), "sd_l1_255"] == pytest.approx(0.0)
+    sd = np.std([4, 4, 6, 6], ddof=1)
+    assert table.loc[(1, "constant"), "sem_l1_255"] == pytest.approx(sd / 2)
+
+
+def test_mean_l1_keeps_a_schedule_without_successes() -> None:
+    attacks = {("constant", 1): [(False, 100, 0.1, 3)] * 4, ("step", 1): [(True, 2, 1, 1)] * 4}
+    table = metrics.mean_l1(results_table(attacks, nonfinite=False)).set_index("schedule")
+    assert table.loc["constant", "successes"] == 0
+    assert np.isnan(table.loc["constant", "mean_l1_255"])
+
+
+def test_iterations_and_lr_at_the_last_epoch() -> None:
+    table = metrics.iterations_and_lr(results_table()).set_index("schedule")
+    assert (table["epoch"] == 2).all()
+    assert table.loc["step", "mean_iterations"] == 25.0
+    assert table.loc["exponential", "mean_iterations"] == pytest.approx(32.5)  # failures count
+    assert table.loc["constant", "mean_lr_255"] == pytest.approx(1.0)
+    assert table.loc["loss-adaptive", "attacks"] == 4
+    first = metrics.iterations_and_lr(results_table(), epoch=1).set_index("schedule")
+    assert first.loc["step", "mean_iterations"] == 60.0
+
+
+def test_class_pair_matrix_cells() -> None:
+    matrix = metrics.class_pair_l1(results_table())
+    assert len(matrix) == 2 * len(SCHEDULES) * NUM_CLASSES * (NUM_CLASSES - 1)
+    cell = matrix.set_index(["epoch", "schedule", "source", "target"])
+    assert cell.loc[(1, "constant", 0, 1), "mean_l1_255"] == pytest.approx(4.0)
+    assert cell.loc[(1, "constant", 1, 0), "mean_l1_255"] == pytest.approx(6.0)
+    assert cell.loc[(1, "constant", 1, 0), "source_tool"] == "Bipolar"
+    assert cell.loc[(1, "step", 1, 0), "attacks"] == 1
+    assert cell.loc[(1, "step", 1, 0), "successes"] == 0
+    assert np.isnan(cell.loc[(1, "step", 1, 0), "mean_l1_255"])
+    assert cell.loc[(1, "constant", 3, 4), "attacks"] == 0
+
+
+def test_l1_histogram_counts_every_successful_attack() -> None:
+    histogram = metrics.l1_histogram(results_table(), bins=6)
+    counts = histogram.groupby("schedule")["count"].sum().to_dict()
+    assert counts == {
+        "constant": 4,
+        "iteration": 4,
+        "exponential": 3,
+        "step": 4,
+        "loss-adaptive": 4,
+    }
+    assert histogram["bin_end_255"].max() == pytest.approx(6.0)
+    assert len(histogram) == 6 * len(SCHEDULES)
+
+
+def test_trace_summary_averages_over_running_attacks() -> None:
+    results = results_table({("constant", 1): [(True, 2, 1, 1), (True, 3, 1, 1)]}, nonfinite=False)
+    nan = np.nan
+    traces = {
+        "epoch": np.array([1, 1]),
+        "row_id": np.array([0, 1]),
+        "lr": np.array([[1.0, 1.0, nan, nan], [1.0, 3.0, 1.0, nan]]) / 255,
+        "loss": np.array([[2.0, 1.0, nan, nan], [4.0, 3.0, 2.0, nan]]),
+    }
+    summary = metrics.trace_summary(traces, results)
+    assert summary["iteration"].tolist() == [1, 2, 3]
+    assert summary["running"].tolist() == [2, 2, 1]
+    assert np.allclose(summary["mean_lr_255"], [1.0, 2.0, 1.0])
+    assert np.allclose(summary["mean_loss"], [3.0, 2.0, 2.0])
+
+
+def test_lr0_sensitivity() -> None:
+    sweep = pd.concat(
+        [results_table(nonfinite=False).assign(lr0=value) for value in (1 / 255, 2 / 255)],
+        ignore_index=True,
+    )
+    sweep = sweep[sweep["epoch"] == 1]
+    table = metrics.lr0_sensitivity(sweep)
+    assert len(table) == 2 * len(SCHEDULES)
+    assert np.allclose(sorted(table["lr0_255"].unique()), [1.0, 2.0])
+    table = table.set_index(["lr0", "schedule"])
+    assert table.loc[(1 / 255, "step"), "success_rate"] == 0.5
+    row = table.loc[(2 / 255, "exponential")]
+    assert row["mean_l1_255"] == pytest.approx(2.0)
+    assert row["mean_iterations"] == pytest.approx(32.5)
+
+
+def test_skipped_counts() -> None:
+    skipped = metrics.skipped_counts(results_table())
+    assert skipped.to_dict("records") == [
+        {"epoch": 2, "schedule": "loss-adaptive", "status": "nonfinite", "count": 1}
+    ]
+
+
+def verdicts(results: pd.DataFrame, training: pd.DataFrame | None = TRAINING) -> dict[str, str]:
+    claims = metrics.paper_claims(results, training)
+    assert list(claims.columns) == ["claim", "paper", "ours", "verdict"]
+    return dict(zip(claims["claim"], claims["verdict"], strict=True))
+
+
+def test_claims_from_the_data() -> None:
+    got = verdicts(results_table())
+    assert got == {
+        "constant reaches 100 % success within max_iter": "agrees",
+        "iteration reaches 100 % success within max_iter": "agrees",
+        "loss-adaptive reaches 100 % success within max_iter": "agrees",
+        "step falls short of 100 % success": "agrees",
+        "exponential falls short of 100 % success": "agrees",
+        "constant gives the largest mean L1 (successful attacks)": "agrees",
+        "step gives a smaller mean L1 than constant and iteration": "agrees",
+        "exponential gives a smaller mean L1 than constant and iteration": "agrees",
+        "loss-adaptive gives a smaller mean L1 than constant and iteration": "agrees",
+        "step and exponential need the most iterations (last epoch)": "agrees",
+        "success rate changes little across epochs": "disagrees",  # step: 50 % -> 100 %
+        "clean accuracy changes little across epochs": "agrees",  # 0.80 -> 0.83
+    }
+    claims = metrics.paper_claims(results_table(), TRAINING).set_index("claim")
+    assert "50.0 points (step)" in claims.loc["success rate changes little across epochs", "ours"]
+    assert "75.0 % overall" in claims.loc["step falls short of 100 % success", "ours"]
+
+
+def test_claims_that_the_data_contradicts() -> None:
+    attacks = dict(ATTACKS)
+    attacks[("iteration", 2)] = [(True, 6, 0.5, 9)] * 4  # iteration now farther than constant
+    attacks[("constant", 1)] = [(True, 3, 1.0, 4)] * 3 + [(False, 100, 1.0, 4)]
+    got = verdicts(results_table(attacks), TRAINING.assign(accuracy=[0.5, 0.9]))
+    assert got["constant gives the largest mean L1 (successful attacks)"] == "disagrees"
+    assert got["constant reaches 100 % success within max_iter"] == "disagrees"
+    assert got["clean accuracy changes little across epochs"] == "disagrees"
+    assert got["step gives a smaller mean L1 than constant and iteration"] == "agrees"
+
+
+def test_claims_not_testable() -> None:
+    one_epoch = results_table({k: v for k, v in ATTACKS.items() if k[1] == 1 and k[0] != "step"})
+    got = verdicts(one_epoch, None)
+    assert got["success rate changes little across epochs"] == "not testable"
+    assert got["clean accuracy changes little across epochs"] == "not testable"
+    assert got["step falls short of 100 % success"] == "not testable"
+    assert got["step and exponential need the most iterations (last epoch)"] == "not testable"
+    assert got["exponential falls short of 100 % success"] == "agrees"
