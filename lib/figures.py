@@ -24,7 +24,7 @@ def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
     """Grouped bars of frames per tool and split.
 
     Args:
-        counts: columns ``split`` ("train"/"test"), ``tool`` (a name of :data:`lib.TOOLS`),
+        counts: columns ``split`` ("train"/"test"), ``tool`` (a name of ``lib.TOOLS``),
             ``frames`` (int >= 0).
     """
     return (

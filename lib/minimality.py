@@ -12,7 +12,7 @@ search for the smallest perturbation that makes the model predict the target:
   arXiv:2106.01538) with the L1 proximal operator.
 
 Every returned image is classified again here, so "success" means what it means for our own
-attacks (argmax == target), and its L1 is ours: mean |x* - x| over the C*H*W values, in [0, 1].
+attacks (argmax == target), and its L1 is ours: mean ``|x* - x|`` over the C*H*W values, in [0, 1].
 The smallest successful L1 of a sample over every reference attack, and over our own schedules
 when the caller passes them, is its *best-known* L1. Two measures compare a schedule with it:
 the median ratio of L1 to the best-known L1 (:func:`l1_ratio_table`) and AttackBench's
@@ -102,7 +102,7 @@ DEFAULT_ATTACKS: tuple[str, ...] = tuple(REFERENCE_ATTACKS)
 def perturbation_sizes(original: Tensor, perturbed: Tensor) -> dict[str, Tensor]:
     """Sizes of ``perturbed - original`` per sample ([N,C,H,W] -> [N] each), in [0, 1] units.
 
-    ``l1`` is the project's L1, mean |x* - x| over the C*H*W values; ``linf`` the largest
+    ``l1`` is the project's L1, mean ``|x* - x|`` over the C*H*W values; ``linf`` the largest
     absolute change; ``changed_fraction`` the share of values changed by more than half a grey
     level (how sparse the perturbation is).
     """

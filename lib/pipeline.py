@@ -35,7 +35,6 @@ from lib.errors import BorderlineError, ParameterError, RunFolderError
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 PROFILE_DIR = REPO / "profiles"
-BOOK_EXECUTED_DIR = REPO / "book" / "executed"
 STATIC_DIR = REPO / "_static"
 
 #: The stages in the order data flows through them; each names the run-folder
@@ -235,7 +234,7 @@ def start_stage(
     """Check and record a stage's parameters in the run folder; return the stage's folder.
 
     Args:
-        stage: one of :data:`STAGES`.
+        stage: one of ``STAGES``.
         run_dir: the run folder; created by the first stage, required by the others.
         parameters: every parameter of the notebook (runtime ones are dropped here).
         overwrite: discard this stage's earlier results (and those of every later stage)
@@ -428,27 +427,31 @@ def _skipped_stage_notebook(stage: str, profile: str) -> Any:
     return nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)])
 
 
-def prepare_book(profile: str) -> None:
-    """Hand the profile's executed notebooks to the book (``book/executed/``).
+def prepare_book(profile: str, *, run_dir: str | Path | None = None,
+                 book_root: Path = REPO) -> None:
+    """Hand the profile's executed notebooks to the book (``<book_root>/book/executed/``).
 
     Also writes the generated pages the chapters include (``parameters.md``) and the vega
-    scripts for offline charts. A stage the profile skipped gets a one-paragraph page that
-    says so; a stage that should have run and did not is an error.
+    scripts for offline charts (``<book_root>/_static/``). A stage the profile skipped gets a
+    one-paragraph page that says so; a stage that should have run and did not is an error.
+    ``run_dir`` replaces the profile's run folder (the tests build a book from a temporary run).
     """
     import nbformat
 
     plan = load_profile(profile)
     skipped = set(load_profile_spec(profile).get("skip") or [])
-    BOOK_EXECUTED_DIR.mkdir(parents=True, exist_ok=True)
+    executed_dir = Path(book_root) / "book" / "executed"
+    executed_dir.mkdir(parents=True, exist_ok=True)
     for stage in STAGES:
         if not notebook_path(stage).exists():
             continue
-        target = BOOK_EXECUTED_DIR / f"{stage}.ipynb"
+        target = executed_dir / f"{stage}.ipynb"
         if stage in skipped:
             nbformat.write(_skipped_stage_notebook(stage, profile), target)
             continue
-        run_dir = Path(plan[stage].get("run_dir") or notebook_defaults(stage)["run_dir"])
-        executed = run_dir / "notebooks" / f"{stage}.ipynb"
+        stage_run = Path(run_dir or plan[stage].get("run_dir")
+                         or notebook_defaults(stage)["run_dir"])
+        executed = stage_run / "notebooks" / f"{stage}.ipynb"
         if not executed.exists():
             raise RunFolderError(
                 f"no executed notebook {executed}; run the stages first "
@@ -457,14 +460,14 @@ def prepare_book(profile: str) -> None:
         shutil.copyfile(executed, target)
         # the chapters link the stage's tables as downloads, relative to the notebook
         output = STAGE_OUTPUTS[stage]
-        tables = sorted((run_dir / output).glob("*.csv")) if stage == "04_analysis" else []
+        tables = sorted((stage_run / output).glob("*.csv")) if stage == "04_analysis" else []
         if tables:
-            shutil.rmtree(BOOK_EXECUTED_DIR / output, ignore_errors=True)
-            (BOOK_EXECUTED_DIR / output).mkdir(parents=True)
+            shutil.rmtree(executed_dir / output, ignore_errors=True)
+            (executed_dir / output).mkdir(parents=True)
             for table in tables:
-                shutil.copyfile(table, BOOK_EXECUTED_DIR / output / table.name)
-    io.write_text(BOOK_EXECUTED_DIR / "parameters.md", parameters_markdown())
-    write_vega_scripts()
+                shutil.copyfile(table, executed_dir / output / table.name)
+    io.write_text(executed_dir / "parameters.md", parameters_markdown())
+    write_vega_scripts(Path(book_root) / "_static")
 
 
 # --------------------------------------------------------------------------- command line

@@ -39,7 +39,7 @@ overwrite = False  # discard analysis/ if made with other parameters
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 from myst_nb import glue
 
 from lib import figures, io, metrics, pipeline
@@ -176,7 +176,10 @@ figures.class_pair_chart(pairs)
 
 # %% mystnb={"figure": {"caption": "Borderline images at the last checkpoint. Per row: the original, the borderline image of each schedule, then each schedule's perturbation amplified (grey = no change; one amplification per row).", "name": "fig-gallery"}}
 gallery = metrics.read_npz(run_dir, "gallery.npz")
-figures.gallery_picture(gallery, scale=2) if gallery is not None else print("no gallery kept")
+if gallery is not None:
+    display(figures.gallery_picture(gallery, scale=2))
+else:
+    display(Markdown("*This run kept no borderline images (parameter `gallery_images` of 03_attack).*"))
 
 # %% [markdown]
 # ### Spread of the distances

@@ -1,0 +1,578 @@
+"""The attack engine against a plain per-image loop, known flip points and its error handling."""
+
+import functools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib import attack as engine
+from lib import schedules
+from lib.errors import ParameterError
+
+SCHEDULE_NAMES = sorted(schedules.SCHEDULES)
+NUM_CLASSES = 7
+N_IMAGES = 20
+MAX_ITER = 30
+LR0 = {"targeted": 0.01, "untargeted": 0.002}  # both give finish times from 0 to MAX_ITER
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: 2 threads wait on each other (25x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_cnn(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 6 * 6, NUM_CLASSES),
+        )
+        .to(dtype)
+        .eval()
+    )
+
+
+@functools.cache
+def problem():
+    """A small CNN, random images, their predicted classes and one other class per image."""
+    model = small_cnn()
+    images = torch.rand(N_IMAGES, 3, 12, 12, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        sources = model(images).argmax(1)
+    targets = (sources + 1 + torch.arange(N_IMAGES) % (NUM_CLASSES - 1)) % NUM_CLASSES
+    return model, images, sources, targets
+
+
+def reference_attack(model, image, *, target, source, schedule, lr0, max_iter, mode):
+    """METHOD.md's pseudo-code, line by line, for one image (model frozen by the caller)."""
+    lr_of = schedules.bind(schedule, lr0=lr0)
+    losses = torch.full((1, max_iter), math.nan, dtype=image.dtype)
+    lrs = []
+    x = image[None].clone()  # x_0 = x
+    for i in range(1, max_iter + 1):  # for i = 1 .. N
+        x.requires_grad_(True)
+        logits = model(x)
+        predicted = logits.argmax(1).item()
+        if (predicted == target) if mode == "targeted" else (predicted != source):
+            return True, i - 1, x.detach()[0], losses[0], lrs  # success, iterations = i - 1
+        aim = target if mode == "targeted" else source
+        loss = F.cross_entropy(logits, torch.tensor([aim]))  # L_i = CE(f(x_{i-1}), t)
+        (grad,) = torch.autograd.grad(loss, x)
+        losses[0, i - 1] = loss.item()
+        lr = lr_of(torch.tensor([i]), losses).item()  # lr_i
+        lrs.append(lr)
+        direction = -1 if mode == "targeted" else 1
+        x = (x.detach() + direction * lr * grad.sign()).clamp(0, 1)  # x_i = clip(...)
+    predicted = model(x).argmax(1).item()  # success iff argmax f(x_N) == t
+    success = (predicted == target) if mode == "targeted" else (predicted != source)
+    return success, max_iter, x.detach()[0], losses[0], lrs
+
+
+@functools.cache
+def reference_results(schedule, mode):
+    model, images, sources, targets = problem()
+    model.requires_grad_(False)
+    try:
+        return [
+            reference_attack(
+                model,
+                images[k],
+                target=targets[k].item(),
+                source=sources[k].item(),
+                schedule=schedule,
+                lr0=LR0[mode],
+                max_iter=MAX_ITER,
+                mode=mode,
+            )
+            for k in range(N_IMAGES)
+        ]
+    finally:
+        model.requires_grad_(True)
+
+
+def assert_matches_reference(result, reference):
+    assert result.success.tolist() == [r[0] for r in reference]
+    assert result.iterations.tolist() == [r[1] for r in reference]
+    torch.testing.assert_close(result.borderline, torch.stack([r[2] for r in reference]))
+    torch.testing.assert_close(
+        result.loss_trace, torch.stack([r[3] for r in reference]), equal_nan=True
+    )
+    expected_lr = torch.full((len(reference), MAX_ITER), math.nan, dtype=torch.float64)
+    for k, r in enumerate(reference):
+        expected_lr[k, : len(r[4])] = torch.tensor(r[4], dtype=torch.float64)
+    torch.testing.assert_close(result.lr_trace, expected_lr, equal_nan=True)
+    torch.testing.assert_close(result.mean_lr, expected_lr.nanmean(1), equal_nan=True)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+@pytest.mark.parametrize("mode", engine.MODES)
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_engine_equals_the_per_image_reference_loop(schedule, mode, batch_size):
+    model, images, sources, targets = problem()
+    result = engine.attack(
+        model,
+        images,
+        targets,
+        sources=sources,
+        schedule=schedule,
+        lr0=LR0[mode],
+        max_iter=MAX_ITER,
+        mode=mode,
+        batch_size=batch_size,
+        dtype=torch.float64,
+    )
+    assert_matches_reference(result, reference_results(schedule, mode))
+
+
+@pytest.mark.parametrize("mode", engine.MODES)
+def test_the_reference_problem_has_varied_finish_times(mode):
+    iterations = [r[1] for s in SCHEDULE_NAMES for r in reference_results(s, mode)]
+    successes = [r[0] for s in SCHEDULE_NAMES for r in reference_results(s, mode)]
+    assert len(set(iterations)) >= 6 and min(iterations) <= 2 and max(iterations) == MAX_ITER
+    assert 0 < sum(successes) < len(successes)
+
+
+def mixed_rows(mode):
+    """Every (image, schedule) pair, interleaved so that one batch mixes schedules."""
+    _, _, sources, targets = problem()
+    rows = [
+        engine.AttackRow(
+            row_id=1000 + 10 * k + s,
+            image=k,
+            source=sources[k].item(),
+            target=targets[k].item() if mode == "targeted" else -1,
+            schedule=name,
+        )
+        for k in range(N_IMAGES)
+        for s, name in enumerate(SCHEDULE_NAMES)
+    ]
+    return rows
+
+
+@pytest.mark.parametrize("mode", engine.MODES)
+def test_a_stream_mixing_schedules_equals_the_reference(mode):
+    model, images, _, _ = problem()
+    rows = mixed_rows(mode)
+    chunks = list(
+        engine.iter_attack_rows(
+            model,
+            images,
+            rows,
+            lr0=LR0[mode],
+            max_iter=MAX_ITER,
+            mode=mode,
+            batch_size=7,
+            dtype=torch.float64,
+            keep_images=True,
+        )
+    )
+    assert len(chunks) > 1
+    result = engine.AttackResult.concat(chunks).sorted()
+    assert result.row_id.tolist() == sorted(r.row_id for r in rows)
+    for s, name in enumerate(SCHEDULE_NAMES):
+        mine = result.take(torch.arange(s, len(rows), len(SCHEDULE_NAMES)))
+        assert_matches_reference(mine, reference_results(name, mode))
+
+
+def test_streamed_results_without_images_and_as_a_frame():
+    model, images, _, _ = problem()
+    rows = pd.DataFrame(mixed_rows("targeted"))
+    result = engine.attack_rows(
+        model, images, rows, lr0=0.01, max_iter=MAX_ITER, batch_size=16, dtype=torch.float64
+    )
+    assert result.borderline is None
+    frame = result.to_frame()
+    assert list(frame.row_id) == sorted(rows.row_id)
+    assert set(frame.columns) >= {"success", "iterations", "status", "mean_lr", "l1", "l2"}
+    assert (frame.status == "ok").all()
+
+
+def test_a_chunk_rerun_from_scratch_is_bit_identical_in_float32():
+    model = small_cnn(torch.float32)
+    _, images, _, _ = problem()
+    rows = mixed_rows("targeted")[17:61]
+    runs = [
+        engine.attack_rows(
+            model, images.float(), rows, lr0=0.01, max_iter=MAX_ITER, batch_size=6, keep_images=True
+        )
+        for _ in range(2)
+    ]
+    for name in ("row_id", "success", "iterations", "borderline", "l1", "l2", "linf"):
+        assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
+    for name in ("lr_trace", "loss_trace", "mean_lr", "target_prob"):
+        assert torch.equal(
+            getattr(runs[0], name).nan_to_num(-1), getattr(runs[1], name).nan_to_num(-1)
+        ), name
+
+
+def test_the_callers_tensors_are_left_unchanged():
+    model, images, sources, targets = problem()
+    inputs = [t.clone() for t in (images, sources, targets)]
+    engine.attack(
+        model,
+        images,
+        targets,
+        sources=sources,
+        schedule="constant",
+        lr0=0.01,
+        max_iter=MAX_ITER,
+        batch_size=3,
+        dtype=torch.float64,
+    )
+    for before, after in zip(inputs, (images, sources, targets), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_uint8_pool_is_read_as_pixel_values_over_255():
+    model, _, _, _ = problem()
+    pool8 = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    with torch.no_grad():
+        sources = model(pool8.double() / 255).argmax(1)
+    rows = [(k, k, sources[k].item(), (sources[k].item() + 3) % 7, "constant") for k in range(4)]
+    options = dict(lr0=0.01, max_iter=MAX_ITER, dtype=torch.float64, keep_images=True)
+    from_uint8 = engine.attack_rows(model, pool8, rows, **options)
+    from_float = engine.attack_rows(model, pool8.double() / 255, rows, **options)
+    assert torch.equal(from_uint8.iterations, from_float.iterations)
+    assert torch.equal(from_uint8.borderline, from_float.borderline)
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+def two_class_linear(seed):
+    """Softmax regression on 3x4x4 images: the sign of the gradient never changes."""
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, 48, generator=generator, dtype=torch.float64) * 0.3)
+        model[1].bias.zero_()
+    images = torch.rand(24, 3, 4, 4, generator=generator, dtype=torch.float64)
+    return model.eval(), images
+
+
+def expected_flip(model, image, *, source, target, schedule, lr0, max_iter):
+    """The first iterate past the boundary, in closed form along the fixed sign direction.
+
+    With two classes the gradient of CE(target) is p_source (w_source - w_target), so every
+    step moves by lr_i sign(w_target - w_source) and x_i = clip(x_0 + S_i sign(d), 0, 1), with
+    S_i the sum of the first i step sizes.
+    """
+    weight = model[1].weight.detach().numpy()
+    bias = model[1].bias.detach().numpy()
+    d = weight[target] - weight[source]
+    x0 = image.numpy().reshape(-1)
+    lrs = schedules.preview(schedule, lr0=lr0, steps=max_iter).numpy()
+    total = np.concatenate([[0.0], np.cumsum(lrs)])
+    for i in range(max_iter + 1):
+        x = np.clip(x0 + total[i] * np.sign(d), 0, 1)
+        if d @ x + bias[target] - bias[source] > 0:
+            return True, i, x
+    return False, max_iter, x
+
+
+@pytest.mark.parametrize("schedule", ["constant", "iteration", "step"])
+def test_linear_model_stops_at_the_first_iterate_past_the_boundary(schedule):
+    model, images = two_class_linear(seed=3)
+    with torch.no_grad():
+        sources = model(images).argmax(1)
+    targets = 1 - sources
+    result = engine.attack(
+        model,
+        images,
+        targets,
+        sources=sources,
+        schedule=schedule,
+        lr0=0.02,
+        max_iter=60,
+        batch_size=5,
+        dtype=torch.float64,
+    )
+    expected = [
+        expected_flip(
+            model,
+            images[k],
+            source=sources[k].item(),
+            target=targets[k].item(),
+            schedule=schedule,
+            lr0=0.02,
+            max_iter=60,
+        )
+        for k in range(len(images))
+    ]
+    assert result.iterations.tolist() == [e[1] for e in expected]
+    assert result.success.tolist() == [e[0] for e in expected]
+    np.testing.assert_allclose(
+        result.borderline.reshape(len(images), -1).numpy(),
+        np.stack([e[2] for e in expected]),
+        atol=1e-12,
+    )
+    if schedule == "constant":
+        assert result.success.all() and len(set(result.iterations.tolist())) > 5
+
+
+def test_failures_use_the_whole_budget():
+    model, images = two_class_linear(seed=3)
+    with torch.no_grad():
+        sources = model(images).argmax(1)
+    result = engine.attack(
+        model,
+        images,
+        1 - sources,
+        sources=sources,
+        schedule="exponential",
+        lr0=1e-4,
+        max_iter=7,
+        dtype=torch.float64,
+    )
+    assert not result.success.any()
+    assert (result.iterations == 7).all()
+    assert not result.lr_trace.isnan().any() and not result.loss_trace.isnan().any()
+    assert (result.target_prob < 0.5).all()
+    assert result.status == ["ok"] * len(images)
+
+
+def test_images_stay_in_the_unit_cube_with_large_steps():
+    model, images, sources, targets = problem()
+    result = engine.attack(
+        model,
+        images,
+        targets,
+        sources=sources,
+        schedule="constant",
+        lr0=0.4,
+        max_iter=MAX_ITER,
+        batch_size=3,
+        dtype=torch.float64,
+    )
+    assert result.borderline.min() >= 0 and result.borderline.max() <= 1
+    moved = result.iterations > 0
+    clipped = (result.borderline[moved] == 0) | (result.borderline[moved] == 1)
+    assert clipped.any()
+
+
+def test_a_sample_already_in_the_target_class_costs_zero_updates():
+    model, images, sources, targets = problem()
+    aimed = targets.clone()
+    aimed[::4] = sources[::4]  # targeted at what the model already says
+    result = engine.attack(
+        model,
+        images,
+        aimed,
+        schedule="loss-adaptive",
+        lr0=0.01,
+        max_iter=MAX_ITER,
+        dtype=torch.float64,
+    )
+    done = result.iterations[::4]
+    assert (done == 0).all() and result.success[::4].all()
+    assert torch.equal(result.borderline[::4], images[::4])
+    assert (result.l1[::4] == 0).all() and result.mean_lr[::4].isnan().all()
+    assert result.lr_trace[::4].isnan().all() and result.loss_trace[::4].isnan().all()
+    assert (result.iterations[1::4] > 0).all()
+
+
+def test_untargeted_leaves_the_source_and_reports_the_new_class():
+    model, images, sources, _ = problem()
+    result = engine.attack(
+        model,
+        images,
+        None,
+        mode="untargeted",
+        schedule="constant",
+        lr0=0.002,
+        max_iter=MAX_ITER,
+        dtype=torch.float64,
+    )
+    ok = result.success
+    assert ok.any()
+    assert (result.final_class[ok] != sources[ok]).all()
+    assert (result.final_class[~ok] == sources[~ok]).all()
+    wrong = sources.clone()
+    wrong[0] = (sources[0] + 1) % NUM_CLASSES  # the model does not say this source: flipped
+    result = engine.attack(
+        model,
+        images,
+        None,
+        sources=wrong,
+        mode="untargeted",
+        schedule="constant",
+        lr0=0.002,
+        max_iter=MAX_ITER,
+        dtype=torch.float64,
+    )
+    assert result.iterations[0] == 0 and result.success[0]
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+class Poisoned(nn.Module):
+    """Two-class linear model whose logits turn NaN for tagged images.
+
+    The tag is pixel (2, 0, 0), whose weight is zero, so its gradient sign is 0 and it never
+    moves. Tag 0.75: NaN from the start. Tag 1.0: NaN once pixel (0, 0, 0) has left 0.5, i.e.
+    after the first update.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.linear, _ = two_class_linear(seed=5)
+        with torch.no_grad():
+            self.linear[1].weight[:, 32] = 0  # flat index of pixel (2, 0, 0)
+
+    def forward(self, x):
+        logits = self.linear(x)
+        tag = x[:, 2, 0, 0]
+        bad = (tag == 0.75) | ((tag == 1.0) & (x[:, 0, 0, 0] != 0.5))
+        return torch.where(bad[:, None], math.nan, logits)
+
+
+def test_nonfinite_logits_fail_one_sample_and_leave_the_others_alone():
+    model = Poisoned()
+    _, images = two_class_linear(seed=3)
+    images[:, 2, 0, 0] = 0.0
+    images[:, 0, 0, 0] = 0.5
+    with torch.no_grad():
+        sources = model(images).argmax(1)
+    rows = [(k, k, sources[k].item(), 1 - sources[k].item(), "constant") for k in range(24)]
+    options = dict(lr0=0.02, max_iter=60, batch_size=4, dtype=torch.float64, keep_images=True)
+    clean = engine.attack_rows(model, images, rows, **options)
+    poisoned_images = images.clone()
+    poisoned_images[5, 2, 0, 0] = 0.75
+    poisoned_images[11, 2, 0, 0] = 1.0
+    poisoned = engine.attack_rows(model, poisoned_images, rows, **options)
+    assert poisoned.status[5] == poisoned.status[11] == "nonfinite"
+    assert not poisoned.success[5] and not poisoned.success[11]
+    assert poisoned.iterations[5] == 0 and poisoned.iterations[11] == 1
+    assert poisoned.target_prob[[5, 11]].isnan().all()
+    others = torch.tensor([k for k in range(24) if k not in (5, 11)])
+    assert all(poisoned.status[k] == "ok" for k in others.tolist())
+    assert torch.equal(poisoned.iterations[others], clean.iterations[others])
+    assert torch.equal(poisoned.success[others], clean.success[others])
+    torch.testing.assert_close(poisoned.borderline[others], clean.borderline[others])
+
+
+class FlagRecorder(nn.Module):
+    """Records the weights' requires_grad flags and the training mode at each forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(
+            (self.training, [p.requires_grad for p in self.parameters()], torch.is_grad_enabled())
+        )
+        return self.inner(x)
+
+
+def test_weights_are_frozen_during_the_attack_and_restored_after():
+    model = FlagRecorder(small_cnn())
+    model.train()
+    model.inner[0].bias.requires_grad_(False)
+    before = [p.requires_grad for p in model.parameters()]
+    _, images, sources, targets = problem()
+    with torch.no_grad():  # the engine computes input gradients even here
+        result = engine.attack(
+            model,
+            images[:5],
+            targets[:5],
+            schedule="constant",
+            lr0=0.01,
+            max_iter=5,
+            dtype=torch.float64,
+        )
+    assert (result.iterations > 0).any()
+    assert model.seen and all(not training for training, _, _ in model.seen)
+    assert all(not any(flags) for _, flags, _ in model.seen)
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert model.training and model.inner[0].training
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def call_attack(**changes):
+    model, images, sources, targets = problem()
+    arguments = dict(
+        model=model,
+        images=images,
+        targets=targets,
+        sources=sources,
+        schedule="constant",
+        lr0=0.01,
+        max_iter=5,
+        dtype=torch.float64,
+    )
+    arguments.update(changes)
+    return engine.attack(**arguments)
+
+
+def call_rows(rows, pool=None, **changes):
+    model, images, _, _ = problem()
+    arguments = dict(lr0=0.01, max_iter=5, dtype=torch.float64)
+    arguments.update(changes)
+    return engine.iter_attack_rows(model, images if pool is None else pool, rows, **arguments)
+
+
+_, _IMAGES, _SOURCES, _TARGETS = problem()
+BAD_INPUTS = {
+    "unknown schedule": (lambda: call_attack(schedule="cosine"), "loss-adaptive"),
+    "lr0 zero": (lambda: call_attack(lr0=0.0), "lr0"),
+    "lr0 negative": (lambda: call_attack(lr0=-0.01), "lr0"),
+    "max_iter zero": (lambda: call_attack(max_iter=0), "max_iter"),
+    "target equals source": (lambda: call_attack(targets=_SOURCES), "target equals source"),
+    "image above 1": (lambda: call_attack(images=_IMAGES * 2), r"\[0, 1\]"),
+    "image below 0": (lambda: call_attack(images=_IMAGES - 0.5), r"\[0, 1\]"),
+    "image nan": (lambda: call_attack(images=_IMAGES.clone().fill_(math.nan)), r"\[0, 1\]"),
+    "image without batch axis": (lambda: call_attack(images=_IMAGES[0]), r"\[N, C, H, W\]"),
+    "target too large": (lambda: call_attack(targets=_TARGETS * 0 + 7, sources=None), "0 .. 6"),
+    "target negative": (lambda: call_attack(targets=_TARGETS * 0 - 1, sources=None), "0 .. 6"),
+    "targets wrong length": (lambda: call_attack(targets=_TARGETS[:3]), "shape"),
+    "targets float": (lambda: call_attack(targets=_TARGETS.double()), "integer"),
+    "unknown mode": (lambda: call_attack(mode="sideways"), "untargeted"),
+    "unknown constant": (lambda: call_attack(schedule="step", decay=0.1), "drop, every"),
+    "wrong dtype": (lambda: call_attack(dtype=torch.float32), "model.to"),
+    "rows unknown schedule": (lambda: call_rows([(0, 0, 1, 2, "warmup")]), "constant"),
+    "rows image outside pool": (lambda: call_rows([(0, 99, 1, 2, "constant")]), "pool"),
+    "rows duplicate id": (
+        lambda: call_rows([(0, 0, 1, 2, "constant"), (0, 1, 1, 2, "constant")]),
+        "unique",
+    ),
+    "rows missing column": (
+        lambda: call_rows(pd.DataFrame({"row_id": [0], "image": [0]})),
+        "source",
+    ),
+    "rows target out of range": (lambda: call_rows([(0, 0, 1, 9, "constant")]), "0 .. 6"),
+    "rows constants for unused schedule": (
+        lambda: call_rows([(0, 0, 1, 2, "constant")], schedule_constants={"step": {"drop": 1}}),
+        "no row uses",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_a_parameter_error(case):
+    call, message = BAD_INPUTS[case]
+    with pytest.raises(ParameterError, match=message):
+        call()
+
+
+def test_the_unknown_schedule_error_names_every_known_schedule():
+    with pytest.raises(ParameterError) as error:
+        call_attack(schedule="cosine")
+    assert all(name in str(error.value) for name in schedules.SCHEDULES)
