@@ -674,3 +674,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def measure_pass_rate(
+    model: torch.nn.Module,
+    *,
+    image_size: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    repeats: int = 3,
+) -> float:
+    """Forward + backward-to-input passes per second of ``model`` with frozen weights.
+
+    The rate the attack engine can reach at ``batch_size`` (one pass = one image through one
+    attack iteration): the median of ``repeats`` timed batches after one warm-up batch.
+
+    Args:
+        model: takes images [B, 3, S, S] in [0, 1]; its weights are frozen for the measurement
+            and restored afterwards.
+        image_size: S, the side of the square random images used.
+    """
+    import time
+
+    device = torch.device(device)
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    images = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    times = []
+    try:
+        for i in range(repeats + 1):
+            x = images.clone().requires_grad_(True)
+            start = time.perf_counter()
+            model(x).logsumexp(dim=1).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - start)
+    finally:
+        for parameter, flag in zip(model.parameters(), flags, strict=True):
+            parameter.requires_grad_(flag)
+    return batch_size / sorted(times)[len(times) // 2]

@@ -134,6 +134,35 @@ glue("attack_epochs", ", ".join(map(str, job.settings.epochs)), display=False)
 overview.round(3)
 
 # %% [markdown]
+# ## What the paper's scale costs
+#
+# At paper scale the job is 2,100 attacks per schedule and checkpoint, at 224 px, on all 10
+# checkpoints. Its cost is the number of model passes (one forward and one backward pass per
+# attack iteration, plus one final check) divided by the rate of the device. We take the mean
+# iterations per schedule from this run and measure this machine's rate at 224 px with the
+# last checkpoint; {doc}`../reproduce` quotes the result.
+
+# %%
+from lib.distributed import measure_pass_rate, scaling_estimate
+from lib.model import load_checkpoint
+
+last_model = load_checkpoint(robustness.checkpoint_path(run_dir, max(job.settings.epochs)),
+                             map_location=device)
+rate_224 = measure_pass_rate(last_model, image_size=224, batch_size=batch_size, device=device)
+per_schedule = results.groupby("schedule")["iterations"].mean() + 1
+paper_passes = 10 * 2100 * float(per_schedule.sum())
+cost = scaling_estimate(passes=paper_passes, passes_per_second=rate_224, devices=[1, 2, 4, 8])
+glue("paper_rate_224", f"{rate_224:.0f}", display=False)
+glue("paper_passes", f"{paper_passes / 1e6:.1f} million", display=False)
+glue("paper_hours_here", f"{cost['seconds'].iloc[0] / 3600:.1f}", display=False)
+cost.assign(hours=cost["seconds"] / 3600).round(2)
+
+# %% [markdown]
+# On this machine ({glue:text}`paper_rate_224` passes per second at 224 px) the paper-scale
+# attack job of about {glue:text}`paper_passes` passes would take about
+# {glue:text}`paper_hours_here` hours on one device; the table shows the expected time on
+# several devices of the same speed, split by `torchrun` as the reproduce chapter explains.
+#
 # ## Summary
 #
 # The stage attacked {glue:text}`attack_total` (image, target, schedule) combinations on the
