@@ -303,7 +303,7 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_merged(tmp_path: Path) -
 # --------------------------------------------------------------------------- training
 
 
-TRAIN_PARAMS = ["epochs=1", "batch_size=2", "augment=false", "balance=none", "seed=3"]
+TRAIN_PARAMS = ["epochs=1", "batch_size=2", "lr=0.01", "augment=false", "balance=none", "seed=3"]
 
 
 @pytest.mark.slow
@@ -321,6 +321,7 @@ def test_two_process_training_writes_what_the_training_stage_continues(tmp_path:
     assert len(predictions) == len(splits["test"])
     # the one-process training (02_train's call) accepts the folder and finds epoch 1 done
     metrics = training.fit(splits["train"], splits["test"], out_dir=train, epochs=1,
-                           batch_size=2, augment=False, balance="none", seed=3, progress=False)
+                           batch_size=2, lr=0.01, augment=False, balance="none", seed=3,
+                           progress=False)
     assert metrics["epoch"].tolist() == [1]
     assert metrics.equals(pd.read_csv(train / "metrics.csv"))
