@@ -1,0 +1,386 @@
+"""Benchmark of the attack engine on AlexNet (7 classes) on the CPU: ratios, not absolute times.
+
+Usage: ``.venv/bin/python benchmarks/bench_attack.py [--size 64|224] [--quick]`` (``make bench``).
+
+What is measured, interleaved round by round in one process, medians over rounds (the machine
+is shared, so only ratios measured side by side mean anything):
+
+- limit: the model's raw forward + backward-to-input throughput with frozen weights at the
+  engine's batch size, in sample-iterations per second;
+- engine: the whole job through :func:`lib.attack.iter_attack_rows` (rows mix schedules);
+  its work is sum(iterations + 1) sample-iterations;
+- per-image: one image at a time, as the paper's algorithm reads, weights frozen; and naive:
+  the same loop with the weights left requiring grad. These are slow, so each round runs
+  them on an evenly spaced subset of the rows and their throughput (sample-iterations per
+  second, counted by the loop itself) is compared with the engine's;
+- memory: peak resident memory of a streamed job of N and of 4N rows (results dropped as they
+  finish), each in a fresh subprocess. Each subprocess warms up, reads its resident set,
+  resets the kernel's peak counter (``/proc/self/clear_refs``), runs the job and reads the peak
+  (``VmHWM``). The ratio is of the job's peak growth over that warm baseline, which is the
+  memory that could grow with the number of rows; a control run that keeps every result with
+  its image shows that the measurement sees such growth.
+
+The model is torchvision's AlexNet with random weights and the normalisation inside; its last
+layer is fitted in closed form (ridge regression on the penultimate features) so that the pool
+images get varied classes and margins and the attacks need varied numbers of iterations.
+
+The last line printed is, exactly:
+``engine_vs_limit=<r> engine_vs_per_image=<r> engine_vs_naive=<r> memory_4x_over_1x=<r>``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib import attack as engine  # noqa: E402
+from lib import schedules  # noqa: E402
+
+NUM_CLASSES = 7
+SCHEDULE_NAMES = list(schedules.SCHEDULES)
+LR0 = 1 / 255  # a small I-FGSM step: iterations then range from 0 to max_iter
+
+
+class Normalized(nn.Module):
+    """AlexNet taking [0, 1] images, ImageNet normalisation as its first step."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        h = net.avgpool(net.features((x - self.mean) / self.std)).flatten(1)
+        return net.classifier[:-1](h)
+
+
+def make_pool(size: int, per_class: int, seed: int) -> torch.Tensor:
+    """Smooth random images in [0, 1], [7 * per_class, 3, size, size]."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(NUM_CLASSES * per_class, 3, 6, 6, generator=generator)
+    images = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    noise = 0.03 * torch.randn(images.shape, generator=generator)
+    return (images + noise).clamp(0, 1)
+
+
+def make_model(pool: torch.Tensor, *, seed: int, margin: float = 10.0) -> Normalized:
+    """Random AlexNet whose last layer maps pool image i to class i % 7 (ridge fit)."""
+    torch.manual_seed(seed)
+    model = Normalized(torchvision.models.alexnet(num_classes=NUM_CLASSES)).eval()
+    with torch.no_grad():
+        features = model.penultimate(pool).double()
+        labels = torch.arange(len(pool)) % NUM_CLASSES
+        margin = torch.linspace(2, 12, len(pool), dtype=torch.float64)[torch.randperm(len(pool))]
+        wanted = margin[:, None] * (F.one_hot(labels, NUM_CLASSES).double() - 1 / NUM_CLASSES)
+        mean = features.mean(0)
+        centred = features - mean
+        gram = centred @ centred.T
+        ridge = 1e-3 * gram.diagonal().mean()
+        dual = torch.linalg.solve(gram + ridge * torch.eye(len(pool), dtype=gram.dtype), wanted)
+        weight = centred.T @ dual  # [4096, 7]
+        last = model.net.classifier[-1]
+        last.weight.copy_(weight.T.float())
+        last.bias.copy_((-(mean @ weight)).float())
+    return model
+
+
+def make_rows(model: nn.Module, pool: torch.Tensor) -> list[engine.AttackRow]:
+    """Every pool image towards each other class with each schedule, in that order."""
+    with torch.no_grad():
+        sources = model(pool).argmax(1).tolist()
+    rows = []
+    for image, source in enumerate(sources):
+        for target in range(NUM_CLASSES):
+            if target == source:
+                continue
+            for schedule in SCHEDULE_NAMES:
+                rows.append(engine.AttackRow(len(rows), image, source, target, schedule))
+    return rows
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def limit_rate(model: nn.Module, pool: torch.Tensor, *, batch_size: int, passes: int) -> float:
+    """Raw forward + backward-to-input throughput, frozen weights, sample-iterations / s."""
+    repeats = -(-batch_size // len(pool))
+    x = pool.repeat(repeats, 1, 1, 1)[:batch_size].clone()
+    targets = torch.arange(batch_size) % NUM_CLASSES
+    model.requires_grad_(False)
+    try:
+        start = time.perf_counter()
+        for _ in range(passes):
+            x.requires_grad_(True)
+            loss = F.cross_entropy(model(x), targets, reduction="none").sum()
+            (grad,) = torch.autograd.grad(loss, x)
+            x = x.detach()
+        return batch_size * passes / (time.perf_counter() - start)
+    finally:
+        model.requires_grad_(True)
+
+
+def run_engine(model, pool, rows, *, max_iter: int, batch_size: int):
+    """Seconds for the whole job, its work sum(iterations + 1), and the results' scalars."""
+    work, frames = 0, []
+    start = time.perf_counter()
+    for chunk in engine.iter_attack_rows(
+        model, pool, rows, lr0=LR0, max_iter=max_iter, batch_size=batch_size
+    ):
+        work += int(chunk.iterations.sum()) + len(chunk)
+        frames.append(chunk.to_frame())
+    seconds = time.perf_counter() - start
+    frame = pd.concat(frames).sort_values("row_id", kind="stable")
+    return seconds, work, frame
+
+
+def per_image_loop(
+    model, pool, rows, *, max_iter: int, frozen: bool, budget: int
+) -> tuple[float, int]:
+    """One image at a time, the paper's loop; seconds and sample-iterations (forwards).
+
+    Runs whole rows, in order, until ``budget`` sample-iterations are done. It calls
+    ``loss.backward()``, so with ``frozen=False`` the weight gradients are computed too (as in
+    a plain implementation), while ``autograd.grad(loss, x)`` would skip them.
+    """
+    if frozen:
+        model.requires_grad_(False)
+    bound = {name: schedules.bind(name, lr0=LR0) for name in SCHEDULE_NAMES}
+    work = 0
+    start = time.perf_counter()
+    try:
+        for row in rows:
+            x = pool[row.image : row.image + 1].clone()
+            target = torch.tensor([row.target])
+            losses = torch.full((1, max_iter), float("nan"))
+            for i in range(1, max_iter + 2):
+                x.requires_grad_(True)
+                logits = model(x)
+                work += 1
+                if logits.argmax(1).item() == row.target or i > max_iter:
+                    break
+                loss = F.cross_entropy(logits, target)
+                model.zero_grad(set_to_none=True)
+                loss.backward()  # as the algorithm is usually written; x.grad is the gradient
+                losses[0, i - 1] = loss.item()
+                lr = bound[row.schedule](torch.tensor([i]), losses)
+                x = (x.detach() - lr * x.grad.sign()).clamp(0, 1)
+            if work >= budget:
+                break
+    finally:
+        model.requires_grad_(True)
+    return time.perf_counter() - start, work
+
+
+def occupancy(iterations: list[int], batch_size: int) -> tuple[float, int]:
+    """Mean batch fill of the engine's schedule for these per-row iterations, and loop count.
+
+    Replays the refill rule: every slot does one forward per loop; a row needs
+    iterations + 1 of them; freed slots take the next rows in order.
+    """
+    queue = [i + 1 for i in iterations]
+    slots = queue[:batch_size]
+    position, loops, work = len(slots), 0, 0
+    while slots:
+        loops += 1
+        work += len(slots)
+        remaining = [r - 1 for r in slots]
+        slots = []
+        for r in remaining:
+            if r > 0:
+                slots.append(r)
+            elif position < len(queue):
+                slots.append(queue[position])
+                position += 1
+    return work / (loops * batch_size), loops
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Subprocess entry: peak RSS growth of one streamed job of ``args.memory_probe`` rows."""
+    pool = make_pool(args.size, args.per_class, seed=0)
+    model = make_model(pool, seed=0)
+    base_rows = make_rows(model, pool)
+    count = args.memory_probe
+    rows = [
+        base_rows[k % len(base_rows)]._replace(row_id=k) for k in range(count)
+    ]  # the same images and targets, cycled to the job size
+    options = dict(lr0=LR0, max_iter=args.probe_iter, batch_size=args.batch_size)
+    for _ in engine.iter_attack_rows(model, pool, rows[: 2 * args.batch_size], **options):
+        pass  # warm-up: allocator, oneDNN primitives, code paths
+    baseline = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current resident set
+    kept = []
+    for chunk in engine.iter_attack_rows(
+        model, pool, rows, keep_images=args.keep_all, **options
+    ):
+        if args.keep_all:
+            kept.append(chunk)  # control: a consumer that holds everything
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"rows": count, "baseline_kb": baseline, "peak_kb": peak}))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory(args: argparse.Namespace, rows: int, *, keep_all: bool) -> dict:
+    command = [
+        sys.executable, __file__, "--memory-probe", str(rows), "--size", str(args.size),
+        "--per-class", str(args.per_class), "--batch-size", str(args.batch_size),
+        "--probe-iter", str(args.probe_iter),
+    ] + (["--keep-all"] if keep_all else []) + (["--quick"] if args.quick else [])
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=64, choices=[64, 224])
+    parser.add_argument("--quick", action="store_true", help="fewer images and rounds")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--per-class", type=int, default=None, help="pool images per class")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--max-iter", type=int, default=100)
+    parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-all", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-iter", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.per_class is None:
+        args.per_class = 2 if args.quick else 3
+    if args.probe_iter is None:
+        args.probe_iter = (5 if args.quick else 10) if args.size == 64 else 3
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    rounds = args.rounds or (2 if args.quick else 3)
+
+    pool = make_pool(args.size, args.per_class, seed=0)
+    model = make_model(pool, seed=0)
+    rows = make_rows(model, pool)
+    spread = rows[:: max(1, len(rows) // 48)]  # evenly spaced: every schedule and target
+    # work budgets (sample-iterations) of the slow loops per round: about 20 s each unloaded
+    budget = {"per_image": 600 if args.quick else 900, "naive": 100 if args.quick else 150}
+    if args.size == 224:
+        budget = {k: v // 3 for k, v in budget.items()}
+    print(
+        f"AlexNet {args.size}px, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{len(rows)} rows ({len(pool)} images x 6 targets x {len(SCHEDULE_NAMES)} schedules), "
+        f"lr0 {LR0:.4g}, max_iter {args.max_iter}, {rounds} rounds",
+        flush=True,
+    )
+
+    # warm-up: every path once
+    limit_rate(model, pool, batch_size=args.batch_size, passes=2)
+    run_engine(model, pool, rows[: args.batch_size], max_iter=3, batch_size=args.batch_size)
+    per_image_loop(model, pool, rows[:2], max_iter=2, frozen=True, budget=4)
+
+    rates = {"limit": [], "engine": [], "per_image": [], "naive": []}
+    ratios = {"engine_vs_limit": [], "engine_vs_per_image": [], "engine_vs_naive": []}
+    work, frame = 0, None
+    for round_ in range(rounds):
+        limits = [limit_rate(model, pool, batch_size=args.batch_size, passes=4)]
+        seconds, work, frame = run_engine(
+            model, pool, rows, max_iter=args.max_iter, batch_size=args.batch_size
+        )
+        engine_rate = work / seconds
+        limits.append(limit_rate(model, pool, batch_size=args.batch_size, passes=4))
+        offset = spread[round_ % 2 :: 2]  # alternate halves: more rows seen over the rounds
+        seconds, count = per_image_loop(
+            model, pool, offset, max_iter=args.max_iter, frozen=True, budget=budget["per_image"]
+        )
+        per_image = count / seconds
+        seconds, count = per_image_loop(
+            model, pool, offset[::-1], max_iter=args.max_iter, frozen=False,
+            budget=budget["naive"],
+        )
+        naive = count / seconds
+        limits.append(limit_rate(model, pool, batch_size=args.batch_size, passes=4))
+        for name, value in zip(rates, (statistics.mean(limits), engine_rate, per_image, naive),
+                               strict=True):
+            rates[name].append(value)
+        # each rate relative to the limit measured next to it, which cancels the drift of a
+        # shared machine's speed between the measurements of one round
+        engine_relative = engine_rate / statistics.mean(limits[:2])
+        ratios["engine_vs_limit"].append(engine_relative)
+        ratios["engine_vs_per_image"].append(
+            engine_relative / (per_image / statistics.mean(limits[1:]))
+        )
+        ratios["engine_vs_naive"].append(engine_relative / (naive / statistics.mean(limits[1:])))
+        print(
+            f"round {round_ + 1}: limit " + "/".join(f"{v:.1f}" for v in limits)
+            + f", engine {engine_rate:.1f}, per-image {per_image:.2f}, naive {naive:.2f} "
+            "sample-iterations/s; ratios "
+            + " ".join(f"{k}={v[-1]:.2f}" for k, v in ratios.items()),
+            flush=True,
+        )
+
+    frame["schedule"] = [r.schedule for r in rows]
+    fill, loops = occupancy(frame["iterations"].tolist(), args.batch_size)
+    n = 2 * args.batch_size
+    memory = {
+        (keep, count): measure_memory(args, count, keep_all=keep)
+        for keep in ((False, True) if not args.quick else (False,))
+        for count in (n, 4 * n)
+    }
+
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    print()
+    print("job: iterations per schedule (mean, max), success rate")
+    summary = frame.groupby("schedule", sort=False).agg(
+        iterations=("iterations", "mean"), max_iter=("iterations", "max"),
+        success=("success", "mean"),
+    )
+    print(summary.round(2).to_string())
+    print(f"work sum(iterations + 1) = {work} sample-iterations over {len(rows)} rows")
+    print(f"engine loop: {loops} batched iterations, mean batch fill {fill:.2f} (1 = always full)")
+    print()
+    print(f"{'how':<42}{'sample-it/s (median)':>22}{'engine / it (raw)':>20}")
+    for label, key in (
+        ("limit: batched fwd+bwd to input, frozen", "limit"),
+        ("engine: stream, early stop, refill", "engine"),
+        ("per-image loop, frozen", "per_image"),
+        ("per-image loop, weights need grad", "naive"),
+    ):
+        print(f"{label:<42}{med[key]:>22.2f}{med['engine'] / med[key]:>20.2f}")
+    print()
+    print(f"{'memory (streamed job)':<42}{'rows':>8}{'baseline MB':>14}{'peak growth MB':>16}")
+    growth = {}
+    for (keep, count), m in memory.items():
+        growth[keep, count] = (m["peak_kb"] - m["baseline_kb"]) / 1024
+        label = "results kept with images (control)" if keep else "results dropped as they finish"
+        print(f"{label:<42}{count:>8}{m['baseline_kb'] / 1024:>14.0f}{growth[keep, count]:>16.1f}")
+    if not args.quick:
+        control = growth[True, 4 * n] / growth[True, n]
+        print(f"control 4N/N growth ratio (> 1.2 when the probe sees growth): {control:.2f}")
+    print("(the ratios below: medians over rounds of drift-corrected per-round ratios)")
+    result = {name: statistics.median(values) for name, values in ratios.items()}
+    result["memory_4x_over_1x"] = growth[False, 4 * n] / growth[False, n]
+    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
