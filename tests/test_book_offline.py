@@ -31,6 +31,8 @@ def chart_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-page book configured exactly like ours, whose page holds an executed chart."""
     root = tmp_path_factory.mktemp("chartbook")
     shutil.copyfile(pipeline.REPO / "_config.yml", root / "_config.yml")
+    (root / "book").mkdir()
+    shutil.copyfile(pipeline.REPO / "book" / "references.bib", root / "book" / "references.bib")
     (root / "_toc.yml").write_text("format: jb-book\nroot: page\n")
     notebook = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell("# A chart"),
