@@ -35,7 +35,7 @@
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # run folder with train/; this stage writes attack/
-epochs = [1, 4, 7, 10]  # checkpoints to attack; [] for every trained epoch (paper: all 10)
+epochs = [1, 5, 10]  # checkpoints to attack; [] for every trained epoch (paper: all 10)
 schedules = ["constant", "iteration", "exponential", "step", "loss-adaptive"]  # step-size schedules (lib.schedules)
 lr0 = 0.008  # initial step size in [0, 1] pixel units, about 2/255 (the paper does not give it)
 max_iter = 100  # update budget per attack; no flip by then is a failure (paper: 100)
@@ -45,7 +45,7 @@ seed = 0  # seed of the one test-split permutation all checkpoints share
 batch_size = 64  # attacks in flight per forward/backward pass
 chunk_size = 420  # attacks per chunk (one engine call, written atomically): the unit of resume
 schedule_constants = {}  # per schedule, constants other than METHOD.md's, e.g. {"step": {"drop": 0.5}}
-sweep_lr0 = [0.002, 0.004, 0.016]  # lr0 values of the sensitivity sweep; [] for no sweep
+sweep_lr0 = [0.004, 0.016]  # lr0 values of the sensitivity sweep; [] for no sweep
 sweep_per_class = 1  # images per class in the sweep (taken from the main selection)
 sweep_epoch = 0  # checkpoint of the sweep; 0 for the last attacked one
 gallery_images = 7  # classes whose first image is kept as pictures (all schedules)
