@@ -2,17 +2,21 @@
 
 Usage: ``.venv/bin/python benchmarks/bench_attack.py [--size 64|224] [--quick]`` (``make bench``).
 
-What is measured, interleaved round by round in one process, medians over rounds (the machine
-is shared, so only ratios measured side by side mean anything):
+What is measured (the machine is shared, so only ratios measured side by side mean anything;
+every ratio is the median over rounds):
 
 - limit: the model's raw forward + backward-to-input throughput with frozen weights at the
-  engine's batch size, in sample-iterations per second;
+  engine's batch size, in sample-iterations per second. It is sampled *inside* each of the
+  loops below (one batched pass after every few units of their work, its time excluded from
+  theirs), and each loop's rate is divided by the limit sampled during it, so a change of the
+  machine's load between or during the measurements cancels;
 - engine: the whole job through :func:`lib.attack.iter_attack_rows` (rows mix schedules);
-  its work is sum(iterations + 1) sample-iterations;
+  its work is sum(iterations + 1) sample-iterations. The job's mean batch fill (a replay of
+  the refill rule) is printed too: when the queue runs dry the batch shrinks, and a tail of
+  long attacks runs at small, inefficient batch sizes; the larger the job, the smaller it is;
 - per-image: one image at a time, as the paper's algorithm reads, weights frozen; and naive:
   the same loop with the weights left requiring grad. These are slow, so each round runs
-  them on an evenly spaced subset of the rows and their throughput (sample-iterations per
-  second, counted by the loop itself) is compared with the engine's;
+  them on evenly spaced rows up to a work budget, counting sample-iterations themselves;
 - memory: peak resident memory of a streamed job of N and of 4N rows (results dropped as they
   finish), each in a fresh subprocess. Each subprocess warms up, reads its resident set,
   resets the kernel's peak counter (``/proc/self/clear_refs``), runs the job and reads the peak
@@ -31,6 +35,7 @@ The last line printed is, exactly:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -81,8 +86,12 @@ def make_pool(size: int, per_class: int, seed: int) -> torch.Tensor:
     return (images + noise).clamp(0, 1)
 
 
-def make_model(pool: torch.Tensor, *, seed: int, margin: float = 10.0) -> Normalized:
-    """Random AlexNet whose last layer maps pool image i to class i % 7 (ridge fit)."""
+def make_model(pool: torch.Tensor, *, seed: int) -> Normalized:
+    """Random AlexNet whose last layer maps pool image i to class i % 7 (ridge fit).
+
+    The fitted logit margins run from 2 to 12 over the pool, so attacks need from a few to
+    many iterations.
+    """
     torch.manual_seed(seed)
     model = Normalized(torchvision.models.alexnet(num_classes=NUM_CLASSES)).eval()
     with torch.no_grad():
@@ -119,74 +128,102 @@ def make_rows(model: nn.Module, pool: torch.Tensor) -> list[engine.AttackRow]:
 # --------------------------------------------------------------------------- measurements
 
 
-def limit_rate(model: nn.Module, pool: torch.Tensor, *, batch_size: int, passes: int) -> float:
-    """Raw forward + backward-to-input throughput, frozen weights, sample-iterations / s."""
-    repeats = -(-batch_size // len(pool))
-    x = pool.repeat(repeats, 1, 1, 1)[:batch_size].clone()
-    targets = torch.arange(batch_size) % NUM_CLASSES
-    model.requires_grad_(False)
-    try:
+class LimitSampler:
+    """The limit, sampled inside another measurement: one batched pass at a time.
+
+    One pass is a forward + backward to the input of ``batch_size`` pool images with frozen
+    weights. Calling :meth:`sample` between units of another loop's work (whose own time
+    excludes the pass) measures the limit under the same machine load as that loop.
+    """
+
+    def __init__(self, model: nn.Module, pool: torch.Tensor, batch_size: int):
+        repeats = -(-batch_size // len(pool))
+        self.model = model
+        self.x = pool.repeat(repeats, 1, 1, 1)[:batch_size].clone()
+        self.targets = torch.arange(batch_size) % NUM_CLASSES
+        self.seconds = 0.0
+        self.samples = 0
+
+    def sample(self) -> None:
+        flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.requires_grad_(False)
         start = time.perf_counter()
-        for _ in range(passes):
-            x.requires_grad_(True)
-            loss = F.cross_entropy(model(x), targets, reduction="none").sum()
-            (grad,) = torch.autograd.grad(loss, x)
-            x = x.detach()
-        return batch_size * passes / (time.perf_counter() - start)
-    finally:
-        model.requires_grad_(True)
+        x = self.x.clone().requires_grad_(True)
+        loss = F.cross_entropy(self.model(x), self.targets, reduction="none").sum()
+        torch.autograd.grad(loss, x)
+        self.seconds += time.perf_counter() - start
+        self.samples += len(self.x)
+        for p, flag in zip(self.model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+    @property
+    def rate(self) -> float:
+        """Sample-iterations per second over the passes so far."""
+        return self.samples / self.seconds
 
 
-def run_engine(model, pool, rows, *, max_iter: int, batch_size: int):
-    """Seconds for the whole job, its work sum(iterations + 1), and the results' scalars."""
-    work, frames = 0, []
-    start = time.perf_counter()
-    for chunk in engine.iter_attack_rows(
+def run_engine(model, pool, rows, *, max_iter: int, batch_size: int, limit: LimitSampler,
+               every: int = 4):
+    """The whole job through the engine, a limit pass after every ``every``-th result chunk.
+
+    Returns the engine's seconds (the limit passes excluded), its work sum(iterations + 1)
+    and the results' scalars.
+    """
+    work, frames, seconds = 0, [], 0.0
+    stream = engine.iter_attack_rows(
         model, pool, rows, lr0=LR0, max_iter=max_iter, batch_size=batch_size
-    ):
+    )
+    for k in itertools.count():
+        start = time.perf_counter()
+        chunk = next(stream, None)
+        seconds += time.perf_counter() - start
+        if chunk is None:
+            break
         work += int(chunk.iterations.sum()) + len(chunk)
         frames.append(chunk.to_frame())
-    seconds = time.perf_counter() - start
+        if k % every == 0:
+            limit.sample()
     frame = pd.concat(frames).sort_values("row_id", kind="stable")
     return seconds, work, frame
 
 
 def per_image_loop(
-    model, pool, rows, *, max_iter: int, frozen: bool, budget: int
+    model, pool, rows, *, max_iter: int, frozen: bool, budget: int, limit: LimitSampler
 ) -> tuple[float, int]:
     """One image at a time, the paper's loop; seconds and sample-iterations (forwards).
 
-    Runs whole rows, in order, until ``budget`` sample-iterations are done. It calls
-    ``loss.backward()``, so with ``frozen=False`` the weight gradients are computed too (as in
-    a plain implementation), while ``autograd.grad(loss, x)`` would skip them.
+    Runs whole rows, in order, until ``budget`` sample-iterations are done, with a limit pass
+    after each row (its time excluded). It calls ``loss.backward()``, so with
+    ``frozen=False`` the weight gradients are computed too (as in a plain implementation),
+    while ``autograd.grad(loss, x)`` would skip them.
     """
-    if frozen:
-        model.requires_grad_(False)
     bound = {name: schedules.bind(name, lr0=LR0) for name in SCHEDULE_NAMES}
-    work = 0
-    start = time.perf_counter()
-    try:
-        for row in rows:
-            x = pool[row.image : row.image + 1].clone()
-            target = torch.tensor([row.target])
-            losses = torch.full((1, max_iter), float("nan"))
-            for i in range(1, max_iter + 2):
-                x.requires_grad_(True)
-                logits = model(x)
-                work += 1
-                if logits.argmax(1).item() == row.target or i > max_iter:
-                    break
-                loss = F.cross_entropy(logits, target)
-                model.zero_grad(set_to_none=True)
-                loss.backward()  # as the algorithm is usually written; x.grad is the gradient
-                losses[0, i - 1] = loss.item()
-                lr = bound[row.schedule](torch.tensor([i]), losses)
-                x = (x.detach() - lr * x.grad.sign()).clamp(0, 1)
-            if work >= budget:
+    work, seconds = 0, 0.0
+    for row in rows:
+        if frozen:
+            model.requires_grad_(False)
+        start = time.perf_counter()
+        x = pool[row.image : row.image + 1].clone()
+        target = torch.tensor([row.target])
+        losses = torch.full((1, max_iter), float("nan"))
+        for i in range(1, max_iter + 2):
+            x.requires_grad_(True)
+            logits = model(x)
+            work += 1
+            if logits.argmax(1).item() == row.target or i > max_iter:
                 break
-    finally:
+            loss = F.cross_entropy(logits, target)
+            model.zero_grad(set_to_none=True)
+            loss.backward()  # as the algorithm is usually written; x.grad is the gradient
+            losses[0, i - 1] = loss.item()
+            lr = bound[row.schedule](torch.tensor([i]), losses)
+            x = (x.detach() - lr * x.grad.sign()).clamp(0, 1)
+        seconds += time.perf_counter() - start
         model.requires_grad_(True)
-    return time.perf_counter() - start, work
+        limit.sample()
+        if work >= budget:
+            break
+    return seconds, work
 
 
 def occupancy(iterations: list[int], batch_size: int) -> tuple[float, int]:
@@ -270,7 +307,7 @@ def main() -> None:
     parser.add_argument("--probe-iter", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.per_class is None:
-        args.per_class = 2 if args.quick else 3
+        args.per_class = 5 if args.quick else 10
     if args.probe_iter is None:
         args.probe_iter = (5 if args.quick else 10) if args.size == 64 else 3
     if args.memory_probe:
@@ -294,46 +331,45 @@ def main() -> None:
     )
 
     # warm-up: every path once
-    limit_rate(model, pool, batch_size=args.batch_size, passes=2)
-    run_engine(model, pool, rows[: args.batch_size], max_iter=3, batch_size=args.batch_size)
-    per_image_loop(model, pool, rows[:2], max_iter=2, frozen=True, budget=4)
+    warm = LimitSampler(model, pool, args.batch_size)
+    warm.sample()
+    run_engine(model, pool, rows[: args.batch_size], max_iter=3, batch_size=args.batch_size,
+               limit=warm)
+    per_image_loop(model, pool, rows[:2], max_iter=2, frozen=True, budget=4, limit=warm)
 
     rates = {"limit": [], "engine": [], "per_image": [], "naive": []}
     ratios = {"engine_vs_limit": [], "engine_vs_per_image": [], "engine_vs_naive": []}
     work, frame = 0, None
     for round_ in range(rounds):
-        limits = [limit_rate(model, pool, batch_size=args.batch_size, passes=4)]
+        limit = {k: LimitSampler(model, pool, args.batch_size) for k in ("engine", "p", "n")}
         seconds, work, frame = run_engine(
-            model, pool, rows, max_iter=args.max_iter, batch_size=args.batch_size
+            model, pool, rows, max_iter=args.max_iter, batch_size=args.batch_size,
+            limit=limit["engine"],
         )
         engine_rate = work / seconds
-        limits.append(limit_rate(model, pool, batch_size=args.batch_size, passes=4))
         offset = spread[round_ % 2 :: 2]  # alternate halves: more rows seen over the rounds
         seconds, count = per_image_loop(
-            model, pool, offset, max_iter=args.max_iter, frozen=True, budget=budget["per_image"]
+            model, pool, offset, max_iter=args.max_iter, frozen=True,
+            budget=budget["per_image"], limit=limit["p"],
         )
         per_image = count / seconds
         seconds, count = per_image_loop(
             model, pool, offset[::-1], max_iter=args.max_iter, frozen=False,
-            budget=budget["naive"],
+            budget=budget["naive"], limit=limit["n"],
         )
         naive = count / seconds
-        limits.append(limit_rate(model, pool, batch_size=args.batch_size, passes=4))
-        for name, value in zip(rates, (statistics.mean(limits), engine_rate, per_image, naive),
+        for name, value in zip(rates, (limit["engine"].rate, engine_rate, per_image, naive),
                                strict=True):
             rates[name].append(value)
-        # each rate relative to the limit measured next to it, which cancels the drift of a
-        # shared machine's speed between the measurements of one round
-        engine_relative = engine_rate / statistics.mean(limits[:2])
+        # every rate relative to the limit sampled during it: a shared machine's speed drifts
+        engine_relative = engine_rate / limit["engine"].rate
         ratios["engine_vs_limit"].append(engine_relative)
-        ratios["engine_vs_per_image"].append(
-            engine_relative / (per_image / statistics.mean(limits[1:]))
-        )
-        ratios["engine_vs_naive"].append(engine_relative / (naive / statistics.mean(limits[1:])))
+        ratios["engine_vs_per_image"].append(engine_relative / (per_image / limit["p"].rate))
+        ratios["engine_vs_naive"].append(engine_relative / (naive / limit["n"].rate))
         print(
-            f"round {round_ + 1}: limit " + "/".join(f"{v:.1f}" for v in limits)
-            + f", engine {engine_rate:.1f}, per-image {per_image:.2f}, naive {naive:.2f} "
-            "sample-iterations/s; ratios "
+            f"round {round_ + 1}: engine {engine_rate:.1f} (limit {limit['engine'].rate:.1f}), "
+            f"per-image {per_image:.2f} (limit {limit['p'].rate:.1f}), naive {naive:.2f} "
+            f"(limit {limit['n'].rate:.1f}) sample-iterations/s; "
             + " ".join(f"{k}={v[-1]:.2f}" for k, v in ratios.items()),
             flush=True,
         )
@@ -360,7 +396,7 @@ def main() -> None:
     print()
     print(f"{'how':<42}{'sample-it/s (median)':>22}{'engine / it (raw)':>20}")
     for label, key in (
-        ("limit: batched fwd+bwd to input, frozen", "limit"),
+        ("limit (sampled during the engine run)", "limit"),
         ("engine: stream, early stop, refill", "engine"),
         ("per-image loop, frozen", "per_image"),
         ("per-image loop, weights need grad", "naive"),
@@ -376,7 +412,8 @@ def main() -> None:
     if not args.quick:
         control = growth[True, 4 * n] / growth[True, n]
         print(f"control 4N/N growth ratio (> 1.2 when the probe sees growth): {control:.2f}")
-    print("(the ratios below: medians over rounds of drift-corrected per-round ratios)")
+    print("ratios: medians over rounds; in each round every rate is divided by the limit")
+    print("sampled during it (interleaved passes), so drift of the machine's speed cancels")
     result = {name: statistics.median(values) for name, values in ratios.items()}
     result["memory_4x_over_1x"] = growth[False, 4 * n] / growth[False, n]
     print(" ".join(f"{k}={v:.2f}" for k, v in result.items()))
