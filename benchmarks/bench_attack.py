@@ -26,7 +26,9 @@ every ratio is the median over rounds):
 
 The model is torchvision's AlexNet with random weights and the normalisation inside; its last
 layer is fitted in closed form (ridge regression on the penultimate features) so that the pool
-images get varied classes and margins and the attacks need varied numbers of iterations.
+images get varied classes and margins and the attacks need varied numbers of iterations. lr0
+is calibrated so that the constant schedule needs a median of about 8 iterations; step and
+exponential decay (bounded sums of steps) then often fail at max_iter, as in the paper.
 
 The last line printed is, exactly:
 ``engine_vs_limit=<r> engine_vs_per_image=<r> engine_vs_naive=<r> memory_4x_over_1x=<r>``
@@ -56,7 +58,8 @@ from lib import schedules  # noqa: E402
 
 NUM_CLASSES = 7
 SCHEDULE_NAMES = list(schedules.SCHEDULES)
-LR0 = 1 / 255  # a small I-FGSM step: iterations then range from 0 to max_iter
+PROBE_LR0 = 1 / 255  # calibration step; the job's lr0 is scaled from it (see calibrate_lr0)
+CONSTANT_ITERATIONS = 8  # wanted median iterations of the constant schedule (paper-like job)
 
 
 class Normalized(nn.Module):
@@ -128,6 +131,18 @@ def make_rows(model: nn.Module, pool: torch.Tensor) -> list[engine.AttackRow]:
 # --------------------------------------------------------------------------- measurements
 
 
+def calibrate_lr0(model: nn.Module, pool: torch.Tensor, rows: list) -> float:
+    """lr0 at which constant-schedule attacks need a median of about CONSTANT_ITERATIONS.
+
+    The random model's sensitivity depends on the pool, so a fixed lr0 gives jobs from trivial
+    to hopeless; the number of steps to a flip scales about as 1 / lr0.
+    """
+    probe = [r for r in rows if r.schedule == "constant"][:64]
+    result = engine.attack_rows(model, pool, probe, lr0=PROBE_LR0, max_iter=100)
+    median = max(float(result.iterations.double().median()), 1.0)
+    return PROBE_LR0 * median / CONSTANT_ITERATIONS
+
+
 class LimitSampler:
     """The limit, sampled inside another measurement: one batched pass at a time.
 
@@ -162,8 +177,8 @@ class LimitSampler:
         return self.samples / self.seconds
 
 
-def run_engine(model, pool, rows, *, max_iter: int, batch_size: int, limit: LimitSampler,
-               every: int = 4):
+def run_engine(model, pool, rows, *, lr0: float, max_iter: int, batch_size: int,
+               limit: LimitSampler, every: int = 8):
     """The whole job through the engine, a limit pass after every ``every``-th result chunk.
 
     Returns the engine's seconds (the limit passes excluded), its work sum(iterations + 1)
@@ -171,7 +186,7 @@ def run_engine(model, pool, rows, *, max_iter: int, batch_size: int, limit: Limi
     """
     work, frames, seconds = 0, [], 0.0
     stream = engine.iter_attack_rows(
-        model, pool, rows, lr0=LR0, max_iter=max_iter, batch_size=batch_size
+        model, pool, rows, lr0=lr0, max_iter=max_iter, batch_size=batch_size
     )
     for k in itertools.count():
         start = time.perf_counter()
@@ -188,7 +203,8 @@ def run_engine(model, pool, rows, *, max_iter: int, batch_size: int, limit: Limi
 
 
 def per_image_loop(
-    model, pool, rows, *, max_iter: int, frozen: bool, budget: int, limit: LimitSampler
+    model, pool, rows, *, lr0: float, max_iter: int, frozen: bool, budget: int,
+    limit: LimitSampler,
 ) -> tuple[float, int]:
     """One image at a time, the paper's loop; seconds and sample-iterations (forwards).
 
@@ -197,7 +213,7 @@ def per_image_loop(
     ``frozen=False`` the weight gradients are computed too (as in a plain implementation),
     while ``autograd.grad(loss, x)`` would skip them.
     """
-    bound = {name: schedules.bind(name, lr0=LR0) for name in SCHEDULE_NAMES}
+    bound = {name: schedules.bind(name, lr0=lr0) for name in SCHEDULE_NAMES}
     work, seconds = 0, 0.0
     for row in rows:
         if frozen:
@@ -254,11 +270,12 @@ def memory_probe(args: argparse.Namespace) -> None:
     pool = make_pool(args.size, args.per_class, seed=0)
     model = make_model(pool, seed=0)
     base_rows = make_rows(model, pool)
+    lr0 = args.lr0 or PROBE_LR0
     count = args.memory_probe
     rows = [
         base_rows[k % len(base_rows)]._replace(row_id=k) for k in range(count)
     ]  # the same images and targets, cycled to the job size
-    options = dict(lr0=LR0, max_iter=args.probe_iter, batch_size=args.batch_size)
+    options = dict(lr0=lr0, max_iter=args.probe_iter, batch_size=args.batch_size)
     for _ in engine.iter_attack_rows(model, pool, rows[: 2 * args.batch_size], **options):
         pass  # warm-up: allocator, oneDNN primitives, code paths
     baseline = _status_kb("VmRSS")
@@ -285,7 +302,7 @@ def measure_memory(args: argparse.Namespace, rows: int, *, keep_all: bool) -> di
     command = [
         sys.executable, __file__, "--memory-probe", str(rows), "--size", str(args.size),
         "--per-class", str(args.per_class), "--batch-size", str(args.batch_size),
-        "--probe-iter", str(args.probe_iter),
+        "--probe-iter", str(args.probe_iter), "--lr0", repr(args.lr0),
     ] + (["--keep-all"] if keep_all else []) + (["--quick"] if args.quick else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -305,9 +322,10 @@ def main() -> None:
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--keep-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-iter", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lr0", type=float, default=None, help="default: calibrated")
     args = parser.parse_args()
     if args.per_class is None:
-        args.per_class = 5 if args.quick else 10
+        args.per_class = 3 if args.quick else 6
     if args.probe_iter is None:
         args.probe_iter = (5 if args.quick else 10) if args.size == 64 else 3
     if args.memory_probe:
@@ -318,6 +336,7 @@ def main() -> None:
     pool = make_pool(args.size, args.per_class, seed=0)
     model = make_model(pool, seed=0)
     rows = make_rows(model, pool)
+    lr0 = args.lr0 = args.lr0 or calibrate_lr0(model, pool, rows)
     spread = rows[:: max(1, len(rows) // 48)]  # evenly spaced: every schedule and target
     # work budgets (sample-iterations) of the slow loops per round: about 20 s each unloaded
     budget = {"per_image": 600 if args.quick else 900, "naive": 100 if args.quick else 150}
@@ -326,16 +345,17 @@ def main() -> None:
     print(
         f"AlexNet {args.size}px, {torch.get_num_threads()} threads, batch {args.batch_size}, "
         f"{len(rows)} rows ({len(pool)} images x 6 targets x {len(SCHEDULE_NAMES)} schedules), "
-        f"lr0 {LR0:.4g}, max_iter {args.max_iter}, {rounds} rounds",
+        f"lr0 {lr0:.4g} (x255 = {lr0 * 255:.3g}), max_iter {args.max_iter}, {rounds} rounds",
         flush=True,
     )
 
     # warm-up: every path once
     warm = LimitSampler(model, pool, args.batch_size)
     warm.sample()
-    run_engine(model, pool, rows[: args.batch_size], max_iter=3, batch_size=args.batch_size,
-               limit=warm)
-    per_image_loop(model, pool, rows[:2], max_iter=2, frozen=True, budget=4, limit=warm)
+    run_engine(model, pool, rows[: args.batch_size], lr0=lr0, max_iter=3,
+               batch_size=args.batch_size, limit=warm)
+    per_image_loop(model, pool, rows[:2], lr0=lr0, max_iter=2, frozen=True, budget=4,
+                   limit=warm)
 
     rates = {"limit": [], "engine": [], "per_image": [], "naive": []}
     ratios = {"engine_vs_limit": [], "engine_vs_per_image": [], "engine_vs_naive": []}
@@ -343,18 +363,18 @@ def main() -> None:
     for round_ in range(rounds):
         limit = {k: LimitSampler(model, pool, args.batch_size) for k in ("engine", "p", "n")}
         seconds, work, frame = run_engine(
-            model, pool, rows, max_iter=args.max_iter, batch_size=args.batch_size,
+            model, pool, rows, lr0=lr0, max_iter=args.max_iter, batch_size=args.batch_size,
             limit=limit["engine"],
         )
         engine_rate = work / seconds
         offset = spread[round_ % 2 :: 2]  # alternate halves: more rows seen over the rounds
         seconds, count = per_image_loop(
-            model, pool, offset, max_iter=args.max_iter, frozen=True,
+            model, pool, offset, lr0=lr0, max_iter=args.max_iter, frozen=True,
             budget=budget["per_image"], limit=limit["p"],
         )
         per_image = count / seconds
         seconds, count = per_image_loop(
-            model, pool, offset[::-1], max_iter=args.max_iter, frozen=False,
+            model, pool, offset[::-1], lr0=lr0, max_iter=args.max_iter, frozen=False,
             budget=budget["naive"], limit=limit["n"],
         )
         naive = count / seconds
