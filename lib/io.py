@@ -2,7 +2,8 @@
 
 Every writer here writes to a hidden temporary name in the same folder, flushes it to disk and
 renames it over the final name (``os.replace`` is atomic on POSIX and Windows). A run killed
-mid-write leaves at most a ``.*.tmp`` file, which no reader ever opens.
+mid-write leaves only hidden files (names starting with a dot: our ``.<name>.*.tmp`` and any
+temporary file the writer makes beside it, such as safetensors' own), which no reader opens.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from lib.errors import RunFolderError
 
 
 @contextlib.contextmanager
@@ -72,6 +75,31 @@ def write_csv(path: str | os.PathLike[str], table: pd.DataFrame) -> None:
     bytes and a table read back equals the one written.
     """
     write_text(path, table.to_csv(index=False, lineterminator="\n"))
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read without unpickling.
+
+    Only plain numeric and string arrays load: an object array (which numpy stores as a
+    pickle, and unpickling can run code) is refused before it is unpickled.
+
+    Raises:
+        RunFolderError: the file is unreadable, truncated or holds a pickled array.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except ValueError as error:
+        reason = ("it holds a pickled (object) array, which is never unpickled"
+                  if "allow_pickle" in str(error) else str(error))
+        raise RunFolderError(
+            f"{path} cannot be read: {reason}; delete it and rerun the stage that wrote it"
+        ) from None
+    except (OSError, EOFError, KeyError) as error:
+        raise RunFolderError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); delete it and rerun "
+            "the stage that wrote it"
+        ) from None
 
 
 def write_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:

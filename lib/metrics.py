@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib import NUM_CLASSES, TOOLS
+from lib import NUM_CLASSES, TOOLS, io
 from lib.errors import RunFolderError
 
 #: Claims of Ding & Moeller (2023) on the schedules, as METHOD.md lists them.
@@ -64,8 +64,7 @@ def read_npz(run_dir: str | os.PathLike[str], name: str) -> dict[str, np.ndarray
     path = Path(run_dir) / "attack" / name
     if not path.is_file():
         return None
-    with np.load(path) as arrays:
-        return {key: arrays[key] for key in arrays.files}
+    return io.read_npz(path)
 
 
 def read_training_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
@@ -319,7 +318,7 @@ def paper_claims(results: pd.DataFrame, training_metrics: pd.DataFrame | None = 
     last = epochs[-1] if epochs else None
     rate = {(r.epoch, r.schedule): r.success_rate for r in rates.itertuples()}
     dist = {(r.epoch, r.schedule): r.mean_l1_255 for r in l1.itertuples()}
-    ran = set(rates["schedule"])
+    ran = schedule_order(rates)  # a list, not a set: ties go to the first schedule run
     claims: list[tuple[str, str, str, str]] = []
 
     def missing(*names: str) -> str | None:

@@ -493,7 +493,7 @@ def run_chunks(
     pool = test_set.images[torch.from_numpy(position.loc[pool_ids].to_numpy(np.int64, copy=True))]
     pool_index = pd.Series(np.arange(len(pool_ids)), index=pool_ids)
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(total=int(todo["rows"].sum()), desc="attacks", unit="attack", disable=not progress)
     models: dict[int, torch.nn.Module] = {}
@@ -615,13 +615,13 @@ def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
         main_tables.append(table)
         if not npz_path.is_file():
             raise RunFolderError(f"{npz_path} is missing; delete {csv_path} and rerun the stage")
-        with np.load(npz_path) as arrays:
-            epoch = int(table["epoch"].iloc[0])
-            traces.append((np.full(len(arrays["row_id"]), epoch), arrays["row_id"],
-                           arrays["lr"], arrays["loss"]))
-            if "gallery_row_id" in arrays:
-                gallery.append((epoch, arrays["gallery_row_id"], arrays["gallery_original"],
-                                arrays["gallery_borderline"]))
+        arrays = io.read_npz(npz_path)
+        epoch = int(table["epoch"].iloc[0])
+        traces.append((np.full(len(arrays["row_id"]), epoch), arrays["row_id"],
+                       arrays["lr"], arrays["loss"]))
+        if "gallery_row_id" in arrays:
+            gallery.append((epoch, arrays["gallery_row_id"], arrays["gallery_original"],
+                            arrays["gallery_borderline"]))
     written: dict[str, Path] = {}
     results = pd.concat(main_tables, ignore_index=True).sort_values(
         ["epoch", "row_id"], kind="stable")[list(RESULT_COLUMNS)]
