@@ -107,8 +107,8 @@ def find_videos(root: str | os.PathLike[str]) -> list[VideoRecord]:
     if not root.is_dir():
         raise DatasetError(
             f"{root}: dataset folder not found. Expected a Cholec80-layout folder with "
-            f"'{VIDEO_DIR}/videoNN.mp4' and '{ANNOTATION_DIR}/videoNN-tool.txt'; check the path "
-            "parameter (or generate the synthetic default)."
+            f"'{VIDEO_DIR}/videoNN.mp4' and '{ANNOTATION_DIR}/videoNN-tool.txt'; check the "
+            "parameter dataset_root (or use dataset_kind 'synthetic', which generates one)."
         )
     folders = {name: root / name for name in (VIDEO_DIR, ANNOTATION_DIR)}
     for name, folder in folders.items():

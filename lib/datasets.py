@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lib import NUM_CLASSES, TOOLS, cholec80
 from lib.errors import DatasetError, ParameterError, RunFolderError
@@ -509,7 +509,9 @@ def load_image_folder(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"{root}: image-folder dataset not found; check the path parameter.")
+        raise DatasetError(
+            f"{root}: image-folder dataset not found; check the parameter dataset_root."
+        )
     meta = {
         "dataset": {
             "kind": "imagefolder",
@@ -564,6 +566,49 @@ def load(
     raise ParameterError(
         f"dataset kind {kind!r}: expected 'cholec80', 'synthetic' or 'imagefolder'."
     )
+
+
+def check_dataset(
+    kind: str,
+    root: str | os.PathLike[str],
+    *,
+    train_videos: str | Iterable[int] = DEFAULT_TRAIN_VIDEOS,
+    test_videos: str | Iterable[int] = DEFAULT_TEST_VIDEOS,
+) -> None:
+    """Check a dataset folder quickly, before a stage writes anything; nothing is decoded.
+
+    A Cholec80-layout folder ("cholec80"): its layout, the video selection, every annotation
+    file of the chosen videos, and that each chosen video opens and yields a first frame. An
+    image folder ("imagefolder"): its split and class folders, and that each split holds
+    images. A "synthetic" folder is generated when missing, so it must only not be a file.
+
+    Raises:
+        DatasetError, ParameterError: as :func:`load` would, naming the file and the fix.
+    """
+    root = Path(root)
+    if kind == "synthetic":
+        if root.exists() and not root.is_dir():
+            raise DatasetError(
+                f"{root}: is a file, not a dataset folder; set dataset_root to a folder "
+                "(the synthetic dataset is generated there when it does not exist)."
+            )
+        return
+    if kind == "imagefolder":
+        if not root.is_dir():
+            raise DatasetError(
+                f"{root}: image-folder dataset not found; check the parameter dataset_root."
+            )
+        for split in SPLITS:
+            if not _image_files(root, split):
+                raise DatasetError(
+                    f"{root / split}: no .png or .jpg images in its class folders; add images "
+                    "or check the parameter dataset_root."
+                )
+        return
+    chosen = _split_records(cholec80.find_videos(root), root, train_videos, test_videos)
+    for record in (record for split in SPLITS for record in chosen[split]):
+        cholec80.read_tool_annotations(record.annotation_path)
+        cholec80.decode_frames(record.video_path, [], image_size=1, min_frames=1)
 
 
 # --------------------------------------------------------------------------------------------

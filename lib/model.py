@@ -171,13 +171,19 @@ def _load_imagenet_features(alexnet: nn.Module, path: Path) -> None:
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, or of a pickled state dict read with weights_only=True."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found; name an existing local file")
+        raise CheckpointError(
+            f"{path}: weights file not found; set weights_path to an existing local file "
+            "(torchvision's alexnet-owt-*.pth), or to \"\" to train from scratch"
+        )
     if path.suffix == ".safetensors" or _is_safetensors(path):
         return read_safetensors(path)
     try:
         with open(path, "rb") as handle:
             state = torch.load(handle, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+    # the weights-only unpickler fails on foreign bytes with many kinds of error (IndexError,
+    # KeyError, UnicodeDecodeError, ...): every one means the file is not a state dict
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError,
+            TypeError, AttributeError) as error:
         raise CheckpointError(
             f"{path}: cannot read as a state dict of tensors ({_first_line(error)}); pass "
             "torchvision's alexnet-owt-*.pth or a .safetensors file"
@@ -265,6 +271,43 @@ def load_checkpoint(
     state = {key: tensors[key].to(target.dtype) for key, target in expected.items()}
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def check_checkpoint(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES) -> None:
+    """Check a checkpoint without reading its tensors: the file exists, is safetensors, its
+    header covers the whole file (not truncated) and names this classifier's tensors and shapes.
+
+    The same :class:`CheckpointError` messages as :func:`load_checkpoint`, in a fraction of
+    the time (only the header is read), so a stage can check every checkpoint before it starts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the training stage (02_train)")
+    if not _is_safetensors(path):
+        raise CheckpointError(
+            f"{path}: not a safetensors checkpoint ({_describe_non_safetensors(path)}); use a "
+            "checkpoint written by the training stage (train/epoch_NN.safetensors) or retrain"
+        )
+    try:
+        with safetensors.safe_open(path, framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file ({_first_line(error)}); it is probably "
+            "truncated or corrupt (e.g. an interrupted copy): copy it again or retrain "
+            "(02_train with overwrite True)"
+        ) from error
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ToolClassifier(num_classes=num_classes)
+                    .state_dict().items()}
+    for key, shape in expected.items():
+        if shapes.get(key) != shape:
+            found = "missing" if key not in shapes else f"shape {shapes[key]}"
+            raise CheckpointError(
+                f"{path}: not a checkpoint of the {num_classes}-class AlexNet classifier: "
+                f"tensor {key!r} is {found}, the model needs {shape}; use a checkpoint written "
+                "by the training stage (train/epoch_NN.safetensors) or retrain"
+            )
 
 
 def _is_safetensors(path: Path) -> bool:
