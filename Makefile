@@ -1,7 +1,8 @@
 # Borderline: two commands do everything on a fresh machine with Python 3.11 and pip.
 #   make book   set up, run every stage on the default (synthetic) data, build the book
 #   make test   set up, run every test
-# Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make bench, make clean.
+# Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make nbval, make bench,
+# make clean.
 
 PYTHON ?= python3.11
 PROFILE ?= default
@@ -9,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book stages stage test browser bench lint clean
+.PHONY: setup book stages stage nbval test browser bench lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,11 @@ stages: $(STAMP)
 # One stage with other parameters, e.g. make stage STAGE=03_attack PARAMS="-p lr0 0.01"
 stage: $(STAMP)
 	$(PY) -m lib.pipeline run --profile $(PROFILE) --stage $(STAGE) $(PARAMS)
+
+# The rerun proof: execute the profile's notebooks again in a fresh folder; every stored
+# output must come back (pytest --nbval, strict, with tests/nbval-sanitize.cfg).
+nbval: $(STAMP)
+	$(PY) -m lib.rerun data/runs/$(PROFILE)
 
 book: stages
 	$(PY) -m lib.pipeline book --profile $(PROFILE)

@@ -562,7 +562,7 @@ def _with_progress(stream: Iterator[AttackResult], total: int, progress: bool):
     if not progress:
         yield from stream
         return
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     with tqdm(total=total, desc="attacks", unit="attack") as bar:
         for chunk in stream:

@@ -505,7 +505,7 @@ def fit_ddp(
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from lib import training
     from lib.model import check_image_size, resolve_device
@@ -584,7 +584,7 @@ def fit_ddp(
 def _finish_epoch(model, optimizer, test_set, tables, out_dir: Path, step_losses, *, epoch: int,
                   batch_size: int, device, first_step: int, progress: bool) -> None:
     """Rank 0's end of an epoch, in fit's order: checkpoint, optimizer, evaluation, tables."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from lib import training
     from lib.model import save_checkpoint

@@ -30,7 +30,7 @@ import av
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lib import TOOLS
 from lib.cholec80 import (

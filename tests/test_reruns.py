@@ -1,0 +1,93 @@
+"""Reruns are bit-identical: result files, and every stored notebook output (strict nbval)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lib import pipeline, rerun
+from tests.conftest import tiny_overrides
+
+
+def _sanitize(text: str) -> str:
+    patterns = re.findall(r"^regex: (.*)$\n^replace: (.*)$",
+                          rerun.SANITIZE_FILE.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    for regex, replacement in patterns:
+        text = re.sub(regex, replacement, text)
+    return text
+
+
+@pytest.mark.parametrize(("printed", "compared"), [
+    ("synthetic videos: 100%|##| 4/4 [00:05<00:00,  1.38s/video]",
+     "synthetic videos: 100%|##| 4/4 [TIMING]"),
+    ("decoding: 100%|##| 4/4 [00:00<00:00,  6.47video/s]", "decoding: 100%|##| 4/4 [TIMING]"),
+    ("epoch 1/2: 50%|#| 1/2 [01:02<01:02, 62.00s/it, loss=2.1220]",
+     "epoch 1/2: 50%|#| 1/2 [TIMING, loss=2.1220]"),
+    ("evaluate: 0%| | 0/1 [00:00<?, ?it/s]", "evaluate: 0%| | 0/1 [TIMING]"),
+    ("'17 passes per second'", "' MEASURED passes per second'"),
+    ("<td>        86734 s</td>", "<td> MEASURED s</td>"),
+    ("'24.1 hours'", "' MEASURED hours'"),
+    ('<div id="altair-viz-4e23337ce03f4961ad80d6ad5bb6141b">',
+     '<div id="altair-viz-ID">'),
+])
+def test_sanitize_masks_timings_and_ids(printed: str, compared: str) -> None:
+    assert _sanitize(printed) == compared
+
+
+@pytest.mark.parametrize("kept", [
+    "epoch 1: train loss 2.1220, test loss 1.9227, accuracy 0.1429, macro F1 0.0966",
+    "52 training and 35 test frames of 64 px; videos decoded now: 4",
+    "checkpoints [1, 2]: 120 attacks, 120 more in the lr0 sweep, in 4 chunks",
+    "'0.5 million'", "'66.7 %'", "<td>0.024070</td>", "altair-viz-4e23",
+])
+def test_sanitize_keeps_results(kept: str) -> None:
+    assert _sanitize(kept) == kept
+
+
+@pytest.mark.slow
+def test_two_runs_give_byte_identical_results(tiny_run: Path, tmp_path: Path) -> None:
+    second = pipeline.run("tiny", overrides=tiny_overrides(tmp_path), progress=False)
+    first_digests = rerun.result_digests(tiny_run)
+    assert {"attack/results.csv", "train/metrics.csv", "analysis/success_rate.csv",
+            "minimality/reference.csv"} <= set(first_digests)
+    assert rerun.result_digests(second) == first_digests
+
+
+@pytest.mark.slow
+def test_rerun_reproduces_every_stored_output(tiny_run: Path, tmp_path: Path) -> None:
+    completed = rerun.rerun_notebooks(tiny_run, tmp_path)
+    code_cells = sum(
+        sum(cell.cell_type == "code" for cell in nbformat.read(path, as_version=4).cells)
+        for path in rerun.executed_notebooks(tiny_run)
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:]
+    assert re.search(rf"\b{code_cells} passed\b", completed.stdout), completed.stdout[-2000:]
+    assert rerun.result_digests(tmp_path / "run") == rerun.result_digests(tiny_run)
+
+
+@pytest.mark.slow
+def test_rerun_catches_a_changed_number(tiny_run: Path, tmp_path: Path) -> None:
+    # Negative control: one digit of one stored output changed; the sanitize file must not
+    # hide it.
+    damaged = tmp_path / "damaged"
+    (damaged / "notebooks").mkdir(parents=True)
+    notebook = nbformat.read(tiny_run / "notebooks" / "01_data.ipynb", as_version=4)
+    changed = 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.get("name") == "stdout" and " training and " in output.text:
+                output.text = re.sub(r"^(\d+)", lambda m: str(int(m[1]) + 1), output.text)
+                changed += 1
+    assert changed == 1
+    nbformat.write(notebook, damaged / "notebooks" / "01_data.ipynb")
+    completed = rerun.rerun_notebooks(damaged, tmp_path / "rerun")
+    assert completed.returncode != 0
+    assert "1 failed" in completed.stdout
+
+
+def test_a_folder_without_notebooks_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(rerun.RunFolderError, match="holds no executed stage notebook"):
+        rerun.executed_notebooks(tmp_path)
