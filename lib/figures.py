@@ -97,7 +97,8 @@ def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.Chart:
         smoothed=table["loss"].rolling(window, min_periods=1).mean(),
     )
     base = alt.Chart(table).encode(x=alt.X("position:Q", title="epoch"))
-    raw = base.mark_line(opacity=0.25, color="gray").encode(y=alt.Y("loss:Q", title="training loss"))
+    raw = base.mark_line(opacity=0.25, color="gray").encode(
+        y=alt.Y("loss:Q", title="training loss"))
     mean = base.mark_line(color="black").encode(y="smoothed:Q")
     return (raw + mean).properties(width=480, height=200)
 

@@ -53,7 +53,6 @@ workers = 2  # processes decoding videos in parallel
 overwrite = False  # discard data/ (and later stages) if made with other parameters
 
 # %%
-import pandas as pd
 import torch
 from IPython.display import display
 from myst_nb import glue

@@ -42,10 +42,9 @@ overwrite = False  # discard train/ (and later stages) if made with other parame
 
 # %%
 import pandas as pd
-from IPython.display import display
 from myst_nb import glue
 
-from lib import TOOLS, datasets, figures, pipeline, training
+from lib import datasets, figures, pipeline, training
 
 train_dir = pipeline.start_stage(
     "02_train", run_dir=run_dir, overwrite=overwrite,

@@ -32,7 +32,8 @@ FLAGS = [
 def chromium_binary() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        raise RuntimeError("chromium is not installed; `make test` installs it (apt-get install chromium)")
+        raise RuntimeError(
+            "chromium is not installed; `make test` installs it (apt-get install chromium)")
     return found
 
 

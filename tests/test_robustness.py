@@ -302,6 +302,55 @@ def test_resume_after_lost_chunks_gives_identical_tables(
         assert digest(pieces / "attack" / name) == digest(whole / "attack" / name), name
 
 
+class PoisonedNet(nn.Module):
+    """The template net, but NaN logits for every image of class ``POISONED`` (its true
+    class is read off the image: the pixel nearest to that class's template)."""
+
+    def __init__(self, net: nn.Module, templates: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.templates = templates.flatten(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.net(images)
+        nearest = torch.cdist(images.flatten(1), self.templates.to(images)).argmin(1)
+        return torch.where((nearest == POISONED)[:, None], torch.nan, logits)
+
+
+POISONED = 3
+
+
+def test_nonfinite_logits_fail_their_attacks_and_stay_out_of_the_means(
+    template_run: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_inputs(template_run, tmp_path / "poisoned")
+    job = robustness.plan_job(run_dir, settings(sweep_lr0=[], gallery_images=0))
+    robustness.run_chunks(
+        job, run_dir, progress=False,
+        load_model=lambda path, device: PoisonedNet(load_template_net(path, device), _templates(0)),
+    )
+    robustness.merge(job, run_dir)
+    results = metrics.read_results(run_dir)
+    poisoned = results["source"] == POISONED
+    # every attack on a poisoned image starts from NaN logits; an attack on another image
+    # fails the same way only if it moves into the poisoned class's region
+    assert (results.loc[poisoned, "status"] == "nonfinite").all()
+    assert not results.loc[poisoned, "success"].astype(bool).any()
+    others = results.loc[~poisoned]
+    assert (others["status"] == "ok").sum() > len(others) // 2
+    assert set(others.loc[others["status"] != "ok", "target"]) <= {POISONED}
+    nonfinite = results["status"] == "nonfinite"
+    rates = metrics.success_rates(results)
+    expected_skipped = results[nonfinite].groupby(["epoch", "schedule"]).size()
+    skipped = rates.set_index(["epoch", "schedule"])["skipped"]
+    assert (skipped.reindex(expected_skipped.index) == expected_skipped).all()
+    assert (rates["attacks"] + rates["skipped"]).eq(
+        results.groupby(["epoch", "schedule"]).size().reindex(
+            pd.MultiIndex.from_frame(rates[["epoch", "schedule"]])).to_numpy()).all()
+    assert metrics.skipped_counts(results)["count"].sum() == nonfinite.sum()
+    assert np.isfinite(metrics.mean_l1(results)["mean_l1"]).all()
+
+
 def test_shards_merge_into_the_one_process_tables(
     finished_run, template_run: Path, tmp_path: Path
 ) -> None:
