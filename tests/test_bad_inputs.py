@@ -21,11 +21,11 @@ import pytest
 import torch
 import yaml
 
-from lib import TOOLS, io, pipeline, robustness
+from lib import TOOLS, book, checks, io, pipeline, robustness
 from lib.errors import BorderlineError
 from lib.model import build_model, load_checkpoint, save_checkpoint
 
-CASES = pipeline.bad_input_cases()
+CASES = book.bad_input_cases()
 PATH_PARAMETERS = ("run_dir", "dataset_root", "cache_dir")
 
 
@@ -251,9 +251,9 @@ def _plan_attack(case: dict, root: Path) -> Any:
     """The attack stage's selection with the case's parameters, after its pre-flight."""
     typed = {k: yaml.safe_load(v) for k, v in (case.get("params") or {}).items()}  # as -p
     params = {**pipeline.load_profile("tiny")["03_attack"], "run_dir": str(root / "run"), **typed}
-    values = pipeline.complete_parameters("03_attack", params)
-    pipeline.check_stage("03_attack", values)  # the pre-flight lets it through
-    job = robustness.plan_job(values["run_dir"], pipeline.attack_settings_of(values))
+    values = checks.complete_parameters("03_attack", params)
+    checks.check_stage("03_attack", values)  # the pre-flight lets it through
+    job = robustness.plan_job(values["run_dir"], checks.attack_settings_of(values))
     return job.selection
 
 
@@ -356,7 +356,7 @@ def test_every_notebook_parameter_has_a_case() -> None:
 
 
 def test_book_table_has_one_row_per_case() -> None:
-    table = pipeline.bad_inputs_markdown()
+    table = book.bad_inputs_markdown()
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # minus header
     assert len(rows) == len(CASES)
     for case, row in zip(CASES, rows, strict=True):

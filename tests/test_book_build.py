@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import pipeline
+from lib import book, pipeline
 from tests.chromium import console_errors, render_offline
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -25,7 +25,7 @@ def built_book(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         shutil.copyfile(pipeline.REPO / name, root / name)
     shutil.copytree(pipeline.REPO / "book", root / "book",
                     ignore=shutil.ignore_patterns("executed"))
-    pipeline.prepare_book("tiny", run_dir=tiny_run, book_root=root)
+    book.prepare_book("tiny", run_dir=tiny_run, book_root=root)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     completed = subprocess.run(
         [str(jupyter_book), "build", str(root), "-W", "-n", "--keep-going"],

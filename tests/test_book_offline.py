@@ -12,7 +12,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from lib import pipeline
+from lib import book, pipeline
 from tests.chromium import console_errors, render_offline
 
 pytestmark = pytest.mark.browser
@@ -42,7 +42,7 @@ def chart_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                        "language": "python"}
     NotebookClient(notebook, kernel_name="python3", timeout=120).execute()
     nbformat.write(notebook, root / "page.ipynb")
-    pipeline.write_vega_scripts(root / "_static")
+    book.write_vega_scripts(root / "_static")
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     subprocess.run([str(jupyter_book), "build", str(root), "-W", "-n", "--keep-going"],
                    check=True, capture_output=True, text=True)

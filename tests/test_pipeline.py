@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import pipeline
+from lib import book, pipeline
 from lib.errors import ParameterError, RunFolderError
 
 TRAIN = "02_train"
@@ -137,6 +137,6 @@ def test_override_that_no_stage_has_is_refused() -> None:
 
 
 def test_parameters_markdown_lists_every_stage() -> None:
-    text = pipeline.parameters_markdown()
+    text = book.parameters_markdown()
     assert "### 02_train" in text
     assert "| `epochs` | `10` |" in text
