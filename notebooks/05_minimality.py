@@ -47,7 +47,7 @@
 run_dir = "data/runs/default"  # run folder with attack/; this stage writes minimality/
 epochs = []  # checkpoints to compare; [] for the last attacked one
 n_pairs = 6  # (image, target) pairs per checkpoint: the first ones in the attack stage's order
-steps = [100, 500]  # step budgets of every reference attack (100 matches our max_iter)
+steps = [100, 1000]  # step budgets of every reference attack (100 matches our max_iter)
 attacks = ["fmn_l1", "alma_l1", "pdpgd_l1", "fmn_linf"]  # reference attacks (lib.minimality)
 batch_size = 64  # pairs per reference-attack batch
 seed = 0  # seeds the reference attacks' random initialisations
