@@ -22,7 +22,16 @@ every ratio is the median over rounds):
   resets the kernel's peak counter (``/proc/self/clear_refs``), runs the job and reads the peak
   (``VmHWM``). The ratio is of the job's peak growth over that warm baseline, which is the
   memory that could grow with the number of rows; a control run that keeps every result with
-  its image shows that the measurement sees such growth.
+  its image shows that the measurement sees such growth. The subprocesses run with glibc's
+  mmap threshold fixed at its default 128 KiB (``MALLOC_MMAP_THRESHOLD_``). Left dynamic, it
+  rises after large blocks are freed, later blocks of that size come from the heap, and the
+  peak then depends on the order of allocations: streamed jobs of 512, 2048 and 4096 rows at
+  batch 256 grew by 35, 80 and 39 MB, against 101.5, 101.9 and 101.9 MB with it fixed;
+- ceiling: what the CPU allows at all. The FLOPs of one forward + backward-to-input per
+  sample are counted (``torch.utils.flop_counter``) and the machine's float32 matmul peak is
+  timed (a 4096 x 4096 sgemm, before and after the rounds); peak / FLOPs bounds any engine's
+  rate, so ceiling / per-image and ceiling / naive bound the two speed-up ratios. ``--profile``
+  adds torch.profiler tables of one engine-sized pass, one per-image and one naive iteration.
 
 The model is torchvision's AlexNet with random weights and the normalisation inside; its last
 layer is fitted in closed form (ridge regression on the penultimate features) so that the pool
@@ -39,6 +48,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
@@ -50,6 +61,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +73,8 @@ NUM_CLASSES = 7
 SCHEDULE_NAMES = list(schedules.SCHEDULES)
 PROBE_LR0 = 1 / 255  # calibration step; the job's lr0 is scaled from it (see calibrate_lr0)
 CONSTANT_ITERATIONS = 8  # wanted median iterations of the constant schedule (paper-like job)
+# glibc's default mmap threshold (128 KiB), fixed in the memory probes (module docstring)
+MMAP_THRESHOLD = 128 * 1024
 
 
 class Normalized(nn.Module):
@@ -265,6 +280,62 @@ def occupancy(iterations: list[int], batch_size: int) -> tuple[float, int]:
     return work / (loops * batch_size), loops
 
 
+def flops_per_sample_iteration(model: nn.Module, pool: torch.Tensor) -> int:
+    """FLOPs of one forward + backward to the input of one image, weights frozen."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    x = pool[:1].clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        # backward() rather than autograd.grad: the counter's hooks need a full backward
+        F.cross_entropy(model(x), torch.tensor([0])).backward()
+    for p, flag in zip(model.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
+    return counter.get_total_flops()
+
+
+def matmul_peak(size: int = 4096, repeats: int = 5) -> float:
+    """The machine's float32 matmul rate in FLOP/s: best of ``repeats`` square sgemms."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def profile_tables(model, pool, *, batch_size: int, rows: int = 12) -> None:
+    """torch.profiler tables (self CPU time) of an engine-sized pass and per-image iterations."""
+
+    def batched_pass():
+        x = pool.repeat(-(-batch_size // len(pool)), 1, 1, 1)[:batch_size].requires_grad_(True)
+        targets = torch.arange(batch_size) % NUM_CLASSES
+        loss = F.cross_entropy(model(x), targets, reduction="none").sum()
+        torch.autograd.grad(loss, x)
+
+    def per_image_iteration():
+        x = pool[:1].clone().requires_grad_(True)
+        loss = F.cross_entropy(model(x), torch.tensor([0]))
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+
+    cases = (
+        (f"one pass at batch {batch_size}, weights frozen", batched_pass, False, 2),
+        ("per-image iteration, weights frozen", per_image_iteration, False, 10),
+        ("per-image iteration, weights need grad (naive)", per_image_iteration, True, 10),
+    )
+    for title, work, weight_grads, count in cases:
+        model.requires_grad_(weight_grads)
+        work()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(count):
+                work()
+        print(f"\nprofile: {title}, {count} runs")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    model.requires_grad_(True)
+
+
 def memory_probe(args: argparse.Namespace) -> None:
     """Subprocess entry: peak RSS growth of one streamed job of ``args.memory_probe`` rows."""
     pool = make_pool(args.size, args.per_class, seed=0)
@@ -304,7 +375,10 @@ def measure_memory(args: argparse.Namespace, rows: int, *, keep_all: bool) -> di
         "--per-class", str(args.per_class), "--batch-size", str(args.batch_size),
         "--probe-iter", str(args.probe_iter), "--lr0", repr(args.lr0),
     ] + (["--keep-all"] if keep_all else []) + (["--quick"] if args.quick else [])
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    output = subprocess.run(
+        command, check=True, capture_output=True, text=True, env=environment
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -315,7 +389,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=64, choices=[64, 224])
     parser.add_argument("--quick", action="store_true", help="fewer images and rounds")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--per-class", type=int, default=None, help="pool images per class")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--max-iter", type=int, default=100)
@@ -323,6 +397,7 @@ def main() -> None:
     parser.add_argument("--keep-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-iter", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lr0", type=float, default=None, help="default: calibrated")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables")
     args = parser.parse_args()
     if args.per_class is None:
         args.per_class = 3 if args.quick else 6
@@ -356,6 +431,10 @@ def main() -> None:
                batch_size=args.batch_size, limit=warm)
     per_image_loop(model, pool, rows[:2], lr0=lr0, max_iter=2, frozen=True, budget=4,
                    limit=warm)
+    if args.profile:
+        profile_tables(model, pool, batch_size=args.batch_size)
+    flops = flops_per_sample_iteration(model, pool)
+    peaks = [matmul_peak()]
 
     rates = {"limit": [], "engine": [], "per_image": [], "naive": []}
     ratios = {"engine_vs_limit": [], "engine_vs_per_image": [], "engine_vs_naive": []}
@@ -394,6 +473,7 @@ def main() -> None:
             flush=True,
         )
 
+    peaks.append(matmul_peak())
     frame["schedule"] = [r.schedule for r in rows]
     fill, loops = occupancy(frame["iterations"].tolist(), args.batch_size)
     n = 2 * args.batch_size
@@ -422,6 +502,21 @@ def main() -> None:
         ("per-image loop, weights need grad", "naive"),
     ):
         print(f"{label:<42}{med[key]:>22.2f}{med['engine'] / med[key]:>20.2f}")
+    ceiling = max(peaks) / flops
+    print()
+    print(
+        f"ceiling: {flops / 1e9:.3f} GFLOP per sample-iteration (forward + backward to the "
+        f"input), float32 matmul peak {max(peaks) / 1e9:.1f} GFLOP/s (sgemm 4096, before "
+        f"{peaks[0] / 1e9:.1f}, after {peaks[1] / 1e9:.1f})"
+    )
+    print(
+        f"  so at most {ceiling:.1f} sample-it/s on this machine; the limit reaches "
+        f"{med['limit'] / ceiling:.0%} of it, the engine {med['engine'] / ceiling:.0%}"
+    )
+    print(
+        f"  highest reachable ratios: vs per-image {ceiling / med['per_image']:.2f}, "
+        f"vs naive {ceiling / med['naive']:.2f}"
+    )
     print()
     print(f"{'memory (streamed job)':<42}{'rows':>8}{'baseline MB':>14}{'peak growth MB':>16}")
     growth = {}
@@ -432,6 +527,7 @@ def main() -> None:
     if not args.quick:
         control = growth[True, 4 * n] / growth[True, n]
         print(f"control 4N/N growth ratio (> 1.2 when the probe sees growth): {control:.2f}")
+    print(f"(memory probes run with glibc's mmap threshold fixed at {MMAP_THRESHOLD // 1024} KiB)")
     print("ratios: medians over rounds; in each round every rate is divided by the limit")
     print("sampled during it (interleaved passes), so drift of the machine's speed cancels")
     result = {name: statistics.median(values) for name, values in ratios.items()}
