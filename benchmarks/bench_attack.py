@@ -46,6 +46,7 @@ The last line printed is, exactly:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -158,6 +159,18 @@ def calibrate_lr0(model: nn.Module, pool: torch.Tensor, rows: list) -> float:
     return PROBE_LR0 * median / CONSTANT_ITERATIONS
 
 
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module):
+    """Weights not requiring grad inside the block; each parameter's flag restored after."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
 class LimitSampler:
     """The limit, sampled inside another measurement: one batched pass at a time.
 
@@ -175,16 +188,13 @@ class LimitSampler:
         self.samples = 0
 
     def sample(self) -> None:
-        flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.requires_grad_(False)
-        start = time.perf_counter()
-        x = self.x.clone().requires_grad_(True)
-        loss = F.cross_entropy(self.model(x), self.targets, reduction="none").sum()
-        torch.autograd.grad(loss, x)
-        self.seconds += time.perf_counter() - start
+        with frozen_weights(self.model):
+            start = time.perf_counter()
+            x = self.x.clone().requires_grad_(True)
+            loss = F.cross_entropy(self.model(x), self.targets, reduction="none").sum()
+            torch.autograd.grad(loss, x)
+            self.seconds += time.perf_counter() - start
         self.samples += len(self.x)
-        for p, flag in zip(self.model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
 
     @property
     def rate(self) -> float:
@@ -282,14 +292,10 @@ def occupancy(iterations: list[int], batch_size: int) -> tuple[float, int]:
 
 def flops_per_sample_iteration(model: nn.Module, pool: torch.Tensor) -> int:
     """FLOPs of one forward + backward to the input of one image, weights frozen."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
     x = pool[:1].clone().requires_grad_(True)
-    with FlopCounterMode(display=False) as counter:
+    with frozen_weights(model), FlopCounterMode(display=False) as counter:
         # backward() rather than autograd.grad: the counter's hooks need a full backward
         F.cross_entropy(model(x), torch.tensor([0])).backward()
-    for p, flag in zip(model.parameters(), flags, strict=True):
-        p.requires_grad_(flag)
     return counter.get_total_flops()
 
 
@@ -308,12 +314,7 @@ def matmul_peak(size: int = 4096, repeats: int = 5) -> float:
 def profile_tables(model, pool, *, batch_size: int, rows: int = 12) -> None:
     """torch.profiler tables (self CPU time) of an engine-sized pass and per-image iterations."""
 
-    def batched_pass():
-        x = pool.repeat(-(-batch_size // len(pool)), 1, 1, 1)[:batch_size].requires_grad_(True)
-        targets = torch.arange(batch_size) % NUM_CLASSES
-        loss = F.cross_entropy(model(x), targets, reduction="none").sum()
-        torch.autograd.grad(loss, x)
-
+    batched_pass = LimitSampler(model, pool, batch_size).sample  # the limit's own pass
     def per_image_iteration():
         x = pool[:1].clone().requires_grad_(True)
         loss = F.cross_entropy(model(x), torch.tensor([0]))
