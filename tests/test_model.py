@@ -318,3 +318,22 @@ def test_available_cuda_index_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_frozen_restores_flags_and_modes_even_on_error():
+    from lib.model import frozen
+
+    model = build_model(num_classes=7)
+    model.train()
+    first, *_ = model.parameters()
+    first.requires_grad_(False)
+    list(model.modules())[-1].eval()
+    before = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError), frozen(model) as inside:
+        assert inside is model
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError("inside the block")
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert [m.training for m in model.modules()] == modes
