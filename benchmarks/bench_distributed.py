@@ -10,7 +10,7 @@ start to exit (imports and start-up included, as a user sees them):
 - ``torchrun --standalone --nproc_per_node=2 -m lib.distributed attack --threads 1``
 
 and prints the wall times, their ratio (one run each, measured back to back after a warm-up
-run), and the cost model of :func:`lib.distributed.scaling_estimate` fed with the measured
+run), and the cost model of :func:`scaling_estimate` fed with the measured
 rate: the expected speed-up on K devices, for this job and for the paper's.
 """
 
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -30,8 +31,46 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lib import distributed  # noqa: E402
+from lib.errors import ParameterError  # noqa: E402
 from tests.test_distributed import make_alexnet_run  # noqa: E402  (the tests' tiny run folder)
+
+
+def scaling_estimate(
+    *,
+    passes: float,
+    passes_per_second: float,
+    devices: Sequence[int],
+    largest_chunk_passes: float = 0.0,
+    startup_seconds: float = 0.0,
+) -> pd.DataFrame:
+    """Expected wall time and speed-up of the attack stage on K devices (cost model).
+
+    The stage's work is ``passes`` model passes (``sum(iterations + 1)`` over every attack:
+    measured, or ``attacks * (mean iterations + 1)``); one device does ``passes_per_second``
+    (measured on one device at the stage's batch size). Sharded by
+    :func:`lib.distributed.shard_chunks`,
+    the slowest of K devices does at most ``passes / K + largest_chunk_passes``; each process also
+    pays ``startup_seconds`` (imports, reading the test split, loading checkpoints).
+
+    Returns:
+        One row per K: ``devices``, ``seconds`` (expected: perfect balance), ``seconds_worst``
+        (the balance bound), ``speedup`` and ``speedup_worst`` against one device, and
+        ``efficiency`` (``speedup / K``).
+    """
+    if passes_per_second <= 0 or passes < 0:
+        raise ParameterError("passes must be >= 0 and passes_per_second > 0")
+    rows = []
+    one = startup_seconds + passes / passes_per_second
+    for k in devices:
+        if k < 1:
+            raise ParameterError(f"device counts must be >= 1, got {k}")
+        spread = largest_chunk_passes if k > 1 else 0.0
+        seconds = startup_seconds + passes / k / passes_per_second
+        worst = startup_seconds + (passes / k + spread) / passes_per_second
+        rows.append({"devices": k, "seconds": seconds, "seconds_worst": worst,
+                     "speedup": one / seconds, "speedup_worst": one / worst,
+                     "efficiency": one / seconds / k})
+    return pd.DataFrame(rows)
 
 
 def timed(command: list[str]) -> float:
@@ -85,7 +124,7 @@ def main() -> None:
 
     rate = passes / max(one_seconds - startup, 1e-9)
     print(f"\ncost model, measured rate {rate:.1f} passes/s per device (this job):")
-    print(distributed.scaling_estimate(
+    print(scaling_estimate(
         passes=passes, passes_per_second=rate, devices=[1, 2, 4, 8],
         largest_chunk_passes=32 * (args.max_iter + 1), startup_seconds=startup,
     ).round(2).to_string(index=False))
@@ -94,7 +133,7 @@ def main() -> None:
     paper_passes = 2100 * 5 * 10 * (40 + 1)
     print(f"\nthe paper's job ({paper_passes:.3g} passes at 224 px) at a rate of R passes/s "
           "per device: hours on K devices for R = 1000")
-    print(distributed.scaling_estimate(
+    print(scaling_estimate(
         passes=paper_passes, passes_per_second=1000.0, devices=[1, 2, 4, 8],
         largest_chunk_passes=420 * 101, startup_seconds=60.0,
     ).assign(hours=lambda t: t["seconds"] / 3600).round(2).to_string(index=False))

@@ -18,15 +18,16 @@ import yaml
 
 from lib import io
 from lib.errors import RunFolderError
-from lib.pipeline import (
+from lib.stages import (
     REPO,
-    STAGE_OUTPUTS,
     STAGES,
+    executed_notebook,
     load_profile,
     load_profile_spec,
     notebook_defaults,
     notebook_path,
     parameter_table,
+    stage_dir,
 )
 
 STATIC_DIR = REPO / "_static"
@@ -145,7 +146,7 @@ def prepare_book(profile: str, *, run_dir: str | Path | None = None,
             continue
         stage_run = Path(run_dir or plan[stage].get("run_dir")
                          or notebook_defaults(stage)["run_dir"])
-        executed = stage_run / "notebooks" / f"{stage}.ipynb"
+        executed = executed_notebook(stage_run, stage)
         if not executed.exists():
             raise RunFolderError(
                 f"no executed notebook {executed}; run the stages first "
@@ -153,13 +154,13 @@ def prepare_book(profile: str, *, run_dir: str | Path | None = None,
             )
         shutil.copyfile(executed, target)
         # the chapters link the stage's tables as downloads, relative to the notebook
-        output = STAGE_OUTPUTS[stage]
-        tables = sorted((stage_run / output).glob("*.csv")) if stage == "04_analysis" else []
+        output = stage_dir(stage_run, stage)
+        tables = sorted(output.glob("*.csv")) if stage == "04_analysis" else []
         if tables:
-            shutil.rmtree(executed_dir / output, ignore_errors=True)
-            (executed_dir / output).mkdir(parents=True)
+            shutil.rmtree(executed_dir / output.name, ignore_errors=True)
+            (executed_dir / output.name).mkdir(parents=True)
             for table in tables:
-                shutil.copyfile(table, executed_dir / output / table.name)
+                shutil.copyfile(table, executed_dir / output.name / table.name)
     io.write_text(executed_dir / "parameters.md", parameters_markdown())
     io.write_text(executed_dir / "bad_inputs.md", bad_inputs_markdown())
     write_vega_scripts(Path(book_root) / "_static")

@@ -15,7 +15,7 @@ checks again for users who run the notebooks with papermill directly. The tests 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,15 @@ from lib.errors import (
     ParameterError,
     RunFolderError,
 )
-from lib.pipeline import (
-    RUNTIME_PARAMETERS,
+from lib.stages import (
     STAGES,
+    attack_file,
     check_parameter_types,
+    checkpoint_path,
     differing_parameters,
     notebook_defaults,
     read_manifest,
+    recorded_parameters,
 )
 
 # --------------------------------------------------------------------------- checks before a stage
@@ -111,7 +113,7 @@ def _check_train_values(p: Mapping[str, Any]) -> None:
     """The training stage's parameters (no file is read)."""
     from lib import training
 
-    training._check_hyperparameters(
+    training.check_hyperparameters(
         epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], momentum=p["momentum"],
         weight_decay=p["weight_decay"], augment=p["augment"], balance=p["balance"],
         seed=p["seed"], num_workers=0,
@@ -121,8 +123,6 @@ def _check_train_values(p: Mapping[str, Any]) -> None:
 
 def attack_settings_of(p: Mapping[str, Any]) -> Any:
     """The :class:`lib.robustness.AttackSettings` of the attack stage's parameters (checked)."""
-    import dataclasses
-
     from lib import robustness
 
     _whole_numbers(p["epochs"], 1, "epochs")
@@ -133,8 +133,7 @@ def attack_settings_of(p: Mapping[str, Any]) -> Any:
                 f"schedule_constants[{name!r}] must map constant names to numbers, e.g. "
                 f"{{\"step\": {{\"drop\": 0.5}}}}, got {values!r}"
             )
-    fields = {f.name for f in dataclasses.fields(robustness.AttackSettings)}
-    return robustness.AttackSettings(**{k: v for k, v in p.items() if k in fields})
+    return robustness.settings_from_parameters(p)
 
 
 def _check_attack_values(p: Mapping[str, Any]) -> None:
@@ -229,7 +228,7 @@ def check_run_folder(stage: str, run_dir: str | Path, parameters: Mapping[str, A
                 f"run folder {run_dir} has no finished stage {before}; run it first "
                 f"(make stage STAGE={before}), or name another run folder with run_dir"
             )
-    asked = {k: v for k, v in parameters.items() if k not in RUNTIME_PARAMETERS}
+    asked = recorded_parameters(parameters)
     previous = recorded.get(stage)
     if previous is not None and previous["parameters"] != asked and not overwrite:
         diff = "\n".join(differing_parameters(previous["parameters"], asked))
@@ -266,14 +265,13 @@ def _check_attack_inputs(p: Mapping[str, Any]) -> None:
 
     job = robustness.plan_job(p["run_dir"], attack_settings_of(p))  # epochs, selection
     for epoch in job.settings.epochs:
-        check_checkpoint(robustness.checkpoint_path(p["run_dir"], epoch))
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
 
 
 def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
-    from lib import robustness
     from lib.model import check_checkpoint
 
-    job_file = Path(p["run_dir"]) / "attack" / "job.json"
+    job_file = attack_file(p["run_dir"], "job")
     if not job_file.is_file():
         raise RunFolderError(f"{job_file} is missing; run the attack stage (03_attack) first")
     settings = io.read_json(job_file)["settings"]
@@ -290,7 +288,7 @@ def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
             "choose epochs among those, or [] for the last one"
         )
     for epoch in p["epochs"] or attacked[-1:]:
-        check_checkpoint(robustness.checkpoint_path(p["run_dir"], epoch))
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
 
 
 #: The checks of each stage's files: the dataset, weights and checkpoints it will read.
@@ -304,7 +302,7 @@ INPUT_CHECKS = {
 
 
 @contextlib.contextmanager
-def _naming_stage(stage: str):
+def naming_stage(stage: str) -> Iterator[None]:
     """Prefix every BorderlineError raised inside with the stage's name."""
     try:
         yield
@@ -326,7 +324,7 @@ def check_stage(stage: str, parameters: Mapping[str, Any], *,
     files (dataset folder, weights, checkpoints). Only reads; the first problem raises a
     BorderlineError that names the stage, the input and what to do.
     """
-    with _naming_stage(stage):
+    with naming_stage(stage):
         check_stage_parameters(stage, parameters)
         values = complete_parameters(stage, parameters)
         if overwrite is None:

@@ -24,9 +24,11 @@ adversarial images`` plus an entry in :data:`REFERENCE_ATTACKS`.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -35,7 +37,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lib import io, stages
 from lib.errors import ParameterError
+from lib.model import frozen
 
 #: A reference attack: (model, images [B,C,H,W] in [0,1], targets [B], *, steps) -> images.
 ReferenceAttack = Callable[..., Tensor]
@@ -112,28 +116,6 @@ def perturbation_sizes(original: Tensor, perturbed: Tensor) -> dict[str, Tensor]
         "linf": delta.amax(dim=1),
         "changed_fraction": (delta > CHANGED_THRESHOLD).float().mean(dim=1),
     }
-
-
-class _FrozenEval:
-    """Context: model in eval mode with weights not requiring grad; restores both afterwards.
-
-    Attacks need gradients with respect to the input only; frozen weights are several times
-    faster on the CPU (see TOOLCHAIN.md).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.training = self.model.training
-        self.flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.eval().requires_grad_(False)
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        for parameter, flag in zip(self.model.parameters(), self.flags, strict=True):
-            parameter.requires_grad_(flag)
-        self.model.train(self.training)
 
 
 def _check_inputs(
@@ -230,7 +212,7 @@ def run_reference_attacks(
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with _FrozenEval(model), torch.random.fork_rng(devices=fork_devices):
+    with frozen(model), torch.random.fork_rng(devices=fork_devices):
         for name, budget in runs:
             torch.manual_seed(seed)
             for start in starts:
@@ -257,6 +239,74 @@ def run_reference_attacks(
                 bar.update()
     bar.close()
     return pd.concat(rows, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class ReferenceTables:
+    """What the minimality stage compares: the checkpoints, our attacks, the references."""
+
+    #: the attacked checkpoints compared (the ``epochs`` asked, or the last attacked one)
+    epochs: list[int]
+    #: the attack stage's targeted results on those checkpoints (results.csv rows)
+    ours: pd.DataFrame
+    #: one row per (pair, reference attack, budget), as :func:`run_reference_attacks`
+    #: returns it without ``seconds`` (the times are in ``timings.csv``)
+    reference: pd.DataFrame
+
+
+def reference_tables(
+    run_dir: str | os.PathLike[str],
+    *,
+    epochs: Sequence[int],
+    n_pairs: int,
+    steps: Sequence[int],
+    attacks: Sequence[str],
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> ReferenceTables:
+    """The minimality stage's reference step: pick the pairs, attack them, write the files.
+
+    For each checkpoint of ``epochs`` (empty: the last attacked one) the first ``n_pairs``
+    distinct (image, target) pairs of the attack stage's targeted results are attacked by
+    every reference attack at every budget of ``steps``, on the test images of the run
+    folder and the checkpoint of that epoch. ``reference.csv`` (results) and ``timings.csv``
+    (seconds per pair, which differ from run to run) are written to the stage's folder; when
+    ``reference.csv`` exists it is read instead, so a finished step is never repeated.
+    """
+    from lib.datasets import load_run_split
+    from lib.model import load_checkpoint
+
+    results = pd.read_csv(stages.attack_file(run_dir, "results"), dtype={"image_id": str},
+                          keep_default_na=False, na_values=[""])
+    targeted = results[results["mode"] == "targeted"]
+    chosen = [int(e) for e in epochs] or [int(targeted["epoch"].max())]
+    ours = targeted[targeted["epoch"].isin(chosen)]
+    path = stages.minimality_file(run_dir, "reference")
+    if path.exists():
+        return ReferenceTables(chosen, ours, pd.read_csv(path))
+    test_set = load_run_split(run_dir, "test")
+    position = {image_id: i for i, image_id in enumerate(test_set.index["image_id"])}
+    parts = []
+    for epoch in chosen:
+        pairs = (targeted[targeted["epoch"] == epoch]
+                 .drop_duplicates(["image_id", "target"])
+                 .head(n_pairs)[["epoch", "image_id", "target"]]
+                 .reset_index(drop=True))
+        images = test_set.images[[position[i] for i in pairs["image_id"]]].float() / 255
+        model = load_checkpoint(stages.checkpoint_path(run_dir, epoch), map_location=device)
+        parts.append(run_reference_attacks(
+            model, images, torch.tensor(pairs["target"].to_numpy()), keys=pairs,
+            steps=list(steps), attacks=list(attacks), device=device, batch_size=batch_size,
+            seed=seed, progress=progress,
+        ))
+    reference = pd.concat(parts, ignore_index=True)
+    io.write_csv(stages.minimality_file(run_dir, "timings"),
+                 reference[["epoch", "image_id", "target", "attack", "steps", "seconds"]])
+    reference = reference.drop(columns="seconds")
+    io.write_csv(path, reference)
+    return ReferenceTables(chosen, ours, reference)
 
 
 def best_per_sample(

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import nbformat
 
+from lib import stages
 from lib.errors import RunFolderError
-from lib.pipeline import REPO, STAGES, notebook_defaults
+from lib.stages import REPO, STAGES, executed_notebook, notebook_defaults
 
 SANITIZE_FILE = REPO / "tests" / "nbval-sanitize.cfg"
 
@@ -41,7 +42,10 @@ PATH_PARAMETERS = ("run_dir", "dataset_root", "cache_dir", "weights_path")
 #: start times, the executed notebooks execution timestamps, ``data/dataset.json`` the
 #: absolute paths of the dataset and frame cache that were read, and
 #: ``minimality/timings.csv`` how long each reference attack took.
-NOT_RESULTS = ("manifest.json", "notebooks", "data/dataset.json", "minimality/timings.csv")
+NOT_RESULTS = tuple(path.as_posix() for path in (
+    stages.manifest_file(""), stages.executed_notebook("", STAGES[0]).parent,
+    stages.data_file("", "dataset"), stages.minimality_file("", "timings"),
+))
 
 
 def executed_notebooks(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -50,8 +54,9 @@ def executed_notebooks(run_dir: str | os.PathLike[str]) -> list[Path]:
     Raises:
         RunFolderError: the folder holds no executed notebook.
     """
-    folder = Path(run_dir) / "notebooks"
-    found = [folder / f"{stage}.ipynb" for stage in STAGES if (folder / f"{stage}.ipynb").is_file()]
+    folder = executed_notebook(run_dir, STAGES[0]).parent
+    found = [executed_notebook(run_dir, stage) for stage in STAGES
+             if executed_notebook(run_dir, stage).is_file()]
     if not found:
         raise RunFolderError(
             f"{folder} holds no executed stage notebook; run the stages first "

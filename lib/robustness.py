@@ -41,6 +41,7 @@ Running pieces (resume, and one process per shard of chunks)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -53,11 +54,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib import NUM_CLASSES, io
+from lib import NUM_CLASSES, io, stages
 from lib import attack as engine
 from lib import schedules as schedule_registry
 from lib.errors import ParameterError, RunFolderError
 from lib.selection import Selection, select_images
+
+# The run folder's paths, which lib.stages owns; named here for this module's callers.
+from lib.stages import CHUNK_DIR, attack_dir, checkpoint_path, chunk_files  # noqa: F401
 
 #: Columns of ``results.csv``, one row per attack.
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -72,10 +76,9 @@ ROW_COLUMNS: tuple[str, ...] = (
     "schedule", "chunk", "gallery",
 )
 
-ATTACK_DIR = "attack"
+ATTACK_STAGE = "03_attack"
 #: ``(checkpoint path, device) -> model``: how :func:`run_chunks` gets each epoch's model.
 ModelLoader = Callable[[Path, torch.device], torch.nn.Module]
-CHUNK_DIR = "chunks"
 
 
 # --------------------------------------------------------------------------- settings
@@ -197,6 +200,27 @@ def _int_at_least(value: Any, low: int, name: str) -> None:
 # --------------------------------------------------------------------------- the run folder
 
 
+def settings_from_parameters(parameters: Mapping[str, Any]) -> AttackSettings:
+    """The :class:`AttackSettings` of the attack stage's parameters: the one conversion.
+
+    Parameters named like a settings field set it; the attack notebook's other parameters
+    and the runtime ones (``run_dir``, ``device``, ``overwrite``, ``progress``, ...) do not
+    change what is computed. Any other name is an error, so a misspelt parameter never
+    passes silently.
+    """
+    fields = {f.name for f in dataclasses.fields(AttackSettings)}
+    known = fields | stages.RUNTIME_PARAMETERS
+    if stages.notebook_path(ATTACK_STAGE).exists():
+        known |= set(stages.notebook_defaults(ATTACK_STAGE))
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise ParameterError(
+            f"unknown attack parameter(s) {', '.join(unknown)}; the settings are "
+            f"{', '.join(sorted(fields))}"
+        )
+    return AttackSettings(**{k: v for k, v in parameters.items() if k in fields})
+
+
 def trained_epochs(run_dir: str | os.PathLike[str]) -> list[int]:
     """Epochs with a checkpoint ``train/epoch_NN.safetensors`` and a ``metrics.csv`` row.
 
@@ -209,23 +233,14 @@ def trained_epochs(run_dir: str | os.PathLike[str]) -> list[int]:
             f"run folder {run_dir} does not exist; run the data (01_data) and training "
             "(02_train) stages first, or name an existing run folder with run_dir"
         )
-    train = run_dir / "train"
-    metrics = train / "metrics.csv"
-    logged = set(pd.read_csv(metrics)["epoch"].astype(int)) if metrics.is_file() else set()
-    epochs = sorted(
-        int(p.stem.split("_")[1]) for p in train.glob("epoch_*.safetensors")
-        if p.stem.split("_")[1].isdigit() and int(p.stem.split("_")[1]) in logged
-    )
+    train = stages.train_dir(run_dir)
+    epochs = stages.logged_epochs(train)
     if not epochs:
         raise RunFolderError(
             f"{train} holds no checkpoints (epoch_NN.safetensors with a metrics.csv row); "
             "run the training stage (02_train) first"
         )
     return epochs
-
-
-def checkpoint_path(run_dir: str | os.PathLike[str], epoch: int) -> Path:
-    return Path(run_dir) / "train" / f"epoch_{epoch:02d}.safetensors"
 
 
 def resolve_epochs(run_dir: str | os.PathLike[str], epochs: Sequence[int]) -> list[int]:
@@ -241,7 +256,7 @@ def resolve_epochs(run_dir: str | os.PathLike[str], epochs: Sequence[int]) -> li
     missing = sorted(set(epochs) - set(trained))
     if missing:
         raise ParameterError(
-            f"epoch(s) {missing} were not trained: {Path(run_dir) / 'train'} has checkpoints for "
+            f"epoch(s) {missing} were not trained: {stages.train_dir(run_dir)} has checkpoints for "
             f"epochs {_ranges(trained)}; choose epochs among those (or [] for all), or train "
             f"longer (02_train with epochs >= {max(missing)})"
         )
@@ -257,7 +272,7 @@ def _ranges(values: Sequence[int]) -> str:
 
 def read_predictions(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """``train/predictions.csv``; RunFolderError naming the training stage if it is missing."""
-    path = Path(run_dir) / "train" / "predictions.csv"
+    path = stages.train_table(stages.train_dir(run_dir), "predictions")
     if not path.is_file():
         raise RunFolderError(f"{path} is missing; run the training stage (02_train) first")
     return pd.read_csv(path, dtype={"image_id": str})
@@ -393,10 +408,6 @@ def plan_record(job: AttackJob) -> dict[str, Any]:
     }
 
 
-def attack_dir(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / ATTACK_DIR
-
-
 def save_plan(job: AttackJob, run_dir: str | os.PathLike[str]) -> None:
     """Write ``job.json``, ``selection.csv`` and ``shortfall.csv``; idempotent.
 
@@ -404,9 +415,8 @@ def save_plan(job: AttackJob, run_dir: str | os.PathLike[str]) -> None:
         RunFolderError: the folder holds a job with other settings or another selection
             (its chunks must not be mixed with this job's).
     """
-    out = attack_dir(run_dir)
     record = plan_record(job)
-    path = out / "job.json"
+    path = stages.attack_file(run_dir, "job")
     if path.is_file():
         recorded = io.read_json(path)
         if recorded != record:
@@ -419,18 +429,12 @@ def save_plan(job: AttackJob, run_dir: str | os.PathLike[str]) -> None:
                 "or rerun the stage with overwrite to discard attack/"
             )
         return
-    io.write_csv(out / "selection.csv", job.selection.images)
-    io.write_csv(out / "shortfall.csv", job.selection.shortfall)
+    io.write_csv(stages.attack_file(run_dir, "selection"), job.selection.images)
+    io.write_csv(stages.attack_file(run_dir, "shortfall"), job.selection.shortfall)
     io.write_json(path, record)
 
 
 # --------------------------------------------------------------------------- running chunks
-
-
-def chunk_files(run_dir: str | os.PathLike[str], part: str, chunk: int) -> tuple[Path, Path]:
-    """``(csv, npz)`` of a chunk; the CSV exists only once the chunk is complete."""
-    folder = attack_dir(run_dir) / CHUNK_DIR / part
-    return folder / f"chunk_{chunk:05d}.csv", folder / f"chunk_{chunk:05d}.npz"
 
 
 def pending_chunks(job: AttackJob, run_dir: str | os.PathLike[str]) -> pd.DataFrame:
@@ -578,26 +582,8 @@ def _read_chunk_csv(path: Path) -> pd.DataFrame:
                                     "mode": str}, keep_default_na=False, na_values=[""])
 
 
-def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Merge the written chunks into the stage's tables; every chunk must be done.
-
-    Returns:
-        The paths written, by name: ``results``, ``traces``, ``gallery`` (if any gallery rows),
-        ``lr0_sweep`` (if the job has a sweep).
-
-    Raises:
-        RunFolderError: some chunks have no results yet (run :func:`run_chunks` again), or a
-            chunk's rows do not match the plan.
-    """
-    out = attack_dir(run_dir)
-    missing = pending_chunks(job, run_dir)
-    if not missing.empty:
-        first = missing.iloc[0]
-        raise RunFolderError(
-            f"{len(missing)} of {len(job.chunks)} chunks have no results yet (first: "
-            f"{first['part']} chunk {first['chunk']}); run the attack stage (03_attack) again "
-            "to finish them (finished chunks are kept)"
-        )
+def _read_chunks(job: AttackJob, run_dir: str | os.PathLike[str]) -> tuple[list, list, list, list]:
+    """Every finished chunk of ``job``: main tables, sweep tables, traces, gallery pieces."""
     main_tables, sweep_tables, traces, gallery = [], [], [], []
     work = job.chunks[["part", "chunk", "kind", "lr0"]].itertuples(index=False)
     for part, chunk, kind, lr0 in work:
@@ -622,41 +608,70 @@ def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
         if "gallery_row_id" in arrays:
             gallery.append((epoch, arrays["gallery_row_id"], arrays["gallery_original"],
                             arrays["gallery_borderline"]))
+    return main_tables, sweep_tables, traces, gallery
+
+
+def _write_gallery(run_dir: str | os.PathLike[str], results: pd.DataFrame,
+                   gallery: list) -> Path:
+    """``gallery.npz``: the gallery images of every epoch with their result rows' keys."""
+    keyed = results.set_index(["epoch", "row_id"])
+    epochs = np.concatenate([np.full(len(g[1]), g[0]) for g in gallery])
+    row_ids = np.concatenate([g[1] for g in gallery])
+    info = keyed.loc[list(zip(epochs.tolist(), row_ids.tolist(), strict=True))]
+    io.write_npz(
+        stages.attack_file(run_dir, "gallery"),
+        epoch=epochs.astype(np.int64),
+        row_id=row_ids.astype(np.int64),
+        image_id=info["image_id"].to_numpy(str),
+        schedule=info["schedule"].to_numpy(str),
+        source=info["source"].to_numpy(np.int64),
+        target=info["target"].to_numpy(np.int64),
+        original=np.concatenate([g[2] for g in gallery]),
+        borderline=np.concatenate([g[3] for g in gallery]),
+    )
+    return stages.attack_file(run_dir, "gallery")
+
+
+def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Merge the written chunks into the stage's tables; every chunk must be done.
+
+    Returns:
+        The paths written, by name: ``results``, ``traces``, ``gallery`` (if any gallery rows),
+        ``lr0_sweep`` (if the job has a sweep).
+
+    Raises:
+        RunFolderError: some chunks have no results yet (run :func:`run_chunks` again), or a
+            chunk's rows do not match the plan.
+    """
+    missing = pending_chunks(job, run_dir)
+    if not missing.empty:
+        first = missing.iloc[0]
+        raise RunFolderError(
+            f"{len(missing)} of {len(job.chunks)} chunks have no results yet (first: "
+            f"{first['part']} chunk {first['chunk']}); run the attack stage (03_attack) again "
+            "to finish them (finished chunks are kept)"
+        )
+    main_tables, sweep_tables, traces, gallery = _read_chunks(job, run_dir)
     written: dict[str, Path] = {}
     results = pd.concat(main_tables, ignore_index=True).sort_values(
         ["epoch", "row_id"], kind="stable")[list(RESULT_COLUMNS)]
-    io.write_csv(out / "results.csv", results)
-    written["results"] = out / "results.csv"
+    io.write_csv(stages.attack_file(run_dir, "results"), results)
+    written["results"] = stages.attack_file(run_dir, "results")
     io.write_npz(
-        out / "traces.npz",
+        stages.attack_file(run_dir, "traces"),
         epoch=np.concatenate([t[0] for t in traces]).astype(np.int64),
         row_id=np.concatenate([t[1] for t in traces]).astype(np.int64),
         lr=np.concatenate([t[2] for t in traces]),
         loss=np.concatenate([t[3] for t in traces]),
     )
-    written["traces"] = out / "traces.npz"
+    written["traces"] = stages.attack_file(run_dir, "traces")
     if gallery:
-        keyed = results.set_index(["epoch", "row_id"])
-        epochs = np.concatenate([np.full(len(g[1]), g[0]) for g in gallery])
-        row_ids = np.concatenate([g[1] for g in gallery])
-        info = keyed.loc[list(zip(epochs.tolist(), row_ids.tolist(), strict=True))]
-        io.write_npz(
-            out / "gallery.npz",
-            epoch=epochs.astype(np.int64),
-            row_id=row_ids.astype(np.int64),
-            image_id=info["image_id"].to_numpy(str),
-            schedule=info["schedule"].to_numpy(str),
-            source=info["source"].to_numpy(np.int64),
-            target=info["target"].to_numpy(np.int64),
-            original=np.concatenate([g[2] for g in gallery]),
-            borderline=np.concatenate([g[3] for g in gallery]),
-        )
-        written["gallery"] = out / "gallery.npz"
+        written["gallery"] = _write_gallery(run_dir, results, gallery)
     if sweep_tables:
         sweep = pd.concat(sweep_tables, ignore_index=True).sort_values(
             ["lr0", "row_id"], kind="stable")[list(SWEEP_COLUMNS)]
-        io.write_csv(out / "lr0_sweep.csv", sweep)
-        written["lr0_sweep"] = out / "lr0_sweep.csv"
+        io.write_csv(stages.attack_file(run_dir, "lr0_sweep"), sweep)
+        written["lr0_sweep"] = stages.attack_file(run_dir, "lr0_sweep")
     return written
 
 

@@ -27,6 +27,8 @@ paper's scale (Cholec80, 224 px) are given beside each in :func:`fit`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -46,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomS
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from lib import NUM_CLASSES, TOOLS
+from lib import NUM_CLASSES, TOOLS, ranks, stages
 from lib.errors import ParameterError, RunFolderError
 from lib.io import atomic_path, read_json, write_csv, write_json
 from lib.model import (
@@ -58,6 +60,7 @@ from lib.model import (
     resolve_device,
     save_checkpoint,
 )
+from lib.stages import finished_epochs
 
 BALANCE_MODES: tuple[str, ...] = ("none", "weights", "sampler")
 
@@ -135,76 +138,56 @@ def fit(
     Returns:
         ``metrics.csv`` as a DataFrame: one row per epoch 1..epochs.
     """
-    _check_hyperparameters(
+    check_hyperparameters(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
         num_workers=num_workers,
     )  # fmt: skip
-    device = resolve_device(device)
-    image_size = _image_size(train_set, "train_set")
-    if _image_size(test_set, "test_set") != image_size:
+    launch = ranks.current_launch()
+    if batch_size % launch.world_size:
         raise ParameterError(
-            f"train and test images differ in size ({image_size} vs "
-            f"{_image_size(test_set, 'test_set')} px); load both splits from the same run"
+            f"batch_size={batch_size} is not divisible by the {launch.world_size} processes; "
+            f"choose a multiple of {launch.world_size} (each process takes batch_size / "
+            f"{launch.world_size} images per step)"
         )
-    check_image_size(image_size)
-    train_labels = _labels(train_set, "train_set")
-    _labels(test_set, "test_set")
-
+    device = resolve_device(device)
     out_dir = Path(out_dir)
-    params = {
-        "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-        "augment": augment, "balance": balance, "seed": seed, "image_size": image_size,
-        "num_classes": NUM_CLASSES,
-        "weights_path": None if weights_path is None else str(weights_path),
-        "train_data": _fingerprint(train_set), "test_data": _fingerprint(test_set),
-    }  # fmt: skip
-    _prepare_run_folder(out_dir, params)
-    finished = _finished_epochs(out_dir)
+    params = _run_parameters(train_set, test_set, batch_size=batch_size, lr=lr,
+                             momentum=momentum, weight_decay=weight_decay, augment=augment,
+                             balance=balance, seed=seed, weights_path=weights_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks.collective_step(launch, "checking train/",
+                          lambda: _prepare_run_folder(out_dir, params), main_only=True)
+    finished = ranks.broadcast(launch, finished_epochs(out_dir) if launch.is_main else None)
     if finished >= epochs:
-        return _read_tables(out_dir, up_to_epoch=epochs)["metrics"].reset_index(drop=True)
-    done = _resumable_epoch(out_dir, finished)
-    tables = _read_tables(out_dir, up_to_epoch=done)
-
+        return (_read_tables(out_dir, up_to_epoch=epochs)["metrics"].reset_index(drop=True)
+                if launch.is_main else None)
+    done = ranks.broadcast(launch, _resumable_epoch(out_dir, finished)
+                           if launch.is_main else None)
+    tables = _read_tables(out_dir, up_to_epoch=done) if launch.is_main else None
     model, optimizer = _start_or_resume(
         out_dir, done=done, seed=seed, weights_path=weights_path, device=device,
         lr=lr, momentum=momentum, weight_decay=weight_decay,
     )  # fmt: skip
-    criterion = nn.CrossEntropyLoss(
-        weight=class_weights(train_labels).to(device) if balance == "weights" else None
-    )
-    if done and progress:
+    criterion = nn.CrossEntropyLoss(weight=class_weights(_labels(train_set, "train_set")).to(device)
+                                    if balance == "weights" else None)
+    if done and progress and launch.is_main:
         tqdm.write(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
-
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    epoch_plan = EpochPlan(train_set=train_set, seed=seed, batch_size=batch_size,
+                           balance=balance, augment=augment, num_workers=num_workers,
+                           epochs=epochs, progress=progress and launch.is_main)
+    trained = _parallel(model, device, launch)
     for epoch in range(done + 1, epochs + 1):
-        loader = _train_loader(
-            train_set, train_labels, epoch=epoch, seed=seed, batch_size=batch_size,
-            balance=balance, num_workers=num_workers,
+        step_losses = _gathered(launch, _train_epoch(
+            trained, optimizer, criterion, epoch_plan, epoch=epoch, device=device, launch=launch))
+        finish = functools.partial(
+            _finish_epoch, model, optimizer, test_set, tables, out_dir, step_losses, epoch=epoch,
+            batch_size=batch_size, device=device, progress=progress,
+            first_step=(epoch - 1) * math.ceil(len(train_set) / batch_size) + 1,
         )  # fmt: skip
-        augment_generator = _generator(seed, epoch, "augment") if augment else None
-        bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=True)
-        with torch.random.fork_rng(**_fork_kwargs(device)):
-            torch.manual_seed(_stream_seed(seed, epoch, "dropout"))
-            step_losses = _train_epoch(
-                model, optimizer, criterion, bar, device=device, generator=augment_generator
-            )
-        save_checkpoint(model, _checkpoint_path(out_dir, epoch))
-        _save_optimizer(optimizer, out_dir / f"optimizer_{epoch:02d}.safetensors")
-
-        evaluation = evaluate(
-            model, test_set, batch_size=batch_size, device=device, epoch=epoch, progress=progress
-        )
-        evaluation["losses"] = _losses_table(
-            step_losses, epoch=epoch, first_step=(epoch - 1) * steps_per_epoch + 1
-        )
-        evaluation["metrics"]["train_loss"] = _mean_loss(step_losses)
-        _append_tables(out_dir, tables, evaluation)
-        # resuming needs only the newest optimizer state, and each is as large as a checkpoint
-        (out_dir / f"optimizer_{epoch - 1:02d}.safetensors").unlink(missing_ok=True)
-        if progress:
-            tqdm.write(_epoch_summary(evaluation["metrics"].iloc[0]))
-    return tables["metrics"].reset_index(drop=True)
+        ranks.collective_step(launch, f"saving and evaluating epoch {epoch}", finish,
+                              main_only=True)
+    return tables["metrics"].reset_index(drop=True) if launch.is_main else None
 
 
 def evaluate(
@@ -357,31 +340,146 @@ def augment_batch(images: torch.Tensor, *, generator: torch.Generator) -> torch.
 # ---------------------------------------------------------------------------- internals
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """What every epoch of one :func:`fit` call draws its batches from."""
+
+    train_set: Dataset
+    seed: int
+    batch_size: int
+    balance: str
+    augment: bool
+    num_workers: int
+    epochs: int
+    progress: bool
+
+
+def batch_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
+               labels: torch.Tensor) -> torch.Tensor:
+    """The training objective of one batch: images float [B, 3, S, S] in [0, 1], labels
+    int64 [B] in 0..6 -> a scalar loss (the model's one forward pass in training)."""
+    return criterion(model(images), labels)
+
+
 def _train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
-    batches: Any,
+    plan: EpochPlan,
     *,
+    epoch: int,
     device: torch.device,
-    generator: torch.Generator | None,
+    launch: ranks.Launch,
 ) -> list[tuple[float, int]]:
-    """One pass of SGD; returns (loss, batch size) of every step."""
-    model.train()
+    """One pass of SGD over this rank's part of every batch; (loss, batch size) per step."""
+    generator = (torch.Generator().manual_seed(_rank_stream_seed(plan.seed, epoch, "augment",
+                                                                 launch))
+                 if plan.augment else None)
+    batches = tqdm(_epoch_loader(plan, epoch, launch), desc=f"epoch {epoch}/{plan.epochs}",
+                   disable=not plan.progress, leave=True)
     step_losses: list[tuple[float, int]] = []
-    for images, labels in batches:
-        if generator is not None:
-            images = augment_batch(images, generator=generator)
-        images, labels = images.to(device), labels.to(device)
-        loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
-        step_losses.append((value, len(labels)))
-        if hasattr(batches, "set_postfix"):
+    with torch.random.fork_rng(**_fork_kwargs(device)):
+        torch.manual_seed(_rank_stream_seed(plan.seed, epoch, "dropout", launch))
+        model.train()
+        for images, labels in batches:
+            if generator is not None:
+                images = augment_batch(images, generator=generator)
+            loss = batch_loss(model, criterion, images.to(device), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            step_losses.append((value, len(labels)))
             batches.set_postfix(loss=f"{value:.4f}", refresh=False)
     return step_losses
+
+
+def _epoch_loader(plan: EpochPlan, epoch: int, launch: ranks.Launch) -> DataLoader:
+    """The epoch's batches in the order one process draws them from ``(seed, epoch)``; with K
+    ranks, rank r takes the images r, r + K, ... of every batch."""
+    labels = _labels(plan.train_set, "train_set")
+    single = _train_loader(plan.train_set, labels, epoch=epoch, seed=plan.seed,
+                           batch_size=plan.batch_size, balance=plan.balance,
+                           num_workers=plan.num_workers if not launch.distributed else 0)
+    if not launch.distributed:
+        return single
+    from torch.utils.data import Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    ordered = Subset(plan.train_set, list(single.sampler))
+    sampler = DistributedSampler(ordered, num_replicas=launch.world_size, rank=launch.rank,
+                                 shuffle=False)
+    return DataLoader(ordered, batch_size=plan.batch_size // launch.world_size, sampler=sampler)
+
+
+def _parallel(model: nn.Module, device: torch.device, launch: ranks.Launch) -> nn.Module:
+    """``model`` itself in one process; wrapped in DistributedDataParallel with several."""
+    if not launch.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _gathered(launch: ranks.Launch,
+              step_losses: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """Per step, the loss averaged over ranks (weighted by their batch sizes), and the size."""
+    if not launch.distributed:
+        return step_losses
+    per_rank = [None] * launch.world_size
+    torch.distributed.all_gather_object(per_rank, step_losses)
+    merged = []
+    for step in range(min(len(losses) for losses in per_rank)):
+        pairs = [losses[step] for losses in per_rank]
+        size = sum(n for _, n in pairs)
+        merged.append((sum(loss * n for loss, n in pairs) / size, size))
+    return merged
+
+
+def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, test_set: Dataset,
+                  tables: dict[str, pd.DataFrame | None], out_dir: Path,
+                  step_losses: list[tuple[float, int]], *, epoch: int, batch_size: int,
+                  device: torch.device, first_step: int, progress: bool) -> None:
+    """The end of an epoch (rank 0): checkpoint, optimizer, evaluation, tables."""
+    save_checkpoint(model, stages.checkpoint_file(out_dir, epoch))
+    _save_optimizer(optimizer, stages.optimizer_file(out_dir, epoch))
+    evaluation = evaluate(model, test_set, batch_size=batch_size, device=device, epoch=epoch,
+                          progress=progress)
+    evaluation["losses"] = _losses_table(step_losses, epoch=epoch, first_step=first_step)
+    evaluation["metrics"]["train_loss"] = _mean_loss(step_losses)
+    _append_tables(out_dir, tables, evaluation)
+    # resuming needs only the newest optimizer state, and each is as large as a checkpoint
+    stages.optimizer_file(out_dir, epoch - 1).unlink(missing_ok=True)
+    if progress:
+        tqdm.write(_epoch_summary(evaluation["metrics"].iloc[0]))
+
+
+def _run_parameters(train_set: Dataset, test_set: Dataset, **hyper: Any) -> dict[str, Any]:
+    """What ``train_params.json`` records: the hyperparameters and the data (checked)."""
+    image_size = _image_size(train_set, "train_set")
+    if _image_size(test_set, "test_set") != image_size:
+        raise ParameterError(
+            f"train and test images differ in size ({image_size} vs "
+            f"{_image_size(test_set, 'test_set')} px); load both splits from the same run"
+        )
+    check_image_size(image_size)
+    _labels(test_set, "test_set")
+    weights_path = hyper.pop("weights_path")
+    return {
+        **hyper, "image_size": image_size, "num_classes": NUM_CLASSES,
+        "weights_path": None if weights_path is None else str(weights_path),
+        "train_data": _fingerprint(train_set), "test_data": _fingerprint(test_set),
+    }  # fmt: skip
+
+
+def _rank_stream_seed(seed: int, epoch: int, stream: str, launch: ranks.Launch) -> int:
+    """The seed of one random stream; under DDP each rank's is derived from it."""
+    base = _stream_seed(seed, epoch, stream)
+    if not launch.distributed:
+        return base
+    state = np.random.SeedSequence([base, launch.rank]).generate_state(2)
+    return int((int(state[0]) << 32 | int(state[1])) >> 1)
 
 
 def _losses_table(
@@ -408,7 +506,7 @@ def _append_tables(
     """Add one epoch's rows to every table and rewrite the files, metrics.csv last."""
     for name, columns in TABLE_COLUMNS.items():
         tables[name] = pd.concat([tables[name], epoch_tables[name][list(columns)]])
-        write_csv(out_dir / f"{name}.csv", tables[name])
+        write_csv(stages.train_table(out_dir, name), tables[name])
 
 
 def _epoch_summary(metrics: pd.Series) -> str:
@@ -431,7 +529,7 @@ def _start_or_resume(
     weight_decay: float,
 ) -> tuple[ToolClassifier, torch.optim.SGD]:
     if done:
-        model = load_checkpoint(_checkpoint_path(out_dir, done), map_location=device)
+        model = load_checkpoint(stages.checkpoint_file(out_dir, done), map_location=device)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_stream_seed(seed, 0, "init"))
@@ -441,7 +539,7 @@ def _start_or_resume(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
     if done:
-        _load_optimizer(optimizer, out_dir / f"optimizer_{done:02d}.safetensors")
+        _load_optimizer(optimizer, stages.optimizer_file(out_dir, done))
     return model, optimizer
 
 
@@ -476,7 +574,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 def _prepare_run_folder(out_dir: Path, params: dict[str, Any]) -> None:
     """Record the run's parameters, or check them against those already recorded."""
     params = json.loads(json.dumps(params))  # as read back from JSON: tuples become lists
-    params_path = out_dir / "train_params.json"
+    params_path = stages.train_params_file(out_dir)
     if params_path.exists():
         recorded = read_json(params_path)
         differing = sorted(
@@ -490,7 +588,7 @@ def _prepare_run_folder(out_dir: Path, params: dict[str, Any]) -> None:
                 f"{out_dir} holds a training run made with other parameters ({listing}). "
                 "Use a new run folder, or remove this one to start again"
             )
-    elif any(out_dir.glob("epoch_*.safetensors")):
+    elif stages.has_checkpoints(out_dir):
         raise RunFolderError(
             f"{out_dir} holds checkpoints but no train_params.json, so it cannot be continued "
             "safely; use a new run folder or remove this one"
@@ -499,35 +597,19 @@ def _prepare_run_folder(out_dir: Path, params: dict[str, Any]) -> None:
         write_json(params_path, params)
 
 
-def _finished_epochs(out_dir: Path) -> int:
-    """k such that epochs 1..k each have a checkpoint and a metrics row (written last)."""
-    metrics_path = out_dir / "metrics.csv"
-    if not metrics_path.exists():
-        return 0
-    logged = set(pd.read_csv(metrics_path)["epoch"].astype(int))
-    finished = 0
-    while finished + 1 in logged and _checkpoint_path(out_dir, finished + 1).exists():
-        finished += 1
-    return finished
-
-
 def _resumable_epoch(out_dir: Path, finished: int) -> int:
     """The last finished epoch whose optimizer state is kept (0: start from scratch)."""
     for epoch in range(finished, 0, -1):
-        if (out_dir / f"optimizer_{epoch:02d}.safetensors").exists():
+        if stages.optimizer_file(out_dir, epoch).exists():
             return epoch
     return 0
-
-
-def _checkpoint_path(out_dir: Path, epoch: int) -> Path:
-    return out_dir / f"epoch_{epoch:02d}.safetensors"
 
 
 def _read_tables(out_dir: Path, *, up_to_epoch: int) -> dict[str, pd.DataFrame | None]:
     """The run's tables restricted to epochs 1..up_to_epoch (None when there are none)."""
     tables = {}
     for name, columns in TABLE_COLUMNS.items():
-        path = out_dir / f"{name}.csv"
+        path = stages.train_table(out_dir, name)
         if up_to_epoch and path.exists():
             # pandas >= 3 parses floats exactly (round trip), so a resumed run's files equal an
             # uninterrupted run's byte for byte (tests/test_training.py checks this)
@@ -637,7 +719,7 @@ def _fingerprint(dataset: Dataset) -> str:
     return f"{len(dataset)} images, sha256 {digest.hexdigest()[:16]}"
 
 
-def _check_hyperparameters(
+def check_hyperparameters(
     *,
     epochs: int,
     batch_size: int,

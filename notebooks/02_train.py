@@ -44,7 +44,7 @@ overwrite = False  # discard train/ (and later stages) if made with other parame
 import pandas as pd
 from myst_nb import glue
 
-from lib import datasets, figures, pipeline, training
+from lib import datasets, figures, pipeline, stages, training
 
 train_dir = pipeline.start_stage(
     "02_train", run_dir=run_dir, overwrite=overwrite,
@@ -75,7 +75,7 @@ metrics.round(4)
 # ## Loss
 
 # %% mystnb={"figure": {"caption": "Training loss of every SGD step (grey) and its running mean (black).", "name": "fig-training-loss"}}
-figures.loss_curve_chart(pd.read_csv(train_dir / "losses.csv"))
+figures.loss_curve_chart(pd.read_csv(stages.train_table(train_dir, "losses")))
 
 # %% [markdown]
 # ## Accuracy and F1 per epoch
@@ -101,14 +101,14 @@ glue("train_epochs", int(last["epoch"]), display=False)
 # ## Per-class F1
 
 # %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}}
-per_class = pd.read_csv(train_dir / "per_class.csv")
+per_class = pd.read_csv(stages.train_table(train_dir, "per_class"))
 figures.per_class_f1_chart(per_class)
 
 # %% [markdown]
 # ## Confusion matrix of the last checkpoint
 
 # %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}}
-confusion = pd.read_csv(train_dir / "confusion.csv")
+confusion = pd.read_csv(stages.train_table(train_dir, "confusion"))
 figures.confusion_chart(confusion[confusion["epoch"] == confusion["epoch"].max()])
 
 # %% [markdown]

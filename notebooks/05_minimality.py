@@ -56,22 +56,16 @@ overwrite = False  # discard minimality/ if made with other parameters
 
 # %%
 import altair as alt
-import pandas as pd
-import torch
 from myst_nb import glue
 
-from lib import io, metrics, minimality, pipeline, robustness
-from lib.datasets import load_run_split
-from lib.model import load_checkpoint
+from lib import io, minimality, pipeline, stages
 
-out_dir = pipeline.start_stage(
+pipeline.start_stage(
     "05_minimality", run_dir=run_dir, overwrite=overwrite,
     parameters=pipeline.stage_parameters("05_minimality", globals()),
 )
-results = metrics.read_results(run_dir)
-targeted = results[results["mode"] == "targeted"]
-chosen = list(epochs) or [int(targeted["epoch"].max())]
-print(f"checkpoints {chosen}, {n_pairs} pairs each, reference budgets {list(steps)} steps")
+print(f"checkpoints {list(epochs) or 'the last attacked'}, {n_pairs} pairs each, "
+      f"reference budgets {list(steps)} steps")
 
 # %% [markdown]
 # ## The reference attacks
@@ -81,31 +75,12 @@ print(f"checkpoints {chosen}, {n_pairs} pairs each, reference budgets {list(step
 # classified again here; only images that really reach the target count.
 
 # %%
-reference_path = out_dir / "reference.csv"
-if reference_path.exists():
-    reference = pd.read_csv(reference_path)
-else:
-    test_set = load_run_split(run_dir, "test")
-    position = {image_id: i for i, image_id in enumerate(test_set.index["image_id"])}
-    parts = []
-    for epoch in chosen:
-        pairs = (targeted[targeted["epoch"] == epoch]
-                 .drop_duplicates(["image_id", "target"])
-                 .head(n_pairs)[["epoch", "image_id", "target"]]
-                 .reset_index(drop=True))
-        images = test_set.images[[position[i] for i in pairs["image_id"]]].float() / 255
-        model = load_checkpoint(robustness.checkpoint_path(run_dir, epoch), map_location=device)
-        parts.append(minimality.run_reference_attacks(
-            model, images, torch.tensor(pairs["target"].to_numpy()), keys=pairs, steps=list(steps),
-            attacks=list(attacks), device=device, batch_size=batch_size, seed=seed,
-        ))
-    reference = pd.concat(parts, ignore_index=True)
-    # Attack times differ from run to run, so they are kept apart from the results.
-    io.write_csv(out_dir / "timings.csv",
-                 reference[["epoch", "image_id", "target", "attack", "steps", "seconds"]])
-    reference = reference.drop(columns="seconds")
-    io.write_csv(reference_path, reference)
-pipeline.finish_stage("05_minimality", run_dir=run_dir)
+# Attack times differ from run to run, so they go to timings.csv, apart from the results.
+tables = minimality.reference_tables(
+    run_dir, epochs=epochs, n_pairs=n_pairs, steps=steps, attacks=attacks, device=device,
+    batch_size=batch_size, seed=seed,
+)
+reference, chosen = tables.reference, tables.epochs
 summary = (reference.groupby(["attack", "steps"])
            .agg(pairs=("success", "size"), successful=("success", "sum"),
                 median_l1=("l1", "median"), median_changed=("changed_fraction", "median"))
@@ -119,12 +94,13 @@ summary
 # ## Our schedules against the best known
 
 # %%
-ours = targeted[targeted["epoch"].isin(chosen)]
+ours = tables.ours
 best = minimality.best_per_sample(reference, ours, on=["epoch", "image_id", "target"])
 ratios = minimality.l1_ratio_table(ours, best)
 optimality = minimality.optimality_table(ours, best)
 table = ratios.merge(optimality, on=["schedule", "epoch"], suffixes=("", "_opt"))
-io.write_csv(out_dir / "ratios.csv", table)
+io.write_csv(stages.minimality_file(run_dir, "ratios"), table)
+pipeline.finish_stage("05_minimality", run_dir=run_dir)  # after its last file
 table.round(3)
 
 # %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 (bars: quartiles), on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}}

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from lib import NUM_CLASSES, TOOLS, datasets, distributed, robustness, training
+from lib import NUM_CLASSES, TOOLS, datasets, distributed, ranks, robustness, training
 from lib.errors import ParameterError
 from lib.model import build_model, save_checkpoint
 from tests.test_robustness import load_template_net, make_run
@@ -102,7 +102,13 @@ def test_chunk_costs_weight_schedules_that_run_the_whole_budget(tmp_path: Path) 
 
 
 def test_scaling_estimate() -> None:
-    table = distributed.scaling_estimate(
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    spec = importlib.util.spec_from_file_location("bench_distributed", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.scaling_estimate(
         passes=1000.0,
         passes_per_second=10.0,
         devices=[1, 2, 4],
@@ -113,7 +119,7 @@ def test_scaling_estimate() -> None:
     assert table["seconds_worst"].tolist() == pytest.approx([105.0, 60.0, 35.0])
     assert table["speedup"].iloc[0] == 1.0
     assert (table["efficiency"] <= 1.0).all()
-    ideal = distributed.scaling_estimate(passes=1000.0, passes_per_second=10.0, devices=[8])
+    ideal = bench.scaling_estimate(passes=1000.0, passes_per_second=10.0, devices=[8])
     assert ideal["speedup"].iloc[0] == pytest.approx(8.0)
 
 
@@ -121,25 +127,25 @@ def test_scaling_estimate() -> None:
 
 
 def test_launch_reads_torchrun_environment() -> None:
-    assert not distributed.launch_from_env({}).distributed
-    launch = distributed.launch_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert not ranks.launch_from_env({}).distributed
+    launch = ranks.launch_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (launch.rank, launch.world_size, launch.local_rank) == (3, 4, 1)
-    assert distributed.rank_device(launch, "cuda") == "cuda:1"
-    assert distributed.rank_device(launch, "cpu") == "cpu"
-    assert distributed.rank_device(distributed.Launch(), "cuda:1") == "cuda:1"
+    assert ranks.rank_device(launch, "cuda") == "cuda:1"
+    assert ranks.rank_device(launch, "cpu") == "cpu"
+    assert ranks.rank_device(ranks.Launch(), "cuda:1") == "cuda:1"
     with pytest.raises(ParameterError, match="inconsistent"):
-        distributed.launch_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+        ranks.launch_from_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def test_parameters_as_name_value_pairs_and_settings() -> None:
-    values = distributed._parse_params(["lr0=0.01", "schedules=[constant, step]", "epochs=[]"])
+    values = distributed.parse_params(["lr0=0.01", "schedules=[constant, step]", "epochs=[]"])
     assert values == {"lr0": 0.01, "schedules": ["constant", "step"], "epochs": []}
-    settings = distributed.attack_settings({**values, "run_dir": "x", "device": "cpu"})
+    settings = robustness.settings_from_parameters({**values, "run_dir": "x", "device": "cpu"})
     assert settings.schedules == ("constant", "step") and settings.lr0 == 0.01
     with pytest.raises(ParameterError, match="lr_0"):
-        distributed.attack_settings({"lr_0": 0.01})
+        robustness.settings_from_parameters({"lr_0": 0.01})
     with pytest.raises(ParameterError, match="name=value"):
-        distributed._parse_params(["lr0"])
+        distributed.parse_params(["lr0"])
 
 
 # --------------------------------------------------------------------------- two processes
@@ -236,9 +242,9 @@ def test_two_processes_write_the_one_process_tables(tmp_path: Path,
                                                     capfd: pytest.CaptureFixture) -> None:
     one = make_alexnet_run(tmp_path / "one" / "run")
     two = make_alexnet_run(tmp_path / "two" / "run")
-    overrides = distributed._parse_params([f"{k}={v}" for k, v in ATTACK_PARAMS.items()])
+    overrides = distributed.parse_params([f"{k}={v}" for k, v in ATTACK_PARAMS.items()])
     parameters = distributed.stage_parameters("03_attack", run_dir=one, overrides=overrides)
-    job = robustness.plan_job(one, distributed.attack_settings(parameters))
+    job = robustness.plan_job(one, robustness.settings_from_parameters(parameters))
     assert len(job.chunks) == 4 and len(job.rows) == 84  # 7 images x 6 targets x 2 schedules
 
     # a plain process finished one chunk before: the two ranks attack only the other three
@@ -272,14 +278,14 @@ def failing_on_rank_1(path: Path, device: torch.device) -> torch.nn.Module:
 
 def _failing_rank(rank: int, world_size: int, port: int, run_dir: str, report: str) -> None:
     _torchrun_environment(rank, world_size, port)
-    launch = distributed.launch_from_env()
+    launch = ranks.launch_from_env()
     outcome = "finished"
     try:
         with distributed.process_group(launch, "cpu", timeout_minutes=2):
             distributed.attack_stage({"run_dir": run_dir, "device": "cpu", **TEMPLATE_SETTINGS},
                                      launch=launch, progress=False,
                                      load_model=failing_on_rank_1)
-    except distributed.RankFailure as error:
+    except ranks.RankFailure as error:
         outcome = str(error)
     Path(report, f"rank{rank}.txt").write_text(outcome)
 
@@ -293,7 +299,7 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_merged(tmp_path: Path) -
         assert "rank 0 (on" not in message and "merged nothing" in message
     assert not (run_dir / "attack" / "results.csv").exists()
     # rank 0 kept its finished chunks: a plain rerun attacks only rank 1's, then merges
-    job = robustness.plan_job(run_dir, distributed.attack_settings(TEMPLATE_SETTINGS))
+    job = robustness.plan_job(run_dir, robustness.settings_from_parameters(TEMPLATE_SETTINGS))
     assert 0 < len(robustness.pending_chunks(job, run_dir)) < len(job.chunks)
     distributed.attack_stage({"run_dir": str(run_dir), "device": "cpu", **TEMPLATE_SETTINGS},
                              progress=False, load_model=load_template_net)
