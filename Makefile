@@ -1,6 +1,7 @@
 # Borderline: two commands do everything on a fresh machine with Python 3.11 and pip.
 #   make book   set up, run every stage on the default (synthetic) data, build the book
 #   make test   set up, run every test
+#   make check  lint and every test that does not run a whole pipeline (a few minutes)
 # Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make nbval, make bench,
 # make clean.
 
@@ -10,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book stages stage nbval test browser bench lint clean
+.PHONY: setup book stages stage nbval test check browser bench lint clean
 
 setup: $(STAMP)
 
@@ -48,6 +49,13 @@ browser:
 
 test: $(STAMP) browser
 	$(VENV)/bin/pytest
+
+# The fast loop while changing code: ruff, then every test not marked pipeline (the notebook
+# chain, kill-and-resume, reruns, book builds, browser and stage-command subprocess runs,
+# marked in tests/conftest.py). make test stays the complete suite.
+check: $(STAMP)
+	$(VENV)/bin/ruff check lib tests notebooks benchmarks
+	$(VENV)/bin/pytest -q -m "not pipeline"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attack.py

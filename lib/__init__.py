@@ -1,18 +1,34 @@
 """Borderline: borderline adversarial images of a surgical-tool CNN.
 
-Modules, one job each:
+Modules, one job each (an arrow names what a module imports from lib; there is no cycle):
 
+- ``errors``: the error types every check raises
+- ``io``: atomic file writes and safe reads
+- ``stages``: the stage contract and the run folder: stage list and outputs, notebook
+  parameters, profiles and their merge, every path in a run folder, manifests, the lock
+  (-> io, errors)
 - ``cholec80``: the Cholec80 layout (annotation parsing, video decoding, exact frame pairing)
 - ``synthetic``: the generator of the default dataset, in the Cholec80 layout
 - ``datasets``: one dataset interface over Cholec80 and ImageFolder; splits; the frame cache
-- ``model``: AlexNet with the normalisation inside; checkpoint save and safe load
-- ``training``: train and evaluate loops; per-epoch metrics
+- ``model``: AlexNet with the normalisation inside; checkpoint save and safe load; ``frozen``
+- ``ranks``: a process's place in a torchrun launch; steps every rank agrees on
+- ``training``: the one training loop (one process or DistributedDataParallel), evaluation,
+  per-epoch metrics (-> model, ranks, stages, io)
 - ``schedules``: the step-size registry
 - ``attack``: the batched stop-at-flip engine
 - ``selection``: which test images each checkpoint attacks
+- ``robustness``: the attack stage: its settings, plan, chunks and merged tables
+  (-> attack, schedules, selection, stages, io)
 - ``metrics``: distances, aggregates, the class-pair matrix
+- ``minimality``: minimum-norm reference attacks and the comparison with our schedules
 - ``figures``: altair chart builders shared by the notebooks
-- ``pipeline``: stages, profiles, run folders and manifests, papermill execution
+- ``checks``: the checks before a stage: parameters, run folder, input files (-> stages)
+- ``book``: the book's generated pages (-> stages)
+- ``pipeline``: stage commands: papermill execution, ``start_stage``/``finish_stage`` for the
+  notebooks, the command line (-> stages, checks, book)
+- ``distributed``: the torchrun launcher: process groups, sharding, the command line
+  (-> ranks, robustness, pipeline, stages)
+- ``rerun``: the rerun proof (strict nbval, result digests) (-> stages)
 """
 
 #: The seven Cholec80 tools, in the order of the annotation columns; the index is the label.

@@ -23,3 +23,21 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of the tiny profile, every stage executed through papermill."""
     root = tmp_path_factory.mktemp("tiny")
     return pipeline.run("tiny", overrides=tiny_overrides(root), progress=False)
+
+
+#: Test files that run whole stages (papermill notebooks, stage commands, book builds).
+PIPELINE_FILES = frozenset({"test_kill_resume.py", "test_notebooks.py", "test_book_build.py",
+                            "test_book_offline.py"})
+#: Fixtures that run whole stages.
+PIPELINE_FIXTURES = frozenset({"tiny_run"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``pipeline`` every test that runs a whole stage or more: those of PIPELINE_FILES,
+    those that use a PIPELINE_FIXTURES fixture, and every ``slow`` or ``browser`` test (each
+    runs stages, a stage command or a book build). ``make check`` leaves them out."""
+    for item in items:
+        if (item.path.name in PIPELINE_FILES
+                or PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.get_closest_marker("slow") or item.get_closest_marker("browser")):
+            item.add_marker(pytest.mark.pipeline)
