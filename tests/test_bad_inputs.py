@@ -1,14 +1,18 @@
 """The bad-input matrix (tests/bad_inputs.yaml): every bad input stops with a clear error.
 
-Each case runs the stage command as a user does (``python -m lib.pipeline run``), in a folder
-of its own that holds the run folder, the dataset and the frame cache. The command must exit
-non-zero, print a message that names the input and the fix, and leave every file of that
-folder exactly as it was. Cases without a stage command call the lib function instead.
+Each case runs the stage command (``python -m lib.pipeline run``) in a folder of its own that
+holds the run folder, the dataset and the frame cache: its ``main()`` in this process, whose
+exit status and standard error are what the command gives. The command must exit non-zero,
+print a message that names the input and the fix, and leave every file of that folder
+exactly as it was. A few cases also run as a real subprocess (marked ``pipeline``), to prove
+the command line itself. Cases without a stage command call the lib function instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io as text_io
 import os
 import shutil
 import subprocess
@@ -289,18 +293,55 @@ FUNCTION_ERROR_CASES = [c for c in CASES if c.get("checked_by") == "function"
 SHORTFALL_CASES = [c for c in CASES if c.get("outcome") == "shortfall"]
 
 
+#: Cases also run as a real subprocess: a profile error, a parameter and a file.
+SUBPROCESS_IDS = ("profile-missing", "train-epochs-float", "weights-file-not-tensors")
+SUBPROCESS_CASES = [c for c in COMMAND_CASES if c["id"] in SUBPROCESS_IDS]
+
+
+def _in_process(args: list[str]) -> tuple[int, str]:
+    """``python -m lib.pipeline ...`` as ``main()`` in this process: (exit status, stderr)."""
+    stderr = text_io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(text_io.StringIO()):
+        try:
+            status = pipeline.main(args)
+        except SystemExit as exit_:  # argparse's usage errors
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    return status, stderr.getvalue()
+
+
+def _assert_refused(case: dict, root: Path, status: int, stderr: str, before: dict) -> None:
+    assert status != 0
+    assert "Traceback" not in stderr, stderr
+    message = " ".join(stderr.split())
+    for fragment in case["expect"]:
+        assert _value(fragment, root) in message, stderr
+    assert snapshot(root) == before, "the failed stage changed files"
+
+
 @pytest.mark.parametrize(("case", "case_root"), [(c, c) for c in COMMAND_CASES],
                          indirect=["case_root"], ids=_ids(COMMAND_CASES))
-def test_stage_command_refuses_bad_input(case: dict, case_root: Path) -> None:
+def test_stage_command_refuses_bad_input(case: dict, case_root: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    before = snapshot(case_root)
+    monkeypatch.chdir(pipeline.REPO)
+    args = command(case, case_root)
+    assert args[1:3] == ["-m", "lib.pipeline"]
+    status, stderr = _in_process(args[3:])
+    _assert_refused(case, case_root, status, stderr, before)
+
+
+@pytest.mark.pipeline
+@pytest.mark.parametrize(("case", "case_root"), [(c, c) for c in SUBPROCESS_CASES],
+                         indirect=["case_root"], ids=_ids(SUBPROCESS_CASES))
+def test_stage_command_line_refuses_bad_input(case: dict, case_root: Path) -> None:
     before = snapshot(case_root)
     completed = subprocess.run(command(case, case_root), capture_output=True, text=True,
                                cwd=pipeline.REPO, timeout=300)
-    assert completed.returncode != 0, completed.stdout
-    assert "Traceback" not in completed.stderr, completed.stderr
-    message = " ".join(completed.stderr.split())
-    for fragment in case["expect"]:
-        assert _value(fragment, case_root) in message, completed.stderr
-    assert snapshot(case_root) == before, "the failed stage changed files"
+    _assert_refused(case, case_root, completed.returncode, completed.stderr, before)
+
+
+def test_the_subprocess_cases_exist() -> None:
+    assert sorted(c["id"] for c in SUBPROCESS_CASES) == sorted(SUBPROCESS_IDS)
 
 
 @pytest.mark.parametrize(("case", "case_root"), [(c, c) for c in FUNCTION_ERROR_CASES],
