@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 PIPELINE_FILES = frozenset({"test_kill_resume.py", "test_notebooks.py", "test_book_build.py",
                             "test_book_offline.py"})
 #: Fixtures that run whole stages.
-PIPELINE_FIXTURES = frozenset({"tiny_run"})
+PIPELINE_FIXTURES = frozenset({"tiny_run", "valid_root"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

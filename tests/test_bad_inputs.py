@@ -287,6 +287,13 @@ def _ids(cases: list[dict]) -> list[str]:
     return [case["id"] for case in cases]
 
 
+def _params(cases: list[dict]) -> list[Any]:
+    """``(case, case)`` per case; marked ``pipeline`` when its setup runs the data and
+    training stages (``valid_root``), which ``make check`` leaves out."""
+    return [pytest.param(c, c, id=c["id"], marks=[pytest.mark.pipeline]
+                         if c.get("setup") in NEEDS_VALID_RUN else []) for c in cases]
+
+
 COMMAND_CASES = [c for c in CASES if c.get("checked_by", "stage command") == "stage command"]
 FUNCTION_ERROR_CASES = [c for c in CASES if c.get("checked_by") == "function"
                         and c.get("outcome", "error") == "error"]
@@ -318,8 +325,7 @@ def _assert_refused(case: dict, root: Path, status: int, stderr: str, before: di
     assert snapshot(root) == before, "the failed stage changed files"
 
 
-@pytest.mark.parametrize(("case", "case_root"), [(c, c) for c in COMMAND_CASES],
-                         indirect=["case_root"], ids=_ids(COMMAND_CASES))
+@pytest.mark.parametrize(("case", "case_root"), _params(COMMAND_CASES), indirect=["case_root"])
 def test_stage_command_refuses_bad_input(case: dict, case_root: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     before = snapshot(case_root)
@@ -344,8 +350,8 @@ def test_the_subprocess_cases_exist() -> None:
     assert sorted(c["id"] for c in SUBPROCESS_CASES) == sorted(SUBPROCESS_IDS)
 
 
-@pytest.mark.parametrize(("case", "case_root"), [(c, c) for c in FUNCTION_ERROR_CASES],
-                         indirect=["case_root"], ids=_ids(FUNCTION_ERROR_CASES))
+@pytest.mark.parametrize(("case", "case_root"), _params(FUNCTION_ERROR_CASES),
+                         indirect=["case_root"])
 def test_function_refuses_bad_input(case: dict, case_root: Path) -> None:
     before = snapshot(case_root)
     with pytest.raises(BorderlineError) as error:
@@ -355,8 +361,8 @@ def test_function_refuses_bad_input(case: dict, case_root: Path) -> None:
     assert snapshot(case_root) == before
 
 
-@pytest.mark.parametrize(("case", "case_root"), [(c, c) for c in SHORTFALL_CASES],
-                         indirect=["case_root"], ids=_ids(SHORTFALL_CASES))
+@pytest.mark.parametrize(("case", "case_root"), _params(SHORTFALL_CASES),
+                         indirect=["case_root"])
 def test_more_images_than_available_is_a_reported_shortfall(case: dict, case_root: Path) -> None:
     before = snapshot(case_root)
     selection = FUNCTIONS[case["function"]](case, case_root)
