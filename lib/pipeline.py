@@ -1,14 +1,13 @@
-"""Stages, profiles, run folders and manifests, and papermill execution.
+"""Stage commands: papermill execution, the notebooks' start and finish of a stage, the CLI.
 
-A *stage* is one notebook in ``notebooks/`` (a jupytext percent script) with one cell tagged
-``parameters``. A *profile* (``profiles/<name>.yaml``) names the run folder and the parameters
-of every stage. ``python -m lib.pipeline run`` converts each stage's script, executes it with
-papermill into ``<run_dir>/notebooks/<stage>.ipynb`` and stops at the first failing stage with
-its error message; ``python -m lib.pipeline book`` hands the executed notebooks to the book.
+``python -m lib.pipeline run`` converts each stage's script, executes it with papermill into
+the run folder's ``notebooks/<stage>.ipynb`` and stops at the first failing stage with its
+error message; ``python -m lib.pipeline book`` hands the executed notebooks to the book.
+Each stage holds its run folder's lock from its checks to its executed notebook.
 
-This module holds the stages and their notebook parameters, the profiles, the run folders and
-their manifests (:func:`start_stage`, :func:`finish_stage`), papermill execution and the
-command line. Two jobs live in their own modules:
+The stage contract (stages, notebook parameters, profiles, run-folder paths, manifests, the
+lock) is :mod:`lib.stages`; the names the notebooks use are importable from here too. Two
+jobs live in their own modules:
 
 - :mod:`lib.checks`: the checks before a stage. :func:`~lib.checks.check_stage` checks its
   parameters (types against the notebook's own defaults, then their values), the run folder's

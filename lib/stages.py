@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -465,8 +466,6 @@ def record_start(stage: str, run_dir: str | os.PathLike[str],
         asked = recorded_parameters(parameters)
         previous = recorded.get(stage)
         if previous is not None and previous["parameters"] != asked:
-            import shutil
-
             for later in STAGES[STAGES.index(stage):]:
                 shutil.rmtree(stage_dir(run_dir, later), ignore_errors=True)
                 recorded.pop(later, None)

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import pipeline, robustness
+from lib import pipeline, robustness, stages
 from tests.conftest import tiny_overrides
 from tests.test_robustness import copy_inputs, load_template_net, make_run
 
@@ -117,14 +117,13 @@ def train_child(run_dir: Path, params: dict[str, Any]) -> None:
 
 def stage_parameters(stage: str, **overrides: Any) -> dict[str, Any]:
     """What the tiny profile gives ``stage``'s notebook: its defaults, the profile, overrides."""
-    return {**pipeline.notebook_defaults(stage), **pipeline.load_profile("tiny")[stage],
-            **overrides}
+    return stages.merged_parameters(stage, profile="tiny", overrides=overrides,
+                                    with_defaults=True)
 
 
 def attack_settings(params: Mapping[str, Any]) -> robustness.AttackSettings:
-    """The settings 03_attack.py builds from its parameters."""
-    names = [f.name for f in dataclasses.fields(robustness.AttackSettings)]
-    return robustness.AttackSettings(**{name: params[name] for name in names})
+    """The settings of the attack stage's parameters."""
+    return robustness.settings_from_parameters(params)
 
 
 def attack_args(run_dir: Path, settings: robustness.AttackSettings, loader: str) -> list[str]:
