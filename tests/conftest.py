@@ -28,16 +28,23 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: Test files that run whole stages (papermill notebooks, stage commands, book builds).
 PIPELINE_FILES = frozenset({"test_kill_resume.py", "test_notebooks.py", "test_book_build.py",
                             "test_book_offline.py"})
-#: Fixtures that run whole stages.
+#: Single tests that run a whole command in a subprocess.
+PIPELINE_TESTS = frozenset({
+    "test_bench_attack.py::test_the_command_prints_its_table_and_last_line",
+})
+#: Fixtures that run whole stages (the bad-input cases that need the stages of valid_root are
+#: marked in tests/test_bad_inputs.py).
 PIPELINE_FIXTURES = frozenset({"tiny_run", "valid_root"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``pipeline`` every test that runs a whole stage or more: those of PIPELINE_FILES,
-    those that use a PIPELINE_FIXTURES fixture, and every ``slow`` or ``browser`` test (each
-    runs stages, a stage command or a book build). ``make check`` leaves them out."""
+    """Mark ``pipeline`` every test that runs a whole stage or command: those of
+    PIPELINE_FILES and PIPELINE_TESTS, those that use a PIPELINE_FIXTURES fixture, and every
+    ``slow`` or ``browser`` test (each runs stages, a stage command or a book build).
+    ``make check`` leaves them out."""
     for item in items:
         if (item.path.name in PIPELINE_FILES
+                or f"{item.path.name}::{item.name}" in PIPELINE_TESTS
                 or PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or item.get_closest_marker("slow") or item.get_closest_marker("browser")):
             item.add_marker(pytest.mark.pipeline)

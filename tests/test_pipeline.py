@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import book, pipeline
+from lib import book, pipeline, stages
 from lib.errors import ParameterError, RunFolderError
 
 TRAIN = "02_train"
@@ -140,3 +140,63 @@ def test_parameters_markdown_lists_every_stage() -> None:
     text = book.parameters_markdown()
     assert "### 02_train" in text
     assert "| `epochs` | `10` |" in text
+
+
+# --------------------------------------------------------------------------- lib.stages
+
+
+def test_command_line_values_are_read_as_plain_yaml() -> None:
+    assert stages.parse_value("epochs", "3") == 3
+    assert stages.parse_value("lr", "0.5") == 0.5
+    assert stages.parse_value("augment", "true") is True
+    assert stages.parse_value("schedules", "[step, constant]") == ["step", "constant"]
+    with pytest.raises(ParameterError, match="-p run_dir: .* is not a plain value"):
+        stages.parse_value("run_dir", "!!python/object/apply:os.system [ls]")
+
+
+def test_parameters_merge_defaults_then_profile_then_overrides() -> None:
+    merged = stages.merged_parameters("02_train", profile="tiny", overrides={"lr": 0.5},
+                                      with_defaults=True)
+    assert merged["epochs"] == pipeline.load_profile("tiny")["02_train"]["epochs"]  # profile
+    assert merged["lr"] == 0.5  # override
+    assert merged["momentum"] == pipeline.notebook_defaults("02_train")["momentum"]  # default
+    assert set(merged) == set(pipeline.notebook_defaults("02_train"))
+    assert "momentum" not in stages.merged_parameters("02_train", profile="tiny")
+    with pytest.raises(ParameterError, match="has no parameter 'lr00'"):
+        stages.merged_parameters("02_train", overrides={"lr00": 1.0})
+
+
+def test_run_folder_paths(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert stages.checkpoint_path(run, 3) == run / "train" / "epoch_03.safetensors"
+    assert stages.optimizer_file(run / "train", 12) == run / "train" / "optimizer_12.safetensors"
+    assert stages.attack_file(run, "job") == run / "attack" / "job.json"
+    assert stages.attack_file(run, "results.csv") == run / "attack" / "results.csv"
+    assert stages.chunk_files(run, "epoch_01", 7)[0] == (
+        run / "attack" / "chunks" / "epoch_01" / "chunk_00007.csv")
+    assert stages.data_file(run, "frames") == run / "data" / "frames.csv"
+    assert stages.minimality_file(run, "ratios") == run / "minimality" / "ratios.csv"
+    assert stages.executed_notebook(run, "04_analysis") == run / "notebooks" / "04_analysis.ipynb"
+    with pytest.raises(ValueError, match="writes no file 'results'"):
+        stages.data_file(run, "results")
+
+
+@pytest.mark.parametrize(("logged", "checkpoints", "expected", "finished"), [
+    ([], [1], [], 0),
+    ([1, 2, 4], [1, 2, 4], [1, 2, 4], 2),
+    ([1, 2, 4], [1, 4], [1, 4], 1),
+    ([2, 3], [2, 3], [2, 3], 0),
+])
+def test_trained_epochs_need_a_metrics_row_and_a_checkpoint(
+    tmp_path: Path, logged: list[int], checkpoints: list[int], expected: list[int],
+    finished: int,
+) -> None:
+    train = tmp_path / "train"
+    train.mkdir()
+    if logged:
+        stages.train_table(train, "metrics").write_text(
+            "epoch,accuracy\n" + "".join(f"{e},0.5\n" for e in logged))
+    for epoch in checkpoints:
+        stages.checkpoint_file(train, epoch).write_bytes(b"x")
+    assert stages.logged_epochs(train) == expected
+    assert stages.finished_epochs(train) == finished
