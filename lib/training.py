@@ -100,7 +100,7 @@ def fit(
     weights_path: str | os.PathLike[str] | None = None,
     num_workers: int = 0,
     progress: bool = True,
-) -> pd.DataFrame:
+) -> pd.DataFrame | None:
     """Train AlexNet with SGD; checkpoint and evaluate on the whole test split after every epoch.
 
     A folder that already holds epochs 1..k of a run with the same parameters is continued from
@@ -135,8 +135,15 @@ def fit(
         num_workers: DataLoader worker processes (does not change results).
         progress: show a tqdm bar per epoch.
 
+    Under DistributedDataParallel (a process group with K > 1 ranks is initialised, e.g. by
+    ``lib.distributed``) the same loop runs on every rank: ``batch_size`` stays the global
+    batch (divisible by K); each epoch's order is the one a single process draws, and rank r
+    takes the images r, r + K, ... of every batch; augmentation and dropout draw from per-rank
+    streams. Rank 0 writes every file and evaluates; logged step losses are the mean over ranks.
+
     Returns:
-        ``metrics.csv`` as a DataFrame: one row per epoch 1..epochs.
+        ``metrics.csv`` as a DataFrame: one row per epoch 1..epochs (None on ranks other
+        than 0).
     """
     check_hyperparameters(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib import cholec80, io, metrics, pipeline, robustness
+from lib import cholec80, io, metrics, pipeline, robustness, stages
 from lib.errors import CheckpointError, ParameterError, RunFolderError
 from lib.training import fit
 from tests.test_robustness import load_template_net, make_run, settings
@@ -123,7 +123,7 @@ def test_profile_with_a_python_tag_is_refused(tmp_path: Path, monkeypatch) -> No
     (tmp_path / "evil.yaml").write_text(
         f"common:\n  run_dir: !!python/object/apply:os.system ['touch {marker}']\n"
     )
-    monkeypatch.setattr(pipeline, "PROFILE_DIR", tmp_path)
+    monkeypatch.setattr(stages, "PROFILE_DIR", tmp_path)
     with pytest.raises(ParameterError, match=r"evil\.yaml"):
         pipeline.load_profile("evil")
     assert not marker.exists()
