@@ -259,7 +259,7 @@ def _merge(job: robustness.AttackJob, run_dir: Path, launch: ranks.Launch) -> No
     if launch.distributed and not missing.empty:
         raise RunFolderError(
             f"every rank finished, yet rank 0 sees {len(missing)} chunk(s) without results in "
-            f"{robustness.attack_dir(run_dir) / robustness.CHUNK_DIR}: on several machines the "
+            f"{stages.attack_dir(run_dir) / stages.CHUNK_DIR}: on several machines the "
             "run folder must be on a file system that every node shares"
         )
     robustness.merge(job, run_dir)

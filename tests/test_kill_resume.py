@@ -283,7 +283,7 @@ def check_leftovers(folder: Path) -> int:
 
 
 def chunk_dir(run_dir: Path) -> Path:
-    return robustness.attack_dir(run_dir) / robustness.CHUNK_DIR
+    return stages.attack_dir(run_dir) / stages.CHUNK_DIR
 
 
 def done_chunks(run_dir: Path) -> int:
