@@ -194,8 +194,12 @@ def _record_stage(stage: str, parameters: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _holding(launch: ranks.Launch, run_dir: Path, stage: str) -> Iterator[None]:
-    """Rank 0 holds the run folder's lock for the block; every rank learns if it could not."""
+    """Rank 0 holds the run folder's lock for the block; every rank learns if it could not.
+    A missing folder is not created here: the stage's own checks report it."""
     held = contextlib.ExitStack()
+    if not run_dir.is_dir():
+        yield
+        return
     with held:
         ranks.collective_step(launch, "locking the run folder",
                         lambda: held.enter_context(stages.hold_run_folder(run_dir, stage)),

@@ -549,6 +549,10 @@ def hold_run_folder(run_dir: str | os.PathLike[str], stage: str) -> Iterator[Pat
 
 
 def _acquire(run_dir: Path, stage: str) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(
+            f"run folder {run_dir} is a file, not a folder; set run_dir to a folder path"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(lock_file(run_dir), "a+")  # noqa: SIM115 -- kept open while held
     try:
