@@ -39,11 +39,11 @@ SANITIZE_FILE = REPO / "tests" / "nbval-sanitize.cfg"
 PATH_PARAMETERS = ("run_dir", "dataset_root", "cache_dir", "weights_path")
 
 #: Files of a run folder that are records of a run rather than results: the manifest holds
-#: start times, the executed notebooks execution timestamps, ``data/dataset.json`` the
-#: absolute paths of the dataset and frame cache that were read, and
-#: ``minimality/timings.csv`` how long each reference attack took.
+#: start times, the lock file the process that last held the folder, the executed notebooks
+#: execution timestamps, ``data/dataset.json`` the absolute paths of the dataset and frame
+#: cache that were read, and ``minimality/timings.csv`` how long each reference attack took.
 NOT_RESULTS = tuple(path.as_posix() for path in (
-    stages.manifest_file(""), stages.executed_notebook("", STAGES[0]).parent,
+    stages.manifest_file(""), stages.lock_file(""), stages.executed_notebook("", STAGES[0]).parent,
     stages.data_file("", "dataset"), stages.minimality_file("", "timings"),
 ))
 

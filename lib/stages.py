@@ -11,7 +11,7 @@ functions of this module for paths)::
 
     <run_dir>/
       manifest.json               parameters, versions, start time, finished flag per stage
-      .lock                       who holds the folder (see :func:`hold_run_folder`)
+      run.lock                    who holds the folder (see :func:`hold_run_folder`)
       notebooks/<stage>.ipynb     executed notebooks
       data/                       dataset.json, frames.csv, counts.csv    (data_file)
       train/                      epoch_NN.safetensors, optimizer_NN.safetensors,
@@ -21,7 +21,7 @@ functions of this module for paths)::
       analysis/                   the analysis tables                    (analysis_file)
       minimality/                 reference.csv, timings.csv, ratios.csv (minimality_file)
 
-**The lock.** A stage holds an exclusive ``flock`` on ``<run_dir>/.lock`` while it runs; the
+**The lock.** A stage holds an exclusive ``flock`` on ``<run_dir>/run.lock`` while it runs; the
 operating system releases it when the process ends, however it ends, so a killed run never
 leaves a stale lock. A second stage on the same folder is refused at once with a
 :class:`~lib.errors.RunFolderError` that names the holding stage, its process id and since
@@ -413,7 +413,8 @@ def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:
 
 
 def lock_file(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / ".lock"
+    # not a hidden name: every hidden file in a run folder is an interrupted write's temporary
+    return Path(run_dir) / "run.lock"
 
 
 # --------------------------------------------------------------------------- manifests

@@ -153,7 +153,7 @@ def _string_constants(tree: ast.Module) -> set[str]:
 #: Run-folder names as code spells them; lib/stages.py alone may.
 RUN_FOLDER_NAMES = ("manifest.json", "train_params.json", "job.json", "results.csv", "notebooks",
                     "metrics.csv", "predictions.csv", "dataset.json", "reference.csv",
-                    ".lock")
+                    "run.lock")
 #: Files that still spell some, owned elsewhere: lib/stages.py has the functions that replace
 #: them (data_file, attack_file, train_table). lib/rerun.py's "notebooks" is its own scratch
 #: folder's copies, not a run folder's.
