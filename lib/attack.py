@@ -41,6 +41,43 @@ dtype give bit-identical results on the CPU, so a chunk of rows can be re-run fr
 convolutions round differently per batch size and ``sign()`` can turn that into a different
 step on rare rows (TOOLCHAIN.md).
 
+Precision: a success is a float32 success
+-----------------------------------------
+``precision="float32"`` (the default) is the loop above in ``dtype`` (float32, or float64 for
+exactness tests). ``precision="bfloat16"`` runs the batched forward under autocast with a
+channels-last input (:func:`lib.precision.forward`); its logits give the loss and the gradient,
+so the steps follow the bfloat16 model. It never decides a result alone. The rule, per slot and
+iteration:
+
+- the slot is *checked* when its bfloat16 logits call it crossed, or put it within
+  :data:`CONFIRM_MARGIN` logits of crossing (targeted: max over other classes minus the
+  target's logit; untargeted: the source's logit minus the best other one), or when it has
+  used its whole budget;
+- a checked slot's current image goes through the model again without autocast, in ``dtype``;
+  only that forward can say "crossed". A slot that bfloat16 calls crossed but float32 does not
+  goes on (takes its step); a slot that float32 calls crossed stops;
+- ``final_class``, ``target_prob`` and ``success`` of every finished slot come from that
+  float32 forward, and the distances are computed in ``dtype`` from the images.
+
+So every returned success is classified as the target (targeted) or off the source
+(untargeted) by the float32 model. The margin only decides where float32 looks: a slot that
+float32 would call crossed while bfloat16 keeps it more than the margin away goes on for a step
+(its result is then a later, still float32-checked iterate). The loss and step-size traces are
+those of the bfloat16 forward. ``"auto"`` resolves by :func:`lib.precision.resolve`.
+
+Refinement: the boundary inside the last step
+---------------------------------------------
+A row that crosses at update k has overshot the boundary by up to one step. With
+``refine_tolerance`` (pixel units, [0, 1] scale; None = off) each successful row with k >= 1 is
+bisected on the segment x_{k-1} -> x_k: forward passes only, each midpoint checked in ``dtype``
+without autocast, the crossed end of the bracket kept, until the bracket is at most
+``refine_tolerance`` wide in Linf (``ceil(log2(|x_k - x_{k-1}|_inf / tolerance))`` forwards, 0
+when the step is already that short). The path distances stay the primary result; the refined
+point gives ``refined_l1``, ``refined_l2``, ``refined_linf`` (each the smaller of the refined
+and the path point's distance, since both are crossed images) and ``refine_forwards``. Rows
+that failed or crossed after 0 updates, and every row when refinement is off, report the path
+distances there and 0 forwards.
+
 During the attack the model is in eval mode with its weights frozen (``requires_grad_(False)``,
 5-6x faster); the caller's flags and train/eval modes are restored afterwards. The model takes
 images in [0, 1] (normalisation inside) and must already be on ``device`` in ``dtype``.
