@@ -2,7 +2,7 @@
 #   make book   set up, run every stage on the default (synthetic) data, build the book
 #   make test   set up, run every test
 # Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make nbval, make bench,
-# make clean.
+# make bench-quick, make clean.
 
 PYTHON ?= python3.11
 PROFILE ?= default
@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book stages stage nbval test browser bench lint clean
+.PHONY: setup book stages stage nbval test browser bench bench-quick lint clean
 
 setup: $(STAMP)
 
@@ -49,8 +49,13 @@ browser:
 test: $(STAMP) browser
 	$(VENV)/bin/pytest
 
+# The attack engine's speed in both precisions, agreement and memory (benchmarks/bench_attack.py);
+# bench-quick: a smaller trained model and job, within 10 minutes on two CPU cores.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attack.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench_attack.py --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lib tests notebooks benchmarks
