@@ -78,7 +78,7 @@ and the path point's distance, since both are crossed images) and ``refine_forwa
 that failed or crossed after 0 updates, and every row when refinement is off, report the path
 distances there and 0 forwards.
 
-During the attack the model is in eval mode with its weights frozen (``requires_grad_(False)``,
+During the attack the model is in eval mode with its weights frozen (:func:`lib.model.frozen`,
 5-6x faster); the caller's flags and train/eval modes are restored afterwards. The model takes
 images in [0, 1] (normalisation inside) and must already be on ``device`` in ``dtype``.
 
