@@ -488,8 +488,8 @@ def print_report(model, pool, frame, rates, ratios, fast, memory, args) -> dict:
                        ("plain batched loop", "plain"), ("per-image loop", "per_image")):
         print(f"{label:<40}{med[key]:>22.2f}{med['engine'] / med[key]:>14.2f}")
     runs = fast["runs"]
-    print(f"\nprecision job ({fast['rows']} rows, batch {fast['batch']})"
-          f"{'limit':>16}{'engine':>10}{'engine / limit':>16}")
+    title = f"precision job ({fast['rows']} rows, batch {fast['batch']})"
+    print(f"\n{title:<44}{'limit':>12}{'engine':>10}{'engine / limit':>16}")
     for name, run in runs.items():
         print(f"{name:<44}{run['limit']:>12.2f}{run['rate']:>10.2f}"
               f"{run['rate'] / run['limit']:>16.2f}")
