@@ -3,7 +3,7 @@
 #   make test   set up, run every test
 #   make check  lint and every test that does not run a whole pipeline (a few minutes)
 # Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make nbval, make bench,
-# make clean.
+# make bench-quick, make clean.
 
 PYTHON ?= python3.11
 PROFILE ?= default
@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book stages stage nbval test check browser bench lint clean
+.PHONY: setup book stages stage nbval test check browser bench bench-quick lint clean
 
 setup: $(STAMP)
 
@@ -57,8 +57,13 @@ check: $(STAMP)
 	$(VENV)/bin/ruff check lib tests notebooks benchmarks
 	$(VENV)/bin/pytest -q -m "not pipeline"
 
+# The attack engine's speed in both precisions, agreement and memory (benchmarks/bench_attack.py);
+# bench-quick: a smaller trained model and job, within 10 minutes on two CPU cores.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attack.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench_attack.py --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lib tests notebooks benchmarks

@@ -1,52 +1,51 @@
-"""Benchmark of the attack engine on AlexNet (7 classes) on the CPU: ratios, not absolute times.
+"""Benchmark of the attack engine on a trained AlexNet (7 classes): ratios, not absolute times.
 
-Usage: ``.venv/bin/python benchmarks/bench_attack.py [--size 64|224] [--quick]`` (``make bench``).
+Usage: ``.venv/bin/python benchmarks/bench_attack.py [--size 64|224] [--quick]`` (``make bench``,
+``make bench-quick``). ``--checkpoint FILE --pool FILE`` attack a given checkpoint and image
+pool instead of the benchmark's own trained one.
 
-What is measured (the machine is shared, so only ratios measured side by side mean anything;
-every ratio is the median over rounds):
+The job. A checkpoint that has actually been trained: the benchmark writes a small synthetic
+dataset in the Cholec80 layout (:mod:`lib.synthetic`), reads it like the pipeline does and
+trains AlexNet with :func:`lib.training.fit`, once; the dataset and checkpoint are kept under
+``data/bench/`` and reused. The pool is the first correctly classified test images of each
+class (``--per-class``), and the job every pool image toward every other class with every
+schedule, at the attack stage's default lr0, so iterations, failures and successes are those of
+a real run.
 
-- limit: the model's raw forward + backward-to-input throughput with frozen weights at the
-  engine's batch size, in sample-iterations per second. It is sampled *inside* each of the
-  loops below (one batched pass after every few units of their work, its time excluded from
-  theirs), and each loop's rate is divided by the limit sampled during it, so a change of the
-  machine's load between or during the measurements cancels;
-- engine: the whole job through :func:`lib.attack.iter_attack_rows` (rows mix schedules);
-  its work is sum(iterations + 1) sample-iterations. The job's mean batch fill (a replay of
-  the refill rule) is printed too: when the queue runs dry the batch shrinks, and a tail of
-  long attacks runs at small, inefficient batch sizes; the larger the job, the smaller it is;
-- per-image: one image at a time, as the paper's algorithm reads, weights frozen; and naive:
-  the same loop with the weights left requiring grad. These are slow, so each round runs
-  them on evenly spaced rows up to a work budget, counting sample-iterations themselves;
+What is measured, in one process, warmed up (the machine is shared: only ratios measured side
+by side mean anything; every ratio is a median over rounds):
+
+- the limit of each precision: one forward + backward to the input of a batch with frozen
+  weights, in sample-iterations per second. The float32 limit is sampled *inside* the loops
+  below (a pass after every few units of their work, its time excluded) and each loop's rate is
+  divided by the limit sampled during it, so load drifting between measurements cancels;
+- the engine in float32 on the whole job (:func:`lib.attack.iter_attack_rows`, schedules
+  mixed), work = sum(iterations + 1);
+- a plain batched loop with early stop and refill (:func:`plain_loop`, about 30 lines, as one
+  writes it without the engine) on the same rows and batch size;
+- the per-image loop (the paper's algorithm, one image at a time, weights frozen), on evenly
+  spaced rows up to a work budget;
+- the engine in bfloat16 (``precision="bfloat16"``) and in float32 on the same rows: the whole
+  job where the bfloat16 limit allows it within ``--fast-budget`` seconds, else an evenly
+  spaced subset of it (printed), at the batch size that subset fills; the bfloat16 limit is
+  measured at that batch size. Agreement: the share of rows with the same success flag, and
+  per schedule the median L1 of the rows successful in both;
 - memory: peak resident memory of a streamed job of N and of 4N rows (results dropped as they
-  finish), each in a fresh subprocess. Each subprocess warms up, reads its resident set,
-  resets the kernel's peak counter (``/proc/self/clear_refs``), runs the job and reads the peak
-  (``VmHWM``). The ratio is of the job's peak growth over that warm baseline, which is the
-  memory that could grow with the number of rows; a control run that keeps every result with
-  its image shows that the measurement sees such growth. The subprocesses run with glibc's
-  mmap threshold fixed at its default 128 KiB (``MALLOC_MMAP_THRESHOLD_``). Left dynamic, it
-  rises after large blocks are freed, later blocks of that size come from the heap, and the
-  peak then depends on the order of allocations: streamed jobs of 512, 2048 and 4096 rows at
-  batch 256 grew by 35, 80 and 39 MB, against 101.5, 101.9 and 101.9 MB with it fixed;
-- ceiling: what the CPU allows at all. The FLOPs of one forward + backward-to-input per
-  sample are counted (``torch.utils.flop_counter``) and the machine's float32 matmul peak is
-  timed (a 4096 x 4096 sgemm, before and after the rounds); peak / FLOPs bounds any engine's
-  rate, so ceiling / per-image and ceiling / naive bound the two speed-up ratios. ``--profile``
-  adds torch.profiler tables of one engine-sized pass, one per-image and one naive iteration.
+  finish), each in a fresh subprocess that warms up, resets the kernel's peak counter
+  (``/proc/self/clear_refs``), runs the job and reads ``VmHWM``; the ratio is of the peak
+  growths over the warm baseline. glibc's mmap threshold is fixed at its default 128 KiB
+  (``MALLOC_MMAP_THRESHOLD_``): left dynamic, the peak depends on the order of allocations;
+- the ceiling: FLOPs of one forward + backward to the input (``torch.utils.flop_counter``)
+  against the measured matmul peak of each precision; peak / FLOPs bounds any loop's rate.
 
-The model is torchvision's AlexNet with random weights and the normalisation inside; its last
-layer is fitted in closed form (ridge regression on the penultimate features) so that the pool
-images get varied classes and margins and the attacks need varied numbers of iterations. lr0
-is calibrated so that the constant schedule needs a median of about 8 iterations; step and
-exponential decay (bounded sums of steps) then often fail at max_iter, as in the paper.
-
-The last line printed is, exactly:
-``engine_vs_limit=<r> engine_vs_per_image=<r> engine_vs_naive=<r> memory_4x_over_1x=<r>``
+The last line printed is, exactly (issue 14):
+``engine_vs_limit=<r> fast_vs_float32=<r> fast_vs_fast_limit=<r> engine_vs_plain=<r>
+success_agreement=<share> l1_shift=<r> memory_4x_over_1x=<r>`` (one line).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -60,74 +59,67 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from lib import attack as engine  # noqa: E402
-from lib import schedules  # noqa: E402
+from lib import datasets, schedules, synthetic, training  # noqa: E402
+from lib import model as model_lib  # noqa: E402
+from lib import precision as precision_lib  # noqa: E402
+from lib.model import frozen  # noqa: E402
 
 NUM_CLASSES = 7
 SCHEDULE_NAMES = list(schedules.SCHEDULES)
-PROBE_LR0 = 1 / 255  # calibration step; the job's lr0 is scaled from it (see calibrate_lr0)
-CONSTANT_ITERATIONS = 8  # wanted median iterations of the constant schedule (paper-like job)
-# glibc's default mmap threshold (128 KiB), fixed in the memory probes (module docstring)
-MMAP_THRESHOLD = 128 * 1024
+LR0 = 0.008  # the attack stage's default lr0 (about 2/255)
+MMAP_THRESHOLD = 128 * 1024  # glibc's default mmap threshold, fixed in the memory probes
+LAST_LINE_KEYS = (
+    "engine_vs_limit", "fast_vs_float32", "fast_vs_fast_limit", "engine_vs_plain",
+    "success_agreement", "l1_shift", "memory_4x_over_1x",
+)
 
 
-class Normalized(nn.Module):
-    """AlexNet taking [0, 1] images, ImageNet normalisation as its first step."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        h = net.avgpool(net.features((x - self.mean) / self.std)).flatten(1)
-        return net.classifier[:-1](h)
+# --------------------------------------------------------------------------- the job
 
 
-def make_pool(size: int, per_class: int, seed: int) -> torch.Tensor:
-    """Smooth random images in [0, 1], [7 * per_class, 3, size, size]."""
-    generator = torch.Generator().manual_seed(seed)
-    low = torch.rand(NUM_CLASSES * per_class, 3, 6, 6, generator=generator)
-    images = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
-    noise = 0.03 * torch.randn(images.shape, generator=generator)
-    return (images + noise).clamp(0, 1)
+def trained_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Train (once) on a synthetic dataset; the checkpoint file and the attacked pool file."""
+    name = f"synthetic-{args.videos}v-{args.seconds}s-{args.size}px-{args.epochs}ep"
+    folder = ROOT / "data" / "bench" / name
+    checkpoint = folder / "train" / f"epoch_{args.epochs:02d}.safetensors"
+    pool_file = folder / f"pool-{args.per_class}.pt"
+    if checkpoint.is_file() and pool_file.is_file():
+        return checkpoint, pool_file
+    start = time.perf_counter()
+    root = synthetic.generate(folder / "dataset", n_videos=args.videos,
+                              seconds_per_video=args.seconds, width=192, height=108, seed=0,
+                              workers=1, progress=False)
+    splits = datasets.load_cholec80(root, image_size=args.size, cache_dir=folder / "cache",
+                                    workers=1, progress=False)
+    metrics = training.fit(splits["train"], splits["test"], out_dir=folder / "train",
+                           epochs=args.epochs, lr=0.003, progress=False)
+    model = model_lib.load_checkpoint(checkpoint, map_location="cpu").eval()
+    torch.save(select_pool(model, splits["test"], args.per_class), pool_file)
+    last = metrics.iloc[-1]
+    print(f"trained on {len(splits['train'])} synthetic frames for {args.epochs} epochs in "
+          f"{time.perf_counter() - start:.0f} s: test accuracy {last['accuracy']:.3f}, macro F1 "
+          f"{last['macro_f1']:.3f} ({len(splits['test'])} test frames)", flush=True)
+    return checkpoint, pool_file
 
 
-def make_model(pool: torch.Tensor, *, seed: int) -> Normalized:
-    """Random AlexNet whose last layer maps pool image i to class i % 7 (ridge fit).
-
-    The fitted logit margins run from 2 to 12 over the pool, so attacks need from a few to
-    many iterations.
-    """
-    torch.manual_seed(seed)
-    model = Normalized(torchvision.models.alexnet(num_classes=NUM_CLASSES)).eval()
-    with torch.no_grad():
-        features = model.penultimate(pool).double()
-        labels = torch.arange(len(pool)) % NUM_CLASSES
-        margin = torch.linspace(2, 12, len(pool), dtype=torch.float64)[torch.randperm(len(pool))]
-        wanted = margin[:, None] * (F.one_hot(labels, NUM_CLASSES).double() - 1 / NUM_CLASSES)
-        mean = features.mean(0)
-        centred = features - mean
-        gram = centred @ centred.T
-        ridge = 1e-3 * gram.diagonal().mean()
-        dual = torch.linalg.solve(gram + ridge * torch.eye(len(pool), dtype=gram.dtype), wanted)
-        weight = centred.T @ dual  # [4096, 7]
-        last = model.net.classifier[-1]
-        last.weight.copy_(weight.T.float())
-        last.bias.copy_((-(mean @ weight)).float())
-    return model
+def select_pool(model: nn.Module, test_set, per_class: int) -> torch.Tensor:
+    """The first ``per_class`` correctly classified test images of each class (seeded order)."""
+    order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))
+    images = test_set.images[order].float() / 255
+    labels = test_set.labels[order]
+    with frozen(model), torch.no_grad():
+        predicted = torch.cat([model(images[k : k + 256]).argmax(1)
+                               for k in range(0, len(images), 256)])
+    chosen = [(labels == c) & (predicted == c) for c in range(NUM_CLASSES)]
+    index = torch.cat([mask.nonzero().flatten()[:per_class] for mask in chosen])
+    return images[index].contiguous()
 
 
 def make_rows(model: nn.Module, pool: torch.Tensor) -> list[engine.AttackRow]:
@@ -137,62 +129,37 @@ def make_rows(model: nn.Module, pool: torch.Tensor) -> list[engine.AttackRow]:
     rows = []
     for image, source in enumerate(sources):
         for target in range(NUM_CLASSES):
-            if target == source:
-                continue
-            for schedule in SCHEDULE_NAMES:
-                rows.append(engine.AttackRow(len(rows), image, source, target, schedule))
+            if target != source:
+                for schedule in SCHEDULE_NAMES:
+                    rows.append(engine.AttackRow(len(rows), image, source, target, schedule))
     return rows
 
 
-# --------------------------------------------------------------------------- measurements
-
-
-def calibrate_lr0(model: nn.Module, pool: torch.Tensor, rows: list) -> float:
-    """lr0 at which constant-schedule attacks need a median of about CONSTANT_ITERATIONS.
-
-    The random model's sensitivity depends on the pool, so a fixed lr0 gives jobs from trivial
-    to hopeless; the number of steps to a flip scales about as 1 / lr0.
-    """
-    probe = [r for r in rows if r.schedule == "constant"][:64]
-    result = engine.attack_rows(model, pool, probe, lr0=PROBE_LR0, max_iter=100)
-    median = max(float(result.iterations.double().median()), 1.0)
-    return PROBE_LR0 * median / CONSTANT_ITERATIONS
-
-
-@contextlib.contextmanager
-def frozen_weights(model: nn.Module):
-    """Weights not requiring grad inside the block; each parameter's flag restored after."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
+# --------------------------------------------------------------------------- the loops
 
 
 class LimitSampler:
     """The limit, sampled inside another measurement: one batched pass at a time.
 
     One pass is a forward + backward to the input of ``batch_size`` pool images with frozen
-    weights. Calling :meth:`sample` between units of another loop's work (whose own time
-    excludes the pass) measures the limit under the same machine load as that loop.
+    weights, in ``precision``; :meth:`sample` between units of another loop's work (whose own
+    time excludes the pass) measures the limit under that loop's machine load.
     """
 
-    def __init__(self, model: nn.Module, pool: torch.Tensor, batch_size: int):
+    def __init__(self, model: nn.Module, pool: torch.Tensor, batch_size: int,
+                 precision: str = "float32"):
         repeats = -(-batch_size // len(pool))
-        self.model = model
+        self.model, self.precision = model, precision
         self.x = pool.repeat(repeats, 1, 1, 1)[:batch_size].clone()
         self.targets = torch.arange(batch_size) % NUM_CLASSES
-        self.seconds = 0.0
-        self.samples = 0
+        self.seconds, self.samples = 0.0, 0
 
     def sample(self) -> None:
-        with frozen_weights(self.model):
+        with frozen(self.model):
             start = time.perf_counter()
             x = self.x.clone().requires_grad_(True)
-            loss = F.cross_entropy(self.model(x), self.targets, reduction="none").sum()
-            torch.autograd.grad(loss, x)
+            logits = precision_lib.forward(self.model, x, precision=self.precision)
+            torch.autograd.grad(F.cross_entropy(logits, self.targets, reduction="sum"), x)
             self.seconds += time.perf_counter() - start
         self.samples += len(self.x)
 
@@ -202,69 +169,97 @@ class LimitSampler:
         return self.samples / self.seconds
 
 
-def run_engine(model, pool, rows, *, lr0: float, max_iter: int, batch_size: int,
-               limit: LimitSampler, every: int = 8):
-    """The whole job through the engine, a limit pass after every ``every``-th result chunk.
-
-    Returns the engine's seconds (the limit passes excluded), its work sum(iterations + 1)
-    and the results' scalars.
-    """
-    work, frames, seconds = 0, [], 0.0
-    stream = engine.iter_attack_rows(
-        model, pool, rows, lr0=lr0, max_iter=max_iter, batch_size=batch_size
-    )
+def timed(stream, limit: LimitSampler | None, every: int = 8) -> tuple[float, list]:
+    """Consume ``stream``, timing only its own steps; a limit pass after every ``every``-th."""
+    seconds, items = 0.0, []
     for k in itertools.count():
         start = time.perf_counter()
-        chunk = next(stream, None)
+        item = next(stream, None)
         seconds += time.perf_counter() - start
-        if chunk is None:
-            break
-        work += int(chunk.iterations.sum()) + len(chunk)
-        frames.append(chunk.to_frame())
-        if k % every == 0:
+        if item is None:
+            return seconds, items
+        items.append(item)
+        if limit is not None and k % every == 0:
             limit.sample()
-    frame = pd.concat(frames).sort_values("row_id", kind="stable")
-    return seconds, work, frame
 
 
-def per_image_loop(
-    model, pool, rows, *, lr0: float, max_iter: int, frozen: bool, budget: int,
-    limit: LimitSampler,
-) -> tuple[float, int]:
-    """One image at a time, the paper's loop; seconds and sample-iterations (forwards).
+def run_engine(model, pool, rows, *, limit, **options) -> tuple[float, int, pd.DataFrame]:
+    """The job through the engine: seconds, work sum(iterations + 1), the results' scalars."""
+    stream = engine.iter_attack_rows(model, pool, rows, lr0=LR0, **options)
+    seconds, chunks = timed(stream, limit)
+    work = sum(int(c.iterations.sum()) + len(c) for c in chunks)
+    frame = pd.concat([c.to_frame() for c in chunks]).sort_values("row_id", kind="stable")
+    frame["schedule"] = [r.schedule for r in sorted(rows, key=lambda r: r.row_id)]
+    return seconds, work, frame.reset_index(drop=True)
+
+
+def plain_loop(model, pool, rows, *, lr0: float, max_iter: int, batch_size: int):
+    """A plain batched I-FGSM with early stop and refill, as written without the engine.
+
+    Yields, per batched iteration, the sample-iterations done and the rows that finished as
+    ``(row_id, success, iterations)``.
+    """
+    steps = {name: schedules.bind(name, lr0=lr0) for name in SCHEDULE_NAMES}
+    queue, active = list(rows), []
+    with frozen(model):
+        while queue or active:
+            while queue and len(active) < batch_size:
+                row = queue.pop(0)
+                active.append([row, pool[row.image].clone(), 0, torch.full((max_iter,), math.nan)])
+            x = torch.stack([a[1] for a in active]).requires_grad_(True)
+            target = torch.tensor([a[0].target for a in active])
+            logits = model(x)
+            loss = F.cross_entropy(logits, target, reduction="none")
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            hit = (logits.argmax(1) == target).tolist()
+            finished, going = [], []
+            for k, entry in enumerate(active):
+                row, _, step, losses = entry
+                if hit[k] or step == max_iter:
+                    finished.append((row.row_id, hit[k], step))
+                    continue
+                losses[step] = loss[k].item()
+                lr = steps[row.schedule](torch.tensor([step + 1]), losses[None]).item()
+                entry[1] = (x[k].detach() - lr * grad[k].sign()).clamp(0, 1)
+                entry[2] = step + 1
+                going.append(entry)
+            yield len(active), finished
+            active = going
+
+
+def per_image_loop(model, pool, rows, *, max_iter: int, budget: int, limit) -> tuple[float, int]:
+    """One image at a time, the paper's loop, weights frozen: seconds and sample-iterations.
 
     Runs whole rows, in order, until ``budget`` sample-iterations are done, with a limit pass
-    after each row (its time excluded). It calls ``loss.backward()``, so with
-    ``frozen=False`` the weight gradients are computed too (as in a plain implementation),
-    while ``autograd.grad(loss, x)`` would skip them.
+    after each row (its time excluded).
     """
-    bound = {name: schedules.bind(name, lr0=lr0) for name in SCHEDULE_NAMES}
+    steps = {name: schedules.bind(name, lr0=LR0) for name in SCHEDULE_NAMES}
     work, seconds = 0, 0.0
     for row in rows:
-        if frozen:
-            model.requires_grad_(False)
-        start = time.perf_counter()
-        x = pool[row.image : row.image + 1].clone()
-        target = torch.tensor([row.target])
-        losses = torch.full((1, max_iter), float("nan"))
-        for i in range(1, max_iter + 2):
-            x.requires_grad_(True)
-            logits = model(x)
-            work += 1
-            if logits.argmax(1).item() == row.target or i > max_iter:
-                break
-            loss = F.cross_entropy(logits, target)
-            model.zero_grad(set_to_none=True)
-            loss.backward()  # as the algorithm is usually written; x.grad is the gradient
-            losses[0, i - 1] = loss.item()
-            lr = bound[row.schedule](torch.tensor([i]), losses)
-            x = (x.detach() - lr * x.grad.sign()).clamp(0, 1)
-        seconds += time.perf_counter() - start
-        model.requires_grad_(True)
+        with frozen(model):
+            start = time.perf_counter()
+            x = pool[row.image : row.image + 1].clone()
+            target = torch.tensor([row.target])
+            losses = torch.full((1, max_iter), math.nan)
+            for i in range(1, max_iter + 2):
+                x.requires_grad_(True)
+                logits = model(x)
+                work += 1
+                if logits.argmax(1).item() == row.target or i > max_iter:
+                    break
+                loss = F.cross_entropy(logits, target)
+                (grad,) = torch.autograd.grad(loss, x)
+                losses[0, i - 1] = loss.item()
+                lr = steps[row.schedule](torch.tensor([i]), losses)
+                x = (x.detach() - lr * grad.sign()).clamp(0, 1)
+            seconds += time.perf_counter() - start
         limit.sample()
         if work >= budget:
             break
     return seconds, work
+
+
+# --------------------------------------------------------------------------- arithmetic
 
 
 def occupancy(iterations: list[int], batch_size: int) -> tuple[float, int]:
@@ -290,18 +285,53 @@ def occupancy(iterations: list[int], batch_size: int) -> tuple[float, int]:
     return work / (loops * batch_size), loops
 
 
+def spread_subset(work: list[int], budget: float, minimum: int = 5) -> list[int]:
+    """Positions of an evenly spaced subset of rows whose total work fits ``budget``.
+
+    The smallest stride s whose rows 0, s, 2s, ... fit; at least ``minimum`` rows (or all).
+    """
+    for stride in range(1, len(work) + 1):
+        chosen = list(range(0, len(work), stride))
+        if sum(work[k] for k in chosen) <= budget or len(chosen) <= minimum:
+            return chosen
+    return [0]
+
+
+def agreement(float32: pd.DataFrame, fast: pd.DataFrame) -> tuple[float, float, pd.DataFrame]:
+    """Success agreement, l1_shift and the per-schedule medians of two runs of the same rows.
+
+    Both frames have ``row_id, schedule, success, l1``. ``success_agreement`` is the share of
+    rows with the same success flag; per schedule the median L1 of the rows successful in both
+    runs; ``l1_shift`` the largest |median fast / median float32 - 1| over schedules (NaN when
+    no schedule has a row successful in both).
+    """
+    both = float32.merge(fast, on=["row_id", "schedule"], suffixes=("_32", "_16"),
+                         validate="one_to_one")
+    same = float((both["success_32"] == both["success_16"]).mean())
+    ok = both[both["success_32"] & both["success_16"]]
+    medians = ok.groupby("schedule", sort=False).agg(
+        rows=("l1_32", "size"), l1_float32=("l1_32", "median"), l1_bfloat16=("l1_16", "median"))
+    shifts = (medians["l1_bfloat16"] / medians["l1_float32"] - 1).abs()
+    return same, float(shifts.max()) if len(shifts) else math.nan, medians
+
+
+def last_line(result: dict[str, float]) -> str:
+    """The benchmark's last line: every key of :data:`LAST_LINE_KEYS`, two decimals."""
+    return " ".join(f"{key}={result[key]:.2f}" for key in LAST_LINE_KEYS)
+
+
 def flops_per_sample_iteration(model: nn.Module, pool: torch.Tensor) -> int:
     """FLOPs of one forward + backward to the input of one image, weights frozen."""
     x = pool[:1].clone().requires_grad_(True)
-    with frozen_weights(model), FlopCounterMode(display=False) as counter:
+    with frozen(model), FlopCounterMode(display=False) as counter:
         # backward() rather than autograd.grad: the counter's hooks need a full backward
         F.cross_entropy(model(x), torch.tensor([0])).backward()
     return counter.get_total_flops()
 
 
-def matmul_peak(size: int = 4096, repeats: int = 5) -> float:
-    """The machine's float32 matmul rate in FLOP/s: best of ``repeats`` square sgemms."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(size: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul rate in ``dtype``, FLOP/s: best of ``repeats`` square products."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best = math.inf
     for _ in range(repeats):
@@ -311,56 +341,24 @@ def matmul_peak(size: int = 4096, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def profile_tables(model, pool, *, batch_size: int, rows: int = 12) -> None:
-    """torch.profiler tables (self CPU time) of an engine-sized pass and per-image iterations."""
-
-    batched_pass = LimitSampler(model, pool, batch_size).sample  # the limit's own pass
-    def per_image_iteration():
-        x = pool[:1].clone().requires_grad_(True)
-        loss = F.cross_entropy(model(x), torch.tensor([0]))
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-
-    cases = (
-        (f"one pass at batch {batch_size}, weights frozen", batched_pass, False, 2),
-        ("per-image iteration, weights frozen", per_image_iteration, False, 10),
-        ("per-image iteration, weights need grad (naive)", per_image_iteration, True, 10),
-    )
-    for title, work, weight_grads, count in cases:
-        model.requires_grad_(weight_grads)
-        work()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(count):
-                work()
-        print(f"\nprofile: {title}, {count} runs")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    model.requires_grad_(True)
+# --------------------------------------------------------------------------- memory
 
 
 def memory_probe(args: argparse.Namespace) -> None:
     """Subprocess entry: peak RSS growth of one streamed job of ``args.memory_probe`` rows."""
-    pool = make_pool(args.size, args.per_class, seed=0)
-    model = make_model(pool, seed=0)
+    model = model_lib.load_checkpoint(args.checkpoint, map_location="cpu").eval()
+    pool = torch.load(args.pool)
     base_rows = make_rows(model, pool)
-    lr0 = args.lr0 or PROBE_LR0
-    count = args.memory_probe
-    rows = [
-        base_rows[k % len(base_rows)]._replace(row_id=k) for k in range(count)
-    ]  # the same images and targets, cycled to the job size
-    options = dict(lr0=lr0, max_iter=args.probe_iter, batch_size=args.batch_size)
+    rows = [base_rows[k % len(base_rows)]._replace(row_id=k) for k in range(args.memory_probe)]
+    options = dict(lr0=LR0, max_iter=args.probe_iter, batch_size=args.batch_size)
     for _ in engine.iter_attack_rows(model, pool, rows[: 2 * args.batch_size], **options):
         pass  # warm-up: allocator, oneDNN primitives, code paths
     baseline = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM to the current resident set
-    kept = []
-    for chunk in engine.iter_attack_rows(
-        model, pool, rows, keep_images=args.keep_all, **options
-    ):
-        if args.keep_all:
-            kept.append(chunk)  # control: a consumer that holds everything
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"rows": count, "baseline_kb": baseline, "peak_kb": peak}))
+    for _ in engine.iter_attack_rows(model, pool, rows, **options):
+        pass
+    print(json.dumps({"rows": len(rows), "baseline_kb": baseline, "peak_kb": _status_kb("VmHWM")}))
 
 
 def _status_kb(field: str) -> int:
@@ -370,170 +368,188 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_memory(args: argparse.Namespace, rows: int, *, keep_all: bool) -> dict:
-    command = [
-        sys.executable, __file__, "--memory-probe", str(rows), "--size", str(args.size),
-        "--per-class", str(args.per_class), "--batch-size", str(args.batch_size),
-        "--probe-iter", str(args.probe_iter), "--lr0", repr(args.lr0),
-    ] + (["--keep-all"] if keep_all else []) + (["--quick"] if args.quick else [])
+def measure_memory(args: argparse.Namespace, rows: int) -> float:
+    """Peak resident growth in MB of a streamed job of ``rows`` rows, in a fresh process."""
+    command = [sys.executable, __file__, "--memory-probe", str(rows), "--checkpoint",
+               str(args.checkpoint), "--pool", str(args.pool), "--batch-size",
+               str(args.batch_size), "--probe-iter", str(args.probe_iter)]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    output = subprocess.run(
-        command, check=True, capture_output=True, text=True, env=environment
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    output = subprocess.run(command, check=True, capture_output=True, text=True,
+                            env=environment).stdout
+    probe = json.loads(output.strip().splitlines()[-1])
+    return (probe["peak_kb"] - probe["baseline_kb"]) / 1024
 
 
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=64, choices=[64, 224])
-    parser.add_argument("--quick", action="store_true", help="fewer images and rounds")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="smaller job, fewer rounds")
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--per-class", type=int, default=None, help="pool images per class")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--max-iter", type=int, default=100)
+    parser.add_argument("--max-iter", type=int, default=None)
+    parser.add_argument("--fast-budget", type=float, default=None,
+                        help="seconds the bfloat16 engine run may take (sets the subset)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="attack this checkpoint")
+    parser.add_argument("--pool", type=Path, default=None, help="with --checkpoint: images .pt")
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--keep-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-iter", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--lr0", type=float, default=None, help="default: calibrated")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables")
     args = parser.parse_args()
-    if args.per_class is None:
-        args.per_class = 3 if args.quick else 6
-    if args.probe_iter is None:
-        args.probe_iter = (5 if args.quick else 10) if args.size == 64 else 3
+    quick = args.quick
+    defaults = dict(batch_size=32 if quick else 256, per_class=1 if quick else 4,
+                    rounds=2 if quick else 3, max_iter=20 if quick else 100,
+                    fast_budget=40.0 if quick else 900.0, probe_iter=1 if quick else 10)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    # the training run of the default book (about 800 frames, 10 epochs: test accuracy 0.87),
+    # shared by quick and full runs and kept under data/bench/; a smaller one barely learns
+    args.videos, args.seconds, args.epochs = 16, 180, 10
+    return args
+
+
+def measure_float32(model, pool, rows, args) -> tuple[dict, dict, pd.DataFrame]:
+    """Rounds of engine, plain loop and per-image loop; rates and per-round ratios."""
+    rates = {k: [] for k in ("limit", "engine", "plain", "per_image")}
+    ratios = {k: [] for k in ("engine_vs_limit", "engine_vs_plain", "engine_vs_per_image")}
+    spread = rows[:: max(1, len(rows) // 48)]
+    frame = None
+    for round_ in range(args.rounds):
+        limit = {k: LimitSampler(model, pool, args.batch_size) for k in ("e", "p", "i")}
+        seconds, work, frame = run_engine(model, pool, rows, limit=limit["e"],
+                                          max_iter=args.max_iter, batch_size=args.batch_size)
+        engine_rate = work / seconds
+        seconds, steps = timed(plain_loop(model, pool, rows, lr0=LR0, max_iter=args.max_iter,
+                                          batch_size=args.batch_size), limit["p"])
+        plain_rate = sum(s[0] for s in steps) / seconds
+        seconds, count = per_image_loop(model, pool, spread[round_ % 2 :: 2],
+                                        max_iter=args.max_iter, budget=args.per_image_budget,
+                                        limit=limit["i"])
+        per_image = count / seconds
+        relative = engine_rate / limit["e"].rate
+        for key, value in zip(rates, (limit["e"].rate, engine_rate, plain_rate, per_image),
+                              strict=True):
+            rates[key].append(value)
+        ratios["engine_vs_limit"].append(relative)
+        ratios["engine_vs_plain"].append(relative / (plain_rate / limit["p"].rate))
+        ratios["engine_vs_per_image"].append(relative / (per_image / limit["i"].rate))
+        print(f"round {round_ + 1}: engine {engine_rate:.1f} (limit {limit['e'].rate:.1f}), "
+              f"plain {plain_rate:.1f} (limit {limit['p'].rate:.1f}), per-image "
+              f"{per_image:.2f} (limit {limit['i'].rate:.1f}) sample-it/s; "
+              + " ".join(f"{k}={v[-1]:.2f}" for k, v in ratios.items()), flush=True)
+    return rates, ratios, frame
+
+
+def measure_precisions(model, pool, rows, frame, args) -> dict:
+    """The engine in float32 and bfloat16 on the same rows; limits of both; agreement."""
+    fast_limit = LimitSampler(model, pool, 1, "bfloat16")
+    fast_limit.sample()  # warm-up, then a first estimate of the bfloat16 rate
+    fast_limit = LimitSampler(model, pool, 1, "bfloat16")
+    fast_limit.sample()
+    work = (frame["iterations"] + 1).tolist()
+    chosen = spread_subset(work, fast_limit.rate * args.fast_budget)
+    subset = [rows[k] for k in chosen]
+    batch = min(args.batch_size, len(subset))
+    print(f"precision job: {len(subset)} of {len(rows)} rows (evenly spaced; the bfloat16 "
+          f"limit here is {fast_limit.rate:.2f} sample-it/s at batch 1), batch {batch}",
+          flush=True)
+    runs = {}
+    for name in ("float32", "bfloat16"):
+        limit = LimitSampler(model, pool, batch, name)
+        limit.sample()  # warm-up at this batch size
+        limit = LimitSampler(model, pool, batch, name)
+        limit.sample()
+        seconds, count, result = run_engine(model, pool, subset, limit=None,
+                                            max_iter=args.max_iter, batch_size=batch,
+                                            precision=name)
+        limit.sample()
+        runs[name] = dict(rate=count / seconds, limit=limit.rate, frame=result)
+        print(f"  {name}: engine {count / seconds:.2f}, limit {limit.rate:.2f} sample-it/s "
+              f"({count} sample-iterations in {seconds:.1f} s)", flush=True)
+    same, shift, medians = agreement(runs["float32"]["frame"], runs["bfloat16"]["frame"])
+    return dict(runs=runs, success_agreement=same, l1_shift=shift, medians=medians,
+                rows=len(subset), batch=batch)
+
+
+def print_report(model, pool, frame, rates, ratios, fast, memory, args) -> dict:
+    """The tables and ceilings; returns the last line's values."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    fill, loops = occupancy(frame["iterations"].tolist(), args.batch_size)
+    print("\njob: iterations per schedule (mean, max), success rate")
+    print(frame.groupby("schedule", sort=False).agg(
+        iterations=("iterations", "mean"), max_iter=("iterations", "max"),
+        success=("success", "mean")).round(2).to_string())
+    print(f"engine loop: {loops} batched iterations, mean batch fill {fill:.2f}")
+    print(f"\n{'float32, whole job':<40}{'sample-it/s (median)':>22}{'engine / it':>14}")
+    for label, key in (("limit (sampled during the engine)", "limit"), ("engine", "engine"),
+                       ("plain batched loop", "plain"), ("per-image loop", "per_image")):
+        print(f"{label:<40}{med[key]:>22.2f}{med['engine'] / med[key]:>14.2f}")
+    runs = fast["runs"]
+    title = f"precision job ({fast['rows']} rows, batch {fast['batch']})"
+    print(f"\n{title:<44}{'limit':>12}{'engine':>10}{'engine / limit':>16}")
+    for name, run in runs.items():
+        print(f"{name:<44}{run['limit']:>12.2f}{run['rate']:>10.2f}"
+              f"{run['rate'] / run['limit']:>16.2f}")
+    print(f"agreement: success flags equal on {fast['success_agreement']:.1%} of rows; "
+          "median L1 of rows successful in both:")
+    print(fast["medians"].to_string(float_format=lambda v: f"{v:.5f}"))
+    flops = flops_per_sample_iteration(model, pool)
+    print()
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        size = 2048 if name == "float32" or precision_lib.bf16_is_fast("cpu") else 512
+        peak = matmul_peak(size=size, dtype=dtype)
+        ceiling = peak / flops
+        limit = med["limit"] if name == "float32" else runs[name]["limit"]
+        print(f"ceiling {name}: {flops / 1e9:.3f} GFLOP per sample-iteration, {name} matmul "
+              f"peak {peak / 1e9:.1f} GFLOP/s ({size}x{size}): at most {ceiling:.1f} sample-it/s;"
+              f" the limit reaches {limit / ceiling:.0%} of it")
+    print(f"bf16 hardware on this CPU: {precision_lib.bf16_is_fast('cpu')} "
+          f"(torch capability {torch.backends.cpu.get_cpu_capability()}); precision 'auto' "
+          f"resolves to {precision_lib.resolve('auto', 'cpu')}")
+    print(f"\nmemory, streamed job: {memory[0]:.1f} MB growth at N, {memory[1]:.1f} MB at 4N "
+          f"(N = {2 * args.batch_size} rows; glibc mmap threshold fixed at 128 KiB)")
+    print("float32 ratios: medians over rounds, each rate divided by the limit sampled during it")
+    return dict(
+        engine_vs_limit=statistics.median(ratios["engine_vs_limit"]),
+        fast_vs_float32=runs["bfloat16"]["rate"] / runs["float32"]["rate"],
+        fast_vs_fast_limit=runs["bfloat16"]["rate"] / runs["bfloat16"]["limit"],
+        engine_vs_plain=statistics.median(ratios["engine_vs_plain"]),
+        success_agreement=fast["success_agreement"], l1_shift=fast["l1_shift"],
+        memory_4x_over_1x=memory[1] / memory[0],
+    )
+
+
+def main() -> None:
+    args = parse_arguments()
     if args.memory_probe:
         memory_probe(args)
         return
-    rounds = args.rounds or (2 if args.quick else 3)
-
-    pool = make_pool(args.size, args.per_class, seed=0)
-    model = make_model(pool, seed=0)
+    started = time.perf_counter()
+    if args.checkpoint is None:
+        args.checkpoint, args.pool = trained_checkpoint(args)
+    model = model_lib.load_checkpoint(args.checkpoint, map_location="cpu").eval()
+    pool = torch.load(args.pool)
     rows = make_rows(model, pool)
-    lr0 = args.lr0 = args.lr0 or calibrate_lr0(model, pool, rows)
-    spread = rows[:: max(1, len(rows) // 48)]  # evenly spaced: every schedule and target
-    # work budgets (sample-iterations) of the slow loops per round: about 20 s each unloaded
-    budget = {"per_image": 600 if args.quick else 900, "naive": 100 if args.quick else 150}
-    if args.size == 224:
-        budget = {k: v // 3 for k, v in budget.items()}
-    print(
-        f"AlexNet {args.size}px, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-        f"{len(rows)} rows ({len(pool)} images x 6 targets x {len(SCHEDULE_NAMES)} schedules), "
-        f"lr0 {lr0:.4g} (x255 = {lr0 * 255:.3g}), max_iter {args.max_iter}, {rounds} rounds",
-        flush=True,
-    )
-
-    # warm-up: every path once
+    args.per_image_budget = 100 if args.quick else 900
+    print(f"AlexNet {args.size}px, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{len(rows)} rows ({len(pool)} images x 6 targets x {len(SCHEDULE_NAMES)} schedules), "
+          f"lr0 {LR0}, max_iter {args.max_iter}, {args.rounds} rounds", flush=True)
     warm = LimitSampler(model, pool, args.batch_size)
     warm.sample()
-    run_engine(model, pool, rows[: args.batch_size], lr0=lr0, max_iter=3,
-               batch_size=args.batch_size, limit=warm)
-    per_image_loop(model, pool, rows[:2], lr0=lr0, max_iter=2, frozen=True, budget=4,
-                   limit=warm)
-    if args.profile:
-        profile_tables(model, pool, batch_size=args.batch_size)
-    flops = flops_per_sample_iteration(model, pool)
-    peaks = [matmul_peak()]
-
-    rates = {"limit": [], "engine": [], "per_image": [], "naive": []}
-    ratios = {"engine_vs_limit": [], "engine_vs_per_image": [], "engine_vs_naive": []}
-    work, frame = 0, None
-    for round_ in range(rounds):
-        limit = {k: LimitSampler(model, pool, args.batch_size) for k in ("engine", "p", "n")}
-        seconds, work, frame = run_engine(
-            model, pool, rows, lr0=lr0, max_iter=args.max_iter, batch_size=args.batch_size,
-            limit=limit["engine"],
-        )
-        engine_rate = work / seconds
-        offset = spread[round_ % 2 :: 2]  # alternate halves: more rows seen over the rounds
-        seconds, count = per_image_loop(
-            model, pool, offset, lr0=lr0, max_iter=args.max_iter, frozen=True,
-            budget=budget["per_image"], limit=limit["p"],
-        )
-        per_image = count / seconds
-        seconds, count = per_image_loop(
-            model, pool, offset[::-1], lr0=lr0, max_iter=args.max_iter, frozen=False,
-            budget=budget["naive"], limit=limit["n"],
-        )
-        naive = count / seconds
-        for name, value in zip(rates, (limit["engine"].rate, engine_rate, per_image, naive),
-                               strict=True):
-            rates[name].append(value)
-        # every rate relative to the limit sampled during it: a shared machine's speed drifts
-        engine_relative = engine_rate / limit["engine"].rate
-        ratios["engine_vs_limit"].append(engine_relative)
-        ratios["engine_vs_per_image"].append(engine_relative / (per_image / limit["p"].rate))
-        ratios["engine_vs_naive"].append(engine_relative / (naive / limit["n"].rate))
-        print(
-            f"round {round_ + 1}: engine {engine_rate:.1f} (limit {limit['engine'].rate:.1f}), "
-            f"per-image {per_image:.2f} (limit {limit['p'].rate:.1f}), naive {naive:.2f} "
-            f"(limit {limit['n'].rate:.1f}) sample-iterations/s; "
-            + " ".join(f"{k}={v[-1]:.2f}" for k, v in ratios.items()),
-            flush=True,
-        )
-
-    peaks.append(matmul_peak())
-    frame["schedule"] = [r.schedule for r in rows]
-    fill, loops = occupancy(frame["iterations"].tolist(), args.batch_size)
+    run_engine(model, pool, rows[: args.batch_size], limit=warm, max_iter=2,
+               batch_size=args.batch_size)
+    timed(plain_loop(model, pool, rows[: args.batch_size], lr0=LR0, max_iter=2,
+                     batch_size=args.batch_size), warm)
+    rates, ratios, frame = measure_float32(model, pool, rows, args)
+    fast = measure_precisions(model, pool, rows, frame, args)
     n = 2 * args.batch_size
-    memory = {
-        (keep, count): measure_memory(args, count, keep_all=keep)
-        for keep in ((False, True) if not args.quick else (False,))
-        for count in (n, 4 * n)
-    }
-
-    med = {name: statistics.median(v) for name, v in rates.items()}
-    print()
-    print("job: iterations per schedule (mean, max), success rate")
-    summary = frame.groupby("schedule", sort=False).agg(
-        iterations=("iterations", "mean"), max_iter=("iterations", "max"),
-        success=("success", "mean"),
-    )
-    print(summary.round(2).to_string())
-    print(f"work sum(iterations + 1) = {work} sample-iterations over {len(rows)} rows")
-    print(f"engine loop: {loops} batched iterations, mean batch fill {fill:.2f} (1 = always full)")
-    print()
-    print(f"{'how':<42}{'sample-it/s (median)':>22}{'engine / it (raw)':>20}")
-    for label, key in (
-        ("limit (sampled during the engine run)", "limit"),
-        ("engine: stream, early stop, refill", "engine"),
-        ("per-image loop, frozen", "per_image"),
-        ("per-image loop, weights need grad", "naive"),
-    ):
-        print(f"{label:<42}{med[key]:>22.2f}{med['engine'] / med[key]:>20.2f}")
-    ceiling = max(peaks) / flops
-    print()
-    print(
-        f"ceiling: {flops / 1e9:.3f} GFLOP per sample-iteration (forward + backward to the "
-        f"input), float32 matmul peak {max(peaks) / 1e9:.1f} GFLOP/s (sgemm 4096, before "
-        f"{peaks[0] / 1e9:.1f}, after {peaks[1] / 1e9:.1f})"
-    )
-    print(
-        f"  so at most {ceiling:.1f} sample-it/s on this machine; the limit reaches "
-        f"{med['limit'] / ceiling:.0%} of it, the engine {med['engine'] / ceiling:.0%}"
-    )
-    print(
-        f"  highest reachable ratios: vs per-image {ceiling / med['per_image']:.2f}, "
-        f"vs naive {ceiling / med['naive']:.2f}"
-    )
-    print()
-    print(f"{'memory (streamed job)':<42}{'rows':>8}{'baseline MB':>14}{'peak growth MB':>16}")
-    growth = {}
-    for (keep, count), m in memory.items():
-        growth[keep, count] = (m["peak_kb"] - m["baseline_kb"]) / 1024
-        label = "results kept with images (control)" if keep else "results dropped as they finish"
-        print(f"{label:<42}{count:>8}{m['baseline_kb'] / 1024:>14.0f}{growth[keep, count]:>16.1f}")
-    if not args.quick:
-        control = growth[True, 4 * n] / growth[True, n]
-        print(f"control 4N/N growth ratio (> 1.2 when the probe sees growth): {control:.2f}")
-    print(f"(memory probes run with glibc's mmap threshold fixed at {MMAP_THRESHOLD // 1024} KiB)")
-    print("ratios: medians over rounds; in each round every rate is divided by the limit")
-    print("sampled during it (interleaved passes), so drift of the machine's speed cancels")
-    result = {name: statistics.median(values) for name, values in ratios.items()}
-    result["memory_4x_over_1x"] = growth[False, 4 * n] / growth[False, n]
-    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()))
+    memory = (measure_memory(args, n), measure_memory(args, 4 * n))
+    result = print_report(model, pool, frame, rates, ratios, fast, memory, args)
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    print(last_line(result))
 
 
 if __name__ == "__main__":

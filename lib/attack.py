@@ -41,7 +41,44 @@ dtype give bit-identical results on the CPU, so a chunk of rows can be re-run fr
 convolutions round differently per batch size and ``sign()`` can turn that into a different
 step on rare rows (TOOLCHAIN.md).
 
-During the attack the model is in eval mode with its weights frozen (``requires_grad_(False)``,
+Precision: a success is a float32 success
+-----------------------------------------
+``precision="float32"`` (the default) is the loop above in ``dtype`` (float32, or float64 for
+exactness tests). ``precision="bfloat16"`` runs the batched forward under autocast with a
+channels-last input (:func:`lib.precision.forward`); its logits give the loss and the gradient,
+so the steps follow the bfloat16 model. It never decides a result alone. The rule, per slot and
+iteration:
+
+- the slot is *checked* when its bfloat16 logits call it crossed, or put it within
+  :data:`CONFIRM_MARGIN` logits of crossing (targeted: max over other classes minus the
+  target's logit; untargeted: the source's logit minus the best other one), or when it has
+  used its whole budget;
+- a checked slot's current image goes through the model again without autocast, in ``dtype``;
+  only that forward can say "crossed". A slot that bfloat16 calls crossed but float32 does not
+  goes on (takes its step); a slot that float32 calls crossed stops;
+- ``final_class``, ``target_prob`` and ``success`` of every finished slot come from that
+  float32 forward, and the distances are computed in ``dtype`` from the images.
+
+So every returned success is classified as the target (targeted) or off the source
+(untargeted) by the float32 model. The margin only decides where float32 looks: a slot that
+float32 would call crossed while bfloat16 keeps it more than the margin away goes on for a step
+(its result is then a later, still float32-checked iterate). The loss and step-size traces are
+those of the bfloat16 forward. ``"auto"`` resolves by :func:`lib.precision.resolve`.
+
+Refinement: the boundary inside the last step
+---------------------------------------------
+A row that crosses at update k has overshot the boundary by up to one step. With
+``refine_tolerance`` (pixel units, [0, 1] scale; None = off) each successful row with k >= 1 is
+bisected on the segment x_{k-1} -> x_k: forward passes only, each midpoint checked in ``dtype``
+without autocast, the crossed end of the bracket kept, until the bracket is at most
+``refine_tolerance`` wide in Linf (``ceil(log2(|x_k - x_{k-1}|_inf / tolerance))`` forwards, 0
+when the step is already that short). The path distances stay the primary result; the refined
+point gives ``refined_l1``, ``refined_l2``, ``refined_linf`` (each the smaller of the refined
+and the path point's distance, since both are crossed images) and ``refine_forwards``. Rows
+that failed or crossed after 0 updates, and every row when refinement is off, report the path
+distances there and 0 forwards.
+
+During the attack the model is in eval mode with its weights frozen (:func:`lib.model.frozen`,
 5-6x faster); the caller's flags and train/eval modes are restored afterwards. The model takes
 images in [0, 1] (normalisation inside) and must already be on ``device`` in ``dtype``.
 
@@ -53,7 +90,6 @@ engine then accepts its name in rows and in :func:`attack`, and its constants th
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -64,12 +100,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lib import precision as precision_lib
 from lib import schedules as schedule_registry
 from lib.errors import ParameterError
+from lib.model import frozen
 
 MODES = ("targeted", "untargeted")
 STATUS_OK = "ok"  #: the loop ran as specified (successful or not)
 STATUS_NONFINITE = "nonfinite"  #: logits, loss or gradient stopped being finite: failed
+#: Low precision: a row whose low-precision logits are crossed, or within this many logits of
+#: crossing (the gap between the best other class and the target, or between the source and
+#: the best other class), is checked by a forward in the engine's dtype. bfloat16 keeps 8
+#: mantissa bits: logits of a trained AlexNet move by a few tenths between the precisions.
+CONFIRM_MARGIN = 1.0
 
 
 class AttackRow(NamedTuple):
@@ -101,9 +144,17 @@ class AttackResult:
         mean_lr: [K]: mean step size over the applied updates; NaN when none was applied.
         l1: [K]: mean ``|x* - x|`` over the C*H*W values (METHOD.md's L1, [0, 1] units).
         l2, linf: [K]: Euclidean and max norms of x* - x.
+        refined_l1, refined_l2, refined_linf: [K]: the same distances after the boundary
+            refinement (``refine_tolerance``), each the smaller of the refined point's and the
+            path point's distance (both are crossed). Equal to l1, l2, linf when refinement is
+            off, for failed rows and for rows that crossed after 0 updates.
+        refine_forwards: int64 [K]: forward passes the refinement cost this row (0 where it
+            did not run).
         lr_trace, loss_trace: [K, max_iter]: lr_i and L_i in column i - 1 for the applied
             updates, NaN after the stop.
         borderline: [K, C, H, W] in [0, 1], the final images, or None when not kept.
+        refined: [K, C, H, W] in [0, 1], the refined images (the borderline image where
+            refinement did not run), or None when images are not kept.
     """
 
     row_id: Tensor
@@ -118,7 +169,12 @@ class AttackResult:
     linf: Tensor
     lr_trace: Tensor
     loss_trace: Tensor
+    refined_l1: Tensor
+    refined_l2: Tensor
+    refined_linf: Tensor
+    refine_forwards: Tensor
     borderline: Tensor | None = None
+    refined: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.row_id)
@@ -170,6 +226,10 @@ class AttackResult:
                 "l1": self.l1.double().numpy(),
                 "l2": self.l2.double().numpy(),
                 "linf": self.linf.double().numpy(),
+                "refined_l1": self.refined_l1.double().numpy(),
+                "refined_l2": self.refined_l2.double().numpy(),
+                "refined_linf": self.refined_linf.double().numpy(),
+                "refine_forwards": self.refine_forwards.numpy(),
             }
         )
 
@@ -190,6 +250,8 @@ def attack(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    precision: str = "float32",
+    refine_tolerance: float | None = None,
     progress: bool = False,
     **schedule_constants: float,
 ) -> AttackResult:
@@ -208,7 +270,14 @@ def attack(
             ``target == source``. Untargeted: the class to leave; default the model's
             prediction on the clean image.
         batch_size: samples per forward/backward pass.
-        device, dtype: where and in which float type to compute.
+        device, dtype: where and in which float type to compute (images, steps, distances
+            and every float32 check).
+        precision: ``"float32"`` (default: the model runs in ``dtype``, exactly the loop
+            above), ``"bfloat16"`` (forwards under autocast with channels-last input; needs
+            ``dtype=torch.float32``; crossings confirmed in float32, see the module docstring)
+            or ``"auto"`` (:func:`lib.precision.resolve` for ``device``).
+        refine_tolerance: None (off) or > 0, in [0, 1] pixel units: bisect each success's last
+            step down to this Linf width (module docstring, "Refinement").
         progress: show a tqdm bar over finished attacks.
         **schedule_constants: the schedule's constants (e.g. ``decay=0.5``).
 
@@ -252,6 +321,8 @@ def attack(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        precision=precision,
+        refine_tolerance=refine_tolerance,
         schedule_constants={name: schedule_constants},
         keep_images=True,
         sources_known=sources.ge(0).all().item(),
@@ -271,6 +342,8 @@ def iter_attack_rows(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    precision: str = "float32",
+    refine_tolerance: float | None = None,
     schedule_constants: Mapping[str, Mapping[str, float]] | None = None,
     keep_images: bool = False,
 ) -> Iterator[AttackResult]:
@@ -290,9 +363,10 @@ def iter_attack_rows(
             sequence of :class:`AttackRow` (or tuples in that order). ``row_id`` values are
             unique ints; ``schedule`` names are keys of :data:`lib.schedules.SCHEDULES`.
             The order of the rows is the order of work.
-        lr0, max_iter, mode, batch_size, device, dtype: as in :func:`attack`.
+        lr0, max_iter, mode, batch_size, device, dtype, precision, refine_tolerance: as in
+            :func:`attack`.
         schedule_constants: per schedule name, its constants, e.g. ``{"step": {"drop": 0.5}}``.
-        keep_images: put the borderline images into the results (else ``borderline`` is None).
+        keep_images: put the borderline (and refined) images into the results (else None).
 
     Yields:
         :class:`AttackResult` chunks on the CPU.
@@ -311,6 +385,8 @@ def iter_attack_rows(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        precision=precision,
+        refine_tolerance=refine_tolerance,
         schedule_constants=schedule_constants or {},
         keep_images=keep_images,
         sources_known=True,
@@ -420,6 +496,17 @@ def _row_table(rows: pd.DataFrame | Sequence[Any], *, pool_size: int) -> _RowTab
 # --------------------------------------------------------------------------- engine
 
 
+@dataclass(frozen=True)
+class _Options:
+    """How the loop runs, fixed for a job."""
+
+    max_iter: int
+    targeted: bool
+    precision: str  # resolved: "float32" or "bfloat16"
+    refine_tolerance: float | None
+    keep_images: bool
+
+
 def _start(
     model: nn.Module,
     pool: Tensor,
@@ -432,6 +519,8 @@ def _start(
     batch_size: int,
     device: str | torch.device,
     dtype: torch.dtype,
+    precision: str,
+    refine_tolerance: float | None,
     schedule_constants: Mapping[str, Mapping[str, float]],
     keep_images: bool,
     sources_known: bool,
@@ -443,6 +532,14 @@ def _start(
         raise ParameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ParameterError(f"dtype must be a torch float dtype, got {dtype!r}")
+    device = torch.device(device)
+    options = _Options(
+        max_iter=max_iter,
+        targeted=mode == "targeted",
+        precision=_check_precision(precision, device, dtype),
+        refine_tolerance=_check_tolerance(refine_tolerance),
+        keep_images=keep_images,
+    )
     unknown = sorted(set(schedule_constants) - set(rows.names))
     if unknown:
         raise ParameterError(
@@ -453,10 +550,38 @@ def _start(
         schedule_registry.bind(fn, lr0=lr0, **schedule_constants.get(name, {}))
         for fn, name in zip(schedules, rows.names, strict=True)
     ]
-    device = torch.device(device)
     _check_model(model, device, dtype)
     num_classes = _num_classes(model, pool[rows.image[:1]], device=device, dtype=dtype)
-    targeted = mode == "targeted"
+    _check_rows(rows, num_classes, targeted=options.targeted, sources_known=sources_known)
+    return _run(model, pool, rows, bound, options, batch_size=batch_size, device=device,
+                dtype=dtype)
+
+
+def _check_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
+    resolved = precision_lib.resolve(precision, device)
+    if resolved == "bfloat16" and dtype != torch.float32:
+        raise ParameterError(
+            f"precision={precision!r} runs bfloat16 autocast, which needs dtype=torch.float32 "
+            f"(got {dtype}); use precision='float32' for float64 attacks"
+        )
+    return resolved
+
+
+def _check_tolerance(tolerance: float | None) -> float | None:
+    if tolerance is None:
+        return None
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not (
+        math.isfinite(tolerance) and tolerance > 0
+    ):
+        raise ParameterError(
+            f"refine_tolerance must be None (no refinement) or a number > 0 in [0, 1] pixel "
+            f"units (e.g. 1e-4), got {tolerance!r}"
+        )
+    return float(tolerance)
+
+
+def _check_rows(rows: _RowTable, num_classes: int, *, targeted: bool,
+                sources_known: bool) -> None:
     if targeted:
         _check_range(rows.target, num_classes, "target")
     if sources_known:
@@ -468,18 +593,6 @@ def _start(
                     f"target equals source for {len(same)} row(s), first row_id "
                     f"{rows.row_id[same[0]].item()}: a targeted attack needs another class"
                 )
-    return _run(
-        model,
-        pool,
-        rows,
-        bound,
-        max_iter=max_iter,
-        targeted=targeted,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        keep_images=keep_images,
-    )
 
 
 def _check_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -507,22 +620,6 @@ def _check_range(labels: Tensor, num_classes: int, name: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen weights inside; the caller's flags and modes restored after."""
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    training = [m.training for m in model.modules()]
-    model.eval()
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), requires_grad, strict=True):
-            p.requires_grad_(flag)
-        for m, flag in zip(model.modules(), training, strict=True):
-            m.training = flag
-
-
 def _to_unit(images: Tensor, *, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Images as ``dtype`` in [0, 1] on ``device`` (uint8 is divided by 255)."""
     if images.dtype == torch.uint8:
@@ -533,7 +630,7 @@ def _to_unit(images: Tensor, *, device: torch.device, dtype: torch.dtype) -> Ten
 def _num_classes(
     model: nn.Module, probe: Tensor, *, device: torch.device, dtype: torch.dtype
 ) -> int:
-    with _frozen(model), torch.no_grad():
+    with frozen(model), torch.no_grad():
         logits = model(_to_unit(probe, device=device, dtype=dtype))
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise ParameterError(
@@ -547,7 +644,7 @@ def _predict(
 ) -> Tensor:
     device = torch.device(device)
     _check_model(model, device, dtype)
-    with _frozen(model), torch.no_grad():
+    with frozen(model), torch.no_grad():
         return torch.cat(
             [
                 model(_to_unit(images[k : k + batch_size], device=device, dtype=dtype))
@@ -576,6 +673,7 @@ class _Slots:
 
     position: Tensor  # int64 [B]: index into the row table
     x: Tensor  # [B, C, H, W]: current iterate
+    previous: Tensor  # [B, C, H, W]: the iterate before the last update (kept when refining)
     clean: Tensor  # [B, C, H, W]: the original image
     source: Tensor  # int64 [B]
     target: Tensor  # int64 [B]
@@ -612,6 +710,7 @@ def _load(
     return _Slots(
         position=torch.arange(start, stop, device=device),
         x=clean.clone(),
+        previous=clean.clone(),
         clean=clean,
         # copies: refills write into these slots in place, never into the caller's tensors
         source=rows.source[start:stop].to(device, copy=True),
@@ -628,27 +727,23 @@ def _run(
     pool: Tensor,
     rows: _RowTable,
     schedules: list[Callable[..., Tensor]],
+    options: _Options,
     *,
-    max_iter: int,
-    targeted: bool,
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
-    keep_images: bool,
 ) -> Iterator[AttackResult]:
     """The batched loop (see the module docstring); yields finished rows per iteration."""
-    load = dict(max_iter=max_iter, device=device, dtype=dtype)
+    load = dict(max_iter=options.max_iter, device=device, dtype=dtype)
     queued = min(batch_size, len(rows))
     slots = _load(pool, rows, 0, queued, **load)
-    with _frozen(model):
+    with frozen(model):
         while len(slots):
-            finished, nonfinite, logits = _iterate(
-                model, slots, schedules, max_iter=max_iter, targeted=targeted
-            )
+            finished, nonfinite, logits = _iterate(model, slots, schedules, options)
             if not finished.any():
                 continue
             index = finished.nonzero().flatten()
-            yield _emit(slots, index, nonfinite, logits, rows, targeted, keep_images)
+            yield _emit(model, slots, index, nonfinite, logits, rows, options)
             refill = min(len(index), len(rows) - queued)
             if refill:
                 slots.put(index[:refill], _load(pool, rows, queued, queued + refill, **load))
@@ -659,94 +754,207 @@ def _run(
                 slots = slots.keep(running)
 
 
+def _crossed(logits: Tensor, *, target: Tensor, source: Tensor, targeted: bool) -> Tensor:
+    """[B] bool: the logits classify as ``target`` (targeted) or not as ``source``."""
+    predicted = logits.argmax(1)
+    return predicted == target if targeted else predicted != source
+
+
+def _gap(logits: Tensor, *, target: Tensor, source: Tensor, targeted: bool) -> Tensor:
+    """[B]: how far the logits are from crossing (<= 0 at or past the boundary)."""
+    aim = target if targeted else source
+    own = logits.gather(1, aim[:, None]).squeeze(1)
+    others = logits.scatter(1, aim[:, None], -math.inf).amax(1)
+    return others - own if targeted else own - others
+
+
+def _check_crossing(
+    model: nn.Module, x: Tensor, logits: Tensor, slots: _Slots, options: _Options
+) -> tuple[Tensor, Tensor]:
+    """Which slots have crossed, by a check in the engine's dtype; and logits to report.
+
+    float32 precision: the forward's own logits decide, as in the loop of the module
+    docstring. Low precision: every slot that the low-precision logits call crossed or put
+    within :data:`CONFIRM_MARGIN` of crossing, and every slot at the end of its budget, is
+    evaluated again without autocast; only that forward can say "crossed", and its logits
+    replace the low-precision ones (so reported classes and probabilities are float32).
+    """
+    sides = dict(target=slots.target, source=slots.source, targeted=options.targeted)
+    if options.precision == "float32":
+        return _crossed(logits, **sides), logits
+    gap = _gap(logits, **sides)
+    check = ~(gap > CONFIRM_MARGIN) | (slots.step >= options.max_iter)  # NaN gaps are checked
+    checked = logits.clone()
+    index = check.nonzero().flatten()
+    if len(index):
+        with torch.no_grad():
+            checked[index] = model(x[index]).to(logits.dtype)
+    return check & _crossed(checked, **sides), checked
+
+
 def _iterate(
-    model: nn.Module,
-    slots: _Slots,
-    schedules: list[Callable[..., Tensor]],
-    *,
-    max_iter: int,
-    targeted: bool,
+    model: nn.Module, slots: _Slots, schedules: list[Callable[..., Tensor]], options: _Options
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One forward, the stop check, one backward and the update of the unfinished slots.
 
-    Returns (finished [B] bool, nonfinite [B] bool, the logits of the checked images [B, K]).
+    Returns (finished [B] bool, nonfinite [B] bool, the logits of the checked images [B, K],
+    in the engine's dtype for every finished slot).
     """
     with torch.enable_grad():
         x = slots.x.requires_grad_(True)
-        logits = model(x)
+        logits = precision_lib.forward(model, x, precision=options.precision)
         finite = torch.isfinite(logits).all(1)
         logits = torch.where(finite[:, None], logits, 0)
-        aim = slots.target if targeted else slots.source
+        aim = slots.target if options.targeted else slots.source
         loss = F.cross_entropy(logits, aim, reduction="none")
         finite = finite & torch.isfinite(loss)
-        predicted = logits.detach().argmax(1)
-        crossed = predicted == slots.target if targeted else predicted != slots.source
-        finished = ~finite | (finite & crossed) | (slots.step >= max_iter)
+        crossed, checked = _check_crossing(model, x.detach(), logits.detach(), slots, options)
+        finite = finite & torch.isfinite(checked).all(1)
+        finished = ~finite | (finite & crossed) | (slots.step >= options.max_iter)
         going = ~finished
         if not going.any():
             slots.x = x.detach()
-            return finished, ~finite, logits.detach()
+            return finished, ~finite, checked
         (grad,) = torch.autograd.grad(torch.where(going, loss, 0).sum(), x)
+    bad_grad = _update(slots, x.detach(), grad, loss.detach(), going, schedules, options)
+    return finished | bad_grad, ~(finite & ~bad_grad), checked
+
+
+def _update(
+    slots: _Slots,
+    x: Tensor,
+    grad: Tensor,
+    loss: Tensor,
+    going: Tensor,
+    schedules: list[Callable[..., Tensor]],
+    options: _Options,
+) -> Tensor:
+    """The signed step of the ``going`` slots; returns the slots whose gradient is not finite.
+
+    Those take no step (they fail as ``"nonfinite"``); the others record L_i and lr_i.
+    """
     with torch.no_grad():
-        x = x.detach()
         bad_grad = going & ~torch.isfinite(grad).flatten(1).all(1)
-        if bad_grad.any():
-            finite = finite & ~bad_grad
-            finished = finished | bad_grad
-            going = going & ~bad_grad
+        going = going & ~bad_grad
         rows = going.nonzero().flatten()
         step = slots.step[rows]
-        slots.losses[rows, step] = loss.detach()[rows]
+        slots.losses[rows, step] = loss[rows]
         lr = torch.zeros(len(slots), dtype=x.dtype, device=x.device)
         for k, fn in enumerate(schedules):
             group = going & (slots.schedule == k)
             if group.any():
                 lr[group] = fn(slots.step[group] + 1, slots.losses[group])
         slots.lrs[rows, step] = lr[rows]
-        direction = -1.0 if targeted else 1.0
+        direction = -1.0 if options.targeted else 1.0
         stepped = (x + (direction * lr)[:, None, None, None] * grad.sign()).clamp_(0, 1)
-        slots.x = torch.where(going[:, None, None, None], stepped, x)
+        moving = going[:, None, None, None]
+        if options.refine_tolerance is not None:
+            slots.previous = torch.where(moving, x, slots.previous)
+        slots.x = torch.where(moving, stepped, x)
         slots.step += going
-    return finished, ~finite, logits.detach()
+    return bad_grad
+
+
+def _refine(
+    model: nn.Module,
+    start: Tensor,
+    end: Tensor,
+    todo: Tensor,
+    *,
+    target: Tensor,
+    source: Tensor,
+    options: _Options,
+) -> tuple[Tensor, Tensor]:
+    """Bisect the segment ``start`` -> ``end`` of the rows in ``todo`` to the boundary.
+
+    ``start`` [k, C, H, W] is the last iterate not crossed and ``end`` the first crossed one.
+    The bracket [low, high] (fractions of the segment; high always crossed, checked by a
+    forward in the engine's dtype without autocast) halves until its width in Linf pixel
+    units, (high - low) * max |end - start|, is at most the tolerance: ceil(log2(step /
+    tolerance)) forwards for a last step of Linf length ``step`` > tolerance, none otherwise.
+
+    Returns (the points at ``high`` [k, C, H, W], ``end`` where not refined; forwards int64 [k]).
+    """
+    refined = end.clone()
+    forwards = torch.zeros(len(end), dtype=torch.int64, device=end.device)
+    rows = todo.nonzero().flatten()
+    if options.refine_tolerance is None or len(rows) == 0:
+        return refined, forwards
+    low_point, change = start[rows], end[rows] - start[rows]
+    span = change.flatten(1).abs().amax(1)
+    low = torch.zeros(len(rows), dtype=end.dtype, device=end.device)
+    high = torch.ones_like(low)
+    target, source = target[rows], source[rows]
+    while True:
+        active = ((high - low) * span > options.refine_tolerance).nonzero().flatten()
+        if len(active) == 0:
+            break
+        middle = (low[active] + high[active]) / 2
+        point = low_point[active] + middle[:, None, None, None] * change[active]
+        hit = _crossed(model(point.clamp(0, 1)), target=target[active],
+                       source=source[active], targeted=options.targeted)
+        high[active] = torch.where(hit, middle, high[active])
+        low[active] = torch.where(hit, low[active], middle)
+        forwards[rows[active]] += 1
+    moved = high < 1
+    inner = (low_point + high[:, None, None, None] * change).clamp(0, 1)
+    refined[rows] = torch.where(moved[:, None, None, None], inner, end[rows])
+    return refined, forwards
+
+
+def _distances(delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean-absolute L1, L2 and Linf of ``delta`` [k, C, H, W], each [k]."""
+    flat = delta.flatten(1)
+    return flat.abs().mean(1), flat.norm(dim=1), flat.abs().amax(1)
 
 
 def _emit(
+    model: nn.Module,
     slots: _Slots,
     index: Tensor,
     nonfinite: Tensor,
     logits: Tensor,
     rows: _RowTable,
-    targeted: bool,
-    keep_images: bool,
+    options: _Options,
 ) -> AttackResult:
     """The results of the finished slots at ``index``, on the CPU."""
     with torch.no_grad():
         bad = nonfinite[index]
         predicted = logits[index].argmax(1)
-        aim = slots.target[index] if targeted else predicted
+        aim = slots.target[index] if options.targeted else predicted
         probability = torch.softmax(logits[index], 1).gather(1, aim[:, None]).squeeze(1)
-        crossed = predicted == aim if targeted else predicted != slots.source[index]
-        final = slots.x[index].detach()
-        delta = (final - slots.clean[index]).flatten(1)
+        success = _crossed(logits[index], target=slots.target[index],
+                           source=slots.source[index], targeted=options.targeted) & ~bad
+        final, clean = slots.x[index].detach(), slots.clean[index]
         iterations = slots.step[index]
+        refined, forwards = _refine(
+            model, slots.previous[index], final, success & (iterations > 0),
+            target=slots.target[index], source=slots.source[index], options=options,
+        )
+        path = _distances(final - clean)
+        near = [torch.minimum(a, b) for a, b in zip(_distances(refined - clean), path, strict=True)]
         lrs = slots.lrs[index]
         mean_lr = torch.where(
             iterations > 0, lrs.nansum(1) / iterations.clamp(min=1).to(lrs.dtype), math.nan
         )
         position = slots.position[index].cpu()
-        bad_cpu = bad.cpu()
         return AttackResult(
             row_id=rows.row_id[position],
-            success=(crossed & ~bad).cpu(),
+            success=success.cpu(),
             iterations=iterations.cpu(),
-            status=[STATUS_NONFINITE if b else STATUS_OK for b in bad_cpu.tolist()],
+            status=[STATUS_NONFINITE if b else STATUS_OK for b in bad.cpu().tolist()],
             final_class=torch.where(bad, -1, predicted).cpu(),
             target_prob=torch.where(bad, math.nan, probability).cpu(),
             mean_lr=mean_lr.cpu(),
-            l1=delta.abs().mean(1).cpu(),
-            l2=delta.norm(dim=1).cpu(),
-            linf=delta.abs().amax(1).cpu(),
+            l1=path[0].cpu(),
+            l2=path[1].cpu(),
+            linf=path[2].cpu(),
             lr_trace=lrs.cpu(),
             loss_trace=slots.losses[index].cpu(),
-            borderline=final.cpu() if keep_images else None,
+            refined_l1=near[0].cpu(),
+            refined_l2=near[1].cpu(),
+            refined_linf=near[2].cpu(),
+            refine_forwards=forwards.cpu(),
+            borderline=final.cpu() if options.keep_images else None,
+            refined=refined.cpu() if options.keep_images else None,
         )

@@ -56,6 +56,7 @@ import torch
 
 from lib import NUM_CLASSES, io, stages
 from lib import attack as engine
+from lib import precision as precision_lib
 from lib import schedules as schedule_registry
 from lib.errors import ParameterError, RunFolderError
 from lib.selection import Selection, select_images
@@ -67,6 +68,7 @@ from lib.stages import CHUNK_DIR, attack_dir, checkpoint_path, chunk_files  # no
 RESULT_COLUMNS: tuple[str, ...] = (
     "epoch", "schedule", "mode", "row_id", "image_id", "source", "target", "success",
     "iterations", "mean_lr", "l1", "l1_255", "l2", "linf", "target_prob", "final_class", "status",
+    "refined_l1", "refined_l2", "refined_linf", "refine_forwards",
 )
 #: Columns of ``lr0_sweep.csv``: the lr0 of the row, then the result columns.
 SWEEP_COLUMNS: tuple[str, ...] = ("lr0", *RESULT_COLUMNS)
@@ -104,6 +106,10 @@ class AttackSettings:
         sweep_epoch: the epoch of the sweep; 0 = the last attacked epoch.
         gallery_images: for the last attacked epoch, the rank-0 images of the first k classes
             are kept as pictures (every schedule; target ``(source + 1) mod 7``).
+        precision: the engine's forward precision, ``"float32"``, ``"bfloat16"`` or ``"auto"``
+            (:mod:`lib.precision`); successes are confirmed in float32 either way.
+        refine_tolerance: None (no refinement) or > 0 in [0, 1] pixel units: the Linf width
+            to which each success's last step is bisected (the ``refined_*`` columns).
     """
 
     epochs: tuple[int, ...] = ()
@@ -120,6 +126,8 @@ class AttackSettings:
     sweep_per_class: int = 0
     sweep_epoch: int = 0
     gallery_images: int = 7
+    precision: str = "float32"
+    refine_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         # lists from notebooks and JSON become tuples, so settings compare and hash as values
@@ -171,6 +179,9 @@ class AttackSettings:
             )
         for epoch in self.epochs:
             _int_at_least(epoch, 1, "every epoch")
+        precision_lib.check(self.precision)
+        if self.refine_tolerance is not None:
+            _positive_float(self.refine_tolerance, "refine_tolerance (None for no refinement)")
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -531,6 +542,7 @@ def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSett
         model, pool, engine_rows, lr0=float(lr0), max_iter=settings.max_iter, mode=settings.mode,
         batch_size=settings.batch_size, device=device, dtype=torch.float32,
         schedule_constants=constants, keep_images=len(gallery_ids) > 0,
+        precision=settings.precision, refine_tolerance=settings.refine_tolerance,
     )
     for piece in stream:
         if piece.borderline is not None:

@@ -158,4 +158,6 @@ def preview(
         raise ParameterError(f"losses has {history.shape[1]} values; preview needs {steps}")
     fn = bind(schedule, lr0=lr0, **constants)
     index = torch.arange(1, steps + 1)
+    if steps == 0:
+        return torch.empty(0, dtype=torch.float64)
     return torch.cat([fn(index[k : k + 1], history) for k in range(steps)])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib import attack as engine
-from lib import schedules
+from lib import precision, schedules
 from lib.errors import ParameterError
 
 SCHEDULE_NAMES = sorted(schedules.SCHEDULES)
@@ -323,6 +323,15 @@ def test_linear_model_stops_at_the_first_iterate_past_the_boundary(schedule):
         assert result.success.all() and len(set(result.iterations.tolist())) > 5
 
 
+def assert_refinement_left_alone(result, rows):
+    """Failed rows and rows that crossed after 0 updates report the path distances, 0 cost."""
+    assert rows.any()
+    for name in ("l1", "l2", "linf"):
+        assert torch.equal(getattr(result, f"refined_{name}")[rows], getattr(result, name)[rows])
+    assert (result.refine_forwards[rows] == 0).all()
+    assert torch.equal(result.refined[rows], result.borderline[rows])
+
+
 def test_failures_use_the_whole_budget():
     model, images = two_class_linear(seed=3)
     with torch.no_grad():
@@ -336,9 +345,11 @@ def test_failures_use_the_whole_budget():
         lr0=1e-4,
         max_iter=7,
         dtype=torch.float64,
+        refine_tolerance=1e-6,
     )
     assert not result.success.any()
     assert (result.iterations == 7).all()
+    assert_refinement_left_alone(result, torch.ones(len(images), dtype=torch.bool))
     assert not result.lr_trace.isnan().any() and not result.loss_trace.isnan().any()
     assert (result.target_prob < 0.5).all()
     assert result.status == ["ok"] * len(images)
@@ -375,9 +386,11 @@ def test_a_sample_already_in_the_target_class_costs_zero_updates():
         lr0=0.01,
         max_iter=MAX_ITER,
         dtype=torch.float64,
+        refine_tolerance=1e-3,
     )
     done = result.iterations[::4]
     assert (done == 0).all() and result.success[::4].all()
+    assert_refinement_left_alone(result, result.iterations == 0)
     assert torch.equal(result.borderline[::4], images[::4])
     assert (result.l1[::4] == 0).all() and result.mean_lr[::4].isnan().all()
     assert result.lr_trace[::4].isnan().all() and result.loss_trace[::4].isnan().all()
@@ -503,6 +516,203 @@ def test_weights_are_frozen_during_the_attack_and_restored_after():
     assert model.training and model.inner[0].training
 
 
+# --------------------------------------------------------------------------- refinement
+
+
+def closed_form_crossing(model, image, *, source, target, lr0, max_iter):
+    """x_{k-1}, x_k and the exact boundary point between them for a two-class linear model.
+
+    Every step moves along the fixed sign direction (see :func:`expected_flip`), and the
+    target-minus-source logit g is affine along the segment x_{k-1} -> x_k, so the crossing is
+    at the fraction -g(x_{k-1}) / (g(x_k) - g(x_{k-1})) of it.
+    """
+    crossed, k, end = expected_flip(
+        model, image, source=source, target=target, schedule="constant", lr0=lr0,
+        max_iter=max_iter,
+    )
+    assert crossed and k >= 1
+    _, _, start = expected_flip(
+        model, image, source=source, target=target, schedule="constant", lr0=lr0, max_iter=k - 1
+    )
+    weight = model[1].weight.detach().numpy()
+    bias = model[1].bias.detach().numpy()
+    d, b = weight[target] - weight[source], bias[target] - bias[source]
+    g0, g1 = d @ start + b, d @ end + b
+    return start, end, start + (-g0 / (g1 - g0)) * (end - start)
+
+
+@pytest.mark.parametrize("tolerance", [1e-2, 1e-3, 1e-5])
+def test_refinement_finds_the_boundary_within_the_tolerance(tolerance):
+    model, images = two_class_linear(seed=3)
+    with torch.no_grad():
+        sources = model(images).argmax(1)
+    targets = 1 - sources
+    options = dict(sources=sources, schedule="constant", lr0=0.02, max_iter=60, batch_size=5,
+                   dtype=torch.float64)
+    plain = engine.attack(model, images, targets, **options)
+    result = engine.attack(model, images, targets, refine_tolerance=tolerance, **options)
+    assert result.success.all()
+    # the path results are untouched by the refinement
+    for name in ("iterations", "l1", "l2", "linf", "borderline", "target_prob"):
+        assert torch.equal(getattr(result, name), getattr(plain, name)), name
+    assert_refinement_left_alone(plain, torch.ones(len(images), dtype=torch.bool))
+    weight = model[1].weight.detach()
+    for k in range(len(images)):
+        start, end, boundary = closed_form_crossing(
+            model, images[k], source=sources[k].item(), target=targets[k].item(), lr0=0.02,
+            max_iter=60,
+        )
+        refined = result.refined[k].reshape(-1).numpy()
+        assert np.abs(refined - boundary).max() <= tolerance + 1e-12
+        d = (weight[targets[k]] - weight[sources[k]]).numpy()
+        assert d @ refined > d @ boundary - 1e-12  # on the crossed side
+        step = np.abs(end - start).max()
+        bound = max(math.ceil(math.log2(step / tolerance)), 0) + 1
+        assert 0 <= result.refine_forwards[k].item() <= bound
+        delta = result.refined[k] - images[k]
+        assert result.refined_linf[k].item() == pytest.approx(delta.abs().max().item())
+    for name in ("l1", "l2", "linf"):
+        assert (getattr(result, f"refined_{name}") <= getattr(result, name)).all()
+    moved = ~(result.refined == result.borderline).flatten(1).all(1)
+    assert moved.float().mean() >= 0.5
+    assert (result.refined_l1[moved] < result.l1[moved]).all()  # the overshoot is removed
+
+
+def test_refined_distances_never_exceed_the_path_distances_on_a_cnn():
+    model, images, sources, targets = problem()
+    result = engine.attack(
+        model, images, targets, sources=sources, schedule="loss-adaptive", lr0=0.01,
+        max_iter=MAX_ITER, batch_size=7, dtype=torch.float64, refine_tolerance=1e-4,
+    )
+    done = result.success & (result.iterations > 0)
+    assert done.sum() >= 5
+    for name in ("l1", "l2", "linf"):
+        assert (getattr(result, f"refined_{name}") <= getattr(result, name)).all()
+    with torch.no_grad():
+        reached = model(result.refined[done]).argmax(1)
+    assert torch.equal(reached, targets[done])  # every refined point is still crossed
+    assert (result.refine_forwards[done] > 0).all() and (result.refine_forwards[~done] == 0).all()
+    frame = result.to_frame()
+    assert {"refined_l1", "refined_l2", "refined_linf", "refine_forwards"} <= set(frame.columns)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+class AutocastShifted(nn.Module):
+    """A float32 two-class linear model whose logits under autocast get a known shift.
+
+    The product itself always runs in float32, so the two precisions differ by exactly
+    ``shift`` (added to class 1's logit) and the steps (signs of the gradient) are the same.
+    Records whether each call ran under autocast and got a channels-last input.
+    """
+
+    def __init__(self, linear: nn.Module, shift: float):
+        super().__init__()
+        self.linear = linear
+        self.shift = shift
+        self.calls = []
+
+    def forward(self, x):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        self.calls.append((autocast, x.is_contiguous(memory_format=torch.channels_last)))
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.linear(x.float().flatten(1))
+        if autocast:
+            logits = logits + torch.tensor([0.0, self.shift])
+        return logits
+
+
+def gap_to_class_1(model, x):
+    """Class 0's logit minus class 1's, in float32 (> 0: not crossed toward class 1)."""
+    with torch.no_grad():
+        logits = model.linear(x.flatten(1))
+    return (logits[:, 0] - logits[:, 1]).tolist()
+
+
+@pytest.mark.parametrize("case", ["bf16 crosses one step early", "bf16 crosses late"])
+def test_a_low_precision_crossing_counts_only_when_float32_confirms_it(case):
+    linear = nn.Linear(48, 2)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(2, 48, generator=generator) * 0.3)
+        linear.bias.zero_()
+    images = torch.rand(40, 3, 4, 4, generator=generator)
+    probe = AutocastShifted(linear, 0.0).eval()
+    with torch.no_grad():
+        sources = probe(images).argmax(1)
+    image = images[(sources == 0).nonzero()[0]]  # attacked toward class 1
+    options = dict(schedule="constant", lr0=0.01, batch_size=1, sources=torch.tensor([0]))
+    reference = engine.attack(probe, image, torch.tensor([1]), max_iter=60, **options)
+    k = reference.iterations.item()
+    assert reference.success.item() and k >= 2
+    before = [engine.attack(probe, image, torch.tensor([1]), max_iter=m, **options).borderline
+              for m in (k - 2, k - 1)]
+    gaps = gap_to_class_1(probe, torch.cat(before + [reference.borderline]))
+    assert gaps[0] > gaps[1] > 0 > gaps[2]
+    if case == "bf16 crosses one step early":
+        shift = (gaps[0] + gaps[1]) / 2  # autocast says crossed at x_{k-1}, not at x_{k-2}
+    else:
+        shift = gaps[2] - engine.CONFIRM_MARGIN / 2  # autocast: not crossed at x_k, near it
+    model = AutocastShifted(linear, shift).eval()
+    assert model(before[1]).argmax().item() == 0  # float32: x_{k-1} is not crossed
+    with torch.no_grad():
+        low = precision.forward(model, before[1 if "early" in case else 0], precision="bfloat16")
+        at_k = precision.forward(model, reference.borderline, precision="bfloat16")
+    if "early" in case:
+        assert low.argmax().item() == 1  # bfloat16 calls x_{k-1} crossed
+    else:
+        assert at_k.argmax().item() == 0  # bfloat16 does not call x_k crossed
+    model.calls.clear()
+    result = engine.attack(model, image, torch.tensor([1]), max_iter=60, precision="bfloat16",
+                           **options)
+    assert (True, True) in model.calls and (False, False) in model.calls
+    assert result.iterations.item() == k and result.success.item()
+    assert torch.equal(result.borderline, reference.borderline)
+    assert model.linear(result.borderline.flatten(1)).argmax().item() == 1  # crossed in float32
+    assert result.final_class.item() == 1
+    assert result.target_prob.item() == pytest.approx(reference.target_prob.item(), abs=1e-6)
+
+
+def test_bfloat16_on_a_small_cnn_reports_only_float32_successes():
+    model = small_cnn(torch.float32)
+    _, images, sources, targets = problem()
+    images, sources, targets = images[:6].float(), sources[:6], targets[:6]
+    result = engine.attack(model, images, targets, sources=sources, schedule="constant",
+                           lr0=0.01, max_iter=MAX_ITER, batch_size=6, precision="bfloat16",
+                           refine_tolerance=1e-3)
+    assert result.success.sum() >= 3
+    with torch.no_grad():
+        logits = model(result.borderline)
+    assert torch.equal(logits.argmax(1)[result.success], targets[result.success])
+    assert torch.equal(result.final_class, logits.argmax(1))
+    expected = torch.softmax(logits, 1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(result.target_prob, expected)
+    with torch.no_grad():
+        refined = model(result.refined[result.success]).argmax(1)
+    assert torch.equal(refined, targets[result.success])
+
+
+def test_auto_precision_follows_the_capability_check(monkeypatch):
+    model = small_cnn(torch.float32)
+    _, images, sources, targets = problem()
+    images, sources, targets = images[:4].float(), sources[:4], targets[:4]
+    options = dict(sources=sources, schedule="constant", lr0=0.01, max_iter=5)
+    plain = engine.attack(model, images, targets, **options)
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: False)
+    auto = engine.attack(model, images, targets, precision="auto", **options)
+    assert torch.equal(auto.borderline, plain.borderline)
+    assert torch.equal(auto.loss_trace.nan_to_num(), plain.loss_trace.nan_to_num())
+    seen = []
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: True)
+    forward = precision.forward
+    monkeypatch.setattr(precision, "forward",
+                        lambda m, x, *, precision: seen.append(precision) or forward(
+                            m, x, precision=precision))
+    engine.attack(model, images, targets, precision="auto", **options)
+    assert set(seen) == {"bfloat16"}
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -547,6 +757,16 @@ BAD_INPUTS = {
     "unknown mode": (lambda: call_attack(mode="sideways"), "untargeted"),
     "unknown constant": (lambda: call_attack(schedule="step", decay=0.1), "drop, every"),
     "wrong dtype": (lambda: call_attack(dtype=torch.float32), "model.to"),
+    "unknown precision": (
+        lambda: call_attack(precision="float16"), "'float32', 'bfloat16', 'auto'"
+    ),
+    "bfloat16 with float64": (lambda: call_attack(precision="bfloat16"), "dtype=torch.float32"),
+    "refine tolerance zero": (lambda: call_attack(refine_tolerance=0.0), "refine_tolerance"),
+    "refine tolerance negative": (lambda: call_rows([(0, 0, 1, 2, "constant")],
+                                                    refine_tolerance=-1e-3), "None"),
+    "rows unknown precision": (
+        lambda: call_rows([(0, 0, 1, 2, "constant")], precision="fp8"), "precision must be"
+    ),
     "rows unknown schedule": (lambda: call_rows([(0, 0, 1, 2, "warmup")]), "constant"),
     "rows image outside pool": (lambda: call_rows([(0, 99, 1, 2, "constant")]), "pool"),
     "rows duplicate id": (

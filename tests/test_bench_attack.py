@@ -1,17 +1,18 @@
-"""The attack benchmark's own arithmetic, and one small run of the whole command."""
+"""The attack benchmark's own arithmetic, its plain loop and its last line."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
+
+from lib import attack as engine
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attack.py"
 
@@ -37,6 +38,87 @@ def test_occupancy_replays_the_refill_rule(bench, iterations, batch_size, fill, 
     assert bench.occupancy(iterations, batch_size) == (pytest.approx(fill), loops)
 
 
+@pytest.mark.parametrize(
+    ("work", "budget", "minimum", "chosen"),
+    [
+        ([1] * 10, 100, 5, list(range(10))),  # everything fits
+        ([1] * 10, 5, 5, [0, 2, 4, 6, 8]),  # stride 2: 5 rows of work 5
+        ([10] * 20, 45, 2, [0, 5, 10, 15]),  # stride 5: 40 <= 45 (stride 4 would be 50)
+        ([100] * 20, 1, 5, [0, 4, 8, 12, 16]),  # nothing fits: the first stride with <= 5 rows
+    ],
+)
+def test_the_precision_subset_is_evenly_spaced_within_the_budget(bench, work, budget, minimum,
+                                                                 chosen):
+    assert bench.spread_subset(work, budget, minimum) == chosen
+
+
+def test_agreement_counts_flags_and_compares_medians_per_schedule(bench):
+    float32 = pd.DataFrame({
+        "row_id": range(6), "schedule": ["constant"] * 3 + ["step"] * 3,
+        "success": [True, True, True, True, True, False],
+        "l1": [0.010, 0.020, 0.030, 0.100, 0.200, 0.300],
+    })
+    fast = float32.copy()
+    fast["success"] = [True, True, False, True, True, False]  # row 2 differs: 5 of 6 agree
+    fast["l1"] = [0.011, 0.021, 0.5, 0.100, 0.200, 0.9]
+    same, shift, medians = bench.agreement(float32, fast)
+    assert same == pytest.approx(5 / 6)
+    # constant: rows 0, 1 in both: medians 0.015 and 0.016 -> shift 1/15; step: 0.15 -> 0
+    assert medians.loc["constant", "rows"] == 2 and medians.loc["step", "rows"] == 2
+    assert shift == pytest.approx(0.016 / 0.015 - 1)
+
+
+def test_agreement_without_common_successes_is_nan(bench):
+    frame = pd.DataFrame({"row_id": [0], "schedule": ["step"], "success": [False], "l1": [0.1]})
+    same, shift, _ = bench.agreement(frame, frame)
+    assert same == 1.0 and math.isnan(shift)
+
+
+def test_the_last_line_has_exactly_the_issues_format(bench):
+    values = dict(zip(bench.LAST_LINE_KEYS, [0.97, 0.012, 0.61, 1.04, 1.0, 0.0123, 1.01],
+                      strict=True))
+    line = bench.last_line(values)
+    assert line == ("engine_vs_limit=0.97 fast_vs_float32=0.01 fast_vs_fast_limit=0.61 "
+                    "engine_vs_plain=1.04 success_agreement=1.00 l1_shift=0.01 "
+                    "memory_4x_over_1x=1.01")
+    assert re.fullmatch(
+        r"engine_vs_limit=\S+ fast_vs_float32=\S+ fast_vs_fast_limit=\S+ engine_vs_plain=\S+ "
+        r"success_agreement=\S+ l1_shift=\S+ memory_4x_over_1x=\S+", line)
+
+
+def tiny_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 7)).double().eval()
+    pool = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).double()
+    return model, pool
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_the_plain_loop_attacks_exactly_like_the_engine_in_float64(bench, batch_size):
+    model, pool = tiny_problem()
+    rows = bench.make_rows(model, pool)
+    assert len(rows) == 4 * 6 * 5
+    finished = [f for _, done in bench.plain_loop(model, pool, rows, lr0=0.02, max_iter=15,
+                                                  batch_size=batch_size) for f in done]
+    plain = sorted(finished)
+    result = engine.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, batch_size=7,
+                                dtype=torch.float64)
+    assert [r[0] for r in plain] == result.row_id.tolist()
+    assert [r[1] for r in plain] == result.success.tolist()
+    assert [r[2] for r in plain] == result.iterations.tolist()
+    assert 0 < result.success.float().mean() < 1  # a job with successes and failures
+
+
+def test_the_plain_loop_counts_one_sample_iteration_per_row_and_pass(bench):
+    model, pool = tiny_problem()
+    rows = bench.make_rows(model, pool)[:30]
+    steps = list(bench.plain_loop(model, pool, rows, lr0=0.02, max_iter=15, batch_size=8))
+    result = engine.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, dtype=torch.float64)
+    assert sum(s[0] for s in steps) == int(result.iterations.sum()) + len(rows)
+    assert all(s[0] <= 8 for s in steps)
+
+
 def test_flops_of_a_linear_model_are_forward_plus_input_gradient(bench):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 7))
     pool = torch.rand(4, 3, 2, 2)
@@ -46,32 +128,24 @@ def test_flops_of_a_linear_model_are_forward_plus_input_gradient(bench):
 
 
 def test_flops_of_alexnet_at_64_px(bench):
-    pool = bench.make_pool(64, 1, seed=0)
-    model = bench.make_model(pool, seed=0)
-    flops = bench.flops_per_sample_iteration(model, pool)
+    from lib.model import build_model
+
+    flops = bench.flops_per_sample_iteration(build_model().eval(), torch.rand(1, 3, 64, 64))
     # convolutions 2 x 39.5 MFLOP, fully connected 2 x 54.6 MFLOP (torchvision AlexNet, 7 classes)
     assert flops == 376_310_528
 
 
-def test_matmul_peak_is_a_plausible_rate(bench):
-    rate = bench.matmul_peak(size=256, repeats=3)
-    assert 1e8 < rate < 1e14  # FLOP/s: above a slow interpreter, below any CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_peak_is_a_plausible_rate(bench, dtype):
+    rate = bench.matmul_peak(size=128, repeats=2, dtype=dtype)
+    assert 1e6 < rate < 1e15  # FLOP/s: above a slow interpreter, below any CPU
 
 
-def test_the_command_prints_its_table_and_last_line():
-    command = [
-        sys.executable, str(SCRIPT), "--size", "64", "--quick", "--per-class", "1",
-        "--rounds", "1", "--batch-size", "8", "--max-iter", "3", "--lr0", "0.004",
-    ]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    lines = output.strip().splitlines()
-    assert "210 rows (7 images x 6 targets x 5 schedules)" in lines[0]
-    assert any(line.startswith("ceiling: 0.376 GFLOP per sample-iteration") for line in lines)
-    last = re.fullmatch(
-        r"engine_vs_limit=(\S+) engine_vs_per_image=(\S+) engine_vs_naive=(\S+) "
-        r"memory_4x_over_1x=(\S+)",
-        lines[-1],
-    )
-    assert last is not None, lines[-1]
-    ratios = [float(value) for value in last.groups()]
-    assert all(math.isfinite(r) and r > 0 for r in ratios)
+def test_the_bfloat16_limit_sampler_counts_its_samples(bench):
+    model, pool = tiny_problem()
+    model = model.float()
+    sampler = bench.LimitSampler(model, pool.float(), 3, "bfloat16")
+    sampler.sample()
+    sampler.sample()
+    assert sampler.samples == 6 and sampler.rate > 0
+    assert all(p.requires_grad for p in model.parameters())  # frozen only during the pass

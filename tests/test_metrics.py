@@ -67,6 +67,10 @@ def results_table(attacks=ATTACKS, *, nonfinite: bool = True) -> pd.DataFrame:
                         "target_prob": 0.5 if success else 0.1,
                         "final_class": target if success else source,
                         "status": "ok",
+                        "refined_l1": l1_255 / 255,
+                        "refined_l2": 0.1,
+                        "refined_linf": 0.01,
+                        "refine_forwards": 0,
                     }
                 )
                 row_id += 1
@@ -78,6 +82,7 @@ def results_table(attacks=ATTACKS, *, nonfinite: bool = True) -> pd.DataFrame:
                 "success": False,
                 "l1": np.nan,
                 "l1_255": np.nan,
+                "refined_l1": np.nan,
                 "status": "nonfinite",
                 "final_class": -1,
             }
