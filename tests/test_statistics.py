@@ -43,6 +43,27 @@ def test_rate_difference_interval_newcombe() -> None:
     assert interval.high == pytest.approx(0.3339, abs=1e-4)
 
 
+def test_paired_rate_difference_interval() -> None:
+    # every unit right both times: no correlation term (phi = 0), so the bounds are the two
+    # Wilson half-widths of 10 of 10: +-(1 - 0.7225)
+    same = st.paired_rate_difference_interval(both=10, first_only=0, second_only=0, neither=0)
+    assert same.estimate == 0.0 and same.n == 10
+    assert same.low == pytest.approx(-(1 - st.wilson_interval(10, 10).low))
+    assert same.high == pytest.approx(1 - st.wilson_interval(10, 10).low)
+    # uncorrelated pairs (a d = b c, so phi = 0): the same bounds as two independent samples
+    # with these margins, which the Newcombe example above checks
+    uncorrelated = st.paired_rate_difference_interval(both=4, first_only=2, second_only=2,
+                                                      neither=1)
+    independent = st.rate_difference_interval((6, 9), (6, 9))
+    assert uncorrelated.low == pytest.approx(independent.low)
+    assert uncorrelated.high == pytest.approx(independent.high)
+    # positively correlated pairs (most units score the same twice): narrower than unpaired
+    paired = st.paired_rate_difference_interval(both=80, first_only=8, second_only=2, neither=10)
+    unpaired = st.rate_difference_interval((88, 100), (82, 100))
+    assert paired.estimate == pytest.approx(0.06) == unpaired.estimate
+    assert unpaired.low < paired.low < 0.06 < paired.high < unpaired.high
+
+
 def test_bootstrap_interval_is_reproducible_and_covers_the_mean() -> None:
     values = np.random.default_rng(1).normal(10.0, 1.0, 200)
     first = st.bootstrap_interval(values)
