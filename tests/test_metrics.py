@@ -313,3 +313,85 @@ def test_claims_without_the_schedules_or_epochs_they_need() -> None:
     assert claims.loc["step falls short of 100 % success", "quantity"] == "schedule(s) step not run"
     assert claims.loc["success rate changes little across epochs", "quantity"] == (
         "one epoch attacked")
+
+
+def test_aggregates_carry_their_intervals() -> None:
+    rates = metrics.success_rates(results_table()).set_index(["epoch", "schedule"])
+    row = rates.loc[(1, "step")]  # 2 of 4
+    assert (row["success_rate_low"], row["success_rate_high"]) == pytest.approx((0.1500, 0.8500),
+                                                                                 abs=1e-4)
+    table = metrics.mean_l1(results_table()).set_index(["epoch", "schedule"])
+    row = table.loc[(1, "constant")]  # 4, 4, 6, 6
+    assert row["mean_l1_255_low"] <= 5.0 <= row["mean_l1_255_high"]
+    assert 4.0 <= row["mean_l1_255_low"] and row["mean_l1_255_high"] <= 6.0
+    assert table.loc[(1, "iteration"), "mean_l1_255_low"] == pytest.approx(3.0)  # all equal
+    assert table.loc[(1, "constant"), "median_l1_255"] == pytest.approx(5.0)
+    effort = metrics.iterations_and_lr(results_table()).set_index("schedule")
+    assert effort.loc["step", "mean_iterations_low"] <= 25 <= effort.loc["step",
+                                                                          "mean_iterations_high"]
+    assert metrics.mean_l1(results_table()).equals(metrics.mean_l1(results_table()))  # seeded
+
+
+def test_paired_schedule_differences_per_epoch() -> None:
+    table = metrics.paired_schedule_differences(many_attacks(AGREEING))
+    assert set(table["schedule"]) == {"iteration", "loss-adaptive", "step", "exponential"}
+    row = table.set_index(["epoch", "schedule"]).loc[(1, "step")]
+    assert row["pairs"] == 40  # step succeeded on 40 of the 60 rows, constant on all
+    assert row["mean_difference"] == pytest.approx(-2.5)
+    assert row["high"] < 0 and row["p_signed_rank"] < 1e-6
+    iterations = metrics.paired_schedule_differences(
+        many_attacks(AGREEING), value="iterations", successful_only=False, scale=1.0)
+    row = iterations.set_index(["epoch", "schedule"]).loc[(2, "exponential")]
+    assert row["pairs"] == 60 and row["mean_difference"] == pytest.approx(75.0)  # 80 - 5
+    assert metrics.paired_schedule_differences(many_attacks(AGREEING), reference="none").empty
+
+
+def with_refinement(results: pd.DataFrame, overshoot_255: dict[str, float]) -> pd.DataFrame:
+    """Refined distances: l1 less a schedule's fixed overshoot (NaN for failed attacks)."""
+    cut = results["schedule"].map(overshoot_255) / 255
+    hit = results["success"].astype(bool)
+    return results.assign(refined_l1=(results["l1"] - cut).where(hit),
+                          refined_l2=results["l2"].where(hit),
+                          refined_linf=results["linf"].where(hit),
+                          refine_forwards=np.where(hit, 4, 0))
+
+
+def test_refinement_absent_and_present() -> None:
+    plain = many_attacks(AGREEING)
+    assert not metrics.refined_available(plain)
+    assert metrics.refinement_ranking(plain) is None
+    # the columns exist but hold nothing (refinement switched off): no refined distances
+    assert metrics.refinement_ranking(with_refinement(plain, {}).assign(refined_l1=np.nan)) is None
+    # constant overshoots by 2.9/255: once removed it is the smallest (b + 0.1)
+    refined = with_refinement(plain, {"constant": 2.9, "iteration": 0.0, "loss-adaptive": 0.0,
+                                      "step": 0.0, "exponential": 0.0})
+    ranking = metrics.refinement_ranking(refined).set_index(["epoch", "schedule"])
+    assert ranking.loc[(1, "constant"), "mean_overshoot_255"] == pytest.approx(2.9)
+    assert ranking.loc[(1, "constant"), "rank_path"] == 5
+    assert ranking.loc[(1, "constant"), "rank_refined"] == 1
+    assert ranking.loc[(1, "step"), "mean_refine_forwards"] == 4
+    assert ranking.loc[(1, "step"), "successes"] == 40
+    changes = metrics.ranking_changes(ranking.reset_index())
+    assert changes["changed"].tolist() == [True, True]
+    assert changes.loc[0, "order_refined"].startswith("constant < ")
+    same = with_refinement(plain, dict.fromkeys(SCHEDULES, 0.1))
+    assert not metrics.ranking_changes(metrics.refinement_ranking(same))["changed"].any()
+
+
+def test_per_image_l1_follows_the_same_targets_across_epochs() -> None:
+    results = many_attacks(AGREEING, images=3)  # img0..img2, two targets each
+    # img1 is not followed; step fails on row k = 0 (img0, first target) at every epoch
+    table = metrics.per_image_l1(results, ["img0", "img2"])
+    assert set(table["image_id"]) == {"img0", "img2"}
+    step = table[(table["schedule"] == "step") & (table["image_id"] == "img0")]
+    assert step["targets"].tolist() == [1, 1]
+    constant = table[(table["schedule"] == "constant") & (table["image_id"] == "img0")]
+    assert constant["targets"].tolist() == [2, 2] and constant["epoch"].tolist() == [1, 2]
+    change = metrics.per_image_change(table).set_index("schedule")
+    assert change.loc["constant", "images"] == 2
+    assert change.loc["constant", "mean_change_255"] == pytest.approx(0.0)  # same at 1 and 2
+    later = results.assign(l1=np.where(results["epoch"] == 2, results["l1"] + 1 / 255,
+                                       results["l1"]))
+    moved = metrics.per_image_change(metrics.per_image_l1(later, ["img0", "img2"]))
+    assert moved.set_index("schedule").loc["iteration", "mean_change_255"] == pytest.approx(1.0)
+    assert metrics.per_image_change(table[table["epoch"] == 1]).empty
