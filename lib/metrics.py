@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib import NUM_CLASSES, TOOLS, io, statistics
+from lib import NUM_CLASSES, TOOLS, io, minimality, statistics
 from lib.errors import RunFolderError
 
 #: The columns that identify one (image, target) attack shared by every schedule.
@@ -535,6 +535,49 @@ def per_image_change(per_image: pd.DataFrame, *,
                          "p_signed_rank": compared["p_signed_rank"]})
     columns = ["schedule", "first_epoch", "last_epoch", "images", "mean_change_255", "low",
                "high", "p_signed_rank"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------- minimality
+
+
+def minimality_intervals(results: pd.DataFrame, best: pd.DataFrame, *,
+                         confidence: float = statistics.CONFIDENCE) -> pd.DataFrame:
+    """Per schedule and epoch: the median ratio L1 / best-known L1 and AttackBench's optimality,
+    each with a 95 % bootstrap interval over the pairs.
+
+    Args:
+        results: our attacks (attack/results.csv rows of the compared epochs).
+        best: best-known L1 per pair (``epoch, image_id, target, best_l1``), e.g.
+            :func:`lib.minimality.best_per_sample`.
+
+    Returns:
+        ``schedule, epoch, pairs, successful, median_ratio, median_ratio_low,
+        median_ratio_high, q25_ratio, q75_ratio, optimality, optimality_low,
+        optimality_high``.
+    """
+    keys = list(PAIR_KEYS)
+    joined = results.merge(best[[*keys, "best_l1"]].drop_duplicates(keys), on=keys, how="inner")
+    hit = joined["success"].astype(bool)
+    ratio_ok = hit & np.isfinite(joined["best_l1"]) & (joined["best_l1"] > 0)
+    joined = joined.assign(ratio=(joined["l1"] / joined["best_l1"]).where(ratio_ok),
+                           distance=joined["l1"].where(hit, np.inf))
+    rows = []
+    for (name, epoch), part in joined.groupby(["schedule", "epoch"], sort=False):
+        median = statistics.bootstrap_interval(part["ratio"], statistic="median",
+                                               confidence=confidence)
+        score = statistics.bootstrap_statistic(
+            (part["distance"].to_numpy(), part["best_l1"].to_numpy()),
+            minimality.eval_optimality, confidence=confidence)
+        rows.append({"schedule": name, "epoch": int(epoch), "pairs": len(part),
+                     "successful": median.n, "median_ratio": median.estimate,
+                     "median_ratio_low": median.low, "median_ratio_high": median.high,
+                     "q25_ratio": part["ratio"].quantile(0.25),
+                     "q75_ratio": part["ratio"].quantile(0.75), "optimality": score.estimate,
+                     "optimality_low": score.low, "optimality_high": score.high})
+    columns = ["schedule", "epoch", "pairs", "successful", "median_ratio", "median_ratio_low",
+               "median_ratio_high", "q25_ratio", "q75_ratio", "optimality", "optimality_low",
+               "optimality_high"]
     return pd.DataFrame(rows, columns=columns)
 
 

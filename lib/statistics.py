@@ -190,6 +190,41 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, *,
     return Interval(estimate, low, high, int(data.size))
 
 
+def bootstrap_statistic(samples: Sequence[np.ndarray], statistic, *,
+                        confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                        seed: int = SEED) -> Interval:
+    """Percentile bootstrap interval of any statistic of paired samples.
+
+    The samples are resampled together (row k of every array stays together), as for a score
+    computed from each pair's own distance and best-known distance.
+
+    Args:
+        samples: arrays of equal length [N] (values may be ``inf``).
+        statistic: ``statistic(*samples) -> float``.
+
+    Returns:
+        :class:`Interval` with ``n = N``; a NaN interval when N is 0 and a single point when
+        N is 1 or the statistic is not finite on some resamples too often to bound.
+    """
+    _check_confidence(confidence)
+    arrays = [np.asarray(a, dtype=float) for a in samples]
+    size = len(arrays[0]) if arrays else 0
+    if size == 0 or any(len(a) != size for a in arrays):
+        return NAN_INTERVAL
+    estimate = float(statistic(*arrays))
+    if size == 1 or not np.isfinite(estimate):
+        return Interval(estimate, estimate, estimate, size)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, size, size=(resamples, size))
+    values = np.array([statistic(*(a[pick] for a in arrays)) for pick in picks], dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size < resamples // 2:
+        return Interval(estimate, np.nan, np.nan, size)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high), size)
+
+
 def paired_differences(table: pd.DataFrame, *, first: str, second: str, value: str,
                        keys: Sequence[str] = ("epoch", "image_id", "target"),
                        group: str = "schedule") -> pd.DataFrame:

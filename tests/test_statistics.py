@@ -150,3 +150,14 @@ def test_all_of() -> None:
     assert st.all_of(["agrees", "inconclusive", "disagrees"]) == ("disagrees", 2)
     assert st.all_of(["agrees", "inconclusive"]) == ("inconclusive", 1)
     assert st.all_of([]) == ("inconclusive", -1)
+
+
+def test_bootstrap_statistic_resamples_pairs_together() -> None:
+    first = np.arange(1.0, 21.0)
+    second = first + 1.0  # paired: the difference is 1 in every resample
+    interval = st.bootstrap_statistic((first, second), lambda a, b: float(np.mean(b - a)))
+    assert (interval.estimate, interval.low, interval.high, interval.n) == (1.0, 1.0, 1.0, 20)
+    spread = st.bootstrap_statistic((first,), lambda a: float(np.mean(a)))
+    assert spread.low < 10.5 < spread.high
+    assert spread == st.bootstrap_statistic((first,), lambda a: float(np.mean(a)))
+    assert st.bootstrap_statistic((np.array([]),), np.mean).n == 0
