@@ -20,6 +20,11 @@ from lib import TOOLS
 TOOL_SCALE = alt.Scale(domain=list(TOOLS), scheme="tableau10")
 
 
+def _interval_bars(base: alt.Chart, low: str, high: str) -> alt.Chart:
+    """Error bars from the table's ``low`` to ``high`` columns (a 95 % interval)."""
+    return base.mark_errorbar(ticks=True).encode(y=alt.Y(f"{low}:Q"), y2=f"{high}:Q")
+
+
 def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
     """Grouped bars of frames per tool and split.
 
@@ -103,26 +108,50 @@ def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.Chart:
     return (raw + mean).properties(width=480, height=200)
 
 
-def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart:
+def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     """The paper's Figure 1: test accuracy and macro F1 per epoch.
 
     Args:
-        metrics: columns ``epoch`` (1-based), ``accuracy`` and ``macro_f1`` (in [0, 1]).
+        metrics: columns ``epoch`` (1-based), ``accuracy`` and ``macro_f1`` (in [0, 1]); with
+            ``accuracy_low/high`` and ``macro_f1_low/high`` (:func:`lib.metrics.
+            accuracy_f1_intervals`) the chart draws those 95 % intervals too.
     """
-    table = metrics.melt(id_vars="epoch", value_vars=["accuracy", "macro_f1"],
-                         var_name="metric", value_name="value")
-    table["metric"] = table["metric"].map({"accuracy": "accuracy", "macro_f1": "macro F1"})
-    return (
-        alt.Chart(table)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("epoch:O", title="epoch"),
-            y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title="on the test split"),
-            color=alt.Color("metric:N", title=None),
-            tooltip=["epoch", "metric", alt.Tooltip("value:Q", format=".3f")],
-        )
-        .properties(width=420, height=220)
+    names = {"accuracy": "accuracy", "macro_f1": "macro F1"}
+    parts = []
+    for column, label in names.items():
+        part = pd.DataFrame({"epoch": metrics["epoch"], "metric": label,
+                             "value": metrics[column]})
+        if f"{column}_low" in metrics.columns:
+            part = part.assign(low=metrics[f"{column}_low"], high=metrics[f"{column}_high"])
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
+    base = alt.Chart(table).encode(x=alt.X("epoch:O", title="epoch"),
+                                   color=alt.Color("metric:N", title=None))
+    lines = base.mark_line(point=True).encode(
+        y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title="on the test split"),
+        tooltip=["epoch", "metric", alt.Tooltip("value:Q", format=".3f")],
     )
+    if "low" not in table.columns:
+        return lines.properties(width=420, height=220)
+    return (_interval_bars(base, "low", "high") + lines).properties(width=420, height=220)
+
+
+def markdown_table(table: pd.DataFrame, *, digits: int = 3) -> str:
+    """A pipe table in Markdown with every cell in full (no truncation), numbers rounded.
+
+    Args:
+        table: any DataFrame; floats are written with ``digits`` significant digits.
+    """
+    def cell(value: object) -> str:
+        if isinstance(value, float | np.floating):
+            return "" if np.isnan(value) else f"{value:.{digits}g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |",
+             "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in table.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
@@ -181,11 +210,6 @@ def _schedule_color(table: pd.DataFrame) -> alt.Color:
     order = list(dict.fromkeys(table["schedule"]))
     return alt.Color("schedule:N", sort=order, scale=alt.Scale(domain=order, scheme="dark2"),
                      title="schedule")
-
-
-def _interval_bars(base: alt.Chart, low: str, high: str) -> alt.Chart:
-    """Error bars from the table's ``low`` to ``high`` columns (a 95 % interval)."""
-    return base.mark_errorbar(ticks=True).encode(y=alt.Y(f"{low}:Q"), y2=f"{high}:Q")
 
 
 def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:

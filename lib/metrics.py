@@ -152,6 +152,43 @@ def _successful(results: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- aggregates
 
 
+def _macro_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Macro F1: the unweighted mean over all 7 classes (as the training stage reports it; a
+    class never present nor predicted counts 0)."""
+    counts = np.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES ** 2)
+    confusion = counts.reshape(NUM_CLASSES, NUM_CLASSES)
+    hits = np.diag(confusion).astype(float)
+    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)
+    f1 = np.divide(2 * hits, denominator, out=np.zeros(NUM_CLASSES), where=denominator > 0)
+    return float(f1.mean())
+
+
+def accuracy_f1_intervals(predictions: pd.DataFrame, *,
+                          confidence: float = statistics.CONFIDENCE) -> pd.DataFrame:
+    """Figure 1 with intervals: test accuracy (Wilson) and macro F1 (bootstrap over the test
+    images) per epoch, from ``train/predictions.csv``.
+
+    Returns:
+        ``epoch, test_images, accuracy, accuracy_low, accuracy_high, macro_f1, macro_f1_low,
+        macro_f1_high``.
+    """
+    rows = []
+    for epoch, part in predictions.groupby("epoch", sort=True):
+        labels = part["label"].to_numpy(np.int64)
+        predicted = part["predicted"].to_numpy(np.int64)
+        accuracy = statistics.wilson_interval(int((labels == predicted).sum()), len(part),
+                                              confidence=confidence)
+        f1 = statistics.bootstrap_statistic((labels, predicted), lambda a, b: _macro_f1(
+            a.astype(np.int64), b.astype(np.int64)), confidence=confidence)
+        rows.append({"epoch": int(epoch), "test_images": len(part),
+                     "accuracy": accuracy.estimate, "accuracy_low": accuracy.low,
+                     "accuracy_high": accuracy.high, "macro_f1": f1.estimate,
+                     "macro_f1_low": f1.low, "macro_f1_high": f1.high})
+    return pd.DataFrame(rows, columns=["epoch", "test_images", "accuracy", "accuracy_low",
+                                       "accuracy_high", "macro_f1", "macro_f1_low",
+                                       "macro_f1_high"])
+
+
 def success_rates(results: pd.DataFrame) -> pd.DataFrame:
     """Figure 2: the share of attacks that reached their target within ``max_iter``.
 
@@ -599,6 +636,20 @@ class ClaimRules:
     full_success: float = 0.95
     stable_within: float = 0.05
     confidence: float = statistics.CONFIDENCE
+
+    def __post_init__(self) -> None:
+        from lib.errors import ParameterError
+
+        if not 0 < self.full_success <= 1:
+            raise ParameterError(
+                f"full_success must lie in (0, 1] (0.95 reads '100 %' as at least 95 %), got "
+                f"{self.full_success!r}")
+        if not 0 <= self.stable_within <= 1:
+            raise ParameterError(
+                f"stable_within must be a share from 0 to 1 (0.05 means 5 points), got "
+                f"{self.stable_within!r}")
+        if not 0 < self.confidence < 1:
+            raise ParameterError(f"confidence must lie in (0, 1), got {self.confidence!r}")
 
 
 CLAIM_COLUMNS = ("claim", "paper", "quantity", "estimate", "low", "high", "n", "counted",

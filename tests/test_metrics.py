@@ -395,3 +395,30 @@ def test_per_image_l1_follows_the_same_targets_across_epochs() -> None:
     moved = metrics.per_image_change(metrics.per_image_l1(later, ["img0", "img2"]))
     assert moved.set_index("schedule").loc["iteration", "mean_change_255"] == pytest.approx(1.0)
     assert metrics.per_image_change(table[table["epoch"] == 1]).empty
+
+
+def test_accuracy_f1_intervals_match_the_training_metrics() -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, NUM_CLASSES, 200)
+    predicted = np.where(rng.random(200) < 0.7, labels, rng.integers(0, NUM_CLASSES, 200))
+    table = pd.DataFrame({"epoch": 1, "image_id": [f"t{k}" for k in range(200)],
+                          "label": labels, "predicted": predicted})
+    (row,) = metrics.accuracy_f1_intervals(table).to_dict("records")
+    assert row["test_images"] == 200
+    assert row["accuracy"] == pytest.approx(np.mean(labels == predicted))
+    expected = f1_score(labels, predicted, labels=list(range(NUM_CLASSES)), average="macro",
+                        zero_division=0)
+    assert row["macro_f1"] == pytest.approx(expected)
+    assert row["accuracy_low"] < row["accuracy"] < row["accuracy_high"]
+    assert row["macro_f1_low"] < row["macro_f1"] < row["macro_f1_high"]
+
+
+def test_claim_rules_refuse_bad_levels() -> None:
+    from lib.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="full_success must lie in"):
+        metrics.ClaimRules(full_success=95)
+    with pytest.raises(ParameterError, match="stable_within must be a share"):
+        metrics.ClaimRules(stable_within=-0.1)
