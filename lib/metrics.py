@@ -837,3 +837,41 @@ def paper_claims(results: pd.DataFrame, predictions: pd.DataFrame | None = None,
     rows.append(claim_success_stable(results, rules))
     rows.append(claim_accuracy_stable(predictions, rules))
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
+
+
+def readable_claims(claims: pd.DataFrame) -> pd.DataFrame:
+    """The claims table as the book shows it: the estimate and its interval in one cell.
+
+    Returns:
+        ``claim, paper, quantity, estimate (95 % interval), n, verdict``.
+    """
+    def interval(row: pd.Series) -> str:
+        if not np.isfinite(row["estimate"]):
+            return "-"
+        return f"{row['estimate']:.3g} [{row['low']:.3g}, {row['high']:.3g}]"
+
+    return pd.DataFrame({
+        "claim": claims["claim"], "paper": claims["paper"], "quantity": claims["quantity"],
+        "estimate (95 % interval)": claims.apply(interval, axis=1),
+        "n": [f"{n} {what}" for n, what in zip(claims["n"], claims["counted"], strict=True)],
+        "verdict": claims["verdict"]})
+
+
+def claims_conclusion(claims: pd.DataFrame) -> str:
+    """The chapter's conclusion, written from the verdicts (Markdown): how many claims agree,
+    disagree or stay inconclusive, and which."""
+    shown = readable_claims(claims)
+    count = claims["verdict"].value_counts()
+    lines = [f"Of the paper's {len(claims)} claims, our run **agrees** with "
+             f"{count.get(statistics.AGREES, 0)}, **disagrees** with "
+             f"{count.get(statistics.DISAGREES, 0)} and leaves "
+             f"{count.get(statistics.INCONCLUSIVE, 0)} **inconclusive** (the 95 % interval "
+             "does not decide).", ""]
+    for verdict in statistics.VERDICTS:
+        chosen = shown[shown["verdict"] == verdict]
+        if chosen.empty:
+            continue
+        lines.append(f"- {verdict.capitalize()}:")
+        lines += [f"  - {row['claim']}: {row['quantity']} = {row['estimate (95 % interval)']}"
+                  f" ({row['n']})" for row in chosen.to_dict("records")]
+    return "\n".join(lines)

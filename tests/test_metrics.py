@@ -422,3 +422,19 @@ def test_claim_rules_refuse_bad_levels() -> None:
         metrics.ClaimRules(full_success=95)
     with pytest.raises(ParameterError, match="stable_within must be a share"):
         metrics.ClaimRules(stable_within=-0.1)
+
+
+def test_the_conclusion_is_written_from_the_verdicts() -> None:
+    claims = metrics.paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
+    text = metrics.claims_conclusion(claims)
+    count = claims["verdict"].value_counts()
+    assert text.startswith(f"Of the paper's 12 claims, our run **agrees** with {count['agrees']},")
+    listed = [line for line in text.splitlines() if line.startswith("  - ")]
+    assert len(listed) == 12
+    inconclusive = claims.loc[claims["verdict"] == "inconclusive", "claim"].tolist()
+    block = text.split("- Inconclusive:")[1]
+    assert all(claim in block for claim in inconclusive)
+    shown = metrics.readable_claims(claims).set_index("claim")
+    assert shown.loc["constant reaches 100 % success within max_iter",
+                     "estimate (95 % interval)"] == "1 [0.969, 1]"
+    assert shown.loc["constant reaches 100 % success within max_iter", "n"] == "120 attacks"
