@@ -460,9 +460,13 @@ def paired_schedule_differences(results: pd.DataFrame, *, reference: str = "cons
 
 
 def refined_available(results: pd.DataFrame) -> bool:
-    """True when the run recorded refined distances (the columns exist and hold a value)."""
-    return (all(c in results.columns for c in REFINED_COLUMNS)
-            and bool(results["refined_l1"].notna().any()))
+    """True when the run refined its crossings: the refined columns exist, hold values, and
+    the refinement spent forward passes on some row. (With refinement off the attack stage
+    writes the path distances there and 0 forwards.)"""
+    if not all(c in results.columns for c in REFINED_COLUMNS):
+        return False
+    forwards = pd.to_numeric(results["refine_forwards"], errors="coerce").fillna(0)
+    return bool(results["refined_l1"].notna().any() and (forwards > 0).any())
 
 
 def refinement_ranking(results: pd.DataFrame, *,

@@ -286,8 +286,9 @@ change.round(4)
 # %% tags=["remove-input"]
 ranking = metrics.refinement_ranking(results)
 if ranking is None:
-    display(Markdown("**No refined distances in this run**: `attack/results.csv` has no "
-                     "`refined_l1` values, so the ranking is by path distance only."))
+    display(Markdown("**No refined distances in this run**: the attack stage ran without "
+                     "refinement (or wrote no `refined_l1` column), so the schedules are ranked "
+                     "by path distance only."))
 else:
     save(ranking, "refined_ranking")
     changes = save(metrics.ranking_changes(ranking), "ranking_changes")

@@ -360,7 +360,10 @@ def test_refinement_absent_and_present() -> None:
     plain = many_attacks(AGREEING)
     assert not metrics.refined_available(plain)
     assert metrics.refinement_ranking(plain) is None
-    # the columns exist but hold nothing (refinement switched off): no refined distances
+    # refinement switched off: the stage writes the path distances and 0 forwards
+    off = plain.assign(refined_l1=plain["l1"], refined_l2=plain["l2"],
+                       refined_linf=plain["linf"], refine_forwards=0)
+    assert not metrics.refined_available(off) and metrics.refinement_ranking(off) is None
     assert metrics.refinement_ranking(with_refinement(plain, {}).assign(refined_l1=np.nan)) is None
     # constant overshoots by 2.9/255: once removed it is the smallest (b + 0.1)
     refined = with_refinement(plain, {"constant": 2.9, "iteration": 0.0, "loss-adaptive": 0.0,
