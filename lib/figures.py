@@ -113,8 +113,8 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
 
     Args:
         metrics: columns ``epoch`` (1-based), ``accuracy`` and ``macro_f1`` (in [0, 1]); with
-            ``accuracy_low/high`` and ``macro_f1_low/high`` (:func:`lib.metrics.
-            accuracy_f1_intervals`) the chart draws those 95 % intervals too.
+            ``accuracy_low/high`` and ``macro_f1_low/high``
+            (:func:`lib.metrics.accuracy_f1_intervals`) the chart draws those intervals too.
     """
     names = {"accuracy": "accuracy", "macro_f1": "macro F1"}
     parts = []

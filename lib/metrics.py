@@ -656,6 +656,7 @@ class ClaimRules:
             raise ParameterError(f"confidence must lie in (0, 1), got {self.confidence!r}")
 
 
+#: The columns of the claims table (:func:`paper_claims`).
 CLAIM_COLUMNS = ("claim", "paper", "quantity", "estimate", "low", "high", "n", "counted",
                  "verdict")
 

@@ -3,8 +3,8 @@
 - Rates (success rates, accuracies) get a Wilson score interval (:func:`wilson_interval`); the
   change between two independent rates Newcombe's interval built from two Wilson intervals
   (:func:`rate_difference_interval`).
-- Means and medians get a bootstrap interval (:func:`bootstrap_interval`, ``scipy.stats.
-  bootstrap`` with a fixed seed, so a rerun gives the same bounds bit for bit).
+- Means and medians get a bootstrap interval (:func:`bootstrap_interval`, with
+  ``scipy.stats.bootstrap`` and a fixed seed, so a rerun gives the same bounds bit for bit).
 - Two schedules attack the same (epoch, image, target) rows, so they are compared *paired*:
   :func:`paired_differences` lines the rows up, :func:`paired_comparison` gives the mean
   difference with its bootstrap interval and the Wilcoxon signed-rank p-value.
@@ -56,6 +56,7 @@ class Interval:
         return bool(self.low <= value <= self.high)
 
 
+#: The interval of no observation.
 NAN_INTERVAL = Interval(np.nan, np.nan, np.nan, 0)
 
 
