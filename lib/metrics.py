@@ -473,7 +473,7 @@ def refinement_ranking(results: pd.DataFrame, *,
                        confidence: float = statistics.CONFIDENCE) -> pd.DataFrame | None:
     """Path L1 against refined L1 (overshoot removed) per epoch and schedule, with ranks.
 
-    ``refined_l1`` is in the units of ``l1`` (mean |x_b - x| over all values, [0, 1]); the
+    ``refined_l1`` is in the units of ``l1`` (mean ``|x_b - x|`` over all values, [0, 1]); the
     overshoot of an attack is ``l1 - refined_l1``. Means over successful attacks with a refined
     distance; rank 1 is the smallest mean.
 
