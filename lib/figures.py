@@ -136,24 +136,6 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     return (_interval_bars(base, "low", "high") + lines).properties(width=420, height=220)
 
 
-def markdown_table(table: pd.DataFrame, *, digits: int = 3) -> str:
-    """A pipe table in Markdown with every cell in full (no truncation), numbers rounded.
-
-    Args:
-        table: any DataFrame; floats are written with ``digits`` significant digits.
-    """
-    def cell(value: object) -> str:
-        if isinstance(value, float | np.floating):
-            return "" if np.isnan(value) else f"{value:.{digits}g}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |",
-             "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in table.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
     """F1 of every tool per epoch.
 

@@ -42,7 +42,7 @@ overwrite = False  # discard analysis/ if made with other parameters
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import Markdown, display
+from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
 from lib import figures, io, metrics, pipeline, selection, statistics
@@ -356,7 +356,8 @@ else:
 
 # %% tags=["remove-input"]
 claims = save(metrics.paper_claims(results, predictions, rules=rules), "paper_claims")
-display(Markdown(figures.markdown_table(metrics.readable_claims(claims))))
+# to_html writes every cell in full (a DataFrame's own display cuts text at 50 characters)
+display(HTML(metrics.readable_claims(claims).to_html(index=False)))
 
 # %% [markdown]
 # ## What the run says

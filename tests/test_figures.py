@@ -186,15 +186,3 @@ def test_accuracy_chart_draws_intervals_when_given() -> None:
                            macro_f1_low=[0.3, 0.7], macro_f1_high=[0.5, 0.9])
     marks = layer_marks(figures.accuracy_f1_chart(bounded).to_dict())
     assert ("errorbar", {"x": "epoch", "color": "metric", "y": "low", "y2": "high"}) in marks
-
-
-def test_markdown_table_keeps_every_cell_whole() -> None:
-    import pandas as pd
-
-    claim = "loss-adaptive gives a smaller mean L1 than constant and iteration " * 2
-    table = pd.DataFrame({"claim": [claim, "a|b"], "low": [0.123456, np.nan]})
-    text = figures.markdown_table(table)
-    lines = text.splitlines()
-    assert lines[0] == "| claim | low |" and lines[1] == "|---|---|"
-    assert lines[2] == f"| {claim} | 0.123 |"
-    assert lines[3] == "| a\\|b |  |"

@@ -441,3 +441,11 @@ def test_the_conclusion_is_written_from_the_verdicts() -> None:
     assert shown.loc["constant reaches 100 % success within max_iter",
                      "estimate (95 % interval)"] == "1 [0.969, 1]"
     assert shown.loc["constant reaches 100 % success within max_iter", "n"] == "120 attacks"
+
+
+def test_the_claims_table_shows_every_claim_in_full() -> None:
+    claims = metrics.paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
+    html = metrics.readable_claims(claims).to_html(index=False)
+    for row in claims.itertuples():
+        assert f"<td>{row.claim}</td>" in html
+        assert f"<td>{row.quantity}</td>" in html.replace("&gt;", ">")
