@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lib import io
+from lib import io, schedules
 from lib.errors import (
     BorderlineError,
     CheckpointError,
@@ -150,6 +150,13 @@ def _check_analysis_values(p: Mapping[str, Any]) -> None:
             f"stable_within must be a share from 0 to 1 (0.05 means 5 %), got {share!r}"
         )
     _whole_number(p["histogram_bins"], 1, "histogram_bins")
+    level = p["full_success"]
+    if not 0 < level <= 1:
+        raise ParameterError(
+            f"full_success must be a share above 0 and at most 1 (0.95 reads '100 %' as at "
+            f"least 95 %), got {level!r}"
+        )
+    schedules.get_schedule(p["reference_schedule"])  # refuses an unknown name, listing the known
 
 
 def _check_minimality_values(p: Mapping[str, Any]) -> None:

@@ -20,6 +20,11 @@ from lib import TOOLS
 TOOL_SCALE = alt.Scale(domain=list(TOOLS), scheme="tableau10")
 
 
+def _interval_bars(base: alt.Chart, low: str, high: str) -> alt.Chart:
+    """Error bars from the table's ``low`` to ``high`` columns (a 95 % interval)."""
+    return base.mark_errorbar(ticks=True).encode(y=alt.Y(f"{low}:Q"), y2=f"{high}:Q")
+
+
 def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
     """Grouped bars of frames per tool and split.
 
@@ -103,26 +108,32 @@ def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.Chart:
     return (raw + mean).properties(width=480, height=200)
 
 
-def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart:
+def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     """The paper's Figure 1: test accuracy and macro F1 per epoch.
 
     Args:
-        metrics: columns ``epoch`` (1-based), ``accuracy`` and ``macro_f1`` (in [0, 1]).
+        metrics: columns ``epoch`` (1-based), ``accuracy`` and ``macro_f1`` (in [0, 1]); with
+            ``accuracy_low/high`` and ``macro_f1_low/high``
+            (:func:`lib.metrics.accuracy_f1_intervals`) the chart draws those intervals too.
     """
-    table = metrics.melt(id_vars="epoch", value_vars=["accuracy", "macro_f1"],
-                         var_name="metric", value_name="value")
-    table["metric"] = table["metric"].map({"accuracy": "accuracy", "macro_f1": "macro F1"})
-    return (
-        alt.Chart(table)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("epoch:O", title="epoch"),
-            y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title="on the test split"),
-            color=alt.Color("metric:N", title=None),
-            tooltip=["epoch", "metric", alt.Tooltip("value:Q", format=".3f")],
-        )
-        .properties(width=420, height=220)
+    names = {"accuracy": "accuracy", "macro_f1": "macro F1"}
+    parts = []
+    for column, label in names.items():
+        part = pd.DataFrame({"epoch": metrics["epoch"], "metric": label,
+                             "value": metrics[column]})
+        if f"{column}_low" in metrics.columns:
+            part = part.assign(low=metrics[f"{column}_low"], high=metrics[f"{column}_high"])
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
+    base = alt.Chart(table).encode(x=alt.X("epoch:O", title="epoch"),
+                                   color=alt.Color("metric:N", title=None))
+    lines = base.mark_line(point=True).encode(
+        y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title="on the test split"),
+        tooltip=["epoch", "metric", alt.Tooltip("value:Q", format=".3f")],
     )
+    if "low" not in table.columns:
+        return lines.properties(width=420, height=220)
+    return (_interval_bars(base, "low", "high") + lines).properties(width=420, height=220)
 
 
 def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
@@ -183,54 +194,57 @@ def _schedule_color(table: pd.DataFrame) -> alt.Color:
                      title="schedule")
 
 
-def success_rate_chart(rates: pd.DataFrame) -> alt.Chart:
+def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 2: success rate within ``max_iter`` per schedule and epoch.
 
     Args:
         rates: :func:`lib.metrics.success_rates` (epoch, schedule, attacks, successes,
-            success_rate in [0, 1], skipped).
+            success_rate in [0, 1] with its Wilson interval success_rate_low/high, skipped).
+            The bars are the 95 % Wilson intervals.
     """
-    return (
-        alt.Chart(rates)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("epoch:O", title="epoch"),
-            y=alt.Y("success_rate:Q", title="success rate", axis=alt.Axis(format="%"),
-                    scale=alt.Scale(zero=False)),
-            color=_schedule_color(rates),
-            tooltip=["epoch", "schedule", "attacks", "successes",
-                     alt.Tooltip("success_rate:Q", format=".1%"), "skipped"],
-        )
-        .properties(width=420, height=240)
+    base = alt.Chart(rates).encode(
+        x=alt.X("epoch:O", title="epoch"), xOffset=alt.XOffset("schedule:N", sort=None),
+        color=_schedule_color(rates))
+    points = base.mark_point(filled=True).encode(
+        y=alt.Y("success_rate:Q", title="success rate (95 % interval)",
+                axis=alt.Axis(format="%"), scale=alt.Scale(zero=False)),
+        tooltip=["epoch", "schedule", "attacks", "successes",
+                 alt.Tooltip("success_rate:Q", format=".1%"),
+                 alt.Tooltip("success_rate_low:Q", format=".1%", title="95 % low"),
+                 alt.Tooltip("success_rate_high:Q", format=".1%", title="95 % high"),
+                 "skipped"],
     )
+    return (_interval_bars(base, "success_rate_low", "success_rate_high") + points).properties(
+        width=420, height=240)
 
 
 def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 3: mean L1 of the successful attacks per schedule and epoch.
 
     Args:
-        l1: :func:`lib.metrics.mean_l1` (epoch, schedule, successes, mean_l1_255, sem_l1_255).
-            The error bars are +- one standard error of the mean.
+        l1: :func:`lib.metrics.mean_l1` (epoch, schedule, successes, mean_l1_255 with its
+            bootstrap interval mean_l1_255_low/high). The bars are the 95 % intervals.
     """
-    table = l1.assign(low=l1["mean_l1_255"] - l1["sem_l1_255"].fillna(0),
-                      high=l1["mean_l1_255"] + l1["sem_l1_255"].fillna(0))
-    base = alt.Chart(table).encode(x=alt.X("epoch:O", title="epoch"), color=_schedule_color(table))
-    lines = base.mark_line(point=True).encode(
-        y=alt.Y("mean_l1_255:Q", title="mean L1 of successful attacks (x 1/255)"),
+    base = alt.Chart(l1).encode(x=alt.X("epoch:O", title="epoch"),
+                                xOffset=alt.XOffset("schedule:N", sort=None),
+                                color=_schedule_color(l1))
+    points = base.mark_point(filled=True).encode(
+        y=alt.Y("mean_l1_255:Q", title="mean L1, successful attacks (x 1/255)"),
         tooltip=["epoch", "schedule", "successes",
                  alt.Tooltip("mean_l1_255:Q", format=".3f", title="mean L1 (x 1/255)"),
-                 alt.Tooltip("sem_l1_255:Q", format=".3f", title="standard error")],
+                 alt.Tooltip("mean_l1_255_low:Q", format=".3f", title="95 % low"),
+                 alt.Tooltip("mean_l1_255_high:Q", format=".3f", title="95 % high")],
     )
-    bars = base.mark_errorbar().encode(y="low:Q", y2="high:Q")
-    return (bars + lines).properties(width=420, height=240)
+    return (_interval_bars(base, "mean_l1_255_low", "mean_l1_255_high") + points).properties(
+        width=420, height=240)
 
 
 def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
     """The paper's Figure 4: mean iterations and mean step size per schedule at one epoch.
 
     Args:
-        summary: :func:`lib.metrics.iterations_and_lr` (schedule, attacks, mean_iterations,
-            mean_lr_255, success_rate).
+        summary: :func:`lib.metrics.iterations_and_lr` (schedule, attacks, mean_iterations and
+            mean_lr_255, each with its bootstrap interval ``_low``/``_high``, success_rate).
     """
     order = list(dict.fromkeys(summary["schedule"]))
     base = alt.Chart(summary).encode(
@@ -241,14 +255,21 @@ def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
                  alt.Tooltip("mean_lr_255:Q", format=".3f", title="mean step (x 1/255)"),
                  alt.Tooltip("success_rate:Q", format=".1%")],
     )
-    iterations = base.mark_bar().encode(y=alt.Y("mean_iterations:Q", title="mean iterations"))
-    steps = base.mark_bar().encode(y=alt.Y("mean_lr_255:Q", title="mean step size (x 1/255)"))
-    return alt.hconcat(iterations.properties(width=200, height=220),
-                       steps.properties(width=200, height=220))
+    panels = []
+    for column, title in (("mean_iterations", "mean iterations (95 % interval)"),
+                          ("mean_lr_255", "mean step size (x 1/255)")):
+        bars = base.mark_bar(opacity=0.7).encode(y=alt.Y(f"{column}:Q", title=title))
+        whiskers = base.mark_errorbar(ticks=True, color="black").encode(
+            y=f"{column}_low:Q", y2=f"{column}_high:Q")
+        panels.append((bars + whiskers).properties(width=200, height=220))
+    return alt.hconcat(*panels)
 
 
 def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
     """Source x target mean L1 per epoch (small multiples), one schedule at a time (a selector).
+
+    Each cell shows its mean L1 and, below it, how many successful attacks it averages
+    (``n``); the tooltip adds the attacks tried.
 
     Args:
         matrix: :func:`lib.metrics.class_pair_l1` (epoch, schedule, source_tool, target_tool,
@@ -260,6 +281,7 @@ def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
         bind=alt.binding_select(options=order, name="schedule "),
     )
     top = float(np.nanmax(matrix["mean_l1_255"])) if matrix["mean_l1_255"].notna().any() else 1.0
+    table = matrix.assign(count_label="n=" + matrix["successes"].astype(str))
     base = alt.Chart().encode(
         x=alt.X("target_tool:N", sort=list(TOOLS), title="target"),
         y=alt.Y("source_tool:N", sort=list(TOOLS), title="source"),
@@ -270,15 +292,15 @@ def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
         tooltip=["epoch", "schedule", "source_tool", "target_tool", "attacks", "successes",
                  alt.Tooltip("mean_l1_255:Q", format=".3f")],
     )
-    labels = base.mark_text(fontSize=8).encode(
-        text=alt.Text("mean_l1_255:Q", format=".1f"),
-        color=alt.condition(f"datum.mean_l1_255 > {top / 2}", alt.value("black"),
-                            alt.value("white")),
-    )
+    shade = alt.condition(f"datum.mean_l1_255 > {top / 2}", alt.value("black"),
+                          alt.value("white"))
+    means = base.mark_text(fontSize=8, dy=-5).encode(
+        text=alt.Text("mean_l1_255:Q", format=".1f"), color=shade)
+    counts = base.mark_text(fontSize=7, dy=6).encode(text="count_label:N", color=shade)
     return (
-        alt.layer(cells, labels, data=matrix)
+        alt.layer(cells, means, counts, data=table)
         .transform_filter(alt.datum.schedule == choice)
-        .properties(width=170, height=170)
+        .properties(width=240, height=240)
         .facet(column=alt.Column("epoch:O", title="epoch"))
         .add_params(choice)
     )
@@ -329,11 +351,12 @@ def trace_chart(summary: pd.DataFrame) -> alt.HConcatChart:
 
 
 def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
-    """Success rate and mean L1 against the initial step size lr0, per schedule.
+    """Success rate and mean L1 against the initial step size lr0, per schedule, with 95 %
+    intervals (Wilson for the rate, bootstrap for the mean).
 
     Args:
         sensitivity: :func:`lib.metrics.lr0_sensitivity` (lr0_255, schedule, attacks,
-            success_rate, mean_l1_255, mean_iterations).
+            success_rate(_low, _high), mean_l1_255(_low, _high), mean_iterations).
     """
     base = alt.Chart(sensitivity).encode(
         x=alt.X("lr0_255:Q", scale=alt.Scale(type="log"), title="lr0 (x 1/255)"),
@@ -347,8 +370,154 @@ def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
         y=alt.Y("success_rate:Q", title="success rate", axis=alt.Axis(format="%")))
     distance = base.mark_line(point=True).encode(
         y=alt.Y("mean_l1_255:Q", title="mean L1 of successful attacks (x 1/255)"))
-    return alt.hconcat(rate.properties(width=240, height=220),
-                       distance.properties(width=240, height=220))
+    return alt.hconcat(
+        (_interval_bars(base, "success_rate_low", "success_rate_high") + rate)
+        .properties(width=240, height=220),
+        (_interval_bars(base, "mean_l1_255_low", "mean_l1_255_high") + distance)
+        .properties(width=240, height=220))
+
+
+def paired_difference_chart(differences: pd.DataFrame, *,
+                            title: str = "L1 minus the reference's L1 (x 1/255)") -> alt.FacetChart:
+    """Paired differences of every schedule against a reference, with 95 % intervals.
+
+    Args:
+        differences: :func:`lib.metrics.paired_schedule_differences` (epoch, schedule,
+            reference, pairs, mean_difference, low, high, p_signed_rank).
+        title: the axis title (says what was subtracted, in which unit).
+    """
+    base = alt.Chart().encode(
+        y=alt.Y("schedule:N", sort=None, title=None), color=_schedule_color(differences),
+        tooltip=["epoch", "schedule", "reference", "pairs",
+                 alt.Tooltip("mean_difference:Q", format=".3f"),
+                 alt.Tooltip("low:Q", format=".3f", title="95 % low"),
+                 alt.Tooltip("high:Q", format=".3f", title="95 % high"),
+                 alt.Tooltip("p_signed_rank:Q", format=".2g", title="signed-rank p")],
+    )
+    zero = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(x=alt.datum(0))
+    whiskers = base.mark_rule().encode(x=alt.X("low:Q", title=title), x2="high:Q")
+    points = base.mark_point(filled=True, size=50).encode(x="mean_difference:Q")
+    return (alt.layer(zero, whiskers, points, data=differences)
+            .properties(width=220, height=110)
+            .facet(column=alt.Column("epoch:O", title="epoch")))
+
+
+def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame) -> alt.FacetChart:
+    """Robustness over training, image by image, beside the means of each checkpoint.
+
+    Thin lines: each followed image's mean L1 at every epoch (the same targets at every
+    epoch), coloured by its tool. Black: the mean over each checkpoint's own selection with
+    its 95 % interval (:func:`lib.metrics.mean_l1`). One panel per schedule.
+
+    Args:
+        per_image: :func:`lib.metrics.per_image_l1` (image_id, source_tool, schedule, epoch,
+            targets, mean_l1_255).
+        means: :func:`lib.metrics.mean_l1` (epoch, schedule, mean_l1_255(_low, _high)).
+    """
+    order = list(dict.fromkeys(means["schedule"]))
+    table = pd.concat([
+        per_image.assign(kind="image")[["kind", "image_id", "source_tool", "schedule", "epoch",
+                                        "targets", "mean_l1_255"]],
+        means.assign(kind="mean", image_id="mean", source_tool="all")[
+            ["kind", "image_id", "source_tool", "schedule", "epoch", "mean_l1_255",
+             "mean_l1_255_low", "mean_l1_255_high"]],
+    ], ignore_index=True)
+    base = alt.Chart().encode(x=alt.X("epoch:O", title="epoch"))
+    images = base.transform_filter(alt.datum.kind == "image").mark_line(
+        opacity=0.45, strokeWidth=1, point=alt.OverlayMarkDef(size=12)).encode(
+        y=alt.Y("mean_l1_255:Q", title="L1 of successful attacks (x 1/255)"),
+        detail="image_id:N", color=alt.Color("source_tool:N", scale=TOOL_SCALE, title="tool"),
+        tooltip=["image_id", "source_tool", "epoch", "targets",
+                 alt.Tooltip("mean_l1_255:Q", format=".3f")])
+    mean = base.transform_filter(alt.datum.kind == "mean")
+    mean_line = mean.mark_line(color="black", point=alt.OverlayMarkDef(color="black")).encode(
+        y="mean_l1_255:Q", tooltip=["epoch", alt.Tooltip("mean_l1_255:Q", format=".3f")])
+    mean_bars = mean.mark_errorbar(ticks=True, color="black").encode(
+        y="mean_l1_255_low:Q", y2="mean_l1_255_high:Q")
+    return (alt.layer(images, mean_bars, mean_line, data=table)
+            .properties(width=170, height=220)
+            .facet(column=alt.Column("schedule:N", sort=order, title=None)))
+
+
+def refinement_chart(ranking: pd.DataFrame) -> alt.FacetChart:
+    """Mean L1 along the path against the refined L1 (overshoot removed), with 95 % intervals.
+
+    Args:
+        ranking: :func:`lib.metrics.refinement_ranking` (epoch, schedule, successes,
+            mean_l1_255(_low, _high), mean_refined_l1_255(_low, _high)).
+    """
+    order = list(dict.fromkeys(ranking["schedule"]))
+    parts = []
+    for column, kind in (("mean_l1_255", "path (first iterate past)"),
+                         ("mean_refined_l1_255", "refined (at the boundary)")):
+        parts.append(pd.DataFrame({
+            "epoch": ranking["epoch"], "schedule": ranking["schedule"], "distance": kind,
+            "successes": ranking["successes"], "mean": ranking[column],
+            "low": ranking[f"{column}_low"], "high": ranking[f"{column}_high"]}))
+    table = pd.concat(parts, ignore_index=True)
+    base = alt.Chart().encode(
+        x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
+        xOffset=alt.XOffset("distance:N"),
+        color=alt.Color("distance:N", title="L1 measured"),
+        tooltip=["epoch", "schedule", "distance", "successes",
+                 alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
+                 alt.Tooltip("high:Q", format=".3f")])
+    points = base.mark_point(filled=True).encode(
+        y=alt.Y("mean:Q", title="mean L1, successful attacks (x 1/255)"))
+    bars = base.mark_errorbar(ticks=True).encode(y="low:Q", y2="high:Q")
+    return (alt.layer(bars, points, data=table).properties(width=240, height=220)
+            .facet(column=alt.Column("epoch:O", title="epoch")))
+
+
+# --------------------------------------------------------------------------- minimality
+
+
+def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.LayerChart:
+    """Median ratio of each schedule's L1 to the best-known L1, with its 95 % interval.
+
+    Args:
+        ratios: :func:`lib.metrics.minimality_intervals` (schedule, epoch, successful,
+            median_ratio, median_ratio_low, median_ratio_high, q25_ratio, q75_ratio).
+    """
+    table = ratios.assign(epoch_label="epoch " + ratios["epoch"].astype(str))
+    base = alt.Chart(table).encode(
+        y=alt.Y("schedule:N", sort=None, title=None),
+        yOffset=alt.YOffset("epoch_label:N"),
+        color=alt.Color("epoch_label:N", title="checkpoint"),
+        tooltip=["schedule", "epoch", "successful",
+                 alt.Tooltip("median_ratio:Q", format=".2f"),
+                 alt.Tooltip("median_ratio_low:Q", format=".2f", title="95 % low"),
+                 alt.Tooltip("median_ratio_high:Q", format=".2f", title="95 % high"),
+                 alt.Tooltip("q25_ratio:Q", format=".2f"),
+                 alt.Tooltip("q75_ratio:Q", format=".2f")])
+    whiskers = base.mark_rule().encode(
+        x=alt.X("median_ratio_low:Q", title="L1 / best-known L1 (median, 95 % interval)",
+                scale=alt.Scale(zero=False)), x2="median_ratio_high:Q")
+    points = base.mark_point(filled=True, size=60).encode(x="median_ratio:Q")
+    return (whiskers + points).properties(width=380, height=200)
+
+
+def optimality_chart(optimality: pd.DataFrame) -> alt.LayerChart:
+    """AttackBench's optimality score per schedule (1: the best known on every pair), with its
+    95 % bootstrap interval over the pairs.
+
+    Args:
+        optimality: :func:`lib.metrics.minimality_intervals` (schedule, epoch, pairs,
+            optimality, optimality_low, optimality_high).
+    """
+    table = optimality.assign(epoch_label="epoch " + optimality["epoch"].astype(str))
+    base = alt.Chart(table).encode(
+        y=alt.Y("schedule:N", sort=None, title=None),
+        yOffset=alt.YOffset("epoch_label:N"),
+        color=alt.Color("epoch_label:N", title="checkpoint"),
+        tooltip=["schedule", "epoch", "pairs", alt.Tooltip("optimality:Q", format=".3f"),
+                 alt.Tooltip("optimality_low:Q", format=".3f", title="95 % low"),
+                 alt.Tooltip("optimality_high:Q", format=".3f", title="95 % high")])
+    bars = base.mark_bar(opacity=0.6).encode(
+        x=alt.X("optimality:Q", scale=alt.Scale(domain=[0, 1]),
+                title="optimality score (95 % interval)"))
+    whiskers = base.mark_rule(color="black").encode(x="optimality_low:Q", x2="optimality_high:Q")
+    return (bars + whiskers).properties(width=380, height=200)
 
 
 def gallery_picture(gallery: dict[str, np.ndarray], *, scale: int = 2,

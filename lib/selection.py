@@ -137,3 +137,50 @@ def select_images(
          "available": np.int64}
     )
     return Selection(images=images[list(SELECTION_COLUMNS)], shortfall=shortfall)
+
+
+def correct_at_every_epoch(predictions: pd.DataFrame, *, epochs: Sequence[int]) -> list[str]:
+    """Test images that every one of ``epochs`` classifies correctly, sorted by id.
+
+    Args:
+        predictions: ``train/predictions.csv`` (epoch, image_id, label, predicted).
+        epochs: the attacked epochs (at least one, each present in the table).
+    """
+    chosen = [int(e) for e in epochs]
+    if not chosen:
+        raise ParameterError("correct_at_every_epoch needs at least one epoch")
+    absent = sorted(set(chosen) - set(predictions["epoch"].astype(int)))
+    if absent:
+        raise ParameterError(f"no predictions for epoch(s) {absent}")
+    rows = predictions[predictions["epoch"].astype(int).isin(chosen)]
+    right = rows.assign(correct=rows["label"] == rows["predicted"])
+    counts = right[right["correct"]].groupby(right["image_id"].astype(str))["epoch"].nunique()
+    return sorted(counts.index[counts == len(chosen)].tolist())
+
+
+def followed_images(images: pd.DataFrame, *, epochs: Sequence[int] | None = None) -> pd.DataFrame:
+    """The images followed across checkpoints: attacked at every one of ``epochs``.
+
+    An attacked image is correctly classified by its checkpoint, so a followed image is
+    correctly classified at every attacked checkpoint; it is also among the first
+    ``n_per_class`` of its class in the shared order at each of them, which is what gives it
+    an attack result to compare at every epoch.
+
+    Args:
+        images: :attr:`Selection.images` (or ``attack/selection.csv``): epoch, image_id, label.
+        epochs: the attacked epochs; default every epoch of ``images``.
+
+    Returns:
+        ``image_id, label`` sorted by label, then id (empty when no image is attacked at every
+        epoch).
+    """
+    chosen = sorted(set(images["epoch"].astype(int))) if epochs is None else [int(e)
+                                                                            for e in epochs]
+    rows = images[images["epoch"].astype(int).isin(chosen)]
+    counts = rows.groupby(rows["image_id"].astype(str))["epoch"].nunique()
+    kept = set(counts.index[counts == len(chosen)]) if chosen else set()
+    table = (rows.assign(image_id=rows["image_id"].astype(str))
+             .loc[lambda t: t["image_id"].isin(kept), ["image_id", "label"]]
+             .drop_duplicates("image_id")
+             .astype({"label": np.int64}))
+    return table.sort_values(["label", "image_id"]).reset_index(drop=True)

@@ -85,7 +85,7 @@ print(f"{len(splits['train'])} training and {len(splits['test'])} test frames of
 # Frames with two or more tools are ambiguous for a single-label classifier and frames with no
 # tool have no label, so both are left out, as in the paper.
 
-# %%
+# %% tags=["remove-input"]
 counts = datasets.class_counts(splits)
 table = counts.pivot(index="tool", columns="split", values="frames").loc[list(TOOLS), ["train", "test"]]
 table.loc["all"] = table.sum()
@@ -120,7 +120,7 @@ else:
 # paper reports: 31,477 training and 48,713 test frames. The table below compares them cell by
 # cell; on the synthetic data they differ by construction.
 
-# %%
+# %% tags=["remove-input"]
 comparison = datasets.compare_with_published(counts)
 all_match = bool(comparison["match"].all())
 glue("data_counts_match", "match" if all_match else "do not match", display=False)
@@ -133,7 +133,7 @@ comparison
 #
 # Four frames of each tool from the training split, at the resolution the network sees.
 
-# %%
+# %% tags=["remove-input"]
 samples = []
 for label in range(len(TOOLS)):
     picks = (splits["train"].labels == label).nonzero().flatten()[:4]

@@ -40,7 +40,7 @@ weights_path = ""  # local ImageNet AlexNet weights to start from; "" trains fro
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
 overwrite = False  # discard train/ (and later stages) if made with other parameters
 
-# %%
+# %% tags=["remove-input"]
 import pandas as pd
 from myst_nb import glue
 
@@ -88,7 +88,7 @@ figures.loss_curve_chart(pd.read_csv(stages.train_table(train_dir, "losses")))
 # %% mystnb={"figure": {"caption": "Test accuracy and macro F1 of the checkpoint after every epoch (the paper's Figure 1).", "name": "fig-training-accuracy-f1"}}
 figures.accuracy_f1_chart(metrics)
 
-# %%
+# %% tags=["remove-input"]
 last = metrics.iloc[-1]
 glue("train_final_accuracy", f"{last['accuracy']:.3f}", display=False)
 glue("train_final_macro_f1", f"{last['macro_f1']:.3f}", display=False)

@@ -55,7 +55,7 @@ device = "cpu"  # "cpu", "cuda" or "cuda:N"
 progress = True  # a progress bar over the attacks (stderr)
 overwrite = False  # discard attack/ (and later stages) if made with other parameters
 
-# %%
+# %% tags=["remove-input"]
 import pandas as pd
 from myst_nb import glue
 
@@ -65,6 +65,8 @@ attack_dir = pipeline.start_stage(
     "03_attack", run_dir=run_dir, overwrite=overwrite,
     parameters=pipeline.stage_parameters("03_attack", globals()),
 )
+
+# %%
 settings = robustness.AttackSettings(
     epochs=epochs, schedules=schedules, lr0=lr0, max_iter=max_iter, n_per_class=n_per_class,
     mode=mode, seed=seed, batch_size=batch_size, chunk_size=chunk_size,
@@ -78,6 +80,9 @@ print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
       f"{len(job.rows) - len(main_rows)} more in the lr0 sweep, in {len(job.chunks)} chunks")
 
 # %% [markdown]
+# The stage plans every attack before running one: the checkpoints, the images each of them
+# attacks, and the fixed chunks the rows are cut into.
+#
 # ## Which images are attacked
 #
 # One seeded shuffle of the test split serves every checkpoint. For each checkpoint and tool,
@@ -97,7 +102,7 @@ per_class
 # A class with fewer correctly classified test images than asked for is attacked with what
 # there is. The table below lists every such case (it is empty when nothing is missing).
 
-# %%
+# %% tags=["remove-input"]
 shortfall = job.selection.shortfall
 glue("attack_shortfall_classes", str(len(shortfall)), display=False)
 shortfall
@@ -112,6 +117,8 @@ shortfall
 # %%
 attacked = robustness.run_chunks(job, run_dir, device=device, progress=progress)
 written = robustness.merge(job, run_dir)
+
+# %% tags=["remove-input"]
 pipeline.finish_stage("03_attack", run_dir=run_dir)
 print(f"{attacked} chunks attacked now, {len(job.chunks) - attacked} found finished")
 
@@ -122,7 +129,7 @@ print(f"{attacked} chunks attacked now, {len(job.chunks) - attacked} found finis
 # (in 1/255 grey levels) per schedule and checkpoint. The analysis chapter draws and discusses
 # these numbers.
 
-# %%
+# %% tags=["remove-input"]
 results = pd.read_csv(written["results"], dtype={"image_id": str})
 overview = (
     results.assign(l1_success=results["l1_255"].where(results["success"]))
@@ -136,42 +143,6 @@ glue("attack_epochs", ", ".join(map(str, job.settings.epochs)), display=False)
 overview.round(3)
 
 # %% [markdown]
-# ## What the paper's scale costs
-#
-# At paper scale the job is 2,100 attacks per schedule and checkpoint, at 224 px, on all 10
-# checkpoints. Its cost is the number of model passes (one forward and one backward pass per
-# attack iteration, plus one final check) divided by the rate of the device. We take the mean
-# iterations per schedule from this run and measure this machine's rate at 224 px with the
-# last checkpoint; {doc}`../reproduce` quotes the result.
-
-# %%
-from lib.distributed import measure_pass_rate, scaling_estimate
-from lib.model import load_checkpoint
-
-last_model = load_checkpoint(robustness.checkpoint_path(run_dir, max(job.settings.epochs)),
-                             map_location=device)
-rate_224 = measure_pass_rate(last_model, image_size=224, batch_size=batch_size, device=device)
-per_schedule = results.groupby("schedule")["iterations"].mean() + 1
-paper_passes = 10 * 2100 * float(per_schedule.sum())
-cost = scaling_estimate(passes=paper_passes, passes_per_second=rate_224, devices=[1, 2, 4, 8])
-# Measured times carry their unit ("s", "hours", "passes per second"): the strict rerun
-# check (lib.rerun) masks exactly such figures, and nothing else in this stage varies.
-glue("paper_rate_224", f"{rate_224:.0f} passes per second", display=False)
-glue("paper_passes", f"{paper_passes / 1e6:.1f} million", display=False)
-glue("paper_hours_here", f"{cost['seconds'].iloc[0] / 3600:.1f} hours", display=False)
-# Fixed widths keep the table's layout the same whatever the machine measures.
-cost.assign(
-    seconds=cost["seconds"].map(lambda s: f"{s:12.0f} s"),
-    seconds_worst=cost["seconds_worst"].map(lambda s: f"{s:12.0f} s"),
-    hours=(cost["seconds"] / 3600).map(lambda h: f"{h:10.2f} hours"),
-).round(2)
-
-# %% [markdown]
-# On this machine ({glue:text}`paper_rate_224` at 224 px) the paper-scale
-# attack job of about {glue:text}`paper_passes` passes would take about
-# {glue:text}`paper_hours_here` on one device; the table shows the expected time on
-# several devices of the same speed, split by `torchrun` as the reproduce chapter explains.
-#
 # ## Summary
 #
 # The stage attacked {glue:text}`attack_total` (image, target, schedule) combinations on the
@@ -179,4 +150,6 @@ cost.assign(
 # (epoch, class) pairs had fewer correctly classified images than asked for. The run folder's
 # `attack/` holds `results.csv` (one row per attack), `traces.npz`, `gallery.npz`,
 # `lr0_sweep.csv`, `selection.csv` and `shortfall.csv`; the chunks under `attack/chunks/` are
-# what a resumed run continues from.
+# what a resumed run continues from. The stage measures nothing about the machine it runs
+# on: the cost of the paper-scale job is computed in {doc}`../reproduce` from the attack
+# benchmark's measured rates.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lib import figures, metrics
-from tests.test_metrics import SCHEDULES, results_table
+from tests.test_metrics import AGREEING, SCHEDULES, many_attacks, results_table
 
 RESULTS = results_table()
 
@@ -38,7 +38,48 @@ def test_charts_are_valid_and_carry_only_the_aggregated_rows(build, table) -> No
 
 def test_schedule_colours_follow_the_stage_order() -> None:
     spec = figures.success_rate_chart(metrics.success_rates(RESULTS)).to_dict()
-    assert spec["encoding"]["color"]["scale"]["domain"] == SCHEDULES
+    assert spec["layer"][0]["encoding"]["color"]["scale"]["domain"] == SCHEDULES
+
+
+def layer_marks(spec: dict) -> list:
+    """(mark type, encoded fields) of every layer, however deep the spec nests them."""
+    found = []
+    if "mark" in spec:
+        mark = spec["mark"]["type"] if isinstance(spec["mark"], dict) else spec["mark"]
+        found.append((mark, {k: v.get("field") for k, v in spec.get("encoding", {}).items()
+                             if isinstance(v, dict)}))
+    for key in ("layer", "hconcat", "vconcat"):
+        for part in spec.get(key, []):
+            found += layer_marks(part)
+    if "spec" in spec:
+        found += layer_marks(spec["spec"])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("build", "table", "low", "high"),
+    [
+        (figures.success_rate_chart, lambda: metrics.success_rates(RESULTS),
+         "success_rate_low", "success_rate_high"),
+        (figures.l1_chart, lambda: metrics.mean_l1(RESULTS),
+         "mean_l1_255_low", "mean_l1_255_high"),
+        (figures.iterations_lr_chart, lambda: metrics.iterations_and_lr(RESULTS),
+         "mean_iterations_low", "mean_iterations_high"),
+        (figures.lr0_sensitivity_chart,
+         lambda: metrics.lr0_sensitivity(RESULTS.assign(lr0=0.004)),
+         "mean_l1_255_low", "mean_l1_255_high"),
+        (figures.paired_difference_chart,
+         lambda: metrics.paired_schedule_differences(many_attacks(AGREEING)), "low", "high"),
+    ],
+    ids=["success-rate", "l1", "iterations-lr", "lr0", "paired"],
+)
+def test_charts_draw_their_intervals(build, table, low, high) -> None:
+    data = table()
+    spec = build(data).to_dict()
+    marks = layer_marks(spec)
+    drawn = [fields for mark, fields in marks if mark in ("errorbar", "rule")]
+    assert any(set(fields.values()) >= {low, high} for fields in drawn), marks
+    assert inline_rows(spec) == len(data)
 
 
 def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> None:
@@ -46,6 +87,51 @@ def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> N
     (param,) = spec["params"]
     assert param["bind"]["options"] == SCHEDULES
     assert spec["facet"]["column"]["field"] == "epoch"
+    # every cell says how many successful attacks its mean holds
+    texts = [fields["text"] for mark, fields in layer_marks(spec) if mark == "text"]
+    assert texts == ["mean_l1_255", "count_label"]
+    (rows,) = spec["datasets"].values()
+    cell = next(r for r in rows if (r["epoch"], r["schedule"], r["source"], r["target"])
+                == (1, "constant", 0, 1))
+    assert cell["count_label"] == "n=1"
+
+
+def test_per_image_chart() -> None:
+    results = many_attacks(AGREEING, images=3)
+    per_image = metrics.per_image_l1(results, ["img0", "img2"])
+    means = metrics.mean_l1(results)
+    spec = figures.per_image_chart(per_image, means).to_dict()
+    assert spec["facet"]["column"]["field"] == "schedule"
+    assert inline_rows(spec) == len(per_image) + len(means)
+    marks = layer_marks(spec)
+    assert ("errorbar", {"x": "epoch", "y": "mean_l1_255_low", "y2": "mean_l1_255_high"}) in marks
+
+
+def test_refinement_chart_draws_both_distances() -> None:
+    from tests.test_metrics import with_refinement
+
+    refined = with_refinement(many_attacks(AGREEING), dict.fromkeys(SCHEDULES, 0.5))
+    ranking = metrics.refinement_ranking(refined)
+    spec = figures.refinement_chart(ranking).to_dict()
+    (rows,) = spec["datasets"].values()
+    assert len(rows) == 2 * len(ranking)
+    assert {r["distance"] for r in rows} == {"path (first iterate past)",
+                                             "refined (at the boundary)"}
+
+
+def test_minimality_charts_draw_their_intervals() -> None:
+    ours = many_attacks(AGREEING, images=10, epochs=(1,))
+    best = (ours[ours["success"]].groupby(["epoch", "image_id", "target"])["l1"].min()
+            .rename("best_l1").reset_index())
+    table = metrics.minimality_intervals(ours, best)
+    assert set(table["schedule"]) == set(SCHEDULES)
+    row = table.set_index("schedule").loc["exponential"]  # always the smallest when it succeeds
+    assert row["median_ratio"] == pytest.approx(1.0) and row["successful"] == 10
+    assert row["optimality_low"] <= row["optimality"] <= row["optimality_high"]
+    for build, low in ((figures.minimality_ratio_chart, "median_ratio_low"),
+                       (figures.optimality_chart, "optimality_low")):
+        marks = layer_marks(build(table).to_dict())
+        assert any(fields.get("x") == low for mark, fields in marks if mark == "rule")
 
 
 def test_trace_chart() -> None:
@@ -89,3 +175,14 @@ def test_gallery_leaves_a_missing_schedule_blank() -> None:
     assert (step_tile == 255).all()  # white: no image for this schedule
     constant_tile = picture[top: top + size, 2 + (size + 2): 2 + (size + 2) + size]
     assert (constant_tile == round(0.01 * 255)).all()
+
+
+def test_accuracy_chart_draws_intervals_when_given() -> None:
+    import pandas as pd
+
+    plain = pd.DataFrame({"epoch": [1, 2], "accuracy": [0.5, 0.9], "macro_f1": [0.4, 0.8]})
+    assert "layer" not in figures.accuracy_f1_chart(plain).to_dict()
+    bounded = plain.assign(accuracy_low=[0.4, 0.85], accuracy_high=[0.6, 0.95],
+                           macro_f1_low=[0.3, 0.7], macro_f1_high=[0.5, 0.9])
+    marks = layer_marks(figures.accuracy_f1_chart(bounded).to_dict())
+    assert ("errorbar", {"x": "epoch", "color": "metric", "y": "low", "y2": "high"}) in marks

@@ -133,3 +133,40 @@ def test_selection_dtypes() -> None:
     ).images
     assert chosen["epoch"].dtype == np.int64 and chosen["rank"].dtype == np.int64
     assert list(chosen.columns) == ["epoch", "image_id", "label", "rank"]
+
+
+# Three checkpoints; g1 and h0 are wrong at epoch 2, g3 wrong at epoch 3.
+TRACKED = {1: {"g0", "g1", "g2", "g3", "h0", "h1", "s0"},
+           2: {"g0", "g2", "g3", "h1", "h2", "s0"},
+           3: {"g0", "g1", "g2", "h0", "h1", "h2", "s0"}}
+
+
+def test_correct_at_every_epoch_on_a_hand_made_table() -> None:
+    table = predictions(TRACKED, LABELS)
+    assert selection.correct_at_every_epoch(table, epochs=[1, 2, 3]) == ["g0", "g2", "h1", "s0"]
+    assert selection.correct_at_every_epoch(table, epochs=[1, 3]) == [
+        "g0", "g1", "g2", "h0", "h1", "s0"]
+    with pytest.raises(ParameterError, match="epoch"):
+        selection.correct_at_every_epoch(table, epochs=[4])
+
+
+def test_followed_images_are_attacked_at_every_epoch() -> None:
+    table = predictions(TRACKED, LABELS)
+    chosen = selection.select_images(table, n_per_class=2, seed=0)
+    followed = selection.followed_images(chosen.images)
+    attacked = {e: set(chosen.images.loc[chosen.images["epoch"] == e, "image_id"])
+                for e in (1, 2, 3)}
+    assert set(followed["image_id"]) == attacked[1] & attacked[2] & attacked[3]
+    # every followed image is correct at every epoch
+    assert set(followed["image_id"]) <= {"g0", "g2", "h1", "s0"}
+    assert "s0" in set(followed["image_id"])  # the only Scissors, correct everywhere
+    assert followed["label"].is_monotonic_increasing
+
+
+def test_followed_images_by_hand() -> None:
+    images = pd.DataFrame({"epoch": [1, 1, 1, 2, 2, 3, 3],
+                           "image_id": ["a", "b", "c", "a", "c", "a", "b"],
+                           "label": [2, 0, 1, 2, 1, 2, 0], "rank": 0})
+    assert selection.followed_images(images)["image_id"].tolist() == ["a"]
+    assert selection.followed_images(images, epochs=[1, 2])["image_id"].tolist() == ["c", "a"]
+    assert selection.followed_images(images, epochs=[1, 3])["image_id"].tolist() == ["b", "a"]
