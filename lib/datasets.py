@@ -135,7 +135,7 @@ class FrameImages:
         return chosen % max(len(self), 1)
 
     def __getitem__(self, key: Any) -> torch.Tensor:
-        if isinstance(key, (int, np.integer)):
+        if isinstance(key, (int, np.integer)) or getattr(key, "ndim", None) == 0:
             return self[[int(key)]][0]
         positions = self._positions(key)
         out = np.empty((len(positions), 3, self.image_size, self.image_size), dtype=np.uint8)

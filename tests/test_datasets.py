@@ -174,6 +174,8 @@ def test_frame_set_interface(synthetic_root, tmp_path):
     assert torch.equal(picked.images[1], train.images[0])
     assert train.float_images().shape == (len(train), 3, 16, 16)
     assert torch.equal(train.images[torch.tensor([2, 0])], train.images[:][[2, 0]])
+    assert torch.equal(train.images[torch.tensor(2)], train.images[:][2])
+    assert torch.equal(train.images[train.labels == 2], train.images[:][train.labels == 2])
 
 
 # --------------------------------------------------------------------------------------------
