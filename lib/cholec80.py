@@ -339,7 +339,14 @@ OLD_CACHE_SUFFIX = ".npz"  #: the earlier single-file cache format, rebuilt when
 
 
 class FrameCacheError(DatasetError):
-    """A frame cache file is truncated or is not a uint8 [K, 3, S, S] array."""
+    """A frame cache file is truncated or is not a uint8 [K, 3, S, S] array.
+
+    ``problem`` says what is wrong; the message adds what to do about it.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem} Delete it and run the data stage (01_data) again.")
+        self.problem = problem
 
 
 def cache_sidecar(cache_path: str | os.PathLike[str]) -> Path:
@@ -362,14 +369,10 @@ def _array_header(handle: Any, path: Path) -> tuple[tuple[int, ...], int]:
         else:
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
     except (ValueError, OSError, SyntaxError) as error:
-        raise FrameCacheError(
-            f"{path}: not a readable .npy frame cache ({error}); delete it and run the data "
-            "stage (01_data) again."
-        ) from error
+        raise FrameCacheError(f"{path}: not a readable .npy frame cache ({error}).") from error
     if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != 3:
         raise FrameCacheError(
-            f"{path}: holds {dtype} {shape}, expected C-ordered uint8 [K, 3, S, S] frames; "
-            "delete it and run the data stage (01_data) again."
+            f"{path}: holds {dtype} {shape}, expected C-ordered uint8 [K, 3, S, S] frames."
         )
     return tuple(int(n) for n in shape), handle.tell()
 
@@ -396,8 +399,7 @@ class MappedFrames:
         if actual != expected:
             raise FrameCacheError(
                 f"{self.path}: truncated frame cache: {actual} bytes, but its header announces "
-                f"{self.shape[0]} frames ({expected} bytes). Delete it and run the data stage "
-                "(01_data) again."
+                f"{self.shape[0]} frames ({expected} bytes)."
             )
         self._map: mmap.mmap | None = None
 
@@ -470,7 +472,7 @@ def cache_problem(
         if cache_path.exists():
             MappedFrames(cache_path)
     except FrameCacheError as error:
-        return f"{error} Decoding the video again."
+        return f"{error.problem} Decoding the video again."
     cached = read_frame_cache(cache_path, load_images=False)
     if cached is None:
         return ""
