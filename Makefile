@@ -3,7 +3,7 @@
 #   make test   set up, run every test
 #   make check  lint and every test that does not run a whole pipeline (a few minutes)
 # Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make nbval, make bench,
-# make bench-quick, make clean.
+# make bench-quick, make bench-memory, make bench-decode, make gpu-check, make clean.
 
 PYTHON ?= python3.11
 PROFILE ?= default
@@ -11,7 +11,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book stages stage nbval test check browser bench bench-quick lint clean
+.PHONY: setup book stages stage nbval test check browser bench bench-quick bench-memory bench-decode \
+	gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -64,6 +65,19 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench_attack.py --quick
+
+# Peak resident memory of loading, one epoch and one evaluation over N and 4N frames at 224 px.
+bench-memory: $(STAMP)
+	$(PY) benchmarks/bench_memory.py
+
+# The data stage's decoding rate at 854 x 480 and the Cholec80 decode time derived from it.
+bench-decode: $(STAMP)
+	$(PY) benchmarks/bench_decode.py
+
+# The GPU check (CUDA when present, else tiny sizes on the CPU). On a bare GPU machine with only
+# torch and torchvision installed: python benchmarks/gpu_check.py
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lib tests notebooks benchmarks

@@ -4,8 +4,10 @@
   order) and an index table saying where each image came from.
 - :func:`load_cholec80`: a Cholec80-layout folder (real or synthetic) -> ``{"train", "test"}``
   FrameSets of the annotated frames with exactly one tool, split by video. Decoded frames are
-  cached per video at ``<cache_dir>/<dataset key>/<S>px/videoNN.npz``; a later load with the
-  same image size decodes nothing unless a video file changed.
+  cached per video at ``<cache_dir>/<dataset key>/<S>px/videoNN.npy`` (uncompressed, read
+  through a memory map; ``videoNN.json`` beside it lists the frames); a later load with the
+  same image size decodes nothing unless a video file changed. A split is an index over those
+  maps: memory stays at a batch whatever the split's size (:class:`FrameImages`).
 - :func:`load_image_folder`: ``<root>/{train,test}/<Tool>/*.png|jpg`` -> the same.
 - :func:`write_run_data` / :func:`load_run_split`: the run folder's ``data/`` files, so later
   stages rebuild a split without decoding.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -78,11 +81,90 @@ PUBLISHED_TOOLS_PER_FRAME: Mapping[str, int] = {
 # The dataset interface
 
 
+class FrameImages:
+    """uint8 images [N, 3, S, S] gathered on demand from per-source frame arrays.
+
+    A source is an in-memory array or a :class:`lib.cholec80.MappedFrames` (a memory-mapped
+    cache file); image ``i`` is row ``rows[i]`` of source ``sources[i]``. Indexing copies only
+    the images asked for: ``images[i]`` is a uint8 tensor [3, S, S]; ``images[positions]``
+    (a slice, a list or an int/bool array or tensor) is uint8 [K, 3, S, S] in that order.
+    :meth:`take` makes a smaller index without reading anything.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(
+        self,
+        sources: Sequence[np.ndarray | cholec80.MappedFrames],
+        source_of: np.ndarray,
+        row_of: np.ndarray,
+        *,
+        image_size: int,
+    ) -> None:
+        self.sources = list(sources)
+        self.source_of = np.asarray(source_of, dtype=np.int64)
+        self.row_of = np.asarray(row_of, dtype=np.int64)
+        self.image_size = int(image_size)
+
+    @classmethod
+    def from_array(cls, images: torch.Tensor | np.ndarray) -> FrameImages:
+        """An in-memory uint8 [N, 3, S, S] array or tensor as one source."""
+        array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        return cls([array], np.zeros(len(array), np.int64), np.arange(len(array)),
+                   image_size=array.shape[-1] if array.ndim == 4 else 0)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), 3, self.image_size, self.image_size))
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def _positions(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            return np.arange(len(self))[key]
+        chosen = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        if chosen.dtype == bool:
+            if chosen.shape != (len(self),):
+                raise ValueError(f"mask of shape {chosen.shape} for {len(self)} images")
+            return np.flatnonzero(chosen)
+        chosen = chosen.astype(np.int64).reshape(-1)
+        if len(chosen) and not (-len(self) <= chosen.min() and chosen.max() < len(self)):
+            raise IndexError(f"image positions outside 0..{len(self) - 1}")
+        return chosen % max(len(self), 1)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)) or getattr(key, "ndim", None) == 0:
+            return self[[int(key)]][0]
+        positions = self._positions(key)
+        out = np.empty((len(positions), 3, self.image_size, self.image_size), dtype=np.uint8)
+        sources = self.source_of[positions]
+        for source in np.unique(sources):
+            picked = np.flatnonzero(sources == source)
+            rows = self.row_of[positions[picked]]
+            frames = self.sources[source]
+            out[picked] = frames.read(rows) if hasattr(frames, "read") else frames[rows]
+        return torch.from_numpy(out)
+
+    def take(self, positions: Any) -> FrameImages:
+        """The images at ``positions`` (as for indexing), still unread."""
+        chosen = self._positions(positions)
+        return FrameImages(self.sources, self.source_of[chosen], self.row_of[chosen],
+                           image_size=self.image_size)
+
+    def numpy(self) -> np.ndarray:
+        """Every image, read into memory: uint8 [N, 3, S, S] (avoid on a paper-scale split)."""
+        return self[:].numpy()
+
+
 class FrameSet(Dataset):
     """Labelled frames, all of one size, with where each came from.
 
     Attributes:
-        images: uint8 tensor [N, 3, S, S] (RGB, 0-255).
+        images: :class:`FrameImages`, uint8 [N, 3, S, S] (RGB, 0-255), read on indexing: a
+            split loaded from the frame cache is an index over memory-mapped files, never a
+            tensor of the whole split.
         labels: int64 tensor [N], values 0-6 (index into ``lib.TOOLS``).
         index: DataFrame with one row per image, columns ``image_id`` (str, stable),
             ``split``, ``source`` (video name or relative file path), ``frame`` (0-based frame
@@ -94,23 +176,25 @@ class FrameSet(Dataset):
 
     def __init__(
         self,
-        images: torch.Tensor | np.ndarray,
+        images: torch.Tensor | np.ndarray | FrameImages,
         labels: torch.Tensor | np.ndarray | Sequence[int],
         index: pd.DataFrame,
         *,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        images = torch.as_tensor(images)
+        if not isinstance(images, FrameImages):
+            images = torch.as_tensor(images)
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(
+                    f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}"
+                )
+            if images.shape[2] != images.shape[3]:
+                raise ValueError(f"images must be square, got {tuple(images.shape)}")
+            images = FrameImages.from_array(images)
         if isinstance(labels, torch.Tensor):
             labels = labels.to(torch.int64)
         else:
             labels = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: writable
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}"
-            )
-        if images.shape[2] != images.shape[3]:
-            raise ValueError(f"images must be square, got {tuple(images.shape)}")
         if labels.shape != (len(images),) or len(index) != len(images):
             raise ValueError(
                 f"{len(images)} images, {tuple(labels.shape)} labels, {len(index)} index rows"
@@ -130,7 +214,7 @@ class FrameSet(Dataset):
     @property
     def image_size(self) -> int:
         """Side S of the square images."""
-        return int(self.images.shape[-1])
+        return self.images.image_size
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -139,11 +223,11 @@ class FrameSet(Dataset):
         return self.images[i].float() / 255.0, int(self.labels[i])
 
     def float_images(self) -> torch.Tensor:
-        """All images as float32 [N, 3, S, S] in [0, 1]."""
-        return self.images.float() / 255.0
+        """All images as float32 [N, 3, S, S] in [0, 1] (read into memory: small sets only)."""
+        return self.images[:].float() / 255.0
 
     def subset(self, selection: Any) -> FrameSet:
-        """The images picked by a boolean mask (length N) or by integer positions."""
+        """The images picked by a boolean mask (length N) or by integer positions (unread)."""
         chosen = torch.as_tensor(np.asarray(selection))
         if chosen.dtype == torch.bool:
             if chosen.shape != (len(self),):
@@ -151,7 +235,7 @@ class FrameSet(Dataset):
             chosen = chosen.nonzero().flatten()
         chosen = chosen.long()
         return FrameSet(
-            self.images[chosen],
+            self.images.take(chosen),
             self.labels[chosen],
             self.index.iloc[chosen.numpy()],
             meta=self.meta,
@@ -334,13 +418,18 @@ def load_cholec80(
         for record in splits[split]
     }
     folder = cache_folder(root, cache_dir=cache_dir, image_size=image_size)
-    cache_paths = {record: folder / f"{record.name}.npz" for record in tables}
-    stale = [
-        (record, cache_paths[record])
-        for record, table in tables.items()
-        if not cholec80.cache_is_current(
+    cache_paths = {record: folder / f"{record.name}.npy" for record in tables}
+    problems = {
+        record: cholec80.cache_problem(
             cache_paths[record], record.video_path, table["frame"].to_numpy()
         )
+        for record, table in tables.items()
+    }
+    for problem in problems.values():
+        if problem:  # an old-format or truncated cache: say why it is decoded again
+            print(problem, file=sys.stderr)
+    stale = [
+        (record, cache_paths[record]) for record, problem in problems.items() if problem is not None
     ]
     _decode_all(stale, image_size=image_size, workers=workers, progress=progress)
     meta = {
@@ -372,30 +461,22 @@ def _frames_from_cache(
     image_size: int,
     meta: dict[str, Any],
 ) -> FrameSet:
-    """Assemble a split from cache files; ``videos`` holds (video, frame+label table, cache)."""
-    images: list[np.ndarray] = []
+    """A split as an index over cache files; ``videos`` holds (video, frame+label table, cache).
+
+    Nothing is read but each cache's header and sidecar: the images stay in the memory-mapped
+    ``.npy`` files until a batch asks for them.
+    """
+    sources: list[cholec80.MappedFrames] = []
+    source_of: list[np.ndarray] = []
+    row_of: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
     for video, table, cache_path in videos:
         name = video if isinstance(video, str) else video.name
-        cached = cholec80.read_frame_cache(cache_path)
-        if cached is None:
-            raise RunFolderError(
-                f"{cache_path}: frame cache missing or unreadable; run the data stage "
-                "(01_data) first."
-            )
         wanted = table["frame"].to_numpy(np.int64)
-        if not np.isin(wanted, cached["frames"]).all():
-            raise RunFolderError(
-                f"{cache_path}: the frame cache lacks frames this run needs; run the data stage "
-                "(01_data) again."
-            )
-        position = np.searchsorted(cached["frames"], wanted)
-        if cached["images"].shape[-1] != image_size:
-            raise RunFolderError(
-                f"{cache_path}: cached images are {cached['images'].shape[-1]}px, expected "
-                f"{image_size}px; run the data stage (01_data) again."
-            )
-        images.append(cached["images"][position])
+        frames, cached_frames = _open_cache(cache_path, wanted, image_size)
+        source_of.append(np.full(len(wanted), len(sources), dtype=np.int64))
+        row_of.append(np.searchsorted(cached_frames, wanted))
+        sources.append(frames)
         rows.extend(
             {
                 "image_id": f"{name}-f{frame:06d}",
@@ -408,7 +489,52 @@ def _frames_from_cache(
                 wanted.tolist(), table["label"].to_numpy(np.int64).tolist(), strict=True
             )
         )
-    return _frame_set(images, rows, image_size, meta)
+    index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).astype(
+        {"image_id": str, "split": str, "source": str, "frame": np.int64, "label": np.int64}
+    )
+    images = FrameImages(
+        sources,
+        np.concatenate(source_of) if source_of else np.empty(0, np.int64),
+        np.concatenate(row_of) if row_of else np.empty(0, np.int64),
+        image_size=image_size,
+    )
+    return FrameSet(images, index["label"].to_numpy(), index, meta=meta)
+
+
+def _open_cache(
+    cache_path: Path, wanted: np.ndarray, image_size: int
+) -> tuple[cholec80.MappedFrames, np.ndarray]:
+    """The memory-mapped frames of one cache entry and its frame indices (int64 [K]), checked
+    to hold ``wanted`` at S px."""
+    again = "run the data stage (01_data) again."
+    if not cache_path.exists() and cache_path.with_suffix(cholec80.OLD_CACHE_SUFFIX).exists():
+        raise RunFolderError(
+            f"{cache_path.with_suffix(cholec80.OLD_CACHE_SUFFIX)}: frame cache in the old .npz "
+            f"format, which is read whole into memory; {again[0].upper() + again[1:]} It "
+            f"rebuilds the cache as {cache_path.name}, read through a memory map."
+        )
+    try:
+        frames = cholec80.MappedFrames(cache_path)
+    except FileNotFoundError as error:
+        raise RunFolderError(
+            f"{cache_path}: frame cache missing; run the data stage (01_data) first."
+        ) from error
+    except cholec80.FrameCacheError as error:
+        raise RunFolderError(str(error)) from error
+    cached = cholec80.read_frame_cache(cache_path, load_images=False)
+    if cached is None:
+        raise RunFolderError(
+            f"{cholec80.cache_sidecar(cache_path)}: frame cache index missing or unreadable; "
+            + again
+        )
+    if not np.isin(wanted, cached["frames"]).all():
+        raise RunFolderError(f"{cache_path}: the frame cache lacks frames this run needs; " + again)
+    if frames.shape[-1] != image_size:
+        raise RunFolderError(
+            f"{cache_path}: cached images are {frames.shape[-1]}px, expected {image_size}px; "
+            + again
+        )
+    return frames, cached["frames"]
 
 
 def tools_per_frame(
@@ -677,11 +803,11 @@ def load_run_split(run_dir: str | os.PathLike[str], split: str) -> FrameSet:
         return _image_folder_split(root, files, split=split, image_size=image_size, meta=meta)
     folder = cache_folder(dataset["root"], cache_dir=dataset["cache_dir"], image_size=image_size)
     videos = [
-        (source, group[["frame", "label"]], folder / f"{source}.npz")
+        (source, group[["frame", "label"]], folder / f"{source}.npy")
         for source, group in rows.groupby("source", sort=False)
     ]
     frame_set = _frames_from_cache(videos, split=split, image_size=image_size, meta=meta)
-    # back into the order of frames.csv
+    # back into the order of frames.csv (an index permutation: no image is read)
     order = pd.Index(frame_set.index["image_id"]).get_indexer(rows["image_id"])
     return frame_set.subset(order)
 

@@ -38,6 +38,7 @@ balance = "weights"  # "none", "weights" (inverse-frequency loss) or "sampler" (
 seed = 0  # fixes initialisation, order, augmentation and dropout
 weights_path = ""  # local ImageNet AlexNet weights to start from; "" trains from scratch
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
+workers = 0  # DataLoader worker processes reading the frame cache (results do not change)
 overwrite = False  # discard train/ (and later stages) if made with other parameters
 
 # %% tags=["remove-input"]
@@ -66,7 +67,7 @@ print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.
 metrics = training.fit(
     train_set, test_set, out_dir=train_dir, epochs=epochs, batch_size=batch_size, lr=lr,
     momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
-    device=device, weights_path=weights_path or None,
+    device=device, weights_path=weights_path or None, num_workers=workers,
 )
 pipeline.finish_stage("02_train", run_dir=run_dir)
 metrics.round(4)

@@ -130,10 +130,7 @@ def test_cache_is_reused(synthetic_root, tmp_path, monkeypatch):
     assert first["train"].meta["decoded_videos"] == ["video01", "video02", "video41", "video42"]
     folder = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "video01.npz",
-        "video02.npz",
-        "video41.npz",
-        "video42.npz",
+        f"video{n:02d}.{suffix}" for n in (1, 2, 41, 42) for suffix in ("json", "npy")
     ]
 
     def no_decoding(*args, **kwargs):
@@ -143,7 +140,7 @@ def test_cache_is_reused(synthetic_root, tmp_path, monkeypatch):
     second = load(synthetic_root, cache)
     assert second["train"].meta["decoded_videos"] == []
     for split in datasets.SPLITS:
-        assert torch.equal(first[split].images, second[split].images)
+        assert torch.equal(first[split].images[:], second[split].images[:])
         pd.testing.assert_frame_equal(first[split].index, second[split].index)
 
 
@@ -176,6 +173,112 @@ def test_frame_set_interface(synthetic_root, tmp_path):
     assert picked.index["image_id"].tolist() == train.index["image_id"].iloc[[2, 0]].tolist()
     assert torch.equal(picked.images[1], train.images[0])
     assert train.float_images().shape == (len(train), 3, 16, 16)
+    assert torch.equal(train.images[torch.tensor([2, 0])], train.images[:][[2, 0]])
+    assert torch.equal(train.images[torch.tensor(2)], train.images[:][2])
+    assert torch.equal(train.images[train.labels == 2], train.images[:][train.labels == 2])
+
+
+# --------------------------------------------------------------------------------------------
+# The memory-mapped frame cache
+
+
+def reference_split(root: Path, video_ids, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded in memory, video by video, with no cache: what the reader must give back."""
+    images, labels = [], []
+    for record in cholec80.find_videos(root):
+        if record.video_id in video_ids:
+            images.append(cholec80.load_video_frames(record, image_size=image_size)[1])
+            table = cholec80.read_tool_annotations(record.annotation_path)
+            labels.append(cholec80.single_tool_frames(table)["label"].to_numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_mapped_split_equals_decoding_in_memory(synthetic_root, tmp_path):
+    splits = load(synthetic_root, tmp_path / "cache")
+    datasets.write_run_data(tmp_path / "run", splits)
+    for split, ids in (("train", {1, 2}), ("test", {41, 42})):
+        images, labels = reference_split(synthetic_root, ids, 16)
+        rebuilt = datasets.load_run_split(tmp_path / "run", split)
+        assert isinstance(rebuilt.images.sources[0], cholec80.MappedFrames)
+        assert np.array_equal(rebuilt.images.numpy(), images)
+        assert np.array_equal(rebuilt.labels.numpy(), labels)
+        for i in (0, len(labels) - 1):
+            image, label = rebuilt[i]
+            assert torch.equal(image, torch.from_numpy(images[i]).float() / 255)
+            assert label == labels[i]
+
+
+def test_mapped_frames_pickle_as_their_path(synthetic_root, tmp_path):
+    import pickle
+
+    train = load(synthetic_root, tmp_path / "cache")["train"]
+    train.images[:]  # maps the files
+    again = pickle.loads(pickle.dumps(train))
+    assert torch.equal(again.images[:], train.images[:])
+
+
+def test_old_npz_cache_is_rebuilt_with_a_message(synthetic_root, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    first = load(synthetic_root, cache)
+    folder = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16)
+    for n in (1, 41):  # the earlier format: one .npz per video, no .npy, no .json
+        (folder / f"video{n:02d}.npy").unlink()
+        (folder / f"video{n:02d}.json").unlink()
+        np.savez(folder / f"video{n:02d}.npz", frames=np.arange(3),
+                 images=np.zeros((3, 3, 16, 16), np.uint8))
+    datasets.write_run_data(tmp_path / "run", first)
+    with pytest.raises(RunFolderError, match=r"old \.npz format.*Run the data stage"):
+        datasets.load_run_split(tmp_path / "run", "test")
+    capsys.readouterr()
+    again = load(synthetic_root, cache)
+    message = capsys.readouterr().err
+    assert again["train"].meta["decoded_videos"] == ["video01", "video41"]
+    assert "video01.npz: frame cache in the old .npz format" in message
+    assert "video41.npz" in message and "video02" not in message
+    assert not list(folder.glob("*.npz"))
+    for split in datasets.SPLITS:
+        assert torch.equal(again[split].images[:], first[split].images[:])
+
+
+def test_truncated_cache_is_a_clear_error_then_rebuilt(synthetic_root, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    first = load(synthetic_root, cache)
+    datasets.write_run_data(tmp_path / "run", first)
+    path = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16) / "video42.npy"
+    whole = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(whole - 100)
+    with pytest.raises(RunFolderError, match=rf"video42\.npy: truncated frame cache: {whole - 100} "
+                       rf"bytes.*\({whole} bytes\)"):
+        datasets.load_run_split(tmp_path / "run", "test")
+    capsys.readouterr()
+    again = load(synthetic_root, cache)
+    assert again["test"].meta["decoded_videos"] == ["video42"]
+    assert "truncated frame cache" in capsys.readouterr().err
+    assert path.stat().st_size == whole
+    assert torch.equal(datasets.load_run_split(tmp_path / "run", "test").images[:],
+                       first["test"].images[:])
+
+
+def test_failed_rebuild_leaves_no_partial_cache(synthetic_root, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    load(synthetic_root, cache)
+    folder = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16)
+    (folder / "video02.npy").write_bytes((folder / "video02.npy").read_bytes()[:200])
+
+    def fails_half_way(handle, array, **kwargs):
+        handle.write(b"\x93NUMPY partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cholec80.np, "save", fails_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        load(synthetic_root, cache, workers=1)
+    names = sorted(p.name for p in folder.iterdir())
+    assert "video02.json" not in names  # no entry that looks current
+    assert [n for n in names if n.startswith(".")] == []  # no temporary file
+    assert (folder / "video02.npy").stat().st_size == 200  # untouched: still refused
+    with pytest.raises(cholec80.FrameCacheError, match="truncated"):
+        cholec80.MappedFrames(folder / "video02.npy")
 
 
 def test_frame_set_checks_its_parts():
@@ -256,7 +359,7 @@ def test_run_data_round_trip_cholec80(synthetic_root, tmp_path):
     )
     for split in datasets.SPLITS:
         rebuilt = datasets.load_run_split(tmp_path / "run", split)
-        assert torch.equal(rebuilt.images, splits[split].images)
+        assert torch.equal(rebuilt.images[:], splits[split].images[:])
         assert torch.equal(rebuilt.labels, splits[split].labels)
         pd.testing.assert_frame_equal(rebuilt.index, splits[split].index)
         assert rebuilt.meta["dataset"]["kind"] == "cholec80"
@@ -268,7 +371,7 @@ def test_run_data_round_trip_image_folder(tmp_path):
     )
     datasets.write_run_data(tmp_path / "run", splits)
     rebuilt = datasets.load_run_split(tmp_path / "run", "test")
-    assert torch.equal(rebuilt.images, splits["test"].images)
+    assert torch.equal(rebuilt.images[:], splits["test"].images[:])
     pd.testing.assert_frame_equal(rebuilt.index, splits["test"].index)
 
 
@@ -278,7 +381,7 @@ def test_load_run_split_says_run_the_data_stage(synthetic_root, tmp_path, missin
     data = datasets.write_run_data(tmp_path / "run", splits)
     if missing == "cache":
         folder = datasets.cache_folder(synthetic_root, cache_dir=tmp_path / "cache", image_size=16)
-        gone = folder / "video42.npz"
+        gone = folder / "video42.npy"
     else:
         gone = data / missing
     gone.unlink()

@@ -98,10 +98,15 @@ def test_traces_with_a_pickle_are_refused(attacked_run, tmp_path: Path) -> None:
 def test_frame_cache_with_a_pickle_is_ignored(tmp_path: Path) -> None:
     # A cache file is only a shortcut: one that does not load cleanly is decoded again.
     marker = tmp_path / "marker"
-    path = tmp_path / "video01.npz"
-    pickled_npz(path, marker, key="frames", images=np.zeros((2, 3, 4, 4), np.uint8),
-                source_size=np.array(1), source_mtime_ns=np.array(1))
+    path = tmp_path / "video01.npy"
+    evil = np.empty(2, dtype=object)
+    evil[:] = [WritesMarker(marker), WritesMarker(marker)]
+    np.save(path, evil, allow_pickle=True)
+    io.write_json(cholec80.cache_sidecar(path),
+                  {"frames": [0, 25], "source_size": 1, "source_mtime_ns": 1})
     assert cholec80.read_frame_cache(path) is None
+    with pytest.raises(cholec80.FrameCacheError, match="expected C-ordered uint8"):
+        cholec80.MappedFrames(path)
     assert not marker.exists()
 
 
