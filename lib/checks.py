@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lib import io, schedules
+from lib import io, precision, schedules
 from lib.errors import (
     BorderlineError,
     CheckpointError,
@@ -118,6 +118,8 @@ def _check_train_values(p: Mapping[str, Any]) -> None:
         weight_decay=p["weight_decay"], augment=p["augment"], balance=p["balance"],
         seed=p["seed"], num_workers=0,
     )  # fmt: skip
+    _whole_number(p["workers"], 0, "workers")
+    precision.check(p["precision"])
     _check_device(p)
 
 

@@ -295,6 +295,7 @@ def train_stage(
         split: datasets.load_run_split(run_dir, split) for split in ("train", "test")})
     hyper = {name: parameters[name] for name in (
         "epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "balance", "seed",
+        "precision",
     ) if name in parameters}
     hyper["weights_path"] = parameters.get("weights_path") or None
     return training.fit(splits["train"], splits["test"], out_dir=stages.train_dir(run_dir),

@@ -49,6 +49,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from lib import NUM_CLASSES, TOOLS, ranks, stages
+from lib import precision as precision_module
 from lib.errors import ParameterError, RunFolderError
 from lib.io import atomic_path, read_json, write_csv, write_json
 from lib.model import (
@@ -99,6 +100,7 @@ def fit(
     device: str | torch.device = "cpu",
     weights_path: str | os.PathLike[str] | None = None,
     num_workers: int = 0,
+    precision: str = "float32",
     progress: bool = True,
 ) -> pd.DataFrame | None:
     """Train AlexNet with SGD; checkpoint and evaluate on the whole test split after every epoch.
@@ -133,6 +135,12 @@ def fit(
         device: "cpu", "cuda" or "cuda:N"; only the CPU is bit-for-bit reproducible.
         weights_path: optional local ImageNet AlexNet weights (see ``lib.model.build_model``).
         num_workers: DataLoader worker processes (does not change results).
+        precision: the training forwards' arithmetic, "float32", "bfloat16" or "auto"
+            (:mod:`lib.precision`): bfloat16 runs each training forward under autocast with
+            channels-last input, while the weights, the optimizer state and every checkpoint
+            stay float32; the evaluation always runs in float32. The resolved precision is
+            part of the run's identity (``train_params.json``); the same seed and precision
+            give identical checkpoints on the CPU.
         progress: show a tqdm bar per epoch.
 
     Under DistributedDataParallel (a process group with K > 1 ranks is initialised, e.g. by
@@ -158,10 +166,12 @@ def fit(
             f"{launch.world_size} images per step)"
         )
     device = resolve_device(device)
+    used = precision_module.resolve(precision, device)
     out_dir = Path(out_dir)
     params = _run_parameters(train_set, test_set, batch_size=batch_size, lr=lr,
                              momentum=momentum, weight_decay=weight_decay, augment=augment,
-                             balance=balance, seed=seed, weights_path=weights_path)
+                             balance=balance, seed=seed, weights_path=weights_path,
+                             precision=used)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks.collective_step(launch, "checking train/",
                           lambda: _prepare_run_folder(out_dir, params), main_only=True)
@@ -182,7 +192,8 @@ def fit(
         tqdm.write(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
     epoch_plan = EpochPlan(train_set=train_set, seed=seed, batch_size=batch_size,
                            balance=balance, augment=augment, num_workers=num_workers,
-                           epochs=epochs, progress=progress and launch.is_main)
+                           epochs=epochs, progress=progress and launch.is_main,
+                           precision=used)
     trained = _parallel(model, device, launch)
     for epoch in range(done + 1, epochs + 1):
         step_losses = _gathered(launch, _train_epoch(
@@ -359,13 +370,15 @@ class EpochPlan:
     num_workers: int
     epochs: int
     progress: bool
+    precision: str = "float32"  #: resolved: "float32" or "bfloat16"
 
 
 def batch_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
-               labels: torch.Tensor) -> torch.Tensor:
+               labels: torch.Tensor, *, precision: str = "float32") -> torch.Tensor:
     """The training objective of one batch: images float [B, 3, S, S] in [0, 1], labels
-    int64 [B] in 0..6 -> a scalar loss (the model's one forward pass in training)."""
-    return criterion(model(images), labels)
+    int64 [B] in 0..6 -> a scalar float32 loss (the model's one forward pass in training,
+    in the resolved ``precision``: "float32" or "bfloat16" autocast)."""
+    return criterion(precision_module.forward(model, images, precision=precision), labels)
 
 
 def _train_epoch(
@@ -391,7 +404,8 @@ def _train_epoch(
         for images, labels in batches:
             if generator is not None:
                 images = augment_batch(images, generator=generator)
-            loss = batch_loss(model, criterion, images.to(device), labels.to(device))
+            loss = batch_loss(model, criterion, images.to(device), labels.to(device),
+                              precision=plan.precision)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -36,6 +36,7 @@ weight_decay = 0.0005  # L2 penalty (paper scale: 0.0005)
 augment = True  # random flip, crop and brightness/contrast jitter
 balance = "weights"  # "none", "weights" (inverse-frequency loss) or "sampler" (balanced batches)
 seed = 0  # fixes initialisation, order, augmentation and dropout
+precision = "float32"  # training forwards: "float32", "bfloat16" (autocast, float32 weights) or "auto"
 weights_path = ""  # local ImageNet AlexNet weights to start from; "" trains from scratch
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
 workers = 0  # DataLoader worker processes reading the frame cache (results do not change)
@@ -67,7 +68,7 @@ print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.
 metrics = training.fit(
     train_set, test_set, out_dir=train_dir, epochs=epochs, batch_size=batch_size, lr=lr,
     momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
-    device=device, weights_path=weights_path or None, num_workers=workers,
+    device=device, weights_path=weights_path or None, num_workers=workers, precision=precision,
 )
 pipeline.finish_stage("02_train", run_dir=run_dir)
 metrics.round(4)

@@ -67,12 +67,8 @@ attack_dir = pipeline.start_stage(
 )
 
 # %%
-settings = robustness.AttackSettings(
-    epochs=epochs, schedules=schedules, lr0=lr0, max_iter=max_iter, n_per_class=n_per_class,
-    mode=mode, seed=seed, batch_size=batch_size, chunk_size=chunk_size,
-    schedule_constants=schedule_constants, sweep_lr0=sweep_lr0,
-    sweep_per_class=sweep_per_class, sweep_epoch=sweep_epoch, gallery_images=gallery_images,
-)
+settings = robustness.settings_from_parameters(
+    pipeline.stage_parameters("03_attack", globals()))
 job = robustness.plan_job(run_dir, settings)
 robustness.save_plan(job, run_dir)
 main_rows = job.rows[job.rows["kind"] == "main"]

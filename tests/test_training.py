@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import safetensors.torch
 import torch
 from torch.utils.data import Dataset
 
@@ -201,6 +202,28 @@ def test_same_seed_gives_identical_checkpoints(full_run, resumed_run) -> None:
     assert filecmp.cmp(resumed_dir / name, full_dir / name, shallow=False)
 
 
+@pytest.mark.slow  # bfloat16 is emulated on CPUs without AMX / AVX512-BF16: minutes here
+def test_bfloat16_training_learns_and_repeats(tmp_path, train_set, test_set) -> None:
+    """Training forwards under bfloat16 autocast: the tiny run still learns, the weights and
+    checkpoints stay float32, and a second run with the same seed gives the same epoch-1
+    checkpoint to the bit."""
+    bf16 = {**RUN, "precision": "bfloat16"}
+    metrics = fit(train_set, test_set, out_dir=tmp_path / "a", epochs=2, **bf16)
+    last = metrics.iloc[-1]
+    assert last["accuracy"] >= 0.5  # chance: 1/7
+    assert last["test_loss"] < np.log(NUM_CLASSES)
+    tensors = safetensors.torch.load_file(tmp_path / "a" / "epoch_02.safetensors")
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
+    assert json.loads((tmp_path / "a" / "train_params.json").read_text())["precision"] == (
+        "bfloat16")
+    fit(train_set, test_set, out_dir=tmp_path / "b", epochs=1, **bf16)
+    name = "epoch_01.safetensors"
+    assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
+    float32_dir = tmp_path / "float32"
+    fit(train_set, test_set, out_dir=float32_dir, epochs=1, **RUN)
+    assert not filecmp.cmp(tmp_path / "a" / name, float32_dir / name, shallow=False)
+
+
 def test_resume_equals_uninterrupted_run(full_run, resumed_run) -> None:
     full_dir, _ = full_run
     resumed_dir, after_one = resumed_run
@@ -231,6 +254,7 @@ def test_rerun_of_a_finished_run_changes_nothing(full_run, train_set, test_set) 
         {"augment": False},
         {"balance": "weights", "momentum": 0.5},
         {"weight_decay": 0.0},
+        {"precision": "bfloat16"},
     ],
     ids=lambda change: ",".join(change),
 )
