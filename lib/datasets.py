@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lib import NUM_CLASSES, TOOLS, cholec80
+from lib import NUM_CLASSES, TOOLS, cholec80, stages
 from lib.errors import DatasetError, ParameterError, RunFolderError
 from lib.io import read_json, write_csv, write_json
 
@@ -761,12 +761,11 @@ def write_run_data(
         dataset_meta = next(iter(splits.values())).meta.get("dataset")
         if dataset_meta is None:
             raise ParameterError("dataset_meta not given and the FrameSets carry none.")
-    data = Path(run_dir) / "data"
-    write_json(data / "dataset.json", dict(dataset_meta))
+    write_json(stages.data_file(run_dir, "dataset"), dict(dataset_meta))
     frames = pd.concat([splits[split].index for split in splits], ignore_index=True)
-    write_csv(data / "frames.csv", frames[list(INDEX_COLUMNS)])
-    write_csv(data / "counts.csv", class_counts(splits))
-    return data
+    write_csv(stages.data_file(run_dir, "frames"), frames[list(INDEX_COLUMNS)])
+    write_csv(stages.data_file(run_dir, "counts"), class_counts(splits))
+    return stages.stage_dir(run_dir, "01_data")
 
 
 def _require(path: Path) -> Path:
@@ -782,17 +781,17 @@ def load_run_split(run_dir: str | os.PathLike[str], split: str) -> FrameSet:
         RunFolderError: ``data/dataset.json``, ``data/frames.csv`` or a cache file is missing
             (run the data stage first), or the split has no rows.
     """
-    data = Path(run_dir) / "data"
-    dataset = read_json(_require(data / "dataset.json"))
+    frames_file = stages.data_file(run_dir, "frames")
+    dataset = read_json(_require(stages.data_file(run_dir, "dataset")))
     frames = pd.read_csv(
-        _require(data / "frames.csv"),
+        _require(frames_file),
         dtype={"image_id": str, "split": str, "source": str, "frame": np.int64, "label": np.int64},
         keep_default_na=False,
     )
     rows = frames[frames["split"] == split]
     if rows.empty:
         raise RunFolderError(
-            f"{data / 'frames.csv'}: no rows for split {split!r} (splits there: "
+            f"{frames_file}: no rows for split {split!r} (splits there: "
             f"{sorted(frames['split'].unique())}); run the data stage (01_data) first."
         )
     image_size = int(dataset["image_size"])

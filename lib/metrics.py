@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib import NUM_CLASSES, TOOLS, io, minimality, statistics
+from lib import NUM_CLASSES, TOOLS, io, minimality, stages, statistics
 from lib.errors import RunFolderError
 
 #: The columns that identify one (image, target) attack shared by every schedule.
@@ -39,8 +39,8 @@ REFINED_COLUMNS = ("refined_l1", "refined_l2", "refined_linf", "refine_forwards"
 # --------------------------------------------------------------------------- reading
 
 
-def _attack_file(run_dir: str | os.PathLike[str], name: str) -> Path:
-    path = Path(run_dir) / "attack" / name
+def _attack_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    path = stages.attack_file(run_dir, kind)
     if not path.is_file():
         raise RunFolderError(
             f"{path} is missing: the run folder has no attack results; run the attack stage "
@@ -51,21 +51,22 @@ def _attack_file(run_dir: str | os.PathLike[str], name: str) -> Path:
 
 def read_results(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """``attack/results.csv`` (one row per attack); RunFolderError naming 03_attack if absent."""
-    return pd.read_csv(_attack_file(run_dir, "results.csv"), dtype={"image_id": str},
+    return pd.read_csv(_attack_file(run_dir, "results"), dtype={"image_id": str},
                        keep_default_na=False, na_values=[""])
 
 
 def read_sweep(run_dir: str | os.PathLike[str]) -> pd.DataFrame | None:
     """``attack/lr0_sweep.csv``, or None when the stage ran without a sweep."""
-    path = Path(run_dir) / "attack" / "lr0_sweep.csv"
+    path = stages.attack_file(run_dir, "lr0_sweep")
     if not path.is_file():
         return None
     return pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False, na_values=[""])
 
 
-def read_npz(run_dir: str | os.PathLike[str], name: str) -> dict[str, np.ndarray] | None:
-    """The arrays of ``attack/<name>`` (``traces.npz``, ``gallery.npz``), or None if absent."""
-    path = Path(run_dir) / "attack" / name
+def read_npz(run_dir: str | os.PathLike[str], kind: str) -> dict[str, np.ndarray] | None:
+    """The arrays of the attack stage's ``kind`` file (``"traces"``, ``"gallery"``), or None
+    if absent."""
+    path = stages.attack_file(run_dir, kind)
     if not path.is_file():
         return None
     return io.read_npz(path)
@@ -73,7 +74,7 @@ def read_npz(run_dir: str | os.PathLike[str], name: str) -> dict[str, np.ndarray
 
 def read_training_predictions(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """``train/predictions.csv`` (epoch, image_id, label, predicted); RunFolderError if absent."""
-    path = Path(run_dir) / "train" / "predictions.csv"
+    path = stages.train_table(stages.train_dir(run_dir), "predictions")
     if not path.is_file():
         raise RunFolderError(f"{path} is missing; run the training stage (02_train) first")
     return pd.read_csv(path, dtype={"image_id": str})
@@ -81,7 +82,7 @@ def read_training_predictions(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
 def read_training_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """``train/metrics.csv``; RunFolderError naming 02_train if absent."""
-    path = Path(run_dir) / "train" / "metrics.csv"
+    path = stages.train_table(stages.train_dir(run_dir), "metrics")
     if not path.is_file():
         raise RunFolderError(f"{path} is missing; run the training stage (02_train) first")
     return pd.read_csv(path)

@@ -39,13 +39,12 @@ histogram_bins = 30  # bins of the L1 distributions
 overwrite = False  # discard analysis/ if made with other parameters
 
 # %% tags=["remove-input"]
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
-from lib import figures, io, metrics, pipeline, selection, statistics
+from lib import figures, io, metrics, pipeline, selection, stages, statistics
 
 analysis_dir = pipeline.start_stage(
     "04_analysis", run_dir=run_dir, overwrite=overwrite,
@@ -55,7 +54,7 @@ rules = metrics.ClaimRules(full_success=full_success, stable_within=stable_withi
 results = metrics.read_results(run_dir)
 training = metrics.read_training_metrics(run_dir)
 predictions = metrics.read_training_predictions(run_dir)
-job = io.read_json(Path(run_dir) / "attack" / "job.json")["settings"]
+job = io.read_json(stages.attack_file(run_dir, "job"))["settings"]
 last_epoch = int(results["epoch"].max())
 skipped = metrics.skipped_counts(results)
 order = metrics.schedule_order(results)
@@ -63,7 +62,7 @@ order = metrics.schedule_order(results)
 
 def save(table: pd.DataFrame, name: str) -> pd.DataFrame:
     """Keep an aggregated table as analysis/<name>.csv (the book offers it for download)."""
-    io.write_csv(analysis_dir / f"{name}.csv", table)
+    io.write_csv(stages.analysis_file(run_dir, name), table)
     return table
 
 
@@ -228,7 +227,7 @@ figures.class_pair_chart(pairs)
 # perturbations are far below what the eye notices in the borderline images themselves.
 
 # %% mystnb={"figure": {"caption": "Borderline images at the last checkpoint. Per row: the original, the borderline image of each schedule, then each schedule's perturbation amplified (grey = no change; one amplification per row).", "name": "fig-gallery"}}
-gallery = metrics.read_npz(run_dir, "gallery.npz")
+gallery = metrics.read_npz(run_dir, "gallery")
 if gallery is not None:
     display(figures.gallery_picture(gallery, scale=2))
 else:
@@ -256,7 +255,7 @@ figures.l1_histogram_chart(histogram)
 # last attacked epoch, paired per image.
 
 # %% mystnb={"figure": {"caption": "L1 (1/255) of each followed image at every attacked checkpoint (thin lines, coloured by tool; the same targets at every epoch) and the mean over each checkpoint's own selection with its 95 % interval (black), one panel per schedule.", "name": "fig-per-image"}}
-attacked = pd.read_csv(Path(run_dir) / "attack" / "selection.csv", dtype={"image_id": str})
+attacked = pd.read_csv(stages.attack_file(run_dir, "selection"), dtype={"image_id": str})
 followed = selection.followed_images(attacked)
 per_image = save(metrics.per_image_l1(results, followed["image_id"]), "per_image_l1")
 if per_image.empty:
@@ -312,7 +311,7 @@ else:
 # the image approaches the target region.
 
 # %% mystnb={"figure": {"caption": "Mean step size (1/255), mean target loss and number of attacks still running over the iterations, at the last checkpoint.", "name": "fig-traces"}}
-traces = metrics.read_npz(run_dir, "traces.npz")
+traces = metrics.read_npz(run_dir, "traces")
 trace_table = save(metrics.trace_summary(traces, results), "traces_summary")
 figures.trace_chart(trace_table)
 
