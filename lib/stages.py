@@ -448,6 +448,19 @@ def differing_parameters(recorded: Mapping[str, Any], asked: Mapping[str, Any]) 
     return lines
 
 
+def used_precision(parameters: Mapping[str, Any]) -> dict[str, str]:
+    """``{"precision_used": "float32" | "bfloat16"}``, what a stage with a ``precision``
+    parameter computes in on its device ("auto" resolved), or ``{}`` for other stages. The
+    manifest records it beside the package versions: it describes the machine, not a
+    parameter, so it is never compared when a stage runs again."""
+    if "precision" not in parameters:
+        return {}
+    from lib import precision  # torch: only for the stages that have the parameter
+
+    return {"precision_used": precision.resolve(parameters["precision"],
+                                                parameters.get("device", "cpu"))}
+
+
 def recorded_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     """The parameters a manifest records: all but the runtime ones."""
     return {k: v for k, v in parameters.items() if k not in RUNTIME_PARAMETERS}
@@ -473,6 +486,7 @@ def record_start(stage: str, run_dir: str | os.PathLike[str],
         recorded[stage] = {
             "parameters": asked,
             "versions": package_versions(),
+            **used_precision(parameters),
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "finished": False,
         }

@@ -47,6 +47,7 @@ import pandas as pd
 from myst_nb import glue
 
 from lib import datasets, figures, pipeline, stages, training
+from lib.precision import resolve as resolve_precision
 
 train_dir = pipeline.start_stage(
     "02_train", run_dir=run_dir, overwrite=overwrite,
@@ -54,7 +55,8 @@ train_dir = pipeline.start_stage(
 )
 train_set = datasets.load_run_split(run_dir, "train")
 test_set = datasets.load_run_split(run_dir, "test")
-print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.image_size} px")
+print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.image_size} px; "
+      f"training forwards in {resolve_precision(precision, device)} (precision {precision!r})")
 
 # %% [markdown]
 # ## Training with a checkpoint per epoch

@@ -60,6 +60,7 @@ import pandas as pd
 from myst_nb import glue
 
 from lib import TOOLS, pipeline, robustness
+from lib.precision import resolve as resolve_precision
 
 attack_dir = pipeline.start_stage(
     "03_attack", run_dir=run_dir, overwrite=overwrite,
@@ -73,7 +74,9 @@ job = robustness.plan_job(run_dir, settings)
 robustness.save_plan(job, run_dir)
 main_rows = job.rows[job.rows["kind"] == "main"]
 print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
-      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep, in {len(job.chunks)} chunks")
+      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep, in {len(job.chunks)} chunks; "
+      f"model forwards in {resolve_precision(precision, device)} (precision {precision!r}), "
+      "every success confirmed in float32")
 
 # %% [markdown]
 # The stage plans every attack before running one: the checkpoints, the images each of them
