@@ -11,15 +11,21 @@ Modules, one job each (an arrow names what a module imports from lib; there is n
 - ``synthetic``: the generator of the default dataset, in the Cholec80 layout
 - ``datasets``: one dataset interface over Cholec80 and ImageFolder; splits; the frame cache
 - ``model``: AlexNet with the normalisation inside; checkpoint save and safe load; ``frozen``
+- ``precision``: float32, bfloat16 autocast or "auto": the capability check, the resolution,
+  the low-precision forward
 - ``ranks``: a process's place in a torchrun launch; steps every rank agrees on
 - ``training``: the one training loop (one process or DistributedDataParallel), evaluation,
-  per-epoch metrics (-> model, ranks, stages, io)
+  per-epoch metrics (-> model, precision, ranks, stages, io)
 - ``schedules``: the step-size registry
-- ``attack``: the batched stop-at-flip engine
+- ``attack``: the batched stop-at-flip engine: float32-confirmed low-precision checks, the
+  optional boundary refinement (-> model, precision, schedules)
 - ``selection``: which test images each checkpoint attacks
 - ``robustness``: the attack stage: its settings, plan, chunks and merged tables
   (-> attack, schedules, selection, stages, io)
-- ``metrics``: distances, aggregates, the class-pair matrix
+- ``statistics``: intervals (Wilson, Newcombe, seeded bootstrap), paired differences,
+  three-way verdict rules
+- ``metrics``: aggregates with their intervals and counts, paired schedule comparisons, the
+  class-pair matrix, per-image tracking, the paper's claims (-> statistics, stages, minimality)
 - ``minimality``: minimum-norm reference attacks and the comparison with our schedules
 - ``figures``: altair chart builders shared by the notebooks
 - ``checks``: the checks before a stage: parameters, run folder, input files (-> stages)
