@@ -20,7 +20,7 @@ Printed, as a table and a last line of ``key=value`` figures:
 
 Precisions: ``float32`` (TF32 off), ``tf32`` (``torch.backends.cuda.matmul.allow_tf32`` and
 ``torch.backends.cudnn.allow_tf32`` on; the same as float32 on the CPU) and ``bfloat16`` (the
-engine's ``precision="bfloat16"``; an engine without that keyword is reported, not fatal).
+engine's ``precision="bfloat16"``: autocast, every success confirmed in float32).
 Without CUDA the same code runs on the CPU at tiny sizes (the test suite runs that mode).
 """
 
@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib import NUM_CLASSES  # noqa: E402
 from lib import attack as engine  # noqa: E402
 from lib import model as model_lib  # noqa: E402
+from lib import precision as precision_lib  # noqa: E402
 
 SCHEDULES = ("constant", "iteration", "exponential", "step", "loss-adaptive")
 PRECISIONS = ("float32", "tf32", "bfloat16")
@@ -76,10 +77,10 @@ def precision_mode(precision: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def forward(model: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Logits as the engine computes them: lib.precision's forward (tf32 is float32 here)."""
+    return precision_lib.forward(model, x, precision="bfloat16" if precision == "bfloat16"
+                                 else "float32")
 
 
 def train_epochs(
@@ -96,8 +97,9 @@ def train_epochs(
         order = torch.randperm(len(images), generator=generator)
         for first in range(0, len(images), batch_size):
             batch = order[first:first + batch_size].to(device)
-            with precision_mode(precision), autocast(device, precision):
-                loss = F.cross_entropy(model(images[batch].float() / 255), labels[batch])
+            with precision_mode(precision):
+                loss = F.cross_entropy(forward(model, images[batch].float() / 255, precision),
+                                       labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -158,8 +160,7 @@ def limit_rate(model: nn.Module, images: torch.Tensor, *, precision: str,
     with model_lib.frozen(model), precision_mode(precision):
         def one_pass() -> None:
             batch = x.clone().requires_grad_(True)
-            with autocast(device, precision):
-                loss = model(batch).float().logsumexp(1).sum()
+            loss = forward(model, batch, precision).logsumexp(1).sum()
             loss.backward()
         one_pass()
         synchronize(device)
@@ -180,9 +181,8 @@ def engine_rate(model: nn.Module, pool: torch.Tensor, labels: torch.Tensor, *,
     rows = [engine.AttackRow(k, k % len(pool), int(labels[k % len(pool)]),
                              (int(labels[k % len(pool)]) + 1 + k % 6) % NUM_CLASSES,
                              SCHEDULES[k % len(SCHEDULES)]) for k in range(3 * batch_size)]
-    options = dict(lr0=1e-4, max_iter=max_iter, batch_size=batch_size, device=device)
-    if precision == "bfloat16":
-        options["precision"] = "bfloat16"
+    options = dict(lr0=1e-4, max_iter=max_iter, batch_size=batch_size, device=device,
+                   precision="bfloat16" if precision == "bfloat16" else "float32")
     with precision_mode(precision):
         for _ in engine.iter_attack_rows(model, pool, rows[:batch_size], **options):
             pass  # warm-up
@@ -259,12 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             reset_peak(device)
             limit = limit_rate(model, batch, precision=precision, device=device,
                                seconds=s["seconds"])
-            try:
-                rate = engine_rate(model, rate_pool, rate_labels, precision=precision,
-                                   device=device, batch_size=batch_size, max_iter=s["max_iter"])
-            except TypeError as error:  # an engine without the precision keyword
-                print(f"{precision:<10}{batch_size:>6}  engine: not available ({error})")
-                continue
+            rate = engine_rate(model, rate_pool, rate_labels, precision=precision,
+                               device=device, batch_size=batch_size, max_iter=s["max_iter"])
             peak = peak_mb(device)
             print(f"{precision:<10}{batch_size:>6}{rate:>13.0f}{limit:>13.0f}"
                   f"{rate / limit:>13.2f}{peak:>9.0f}")

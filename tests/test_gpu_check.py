@@ -21,7 +21,7 @@ NOT_NEEDED = ("av", "altair", "papermill", "jupytext", "nbformat", "myst_nb", "j
 
 RUNNER = """
 import json, runpy, sys
-sys.argv = ["gpu_check.py", "--device", "cpu", "--precisions", "float32,tf32"]
+sys.argv = ["gpu_check.py", "--device", "cpu", "--precisions", "float32,tf32,bfloat16"]
 runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
 print("MODULES " + json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 """
@@ -39,8 +39,8 @@ def test_cpu_mode_runs_and_agrees_with_itself():
     # CPU against CPU runs identical arithmetic: every row agrees exactly
     assert float(figures["agree_share"]) == 1.0
     assert float(figures["agree_max_l1"]) == 0.0
-    expected = {f"{kind}_{p}_b4" for kind in ("engine", "limit") for p in ("float32", "tf32")}
+    expected = {f"{kind}_{p}_b4" for kind in ("engine", "limit")
+                for p in ("float32", "tf32", "bfloat16")}
     assert expected <= set(figures)
-    assert all(float(figures[key]) > 0 for key in expected | {"train_float32"})
-    assert "train_bfloat16" not in figures  # bfloat16 was not asked for
+    assert all(float(figures[key]) > 0 for key in expected | {"train_float32", "train_bfloat16"})
     assert "agreement, CPU vs cpu, float32: 35 rows" in done.stdout
