@@ -223,7 +223,10 @@ def many_attacks(spec: dict, *, images: int = 30, epochs=(1, 2)) -> pd.DataFrame
                              "target": target, "success": success, "iterations": iterations,
                              "mean_lr": 1 / 255, "l1": l1_255 / 255, "l1_255": l1_255,
                              "l2": 0.1, "linf": 0.01, "target_prob": 0.5,
-                             "final_class": target if success else source, "status": "ok"})
+                             "final_class": target if success else source, "status": "ok",
+                             # what the engine writes when the refinement is off
+                             "refined_l1": l1_255 / 255, "refined_l2": 0.1,
+                             "refined_linf": 0.01, "refine_forwards": 0})
                 row_id += 1
     return pd.DataFrame(rows)[list(RESULT_COLUMNS)]
 
