@@ -114,8 +114,9 @@ def _check_train_values(p: Mapping[str, Any]) -> None:
     from lib import training
 
     training.check_hyperparameters(
-        epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], momentum=p["momentum"],
-        weight_decay=p["weight_decay"], augment=p["augment"], balance=p["balance"],
+        epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], lr_decay=p["lr_decay"],
+        momentum=p["momentum"], weight_decay=p["weight_decay"], augment=p["augment"],
+        balance=p["balance"],
         seed=p["seed"], num_workers=0,
     )  # fmt: skip
     _whole_number(p["workers"], 0, "workers")

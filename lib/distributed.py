@@ -294,8 +294,8 @@ def train_stage(
     splits = ranks.collective_step(launch, "reading the data", lambda: {
         split: datasets.load_run_split(run_dir, split) for split in ("train", "test")})
     hyper = {name: parameters[name] for name in (
-        "epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "balance", "seed",
-        "precision",
+        "epochs", "batch_size", "lr", "lr_decay", "momentum", "weight_decay", "augment",
+        "balance", "seed", "precision",
     ) if name in parameters}
     hyper["weights_path"] = parameters.get("weights_path") or None
     return training.fit(splits["train"], splits["test"], out_dir=stages.train_dir(run_dir),

@@ -92,6 +92,7 @@ def fit(
     epochs: int = 10,
     batch_size: int = 64,
     lr: float = 0.01,
+    lr_decay: float = 1.0,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     augment: bool = True,
@@ -123,7 +124,9 @@ def fit(
             with more epochs continues the run.
         batch_size: images per SGD step (default 64: the fastest per image on 2 CPU cores;
             paper scale: 64).
-        lr: SGD learning rate, constant (default 0.01; paper scale: 0.01, AlexNet's value).
+        lr: SGD learning rate of epoch 1 (default 0.01; paper scale: 0.01, AlexNet's value).
+        lr_decay: factor in (0, 1] applied to the learning rate after every epoch: epoch e
+            trains at ``lr * lr_decay ** (e - 1)`` (default 1: constant, as in the paper).
         momentum: SGD momentum in [0, 1) (default 0.9; paper scale: 0.9).
         weight_decay: L2 penalty >= 0 (default 5e-4, AlexNet's; paper scale: 5e-4).
         augment: random horizontal flip, resized crop (85-100 % of the area) and brightness /
@@ -154,7 +157,7 @@ def fit(
         than 0).
     """
     check_hyperparameters(
-        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, momentum=momentum,
         weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
         num_workers=num_workers,
     )  # fmt: skip
@@ -169,9 +172,9 @@ def fit(
     used = precision_module.resolve(precision, device)
     out_dir = Path(out_dir)
     params = _run_parameters(train_set, test_set, batch_size=batch_size, lr=lr,
-                             momentum=momentum, weight_decay=weight_decay, augment=augment,
-                             balance=balance, seed=seed, weights_path=weights_path,
-                             precision=used)
+                             lr_decay=lr_decay, momentum=momentum,
+                             weight_decay=weight_decay, augment=augment, balance=balance,
+                             seed=seed, weights_path=weights_path, precision=used)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks.collective_step(launch, "checking train/",
                           lambda: _prepare_run_folder(out_dir, params), main_only=True)
@@ -196,6 +199,8 @@ def fit(
                            precision=used)
     trained = _parallel(model, device, launch)
     for epoch in range(done + 1, epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(lr, lr_decay, epoch)
         step_losses = _gathered(launch, _train_epoch(
             trained, optimizer, criterion, epoch_plan, epoch=epoch, device=device, launch=launch))
         finish = functools.partial(
@@ -740,11 +745,17 @@ def _fingerprint(dataset: Dataset) -> str:
     return f"{len(dataset)} images, sha256 {digest.hexdigest()[:16]}"
 
 
+def epoch_lr(lr: float, lr_decay: float, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based): ``lr * lr_decay ** (epoch - 1)``."""
+    return lr * lr_decay ** (epoch - 1)
+
+
 def check_hyperparameters(
     *,
     epochs: int,
     batch_size: int,
     lr: float,
+    lr_decay: float = 1.0,
     momentum: float,
     weight_decay: float,
     augment: bool,
@@ -762,6 +773,7 @@ def check_hyperparameters(
         ("epochs", epochs, is_int(epochs) and epochs >= 1, "an integer >= 1"),
         ("batch_size", batch_size, is_int(batch_size) and batch_size >= 1, "an integer >= 1"),
         ("lr", lr, is_number(lr) and lr > 0, "a number > 0"),
+        ("lr_decay", lr_decay, is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]"),
         ("momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "a number in [0, 1)"),
         ("weight_decay", weight_decay, is_number(weight_decay) and weight_decay >= 0,
          "a number >= 0"),

@@ -31,6 +31,7 @@ run_dir = "data/runs/default"  # run folder written by 01_data; this stage write
 epochs = 10  # training epochs, one checkpoint each (paper: 10)
 batch_size = 64  # images per SGD step (paper scale: 64)
 lr = 0.003  # SGD learning rate, constant; 0.01 oscillates on the small synthetic set (paper scale: 0.01)
+lr_decay = 1.0  # the learning rate is multiplied by this after every epoch; 1 keeps it constant (paper)
 momentum = 0.9  # SGD momentum (paper scale: 0.9)
 weight_decay = 0.0005  # L2 penalty (paper scale: 0.0005)
 augment = True  # random flip, crop and brightness/contrast jitter
@@ -85,7 +86,7 @@ print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.
 # %%
 metrics = training.fit(
     train_set, test_set, out_dir=train_dir, epochs=epochs, batch_size=batch_size, lr=lr,
-    momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
+    lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
     device=device, weights_path=weights_path or None, num_workers=workers, precision=precision,
 )
 pipeline.finish_stage("02_train", run_dir=run_dir)
