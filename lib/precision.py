@@ -1,7 +1,7 @@
 """The arithmetic precision of model forwards: float32, bfloat16 autocast, or "auto".
 
 ``"float32"`` runs the model as it is (in the dtype its weights have: float32, or float64 for
-exactness tests). ``"bfloat16"`` runs the forward under :func:`torch.autocast` with
+exactness tests). ``"bfloat16"`` runs the forward under ``torch.autocast`` with
 ``dtype=torch.bfloat16`` and a channels-last input, the layout in which oneDNN's bfloat16
 convolutions are fastest, and hands back float32 logits. ``"auto"`` picks bfloat16 only where
 the device computes it fast: a CPU with AMX or AVX512-BF16 instructions, or a CUDA device with
@@ -29,7 +29,7 @@ BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
 
 
 def check(precision: str) -> str:
-    """``precision`` itself if it is one of :data:`PRECISIONS`; else a ParameterError."""
+    """``precision`` itself if it is one of ``PRECISIONS``; else a ParameterError."""
     if precision not in PRECISIONS:
         raise ParameterError(
             f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, "
@@ -73,7 +73,7 @@ def resolve(precision: str, device: str | torch.device) -> str:
     the other two are returned as given.
 
     Raises:
-        ParameterError: ``precision`` is not one of :data:`PRECISIONS`.
+        ParameterError: ``precision`` is not one of ``PRECISIONS``.
     """
     check(precision)
     if precision != "auto":

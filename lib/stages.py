@@ -321,7 +321,7 @@ def executed_notebook(run_dir: str | os.PathLike[str], stage: str) -> Path:
 
 
 def data_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
-    """A file of the data stage by kind (see :data:`DATA_FILES`)."""
+    """A file of the data stage by kind (see ``DATA_FILES``)."""
     return stage_dir(run_dir, "01_data") / _file_name(DATA_FILES, kind, "data")
 
 
@@ -383,7 +383,7 @@ def attack_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def attack_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
-    """A file of the attack stage by kind (see :data:`ATTACK_FILES`)."""
+    """A file of the attack stage by kind (see ``ATTACK_FILES``)."""
     return attack_dir(run_dir) / _file_name(ATTACK_FILES, kind, "attack")
 
 
@@ -399,7 +399,7 @@ def analysis_file(run_dir: str | os.PathLike[str], table: str) -> Path:
 
 
 def minimality_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
-    """A file of the minimality stage by kind (see :data:`MINIMALITY_FILES`)."""
+    """A file of the minimality stage by kind (see ``MINIMALITY_FILES``)."""
     return stage_dir(run_dir, "05_minimality") / _file_name(MINIMALITY_FILES, kind, "minimality")
 
 
