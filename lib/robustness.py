@@ -101,7 +101,10 @@ class AttackSettings:
         batch_size: attacks in flight per engine pass; float32 results depend on it.
         chunk_size: rows per chunk, the unit of resume (>= 1; best a multiple of batch_size).
         schedule_constants: per schedule, its constants, e.g. ``{"step": {"drop": 0.5}}``.
-        sweep_lr0: lr0 values of the sensitivity sweep; empty = no sweep.
+        sweep_lr0: lr0 values of the sensitivity sweep; empty = no sweep. A value equal to
+            ``lr0`` is not attacked again: its sweep rows are the main attack's rows of the same
+            images at ``sweep_epoch`` (the same attacks, so the same results up to float32
+            batching).
         sweep_per_class: images per class in the sweep (ranks 0 .. k-1 of the main selection).
         sweep_epoch: the epoch of the sweep; 0 = the last attacked epoch.
         gallery_images: for the last attacked epoch, the rank-0 images of the first k classes
@@ -350,7 +353,7 @@ def plan_job(run_dir: str | os.PathLike[str], settings: AttackSettings) -> Attac
         chosen = selection.images[selection.images["rank"] < settings.sweep_per_class]
         parts += [_part_rows(chosen, settings, epoch=sweep_epoch, kind="sweep", lr0=value,
                              name=f"sweep_{k:02d}")
-                  for k, value in enumerate(settings.sweep_lr0)]
+                  for k, value in enumerate(settings.sweep_lr0) if value != settings.lr0]
     rows = pd.concat(parts, ignore_index=True)
     _mark_gallery(rows, settings, last_epoch=epochs[-1])
     chunks = (
@@ -644,6 +647,23 @@ def _write_gallery(run_dir: str | os.PathLike[str], results: pd.DataFrame,
     return stages.attack_file(run_dir, "gallery")
 
 
+def _main_rows_in_sweep(job: AttackJob, results: pd.DataFrame) -> list[pd.DataFrame]:
+    """The sweep's rows at the main lr0, taken from the main results (see ``sweep_lr0``).
+
+    The main part of the sweep epoch lists its images rank by rank, so the images of the sweep
+    (ranks below ``sweep_per_class``) come first, with the row ids a sweep part would give them.
+    """
+    settings = job.settings
+    if not (settings.sweep_per_class and settings.lr0 in settings.sweep_lr0):
+        return []
+    rows = job.rows
+    swept = rows[(rows["kind"] == "main") & (rows["epoch"] == settings.sweep_epoch)
+                 & (rows["rank"] < settings.sweep_per_class)]
+    table = results[(results["epoch"] == settings.sweep_epoch)
+                    & results["row_id"].isin(swept["row_id"])]
+    return [table.assign(lr0=settings.lr0)]
+
+
 def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Merge the written chunks into the stage's tables; every chunk must be done.
 
@@ -679,6 +699,7 @@ def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     written["traces"] = stages.attack_file(run_dir, "traces")
     if gallery:
         written["gallery"] = _write_gallery(run_dir, results, gallery)
+    sweep_tables += _main_rows_in_sweep(job, results)
     if sweep_tables:
         sweep = pd.concat(sweep_tables, ignore_index=True).sort_values(
             ["lr0", "row_id"], kind="stable")[list(SWEEP_COLUMNS)]

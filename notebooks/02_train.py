@@ -80,9 +80,9 @@ print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.
 # than training many short epochs over a small set. The learning rate is AlexNet's 0.01 with
 # momentum 0.9, halved after every epoch: at a constant 0.01 the accuracy fell again after the
 # first epoch. The rarest tool, the scissors (5 % of the frames), decides the balancing. With
-# the weighted loss or with no balancing, the first checkpoint classified none of the 185 test
-# scissors correctly; with balanced batches it classified 23, at an accuracy of 0.69. No
-# balancing gave the best last checkpoint (0.96 against 0.91), but a first checkpoint with no
+# the weighted loss or with no balancing, the first checkpoint of our trials classified none of
+# the 185 test scissors correctly; with balanced batches it classified 23. No balancing gave the
+# best last checkpoint (0.96 against 0.91 in the same trials), but a first checkpoint with no
 # correct scissors leaves the attack stage nothing to attack for that tool, so the profile
 # uses the sampler. Five epochs, about 19,500 images in all, bring the last checkpoint to the
 # accuracy in the table below. The paper profile keeps the paper's own values (10 epochs over

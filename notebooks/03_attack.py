@@ -73,8 +73,9 @@ settings = robustness.settings_from_parameters(
 job = robustness.plan_job(run_dir, settings)
 robustness.save_plan(job, run_dir)
 main_rows = job.rows[job.rows["kind"] == "main"]
+reused = " (the sweep's lr0 equal to lr0 reuses the main rows)" if lr0 in job.settings.sweep_lr0 else ""
 print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
-      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep, in {len(job.chunks)} chunks; "
+      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep{reused}, in {len(job.chunks)} chunks; "
       f"model forwards in {resolve_precision(precision, device)} (precision {precision!r}), "
       "every success confirmed in float32")
 

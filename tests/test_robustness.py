@@ -270,6 +270,32 @@ def test_stage_writes_tidy_tables(finished_run) -> None:
     assert len(selection) == 2 * NUM_CLASSES * 2
 
 
+def test_sweep_value_equal_to_lr0_reuses_the_main_rows(finished_run, template_run: Path,
+                                                       tmp_path: Path) -> None:
+    whole, whole_job = finished_run
+    run_dir = copy_inputs(template_run, tmp_path / "reuse")
+    job = robustness.plan_job(run_dir, settings(sweep_lr0=[0.05, LR0, 0.2]))
+    sweep_rows = job.rows[job.rows["kind"] == "sweep"]
+    assert sorted(sweep_rows["lr0"].unique()) == [0.05, 0.2]  # LR0 is not attacked again
+    assert len(job.rows) == len(whole_job.rows)
+    run_all(run_dir, job)
+    robustness.merge(job, run_dir)
+    sweep = pd.read_csv(run_dir / "attack" / "lr0_sweep.csv", dtype={"image_id": str})
+    assert sorted(sweep["lr0"].unique()) == [0.05, LR0, 0.2]
+    at_lr0 = sweep[sweep["lr0"] == LR0].drop(columns="lr0").reset_index(drop=True)
+    per_lr0 = sweep.groupby("lr0").size()
+    assert per_lr0[LR0] == per_lr0[0.05] == NUM_CLASSES * (NUM_CLASSES - 1) * len(SCHEDULES)
+    # the rows a sweep part would have planned: same ids, images, targets and schedules
+    planned = sweep[sweep["lr0"] == 0.05].reset_index(drop=True)
+    keys = ["epoch", "row_id", "image_id", "source", "target", "schedule"]
+    assert at_lr0[keys].equals(planned[keys])
+    # and their results are the main attack's rows
+    results = pd.read_csv(run_dir / "attack" / "results.csv", dtype={"image_id": str})
+    main = results.merge(at_lr0[["epoch", "row_id"]], on=["epoch", "row_id"])
+    assert len(main) == len(at_lr0)
+    assert main.reset_index(drop=True).equals(at_lr0[list(robustness.RESULT_COLUMNS)])
+
+
 def test_rerun_finds_every_chunk_done(finished_run) -> None:
     run_dir, job = finished_run
     before = digest(run_dir / "attack" / "results.csv")
