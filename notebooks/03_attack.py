@@ -57,6 +57,7 @@ overwrite = False  # discard attack/ (and later stages) if made with other param
 
 # %% tags=["remove-input"]
 import pandas as pd
+from IPython.display import display
 from myst_nb import glue
 
 from lib import TOOLS, pipeline, robustness
@@ -100,12 +101,16 @@ per_class
 
 # %% [markdown]
 # A class with fewer correctly classified test images than asked for is attacked with what
-# there is. The table below lists every such case (it is empty when nothing is missing).
+# there is. The table below lists every such case, or says that there is none.
 
 # %% tags=["remove-input"]
 shortfall = job.selection.shortfall
 glue("attack_shortfall_classes", str(len(shortfall)), display=False)
-shortfall
+if shortfall.empty:
+    print(f"No shortfall: {n_per_class} correctly classified images of every tool at every "
+          "attacked checkpoint.")
+else:
+    display(shortfall)
 
 # %% [markdown]
 # ## Running the attacks
