@@ -28,19 +28,19 @@ $(STAMP): pyproject.toml constraints.txt build-constraints.txt
 
 # Every stage of the chosen profile, in order, into data/runs/$(PROFILE).
 stages: $(STAMP)
-	$(PY) -m lib.pipeline run --profile $(PROFILE)
+	$(PY) -m lib.run.pipeline run --profile $(PROFILE)
 
 # One stage with other parameters, e.g. make stage STAGE=03_attack PARAMS="-p lr0 0.01"
 stage: $(STAMP)
-	$(PY) -m lib.pipeline run --profile $(PROFILE) --stage $(STAGE) $(PARAMS)
+	$(PY) -m lib.run.pipeline run --profile $(PROFILE) --stage $(STAGE) $(PARAMS)
 
 # The rerun proof: execute the profile's notebooks again in a fresh folder; every stored
 # output must come back (pytest --nbval, strict, with tests/nbval-sanitize.cfg).
 nbval: $(STAMP)
-	$(PY) -m lib.rerun data/runs/$(PROFILE)
+	$(PY) -m lib.run.rerun data/runs/$(PROFILE)
 
 book: stages
-	$(PY) -m lib.pipeline book --profile $(PROFILE)
+	$(PY) -m lib.run.pipeline book --profile $(PROFILE)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "open _build/html/index.html"
 
@@ -53,9 +53,10 @@ test: $(STAMP) browser
 
 # The fast loop while changing code: ruff, then every test not marked pipeline (the notebook
 # chain, kill-and-resume, reruns, book builds, browser and stage-command subprocess runs,
-# marked in tests/conftest.py). make test stays the complete suite.
+# marked in tests/conftest.py). make test stays the complete suite. lib/data is named on its
+# own: ruff's exclusion of the git-ignored data folder ("data" in pyproject.toml) matches it too.
 check: $(STAMP)
-	$(VENV)/bin/ruff check lib tests notebooks benchmarks
+	$(VENV)/bin/ruff check lib lib/data tests notebooks benchmarks
 	$(VENV)/bin/pytest -q -m "not pipeline"
 
 # The attack engine's speed in both precisions, agreement and memory (benchmarks/bench_attack.py);
@@ -80,7 +81,7 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lib tests notebooks benchmarks
+	$(VENV)/bin/ruff check lib lib/data tests notebooks benchmarks
 
 clean:
 	rm -rf _build book/executed _static/vega-*.js

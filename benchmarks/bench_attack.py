@@ -5,8 +5,8 @@ Usage: ``.venv/bin/python benchmarks/bench_attack.py [--size 64|224] [--quick]``
 pool instead of the benchmark's own trained one.
 
 The job. A checkpoint that has actually been trained: the benchmark writes a small synthetic
-dataset in the Cholec80 layout (:mod:`lib.synthetic`), reads it like the pipeline does and
-trains AlexNet with :func:`lib.training.fit`, once; the dataset and checkpoint are kept under
+dataset in the Cholec80 layout (:mod:`lib.data.synthetic`), reads it like the pipeline does and
+trains AlexNet with :func:`lib.train.loop.fit`, once; the dataset and checkpoint are kept under
 ``data/bench/`` and reused. The pool is the first correctly classified test images of each
 class (``--per-class``), and the job every pool image toward every other class with every
 schedule, at the attack stage's default lr0, so iterations, failures and successes are those of
@@ -19,7 +19,7 @@ by side mean anything; every ratio is a median over rounds):
   weights, in sample-iterations per second. The float32 limit is sampled *inside* the loops
   below (a pass after every few units of their work, its time excluded) and each loop's rate is
   divided by the limit sampled during it, so load drifting between measurements cancels;
-- the engine in float32 on the whole job (:func:`lib.attack.iter_attack_rows`, schedules
+- the engine in float32 on the whole job (:func:`lib.attack.api.iter_attack_rows`, schedules
   mixed), work = sum(iterations + 1);
 - a plain batched loop with early stop and refill (:func:`plain_loop`, about 30 lines, as one
   writes it without the engine) on the same rows and batch size;
@@ -65,11 +65,13 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib import attack as engine  # noqa: E402
-from lib import datasets, schedules, synthetic, training  # noqa: E402
-from lib import model as model_lib  # noqa: E402
-from lib import precision as precision_lib  # noqa: E402
-from lib.model import frozen  # noqa: E402
+from lib.attack import api, schedules  # noqa: E402
+from lib.attack.results import AttackRow  # noqa: E402
+from lib.data import datasets, synthetic  # noqa: E402
+from lib.model import checkpoints  # noqa: E402
+from lib.model import precision as precision_lib  # noqa: E402
+from lib.model.network import frozen  # noqa: E402
+from lib.train.loop import fit  # noqa: E402
 
 NUM_CLASSES = 7
 SCHEDULE_NAMES = list(schedules.SCHEDULES)
@@ -98,9 +100,9 @@ def trained_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
                               workers=1, progress=False)
     splits = datasets.load_cholec80(root, image_size=args.size, cache_dir=folder / "cache",
                                     workers=1, progress=False)
-    metrics = training.fit(splits["train"], splits["test"], out_dir=folder / "train",
+    metrics = fit(splits["train"], splits["test"], out_dir=folder / "train",
                            epochs=args.epochs, lr=0.003, progress=False)
-    model = model_lib.load_checkpoint(checkpoint, map_location="cpu").eval()
+    model = checkpoints.load_checkpoint(checkpoint, map_location="cpu").eval()
     torch.save(select_pool(model, splits["test"], args.per_class), pool_file)
     last = metrics.iloc[-1]
     print(f"trained on {len(splits['train'])} synthetic frames for {args.epochs} epochs in "
@@ -122,7 +124,7 @@ def select_pool(model: nn.Module, test_set, per_class: int) -> torch.Tensor:
     return images[index].contiguous()
 
 
-def make_rows(model: nn.Module, pool: torch.Tensor) -> list[engine.AttackRow]:
+def make_rows(model: nn.Module, pool: torch.Tensor) -> list[AttackRow]:
     """Every pool image towards each other class with each schedule, in that order."""
     with torch.no_grad():
         sources = model(pool).argmax(1).tolist()
@@ -131,7 +133,7 @@ def make_rows(model: nn.Module, pool: torch.Tensor) -> list[engine.AttackRow]:
         for target in range(NUM_CLASSES):
             if target != source:
                 for schedule in SCHEDULE_NAMES:
-                    rows.append(engine.AttackRow(len(rows), image, source, target, schedule))
+                    rows.append(AttackRow(len(rows), image, source, target, schedule))
     return rows
 
 
@@ -185,7 +187,7 @@ def timed(stream, limit: LimitSampler | None, every: int = 8) -> tuple[float, li
 
 def run_engine(model, pool, rows, *, limit, **options) -> tuple[float, int, pd.DataFrame]:
     """The job through the engine: seconds, work sum(iterations + 1), the results' scalars."""
-    stream = engine.iter_attack_rows(model, pool, rows, lr0=LR0, **options)
+    stream = api.iter_attack_rows(model, pool, rows, lr0=LR0, **options)
     seconds, chunks = timed(stream, limit)
     work = sum(int(c.iterations.sum()) + len(c) for c in chunks)
     frame = pd.concat([c.to_frame() for c in chunks]).sort_values("row_id", kind="stable")
@@ -346,17 +348,17 @@ def matmul_peak(size: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.f
 
 def memory_probe(args: argparse.Namespace) -> None:
     """Subprocess entry: peak RSS growth of one streamed job of ``args.memory_probe`` rows."""
-    model = model_lib.load_checkpoint(args.checkpoint, map_location="cpu").eval()
+    model = checkpoints.load_checkpoint(args.checkpoint, map_location="cpu").eval()
     pool = torch.load(args.pool)
     base_rows = make_rows(model, pool)
     rows = [base_rows[k % len(base_rows)]._replace(row_id=k) for k in range(args.memory_probe)]
     options = dict(lr0=LR0, max_iter=args.probe_iter, batch_size=args.batch_size)
-    for _ in engine.iter_attack_rows(model, pool, rows[: 2 * args.batch_size], **options):
+    for _ in api.iter_attack_rows(model, pool, rows[: 2 * args.batch_size], **options):
         pass  # warm-up: allocator, oneDNN primitives, code paths
     baseline = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM to the current resident set
-    for _ in engine.iter_attack_rows(model, pool, rows, **options):
+    for _ in api.iter_attack_rows(model, pool, rows, **options):
         pass
     print(json.dumps({"rows": len(rows), "baseline_kb": baseline, "peak_kb": _status_kb("VmHWM")}))
 
@@ -530,7 +532,7 @@ def main() -> None:
     started = time.perf_counter()
     if args.checkpoint is None:
         args.checkpoint, args.pool = trained_checkpoint(args)
-    model = model_lib.load_checkpoint(args.checkpoint, map_location="cpu").eval()
+    model = checkpoints.load_checkpoint(args.checkpoint, map_location="cpu").eval()
     pool = torch.load(args.pool)
     rows = make_rows(model, pool)
     args.per_image_budget = 100 if args.quick else 900

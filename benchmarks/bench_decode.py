@@ -8,7 +8,7 @@ in this one process in each way below, timed with the process's CPU time and wal
   machine running one decoding process per core);
 - ``decode, thread_type=AUTO``: frame and slice threading (frames come out in the same order,
   all of them, so the pairing by decoded index is unchanged);
-- ``data stage``: :func:`lib.cholec80.decode_frames` as the data stage calls it: every frame
+- ``data stage``: :func:`lib.data.cholec80.decode_frames` as the data stage calls it: every frame
   decoded, one in 25 converted to RGB and resized to 224 x 224.
 
 Printed: frames per second (wall) and per CPU-second, and from the data stage's rate the time
@@ -30,7 +30,7 @@ import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import cholec80, synthetic  # noqa: E402
+from lib.data import cholec80, synthetic  # noqa: E402
 
 CHOLEC80_FRAMES = 4_600_000  # all frames of the 80 videos at 25 fps (about 51 hours)
 CACHED_FRAMES = 48_713 + 31_477  # single-tool frames of both splits (METHOD.md)

@@ -6,8 +6,8 @@ Builds a small run folder (one untrained AlexNet checkpoint at 64 px, 7 test ima
 schedule: 210 attacks), then runs the real commands on fresh copies of it, each timed from
 start to exit (imports and start-up included, as a user sees them):
 
-- ``python -m lib.distributed attack --threads 2``   (one plain process)
-- ``torchrun --standalone --nproc_per_node=2 -m lib.distributed attack --threads 1``
+- ``python -m lib.run.distributed attack --threads 2``   (one plain process)
+- ``torchrun --standalone --nproc_per_node=2 -m lib.run.distributed attack --threads 1``
 
 and prints the wall times, their ratio (one run each, measured back to back after a warm-up
 run), and the cost model of :func:`scaling_estimate` fed with the measured
@@ -48,7 +48,7 @@ def scaling_estimate(
     The stage's work is ``passes`` model passes (``sum(iterations + 1)`` over every attack:
     measured, or ``attacks * (mean iterations + 1)``); one device does ``passes_per_second``
     (measured on one device at the stage's batch size). Sharded by
-    :func:`lib.distributed.shard_chunks`,
+    :func:`lib.run.distributed.shard_chunks`,
     the slowest of K devices does at most ``passes / K + largest_chunk_passes``; each process also
     pays ``startup_seconds`` (imports, reading the test split, loading checkpoints).
 
@@ -90,9 +90,9 @@ def main() -> None:
     params = ["--param", "epochs=[]", "--param", f"max_iter={args.max_iter}",
               "--param", "n_per_class=1", "--param", "lr0=0.004", "--param", "batch_size=32",
               "--param", "chunk_size=32", "--param", "sweep_lr0=[]", "--param", "gallery_images=0"]
-    plain = [sys.executable, "-m", "lib.distributed", "attack", "--no-progress"]
+    plain = [sys.executable, "-m", "lib.run.distributed", "attack", "--no-progress"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "lib.distributed", "attack", "--no-progress"]
+                "--nproc_per_node=2", "-m", "lib.run.distributed", "attack", "--no-progress"]
     with tempfile.TemporaryDirectory() as scratch:
         source = make_alexnet_run(Path(scratch) / "source" / "run")
 
@@ -111,7 +111,7 @@ def main() -> None:
         same = (one / "attack" / "results.csv").read_bytes() == (
             two / "attack" / "results.csv").read_bytes()
         results = pd.read_csv(one / "attack" / "results.csv")
-        startup = timed([sys.executable, "-c", "import lib.distributed, lib.datasets"])
+        startup = timed([sys.executable, "-c", "import lib.run.distributed, lib.data.datasets"])
 
     passes = float((results["iterations"] + 1).sum())
     print(f"job: {len(results)} attacks, max_iter {args.max_iter}, {passes:.0f} model passes "

@@ -6,8 +6,8 @@ its ``videoNN.json``). For each size a fresh subprocess imports torch and lib, w
 fit of 8 images), reads its resident set, resets the kernel's peak counter
 (``/proc/self/clear_refs``), then
 
-1. loads both splits with :func:`lib.datasets.load_run_split` (peak "load"),
-2. trains one epoch and evaluates on the test split with :func:`lib.training.fit`
+1. loads both splits with :func:`lib.run.data_stage.load_run_split` (peak "load"),
+2. trains one epoch and evaluates on the test split with :func:`lib.train.loop.fit`
    (batch 64, the paper's; peak "epoch").
 
 Printed: both peaks (``VmHWM``) and their growth over the warm baseline, for N and 4N, and
@@ -40,11 +40,14 @@ FRAMES_PER_VIDEO = 64
 
 def make_run(folder: Path, frames_per_split: int, *, seed: int = 0) -> Path:
     """A run folder whose data/ and frame cache hold ``frames_per_split`` frames per split."""
-    from lib import datasets, io
+    from lib import io
+    from lib.data import datasets
+    from lib.data.cache import cache_folder
+    from lib.data.frames import INDEX_COLUMNS
 
     root = folder / "cholec80"
     cache_dir = folder / "cache"
-    cache = datasets.cache_folder(root, cache_dir=cache_dir, image_size=IMAGE_SIZE)
+    cache = cache_folder(root, cache_dir=cache_dir, image_size=IMAGE_SIZE)
     cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
@@ -68,7 +71,7 @@ def make_run(folder: Path, frames_per_split: int, *, seed: int = 0) -> Path:
         "kind": "cholec80", "root": str(root.resolve()), "image_size": IMAGE_SIZE,
         "cache_dir": str(cache_dir.resolve()), "train_videos": [], "test_videos": []})
     io.write_csv(run_dir / "data" / "frames.csv",
-                 pd.DataFrame(rows, columns=list(datasets.INDEX_COLUMNS)))
+                 pd.DataFrame(rows, columns=list(INDEX_COLUMNS)))
     return run_dir
 
 
@@ -83,22 +86,23 @@ def probe(run_dir: Path, *, materialise: bool) -> None:
     """Subprocess entry: peaks of loading both splits, one epoch and one evaluation."""
     import torch
 
-    from lib import datasets, training
+    from lib.run import data_stage
+    from lib.train.loop import fit
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     options = dict(epochs=1, batch_size=64, lr=0.001, progress=False)
     with tempfile.TemporaryDirectory() as scratch:
-        warm = datasets.load_run_split(run_dir, "train").subset(range(8))
-        training.fit(warm, warm, out_dir=Path(scratch) / "warm", **options)
+        warm = data_stage.load_run_split(run_dir, "train").subset(range(8))
+        fit(warm, warm, out_dir=Path(scratch) / "warm", **options)
         baseline = _status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # reset VmHWM to the current resident set
         start = time.perf_counter()
-        train = datasets.load_run_split(run_dir, "train")
-        test = datasets.load_run_split(run_dir, "test")
+        train = data_stage.load_run_split(run_dir, "train")
+        test = data_stage.load_run_split(run_dir, "test")
         held = train.float_images() if materialise else None  # the control
         load_peak = _status_kb("VmHWM")
-        training.fit(train, test, out_dir=Path(scratch) / "train", **options)
+        fit(train, test, out_dir=Path(scratch) / "train", **options)
         seconds = time.perf_counter() - start
         peak = _status_kb("VmHWM")
     del held

@@ -11,7 +11,7 @@ Printed, as a table and a last line of ``key=value`` figures:
 - agreement: the same attack rows (a small AlexNet trained here on synthetic tensors; five
   schedules) on the CPU and on the check's device in float32 (TF32 off): the share of rows
   with equal success and iterations, and the largest difference of their L1 distances;
-- engine: sample-iterations per second of :func:`lib.attack.iter_attack_rows` at each batch
+- engine: sample-iterations per second of :func:`lib.attack.api.iter_attack_rows` at each batch
   size and precision, and the model's forward + backward-to-input limit at the same batch size
   and precision (frozen weights, images/s); engine / limit is the engine's efficiency;
 - training: two epochs of SGD on random tensors, images/s, per precision (float32 and
@@ -40,9 +40,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import NUM_CLASSES  # noqa: E402
-from lib import attack as engine  # noqa: E402
-from lib import model as model_lib  # noqa: E402
-from lib import precision as precision_lib  # noqa: E402
+from lib.attack import api  # noqa: E402
+from lib.attack.results import AttackRow  # noqa: E402
+from lib.model import checkpoints, network  # noqa: E402
+from lib.model import precision as precision_lib  # noqa: E402
 
 SCHEDULES = ("constant", "iteration", "exponential", "step", "loss-adaptive")
 PRECISIONS = ("float32", "tf32", "bfloat16")
@@ -78,7 +79,7 @@ def precision_mode(precision: str) -> Iterator[None]:
 
 
 def forward(model: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
-    """Logits as the engine computes them: lib.precision's forward (tf32 is float32 here)."""
+    """Logits as the engine computes them: lib.model.precision's forward (tf32 is float32 here)."""
     return precision_lib.forward(model, x, precision="bfloat16" if precision == "bfloat16"
                                  else "float32")
 
@@ -127,14 +128,14 @@ def peak_mb(device: torch.device) -> float:
 # --------------------------------------------------------------------------- the checks
 
 
-def attack_rows(labels: torch.Tensor, per_image_targets: int) -> list[engine.AttackRow]:
+def attack_rows(labels: torch.Tensor, per_image_targets: int) -> list[AttackRow]:
     """Rows over a pool: each image, ``per_image_targets`` other classes, every schedule."""
     rows = []
     for image, source in enumerate(labels.tolist()):
         for k in range(per_image_targets):
             target = (source + 1 + (image + k) % (NUM_CLASSES - 1)) % NUM_CLASSES
             for schedule in SCHEDULES:
-                rows.append(engine.AttackRow(len(rows), image, source, target, schedule))
+                rows.append(AttackRow(len(rows), image, source, target, schedule))
     return rows
 
 
@@ -142,7 +143,7 @@ def agreement(model: nn.Module, pool: torch.Tensor, rows, *, device: torch.devic
               lr0: float, max_iter: int, batch_size: int) -> dict[str, float]:
     """The same rows on the CPU and on ``device`` in float32: share equal, largest L1 gap."""
     cpu, other = (
-        engine.attack_rows(model.to(where), pool, rows, lr0=lr0, max_iter=max_iter,
+        api.attack_rows(model.to(where), pool, rows, lr0=lr0, max_iter=max_iter,
                            batch_size=batch_size, device=where)
         for where in (torch.device("cpu"), device)
     )
@@ -157,7 +158,7 @@ def limit_rate(model: nn.Module, images: torch.Tensor, *, precision: str,
                device: torch.device, seconds: float) -> float:
     """Forward + backward to the input of one batch, weights frozen: images/s."""
     x = images.to(device).float() / 255
-    with model_lib.frozen(model), precision_mode(precision):
+    with network.frozen(model), precision_mode(precision):
         def one_pass() -> None:
             batch = x.clone().requires_grad_(True)
             loss = forward(model, batch, precision).logsumexp(1).sum()
@@ -178,18 +179,18 @@ def engine_rate(model: nn.Module, pool: torch.Tensor, labels: torch.Tensor, *,
                 precision: str, device: torch.device, batch_size: int,
                 max_iter: int) -> float:
     """Sample-iterations per second of the engine on 3 x batch rows (weak lr0: long attacks)."""
-    rows = [engine.AttackRow(k, k % len(pool), int(labels[k % len(pool)]),
+    rows = [AttackRow(k, k % len(pool), int(labels[k % len(pool)]),
                              (int(labels[k % len(pool)]) + 1 + k % 6) % NUM_CLASSES,
                              SCHEDULES[k % len(SCHEDULES)]) for k in range(3 * batch_size)]
     options = dict(lr0=1e-4, max_iter=max_iter, batch_size=batch_size, device=device,
                    precision="bfloat16" if precision == "bfloat16" else "float32")
     with precision_mode(precision):
-        for _ in engine.iter_attack_rows(model, pool, rows[:batch_size], **options):
+        for _ in api.iter_attack_rows(model, pool, rows[:batch_size], **options):
             pass  # warm-up
         synchronize(device)
         start = time.perf_counter()
         work = sum(int(chunk.iterations.sum()) for chunk in
-                   engine.iter_attack_rows(model, pool, rows, **options))
+                   api.iter_attack_rows(model, pool, rows, **options))
         synchronize(device)
     return work / (time.perf_counter() - start)
 
@@ -229,14 +230,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if unknown:
         parser.error(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
     name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = model_lib.resolve_device("cpu" if name == "auto" else name)
+    device = network.resolve_device("cpu" if name == "auto" else name)
     s = settings(args, device)
     title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (tiny sizes)"
     print(f"device: {title}; torch {torch.__version__}; {s}")
     figures: dict[str, float] = {}
 
     torch.manual_seed(0)
-    model = model_lib.build_model().to(device)
+    model = checkpoints.build_model().to(device)
     images, labels = synthetic_images(max(s["train_images"] // 8, 14), s["size"], seed=0)
     train_epochs(model, images.to(device), labels.to(device), epochs=2, batch_size=16,
                  precision="float32", device=device)
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_images, train_labels = synthetic_images(s["train_images"], s["size"], seed=3)
     for precision in [p for p in ("float32", "bfloat16") if p in precisions]:
         torch.manual_seed(0)
-        net = model_lib.build_model().to(device)
+        net = checkpoints.build_model().to(device)
         reset_peak(device)
         rate = train_epochs(net, train_images.to(device), train_labels.to(device), epochs=2,
                             batch_size=64, precision=precision, device=device)

@@ -32,5 +32,5 @@ srun .venv/bin/torchrun \
     --rdzv-backend=c10d \
     --rdzv-endpoint="${HEAD}:29500" \
     --rdzv-id="${SLURM_JOB_ID}" \
-    -m lib.distributed attack --profile "${PROFILE}" \
+    -m lib.run.distributed attack --profile "${PROFILE}" \
         --threads $(( SLURM_CPUS_PER_TASK / GPUS_PER_NODE ))

@@ -1,40 +1,69 @@
 """Borderline: borderline adversarial images of a surgical-tool CNN.
 
-Modules, one job each (an arrow names what a module imports from lib; there is no cycle):
+The package is grouped by layer; data flows down the list. ``lib.data``, ``lib.model``,
+``lib.attack`` and ``lib.analysis`` take and return tensors and tables and never import
+``lib.run``; only ``lib.run`` (and ``lib.train``, for the files a training run writes) knows
+where a run folder keeps its files. There is no import cycle.
 
-- ``errors``: the error types every check raises
-- ``io``: atomic file writes and safe reads
-- ``stages``: the stage contract and the run folder: stage list and outputs, notebook
-  parameters, profiles and their merge, every path in a run folder, manifests, the lock
-  (-> io, errors)
-- ``cholec80``: the Cholec80 layout (annotation parsing, video decoding, exact frame pairing)
-- ``synthetic``: the generator of the default dataset, in the Cholec80 layout
-- ``datasets``: one dataset interface over Cholec80 and ImageFolder; splits; the frame cache
-- ``model``: AlexNet with the normalisation inside; checkpoint save and safe load; ``frozen``
-- ``precision``: float32, bfloat16 autocast or "auto": the capability check, the resolution,
-  the low-precision forward
-- ``ranks``: a process's place in a torchrun launch; steps every rank agrees on
-- ``training``: the one training loop (one process or DistributedDataParallel), evaluation,
-  per-epoch metrics (-> model, precision, ranks, stages, io)
-- ``schedules``: the step-size registry
-- ``attack``: the batched stop-at-flip engine: float32-confirmed low-precision checks, the
-  optional boundary refinement (-> model, precision, schedules)
-- ``selection``: which test images each checkpoint attacks
-- ``robustness``: the attack stage: its settings, plan, chunks and merged tables
-  (-> attack, schedules, selection, stages, io)
-- ``statistics``: intervals (Wilson, Newcombe, seeded bootstrap), paired differences,
-  three-way verdict rules
-- ``metrics``: aggregates with their intervals and counts, paired schedule comparisons, the
-  class-pair matrix, per-image tracking, the paper's claims (-> statistics, stages, minimality)
-- ``minimality``: minimum-norm reference attacks and the comparison with our schedules
-- ``figures``: altair chart builders shared by the notebooks
-- ``checks``: the checks before a stage: parameters, run folder, input files (-> stages)
-- ``book``: the book's generated pages (-> stages)
-- ``pipeline``: stage commands: papermill execution, ``start_stage``/``finish_stage`` for the
-  notebooks, the command line (-> stages, checks, book)
-- ``distributed``: the torchrun launcher: process groups, sharding, the command line
-  (-> ranks, robustness, pipeline, stages)
-- ``rerun``: the rerun proof (strict nbval, result digests) (-> stages)
+- ``errors``: the error types every check raises; ``io``: atomic file writes and safe reads
+- ``data``: reading the data
+
+  - ``cholec80``: the Cholec80 layout (annotation parsing, video decoding, exact frame pairing)
+  - ``scene``, ``synthetic``: one synthetic video planned and drawn; the default dataset
+    written in the Cholec80 layout
+  - ``cache``: the frame cache (decoded frames per video and image size, memory-mapped)
+  - ``frames``: ``FrameSet``, labelled frames read on demand
+  - ``datasets``: one dataset interface over Cholec80 and ImageFolder; splits by video
+  - ``counts``: frame counts, and Cholec80's published ones
+
+- ``model``: the classifier
+
+  - ``network``: AlexNet with the normalisation inside; the device; ``frozen``
+  - ``checkpoints``: a fresh model, ImageNet weights, safetensors checkpoints
+  - ``precision``: float32, bfloat16 autocast or "auto"
+
+- ``train``: training the classifier
+
+  - ``loop``: ``fit``, the one training loop (one process or DistributedDataParallel)
+  - ``batches``: what an epoch draws (order, balance, augmentation, seeds)
+  - ``evaluation``: a checkpoint on a whole split: predictions and classification tables
+  - ``resume``: a training folder that a run continues
+
+- ``attack``: the attack
+
+  - ``results``: attack rows in, per-attack results out
+  - ``engine``: the batched stop-at-flip loop (float32-confirmed low precision, refinement)
+  - ``api``: the engine's entry points, every input checked
+  - ``schedules``: the step-size registry
+  - ``selection``: which test images each checkpoint attacks
+  - ``plan``: the attack job's settings, rows and chunks, planned from tables
+  - ``reference``: minimum-norm reference attacks (adv-lib)
+
+- ``analysis``: from tables to findings
+
+  - ``statistics``: intervals (Wilson, Newcombe, seeded bootstrap), paired differences,
+    three-way verdict rules
+  - ``aggregates``: the tables behind the figures, with intervals and counts
+  - ``paired``: schedules compared pair by pair
+  - ``claims``: the paper's claims, each with an interval and a verdict
+  - ``minimality``: our distances against the best-known minimal ones
+  - ``figures``: altair chart builders shared by the notebooks
+
+- ``run``: the run machinery
+
+  - ``layout``: the stages and every path in a run folder
+  - ``parameters``: stage parameters, profiles and their merge
+  - ``manifest``: what ran in a run folder, with which parameters and versions
+  - ``lock``: one stage at a time in a run folder
+  - ``tables``: the readers of the run folder's tables
+  - ``checks``: the checks before a stage (parameters, run folder, input files)
+  - ``data_stage``, ``attack_stage``, ``minimality_stage``: the stages' work on the run folder
+  - ``pipeline``: stage commands: papermill execution, ``start_stage``/``finish_stage``, the
+    command line (``python -m lib.run.pipeline``)
+  - ``book``: the book's generated pages
+  - ``rerun``: the rerun proof (``python -m lib.run.rerun``)
+  - ``distributed``, ``ranks``: the torchrun launcher (``python -m lib.run.distributed``);
+    a rank's place and the steps every rank agrees on
 """
 
 #: The seven Cholec80 tools, in the order of the annotation columns; the index is the label.

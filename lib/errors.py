@@ -19,3 +19,10 @@ class ParameterError(BorderlineError, ValueError):
 
 class RunFolderError(BorderlineError):
     """A run folder lacks what a stage needs, or was made with other parameters."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when the message is empty), for
+    messages that quote an error raised by another library."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

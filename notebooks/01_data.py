@@ -24,7 +24,7 @@
 # ```{admonition} Which data this build used
 # :class: note
 # The parameters below say which dataset this page was built from. The default build uses a
-# **synthetic** dataset written by `lib.synthetic` in the exact Cholec80 layout (mp4 videos at
+# **synthetic** dataset written by `lib.data.synthetic` in the exact Cholec80 layout (mp4 videos at
 # 25 fps and `tool_annotations/videoNN-tool.txt` files); it is read by the same Cholec80 reader
 # as the real data, but its frames are drawn, not filmed.
 # ```
@@ -57,11 +57,15 @@ import torch
 from IPython.display import display
 from myst_nb import glue
 
-from lib import TOOLS, datasets, figures, pipeline, synthetic
+from lib import TOOLS
+from lib.analysis import figures
+from lib.data import datasets, synthetic
+from lib.data.counts import class_counts, compare_with_published, tools_per_frame
+from lib.run import data_stage, parameters, pipeline
 
 data_dir = pipeline.start_stage(
     "01_data", run_dir=run_dir, overwrite=overwrite,
-    parameters=pipeline.stage_parameters("01_data", globals()),
+    parameters=parameters.stage_parameters("01_data", globals()),
 )
 if dataset_kind == "synthetic":
     synthetic.ensure(
@@ -72,7 +76,7 @@ splits = datasets.load(
     dataset_kind, dataset_root, image_size=image_size, train_videos=train_videos,
     test_videos=test_videos, cache_dir=cache_dir, workers=workers,
 )
-datasets.write_run_data(run_dir, splits)
+data_stage.write_run_data(run_dir, splits)
 pipeline.finish_stage("01_data", run_dir=run_dir)
 decoded = len(splits["train"].meta.get("decoded_videos", []))  # one list for the whole load
 print(f"{len(splits['train'])} training and {len(splits['test'])} test frames of "
@@ -86,7 +90,7 @@ print(f"{len(splits['train'])} training and {len(splits['test'])} test frames of
 # tool have no label, so both are left out, as in the paper.
 
 # %% tags=["remove-input"]
-counts = datasets.class_counts(splits)
+counts = class_counts(splits)
 table = counts.pivot(index="tool", columns="split", values="frames").loc[list(TOOLS), ["train", "test"]]
 table.loc["all"] = table.sum()
 glue("data_train_frames", f"{int(table.loc['all', 'train']):,}", display=False)
@@ -109,7 +113,7 @@ if dataset_kind == "imagefolder":
     shares = None
     print("An ImageFolder dataset holds labelled images only: no per-frame annotation to count.")
 else:
-    shares = datasets.tools_per_frame(dataset_root, train_videos=train_videos, test_videos=test_videos)
+    shares = tools_per_frame(dataset_root, train_videos=train_videos, test_videos=test_videos)
     shares = shares[shares["split"] != "all"].rename(columns={"tools": "tools_present"})
     display(figures.tool_share_chart(shares))
 
@@ -121,7 +125,7 @@ else:
 # cell; on the synthetic data they differ by construction.
 
 # %% tags=["remove-input"]
-comparison = datasets.compare_with_published(counts)
+comparison = compare_with_published(counts)
 all_match = bool(comparison["match"].all())
 glue("data_counts_match", "match" if all_match else "do not match", display=False)
 comparison

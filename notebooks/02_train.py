@@ -47,15 +47,17 @@ overwrite = False  # discard train/ (and later stages) if made with other parame
 import pandas as pd
 from myst_nb import glue
 
-from lib import datasets, figures, pipeline, stages, training
-from lib.precision import resolve as resolve_precision
+from lib.analysis import figures
+from lib.model.precision import resolve as resolve_precision
+from lib.run import data_stage, layout, parameters, pipeline
+from lib.train.loop import fit
 
 train_dir = pipeline.start_stage(
     "02_train", run_dir=run_dir, overwrite=overwrite,
-    parameters=pipeline.stage_parameters("02_train", globals()),
+    parameters=parameters.stage_parameters("02_train", globals()),
 )
-train_set = datasets.load_run_split(run_dir, "train")
-test_set = datasets.load_run_split(run_dir, "test")
+train_set = data_stage.load_run_split(run_dir, "train")
+test_set = data_stage.load_run_split(run_dir, "test")
 print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.image_size} px; "
       f"training forwards in {resolve_precision(precision, device)} (precision {precision!r})")
 
@@ -89,7 +91,7 @@ print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.
 # Cholec80's 31,477 frames).
 
 # %%
-metrics = training.fit(
+metrics = fit(
     train_set, test_set, out_dir=train_dir, epochs=epochs, batch_size=batch_size, lr=lr,
     lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
     device=device, weights_path=weights_path or None, num_workers=workers, precision=precision,
@@ -101,7 +103,7 @@ metrics.round(4)
 # ## Loss
 
 # %% mystnb={"figure": {"caption": "Training loss of every SGD step (grey) and its running mean (black).", "name": "fig-training-loss"}}
-figures.loss_curve_chart(pd.read_csv(stages.train_table(train_dir, "losses")))
+figures.loss_curve_chart(pd.read_csv(layout.train_table(train_dir, "losses")))
 
 # %% [markdown]
 # ## Accuracy and F1 per epoch
@@ -127,14 +129,14 @@ glue("train_epochs", int(last["epoch"]), display=False)
 # ## Per-class F1
 
 # %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}}
-per_class = pd.read_csv(stages.train_table(train_dir, "per_class"))
+per_class = pd.read_csv(layout.train_table(train_dir, "per_class"))
 figures.per_class_f1_chart(per_class)
 
 # %% [markdown]
 # ## Confusion matrix of the last checkpoint
 
 # %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}}
-confusion = pd.read_csv(stages.train_table(train_dir, "confusion"))
+confusion = pd.read_csv(layout.train_table(train_dir, "confusion"))
 figures.confusion_chart(confusion[confusion["epoch"] == confusion["epoch"].max()])
 
 # %% [markdown]

@@ -36,7 +36,7 @@
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # run folder with train/; this stage writes attack/
 epochs = [1, 5, 10]  # checkpoints to attack; [] for every trained epoch (paper: all 10)
-schedules = ["constant", "iteration", "exponential", "step", "loss-adaptive"]  # step-size schedules (lib.schedules)
+schedules = ["constant", "iteration", "exponential", "step", "loss-adaptive"]  # step-size schedules (lib.attack.schedules)
 lr0 = 0.008  # initial step size in [0, 1] pixel units, about 2/255 (the paper does not give it)
 max_iter = 100  # update budget per attack; no flip by then is a failure (paper: 100)
 n_per_class = 2  # correctly classified test images per class and checkpoint (paper: 50)
@@ -60,19 +60,20 @@ import pandas as pd
 from IPython.display import display
 from myst_nb import glue
 
-from lib import TOOLS, pipeline, robustness
-from lib.precision import resolve as resolve_precision
+from lib import TOOLS
+from lib.model.precision import resolve as resolve_precision
+from lib.run import attack_stage, parameters, pipeline
 
 attack_dir = pipeline.start_stage(
     "03_attack", run_dir=run_dir, overwrite=overwrite,
-    parameters=pipeline.stage_parameters("03_attack", globals()),
+    parameters=parameters.stage_parameters("03_attack", globals()),
 )
 
 # %%
-settings = robustness.settings_from_parameters(
-    pipeline.stage_parameters("03_attack", globals()))
-job = robustness.plan_job(run_dir, settings)
-robustness.save_plan(job, run_dir)
+settings = attack_stage.settings_from_parameters(
+    parameters.stage_parameters("03_attack", globals()))
+job = attack_stage.plan_job(run_dir, settings)
+attack_stage.save_plan(job, run_dir)
 main_rows = job.rows[job.rows["kind"] == "main"]
 reused = " (the sweep's lr0 equal to lr0 reuses the main rows)" if lr0 in job.settings.sweep_lr0 else ""
 print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
@@ -120,8 +121,8 @@ else:
 # resumes from its last finished chunk and a rerun gives the same numbers bit for bit.
 
 # %%
-attacked = robustness.run_chunks(job, run_dir, device=device, progress=progress)
-written = robustness.merge(job, run_dir)
+attacked = attack_stage.run_chunks(job, run_dir, device=device, progress=progress)
+written = attack_stage.merge(job, run_dir)
 
 # %% tags=["remove-input"]
 pipeline.finish_stage("03_attack", run_dir=run_dir)

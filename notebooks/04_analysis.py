@@ -44,25 +44,29 @@ import pandas as pd
 from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
-from lib import figures, io, metrics, pipeline, selection, stages, statistics
+from lib import io
+from lib.analysis import aggregates, figures, paired, statistics
+from lib.analysis.claims import ClaimRules, claims_conclusion, paper_claims, readable_claims
+from lib.attack import selection
+from lib.run import layout, manifest, parameters, pipeline, tables
 
 analysis_dir = pipeline.start_stage(
     "04_analysis", run_dir=run_dir, overwrite=overwrite,
-    parameters=pipeline.stage_parameters("04_analysis", globals()),
+    parameters=parameters.stage_parameters("04_analysis", globals()),
 )
-rules = metrics.ClaimRules(full_success=full_success, stable_within=stable_within)
-results = metrics.read_results(run_dir)
-training = metrics.read_training_metrics(run_dir)
-predictions = metrics.read_training_predictions(run_dir)
-job = io.read_json(stages.attack_file(run_dir, "job"))["settings"]
+rules = ClaimRules(full_success=full_success, stable_within=stable_within)
+results = tables.read_results(run_dir)
+training = tables.read_training_metrics(run_dir)
+predictions = tables.read_training_predictions(run_dir)
+job = io.read_json(layout.attack_file(run_dir, "job"))["settings"]
 last_epoch = int(results["epoch"].max())
-skipped = metrics.skipped_counts(results)
-order = metrics.schedule_order(results)
+skipped = aggregates.skipped_counts(results)
+order = aggregates.schedule_order(results)
 
 
 def save(table: pd.DataFrame, name: str) -> pd.DataFrame:
     """Keep an aggregated table as analysis/<name>.csv (the book offers it for download)."""
-    io.write_csv(stages.analysis_file(run_dir, name), table)
+    io.write_csv(layout.analysis_file(run_dir, name), table)
     return table
 
 
@@ -71,7 +75,7 @@ def interval_text(estimate: float, low: float, high: float, *, digits: int = 3) 
     return f"{estimate:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
 
 
-data_kind = pipeline.read_manifest(run_dir)["stages"]["01_data"]["parameters"]["dataset_kind"]
+data_kind = manifest.read_manifest(run_dir)["stages"]["01_data"]["parameters"]["dataset_kind"]
 glue("analysis_data", {"synthetic": "the synthetic dataset (drawn frames in the Cholec80 layout)",
                        "cholec80": "the Cholec80 videos",
                        "imagefolder": "an image-folder dataset"}.get(data_kind, data_kind),
@@ -119,7 +123,7 @@ glue("rule_resamples", f"{statistics.RESAMPLES:,}", display=False)
 # same checkpoints is read in the following figures.
 
 # %% mystnb={"figure": {"caption": "Accuracy and macro F1 on the test split after every training epoch, with 95 % intervals (Wilson for accuracy, bootstrap over test images for macro F1; the paper's Figure 1).", "name": "fig-accuracy-f1"}}
-accuracy = save(metrics.accuracy_f1_intervals(predictions), "accuracy_f1")
+accuracy = save(aggregates.accuracy_f1_intervals(predictions), "accuracy_f1")
 figures.accuracy_f1_chart(accuracy)
 
 # %% [markdown]
@@ -132,7 +136,7 @@ figures.accuracy_f1_chart(accuracy)
 # iterations remain.
 
 # %% mystnb={"figure": {"caption": "Share of attacks that reached their target class within the update budget, per step-size schedule and checkpoint, with 95 % Wilson intervals (the paper's Figure 2).", "name": "fig-success-rate"}}
-rates = save(metrics.success_rates(results), "success_rate")
+rates = save(aggregates.success_rates(results), "success_rate")
 figures.success_rate_chart(rates)
 
 # %% tags=["remove-input"]
@@ -155,7 +159,7 @@ rates.assign(interval=[interval_text(r.success_rate, r.success_rate_low, r.succe
 # bootstrap intervals of the mean.
 
 # %% mystnb={"figure": {"caption": "Mean L1 distance (grey levels of 1/255 per pixel value) between original and borderline images, successful attacks only, per schedule and checkpoint, with 95 % bootstrap intervals (the paper's Figure 3).", "name": "fig-l1-distance"}}
-l1 = save(metrics.mean_l1(results), "mean_l1")
+l1 = save(aggregates.mean_l1(results), "mean_l1")
 figures.l1_chart(l1)
 
 # %% tags=["remove-input"]
@@ -175,7 +179,7 @@ l1.assign(interval=[interval_text(r.mean_l1_255, r.mean_l1_255_low, r.mean_l1_25
 # reference.
 
 # %% mystnb={"figure": {"caption": "Mean paired difference of L1 (1/255) between each schedule and the reference schedule on the (image, target) pairs where both succeeded, with 95 % bootstrap intervals, per checkpoint.", "name": "fig-paired-l1"}}
-paired_l1 = save(metrics.paired_schedule_differences(results, reference=reference_schedule),
+paired_l1 = save(paired.paired_schedule_differences(results, reference=reference_schedule),
                  "paired_l1")
 figures.paired_difference_chart(
     paired_l1, title=f"L1 minus {reference_schedule}'s L1 (x 1/255), paired")
@@ -193,11 +197,11 @@ paired_l1.round(4)
 # reference schedule.
 
 # %% mystnb={"figure": {"caption": "Mean number of iterations (left; failed attacks count the full budget) and mean step size (right, in 1/255) per schedule at the last attacked checkpoint, with 95 % bootstrap intervals (the paper's Figure 4).", "name": "fig-iterations-lr"}}
-effort = save(metrics.iterations_and_lr(results), "iterations_lr")
+effort = save(aggregates.iterations_and_lr(results), "iterations_lr")
 figures.iterations_lr_chart(effort)
 
 # %%
-paired_iterations = metrics.paired_schedule_differences(
+paired_iterations = paired.paired_schedule_differences(
     results[results["epoch"] == last_epoch], reference=reference_schedule, value="iterations",
     successful_only=False, scale=1.0)
 save(paired_iterations, "paired_iterations").round(3)
@@ -215,7 +219,7 @@ save(paired_iterations, "paired_iterations").round(3)
 # attacks is a rough estimate, and an empty cell has no successful attack.
 
 # %% mystnb={"figure": {"caption": "Mean L1 (1/255) of successful attacks per source (rows) and target (columns) tool, one panel per checkpoint, with the number of attacks behind each cell; the selector chooses the schedule.", "name": "fig-class-pairs"}}
-pairs = save(metrics.class_pair_l1(results), "class_pair_l1")
+pairs = save(aggregates.class_pair_l1(results), "class_pair_l1")
 figures.class_pair_chart(pairs)
 
 # %% [markdown]
@@ -227,7 +231,7 @@ figures.class_pair_chart(pairs)
 # perturbations are far below what the eye notices in the borderline images themselves.
 
 # %% mystnb={"figure": {"caption": "Borderline images at the last checkpoint. Per row: the original, the borderline image of each schedule, then each schedule's perturbation amplified (grey = no change; one amplification per row).", "name": "fig-gallery"}}
-gallery = metrics.read_npz(run_dir, "gallery")
+gallery = tables.read_npz(run_dir, "gallery")
 if gallery is not None:
     display(figures.gallery_picture(gallery, scale=2))
 else:
@@ -240,7 +244,7 @@ else:
 # of the L1 distance of the successful attacks at the last checkpoint for every schedule.
 
 # %% mystnb={"figure": {"caption": "Distribution of the L1 distance (1/255) of successful attacks at the last checkpoint, one row per schedule.", "name": "fig-l1-histogram"}}
-histogram = save(metrics.l1_histogram(results, bins=histogram_bins), "l1_histogram")
+histogram = save(aggregates.l1_histogram(results, bins=histogram_bins), "l1_histogram")
 figures.l1_histogram_chart(histogram)
 
 # %% [markdown]
@@ -255,9 +259,9 @@ figures.l1_histogram_chart(histogram)
 # last attacked epoch, paired per image.
 
 # %% mystnb={"figure": {"caption": "L1 (1/255) of each followed image at every attacked checkpoint (thin lines, coloured by tool; the same targets at every epoch) and the mean over each checkpoint's own selection with its 95 % interval (black), one panel per schedule.", "name": "fig-per-image"}}
-attacked = pd.read_csv(stages.attack_file(run_dir, "selection"), dtype={"image_id": str})
+attacked = pd.read_csv(layout.attack_file(run_dir, "selection"), dtype={"image_id": str})
 followed = selection.followed_images(attacked)
-per_image = save(metrics.per_image_l1(results, followed["image_id"]), "per_image_l1")
+per_image = save(aggregates.per_image_l1(results, followed["image_id"]), "per_image_l1")
 if per_image.empty:
     display(Markdown("*No image was attacked, and attacked successfully, at every attacked "
                      "checkpoint: there is nothing to follow in this run.*"))
@@ -265,7 +269,7 @@ else:
     display(figures.per_image_chart(per_image, l1))
 
 # %% tags=["remove-input"]
-change = save(metrics.per_image_change(per_image), "per_image_change")
+change = save(aggregates.per_image_change(per_image), "per_image_change")
 glue("followed_images", str(len(followed)), display=False)
 glue("followed_of", str(attacked["image_id"].nunique()), display=False)
 change.round(4)
@@ -283,14 +287,14 @@ change.round(4)
 # the step size's share of the distance from the schedule's path.
 
 # %% tags=["remove-input"]
-ranking = metrics.refinement_ranking(results)
+ranking = aggregates.refinement_ranking(results)
 if ranking is None:
     display(Markdown("**No refined distances in this run**: the attack stage ran without "
                      "refinement (or wrote no `refined_l1` column), so the schedules are ranked "
                      "by path distance only."))
 else:
     save(ranking, "refined_ranking")
-    changes = save(metrics.ranking_changes(ranking), "ranking_changes")
+    changes = save(aggregates.ranking_changes(ranking), "ranking_changes")
     changed = changes.loc[changes["changed"], "epoch"].tolist()
     display(Markdown(
         f"Ordered from the smallest mean L1, the schedules rank differently once the overshoot "
@@ -298,7 +302,7 @@ else:
         + (f" (epochs {', '.join(map(str, changed))})." if changed else ".")))
     display(figures.refinement_chart(ranking))
     display(changes)
-    display(metrics.paired_schedule_differences(results, reference=reference_schedule,
+    display(paired.paired_schedule_differences(results, reference=reference_schedule,
                                                 value="refined_l1").round(4))
 
 # %% [markdown]
@@ -311,8 +315,8 @@ else:
 # the image approaches the target region.
 
 # %% mystnb={"figure": {"caption": "Mean step size (1/255), mean target loss and number of attacks still running over the iterations, at the last checkpoint.", "name": "fig-traces"}}
-traces = metrics.read_npz(run_dir, "traces")
-trace_table = save(metrics.trace_summary(traces, results), "traces_summary")
+traces = tables.read_npz(run_dir, "traces")
+trace_table = save(aggregates.trace_summary(traces, results), "traces_summary")
 figures.trace_chart(trace_table)
 
 # %% [markdown]
@@ -324,11 +328,11 @@ figures.trace_chart(trace_table)
 # cross, the ranking of the schedules depends on this free choice.
 
 # %% mystnb={"figure": {"caption": "Success rate and mean L1 (1/255) of successful attacks against the initial step size lr0, per schedule, on a subset of the images, with 95 % intervals.", "name": "fig-lr0-sensitivity"}}
-sweep = metrics.read_sweep(run_dir)
+sweep = tables.read_sweep(run_dir)
 if sweep is None:
     print("the attack stage ran without an lr0 sweep (sweep_lr0 = [])")
 else:
-    sensitivity = save(metrics.lr0_sensitivity(sweep), "lr0_sensitivity")
+    sensitivity = save(aggregates.lr0_sensitivity(sweep), "lr0_sensitivity")
     display(figures.lr0_sensitivity_chart(sensitivity))
 
 # %% [markdown]
@@ -354,9 +358,9 @@ else:
 # The levels are parameters of this chapter (`full_success`, `stable_within`).
 
 # %% tags=["remove-input"]
-claims = save(metrics.paper_claims(results, predictions, rules=rules), "paper_claims")
+claims = save(paper_claims(results, predictions, rules=rules), "paper_claims")
 # to_html writes every cell in full (a DataFrame's own display cuts text at 50 characters)
-display(HTML(metrics.readable_claims(claims).to_html(index=False)))
+display(HTML(readable_claims(claims).to_html(index=False)))
 
 # %% [markdown]
 # ## What the run says
@@ -364,7 +368,7 @@ display(HTML(metrics.readable_claims(claims).to_html(index=False)))
 # The paragraph below is written from the verdicts of the table above when the chapter runs.
 
 # %% tags=["remove-input"]
-display(Markdown(metrics.claims_conclusion(claims)))
+display(Markdown(claims_conclusion(claims)))
 
 # %% tags=["remove-input"]
 save(skipped, "skipped")

@@ -48,7 +48,7 @@ run_dir = "data/runs/default"  # run folder with attack/; this stage writes mini
 epochs = []  # checkpoints to compare; [] for the last attacked one
 n_pairs = 6  # (image, target) pairs per checkpoint: the first ones in the attack stage's order
 steps = [100, 1000]  # step budgets of every reference attack (100 matches our max_iter)
-attacks = ["fmn_l1", "alma_l1", "pdpgd_l1", "fmn_linf"]  # reference attacks (lib.minimality)
+attacks = ["fmn_l1", "alma_l1", "pdpgd_l1", "fmn_linf"]  # reference attacks (lib.attack.reference)
 batch_size = 64  # pairs per reference-attack batch
 seed = 0  # seeds the reference attacks' random initialisations
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
@@ -57,11 +57,13 @@ overwrite = False  # discard minimality/ if made with other parameters
 # %% tags=["remove-input"]
 from myst_nb import glue
 
-from lib import io, minimality, pipeline, stages
+from lib import io
+from lib.analysis import minimality
+from lib.run import layout, minimality_stage, parameters, pipeline
 
 pipeline.start_stage(
     "05_minimality", run_dir=run_dir, overwrite=overwrite,
-    parameters=pipeline.stage_parameters("05_minimality", globals()),
+    parameters=parameters.stage_parameters("05_minimality", globals()),
 )
 print(f"checkpoints {list(epochs) or 'the last attacked'}, {n_pairs} pairs each, "
       f"reference budgets {list(steps)} steps")
@@ -75,7 +77,7 @@ print(f"checkpoints {list(epochs) or 'the last attacked'}, {n_pairs} pairs each,
 
 # %%
 # Attack times differ from run to run, so they go to timings.csv, apart from the results.
-tables = minimality.reference_tables(
+tables = minimality_stage.reference_tables(
     run_dir, epochs=epochs, n_pairs=n_pairs, steps=steps, attacks=attacks, device=device,
     batch_size=batch_size, seed=seed,
 )
@@ -98,14 +100,14 @@ best = minimality.best_per_sample(reference, ours, on=["epoch", "image_id", "tar
 ratios = minimality.l1_ratio_table(ours, best)
 optimality = minimality.optimality_table(ours, best)
 table = ratios.merge(optimality, on=["schedule", "epoch"], suffixes=("", "_opt"))
-io.write_csv(stages.minimality_file(run_dir, "ratios"), table)
+io.write_csv(layout.minimality_file(run_dir, "ratios"), table)
 pipeline.finish_stage("05_minimality", run_dir=run_dir)  # after its last file
 table.round(3)
 
 # %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 with its 95 % bootstrap interval, per checkpoint, on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}}
-from lib import figures, metrics
+from lib.analysis import figures, minimality
 
-intervals = metrics.minimality_intervals(ours, best)
+intervals = minimality.minimality_intervals(ours, best)
 figures.minimality_ratio_chart(intervals)
 
 # %% mystnb={"figure": {"caption": "AttackBench's optimality score of each schedule against the best-known distances (1: as small as the best known on every pair), with its 95 % bootstrap interval over the pairs.", "name": "fig-minimality-optimality"}}

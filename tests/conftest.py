@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import pipeline
+from lib.run import pipeline
 
 
 def tiny_overrides(root: Path) -> dict[str, object]:

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib import attack as engine
-from lib import precision, schedules
+from lib.attack import api, engine, schedules
+from lib.attack.results import MODES, AttackResult, AttackRow
 from lib.errors import ParameterError
+from lib.model import precision
 
 SCHEDULE_NAMES = sorted(schedules.SCHEDULES)
 NUM_CLASSES = 7
@@ -118,11 +119,11 @@ def assert_matches_reference(result, reference):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-@pytest.mark.parametrize("mode", engine.MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
 def test_engine_equals_the_per_image_reference_loop(schedule, mode, batch_size):
     model, images, sources, targets = problem()
-    result = engine.attack(
+    result = api.attack(
         model,
         images,
         targets,
@@ -137,7 +138,7 @@ def test_engine_equals_the_per_image_reference_loop(schedule, mode, batch_size):
     assert_matches_reference(result, reference_results(schedule, mode))
 
 
-@pytest.mark.parametrize("mode", engine.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_the_reference_problem_has_varied_finish_times(mode):
     iterations = [r[1] for s in SCHEDULE_NAMES for r in reference_results(s, mode)]
     successes = [r[0] for s in SCHEDULE_NAMES for r in reference_results(s, mode)]
@@ -149,7 +150,7 @@ def mixed_rows(mode):
     """Every (image, schedule) pair, interleaved so that one batch mixes schedules."""
     _, _, sources, targets = problem()
     rows = [
-        engine.AttackRow(
+        AttackRow(
             row_id=1000 + 10 * k + s,
             image=k,
             source=sources[k].item(),
@@ -162,12 +163,12 @@ def mixed_rows(mode):
     return rows
 
 
-@pytest.mark.parametrize("mode", engine.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_a_stream_mixing_schedules_equals_the_reference(mode):
     model, images, _, _ = problem()
     rows = mixed_rows(mode)
     chunks = list(
-        engine.iter_attack_rows(
+        api.iter_attack_rows(
             model,
             images,
             rows,
@@ -180,7 +181,7 @@ def test_a_stream_mixing_schedules_equals_the_reference(mode):
         )
     )
     assert len(chunks) > 1
-    result = engine.AttackResult.concat(chunks).sorted()
+    result = AttackResult.concat(chunks).sorted()
     assert result.row_id.tolist() == sorted(r.row_id for r in rows)
     for s, name in enumerate(SCHEDULE_NAMES):
         mine = result.take(torch.arange(s, len(rows), len(SCHEDULE_NAMES)))
@@ -190,7 +191,7 @@ def test_a_stream_mixing_schedules_equals_the_reference(mode):
 def test_streamed_results_without_images_and_as_a_frame():
     model, images, _, _ = problem()
     rows = pd.DataFrame(mixed_rows("targeted"))
-    result = engine.attack_rows(
+    result = api.attack_rows(
         model, images, rows, lr0=0.01, max_iter=MAX_ITER, batch_size=16, dtype=torch.float64
     )
     assert result.borderline is None
@@ -205,7 +206,7 @@ def test_a_chunk_rerun_from_scratch_is_bit_identical_in_float32():
     _, images, _, _ = problem()
     rows = mixed_rows("targeted")[17:61]
     runs = [
-        engine.attack_rows(
+        api.attack_rows(
             model, images.float(), rows, lr0=0.01, max_iter=MAX_ITER, batch_size=6, keep_images=True
         )
         for _ in range(2)
@@ -221,7 +222,7 @@ def test_a_chunk_rerun_from_scratch_is_bit_identical_in_float32():
 def test_the_callers_tensors_are_left_unchanged():
     model, images, sources, targets = problem()
     inputs = [t.clone() for t in (images, sources, targets)]
-    engine.attack(
+    api.attack(
         model,
         images,
         targets,
@@ -243,8 +244,8 @@ def test_uint8_pool_is_read_as_pixel_values_over_255():
         sources = model(pool8.double() / 255).argmax(1)
     rows = [(k, k, sources[k].item(), (sources[k].item() + 3) % 7, "constant") for k in range(4)]
     options = dict(lr0=0.01, max_iter=MAX_ITER, dtype=torch.float64, keep_images=True)
-    from_uint8 = engine.attack_rows(model, pool8, rows, **options)
-    from_float = engine.attack_rows(model, pool8.double() / 255, rows, **options)
+    from_uint8 = api.attack_rows(model, pool8, rows, **options)
+    from_float = api.attack_rows(model, pool8.double() / 255, rows, **options)
     assert torch.equal(from_uint8.iterations, from_float.iterations)
     assert torch.equal(from_uint8.borderline, from_float.borderline)
 
@@ -289,7 +290,7 @@ def test_linear_model_stops_at_the_first_iterate_past_the_boundary(schedule):
     with torch.no_grad():
         sources = model(images).argmax(1)
     targets = 1 - sources
-    result = engine.attack(
+    result = api.attack(
         model,
         images,
         targets,
@@ -336,7 +337,7 @@ def test_failures_use_the_whole_budget():
     model, images = two_class_linear(seed=3)
     with torch.no_grad():
         sources = model(images).argmax(1)
-    result = engine.attack(
+    result = api.attack(
         model,
         images,
         1 - sources,
@@ -357,7 +358,7 @@ def test_failures_use_the_whole_budget():
 
 def test_images_stay_in_the_unit_cube_with_large_steps():
     model, images, sources, targets = problem()
-    result = engine.attack(
+    result = api.attack(
         model,
         images,
         targets,
@@ -378,7 +379,7 @@ def test_a_sample_already_in_the_target_class_costs_zero_updates():
     model, images, sources, targets = problem()
     aimed = targets.clone()
     aimed[::4] = sources[::4]  # targeted at what the model already says
-    result = engine.attack(
+    result = api.attack(
         model,
         images,
         aimed,
@@ -399,7 +400,7 @@ def test_a_sample_already_in_the_target_class_costs_zero_updates():
 
 def test_untargeted_leaves_the_source_and_reports_the_new_class():
     model, images, sources, _ = problem()
-    result = engine.attack(
+    result = api.attack(
         model,
         images,
         None,
@@ -415,7 +416,7 @@ def test_untargeted_leaves_the_source_and_reports_the_new_class():
     assert (result.final_class[~ok] == sources[~ok]).all()
     wrong = sources.clone()
     wrong[0] = (sources[0] + 1) % NUM_CLASSES  # the model does not say this source: flipped
-    result = engine.attack(
+    result = api.attack(
         model,
         images,
         None,
@@ -462,11 +463,11 @@ def test_nonfinite_logits_fail_one_sample_and_leave_the_others_alone():
         sources = model(images).argmax(1)
     rows = [(k, k, sources[k].item(), 1 - sources[k].item(), "constant") for k in range(24)]
     options = dict(lr0=0.02, max_iter=60, batch_size=4, dtype=torch.float64, keep_images=True)
-    clean = engine.attack_rows(model, images, rows, **options)
+    clean = api.attack_rows(model, images, rows, **options)
     poisoned_images = images.clone()
     poisoned_images[5, 2, 0, 0] = 0.75
     poisoned_images[11, 2, 0, 0] = 1.0
-    poisoned = engine.attack_rows(model, poisoned_images, rows, **options)
+    poisoned = api.attack_rows(model, poisoned_images, rows, **options)
     assert poisoned.status[5] == poisoned.status[11] == "nonfinite"
     assert not poisoned.success[5] and not poisoned.success[11]
     assert poisoned.iterations[5] == 0 and poisoned.iterations[11] == 1
@@ -500,7 +501,7 @@ def test_weights_are_frozen_during_the_attack_and_restored_after():
     before = [p.requires_grad for p in model.parameters()]
     _, images, sources, targets = problem()
     with torch.no_grad():  # the engine computes input gradients even here
-        result = engine.attack(
+        result = api.attack(
             model,
             images[:5],
             targets[:5],
@@ -549,8 +550,8 @@ def test_refinement_finds_the_boundary_within_the_tolerance(tolerance):
     targets = 1 - sources
     options = dict(sources=sources, schedule="constant", lr0=0.02, max_iter=60, batch_size=5,
                    dtype=torch.float64)
-    plain = engine.attack(model, images, targets, **options)
-    result = engine.attack(model, images, targets, refine_tolerance=tolerance, **options)
+    plain = api.attack(model, images, targets, **options)
+    result = api.attack(model, images, targets, refine_tolerance=tolerance, **options)
     assert result.success.all()
     # the path results are untouched by the refinement
     for name in ("iterations", "l1", "l2", "linf", "borderline", "target_prob"):
@@ -580,7 +581,7 @@ def test_refinement_finds_the_boundary_within_the_tolerance(tolerance):
 
 def test_refined_distances_never_exceed_the_path_distances_on_a_cnn():
     model, images, sources, targets = problem()
-    result = engine.attack(
+    result = api.attack(
         model, images, targets, sources=sources, schedule="loss-adaptive", lr0=0.01,
         max_iter=MAX_ITER, batch_size=7, dtype=torch.float64, refine_tolerance=1e-4,
     )
@@ -643,10 +644,10 @@ def test_a_low_precision_crossing_counts_only_when_float32_confirms_it(case):
         sources = probe(images).argmax(1)
     image = images[(sources == 0).nonzero()[0]]  # attacked toward class 1
     options = dict(schedule="constant", lr0=0.01, batch_size=1, sources=torch.tensor([0]))
-    reference = engine.attack(probe, image, torch.tensor([1]), max_iter=60, **options)
+    reference = api.attack(probe, image, torch.tensor([1]), max_iter=60, **options)
     k = reference.iterations.item()
     assert reference.success.item() and k >= 2
-    before = [engine.attack(probe, image, torch.tensor([1]), max_iter=m, **options).borderline
+    before = [api.attack(probe, image, torch.tensor([1]), max_iter=m, **options).borderline
               for m in (k - 2, k - 1)]
     gaps = gap_to_class_1(probe, torch.cat(before + [reference.borderline]))
     assert gaps[0] > gaps[1] > 0 > gaps[2]
@@ -664,7 +665,7 @@ def test_a_low_precision_crossing_counts_only_when_float32_confirms_it(case):
     else:
         assert at_k.argmax().item() == 0  # bfloat16 does not call x_k crossed
     model.calls.clear()
-    result = engine.attack(model, image, torch.tensor([1]), max_iter=60, precision="bfloat16",
+    result = api.attack(model, image, torch.tensor([1]), max_iter=60, precision="bfloat16",
                            **options)
     assert (True, True) in model.calls and (False, False) in model.calls
     assert result.iterations.item() == k and result.success.item()
@@ -678,7 +679,7 @@ def test_bfloat16_on_a_small_cnn_reports_only_float32_successes():
     model = small_cnn(torch.float32)
     _, images, sources, targets = problem()
     images, sources, targets = images[:6].float(), sources[:6], targets[:6]
-    result = engine.attack(model, images, targets, sources=sources, schedule="constant",
+    result = api.attack(model, images, targets, sources=sources, schedule="constant",
                            lr0=0.01, max_iter=MAX_ITER, batch_size=6, precision="bfloat16",
                            refine_tolerance=1e-3)
     assert result.success.sum() >= 3
@@ -698,9 +699,9 @@ def test_auto_precision_follows_the_capability_check(monkeypatch):
     _, images, sources, targets = problem()
     images, sources, targets = images[:4].float(), sources[:4], targets[:4]
     options = dict(sources=sources, schedule="constant", lr0=0.01, max_iter=5)
-    plain = engine.attack(model, images, targets, **options)
+    plain = api.attack(model, images, targets, **options)
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device: False)
-    auto = engine.attack(model, images, targets, precision="auto", **options)
+    auto = api.attack(model, images, targets, precision="auto", **options)
     assert torch.equal(auto.borderline, plain.borderline)
     assert torch.equal(auto.loss_trace.nan_to_num(), plain.loss_trace.nan_to_num())
     seen = []
@@ -709,7 +710,7 @@ def test_auto_precision_follows_the_capability_check(monkeypatch):
     monkeypatch.setattr(precision, "forward",
                         lambda m, x, *, precision: seen.append(precision) or forward(
                             m, x, precision=precision))
-    engine.attack(model, images, targets, precision="auto", **options)
+    api.attack(model, images, targets, precision="auto", **options)
     assert set(seen) == {"bfloat16"}
 
 
@@ -729,14 +730,14 @@ def call_attack(**changes):
         dtype=torch.float64,
     )
     arguments.update(changes)
-    return engine.attack(**arguments)
+    return api.attack(**arguments)
 
 
 def call_rows(rows, pool=None, **changes):
     model, images, _, _ = problem()
     arguments = dict(lr0=0.01, max_iter=5, dtype=torch.float64)
     arguments.update(changes)
-    return engine.iter_attack_rows(model, images if pool is None else pool, rows, **arguments)
+    return api.iter_attack_rows(model, images if pool is None else pool, rows, **arguments)
 
 
 _, _IMAGES, _SOURCES, _TARGETS = problem()

@@ -1,6 +1,6 @@
 """The bad-input matrix (tests/bad_inputs.yaml): every bad input stops with a clear error.
 
-Each case runs the stage command (``python -m lib.pipeline run``) in a folder of its own that
+Each case runs the stage command (``python -m lib.run.pipeline run``) in a folder of its own that
 holds the run folder, the dataset and the frame cache: its ``main()`` in this process, whose
 exit status and standard error are what the command gives. The command must exit non-zero,
 print a message that names the input and the fix, and leave every file of that folder
@@ -25,9 +25,11 @@ import pytest
 import torch
 import yaml
 
-from lib import TOOLS, book, checks, io, pipeline, robustness
+from lib import TOOLS, io
 from lib.errors import BorderlineError
-from lib.model import build_model, load_checkpoint, save_checkpoint
+from lib.model.checkpoints import build_model, load_checkpoint, save_checkpoint
+from lib.run import attack_stage, book, checks, layout, parameters, pipeline
+from lib.run.manifest import read_manifest
 
 CASES = book.bad_input_cases()
 PATH_PARAMETERS = ("run_dir", "dataset_root", "cache_dir")
@@ -69,7 +71,7 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def _first_checkpoint(root: Path) -> Path:
-    return robustness.checkpoint_path(root / "run", 1)
+    return layout.checkpoint_path(root / "run", 1)
 
 
 def _checkpoint_truncated(root: Path, valid: Path) -> None:
@@ -162,7 +164,7 @@ def _data_run(root: Path, valid: Path) -> None:
     """The valid run folder as it was after the data stage: no train/, no 02_train record."""
     (root / "run").mkdir()
     _link_copy(valid / "run" / "data", root / "run" / "data")
-    manifest = pipeline.read_manifest(valid / "run")
+    manifest = read_manifest(valid / "run")
     manifest["stages"] = {"01_data": manifest["stages"]["01_data"]}
     io.write_json(root / "run" / "manifest.json", manifest)
 
@@ -235,14 +237,14 @@ def _value(text: str, root: Path) -> str:
 
 def command(case: dict, root: Path) -> list[str]:
     """The stage command of ``case``, with its files pointed into ``root``."""
-    args = [sys.executable, "-m", "lib.pipeline", "run", "--profile",
+    args = [sys.executable, "-m", "lib.run.pipeline", "run", "--profile",
             case.get("profile", "tiny"), "--no-progress"]
     stage = case.get("stage")
     if stage:
         args += ["--stage", stage]
     params = {name: _value(str(v), root) for name, v in (case.get("params") or {}).items()}
-    if stage in pipeline.STAGES:
-        defaults = pipeline.notebook_defaults(stage)
+    if stage in layout.STAGES:
+        defaults = parameters.notebook_defaults(stage)
         for name, value in _path_overrides(root).items():
             if name in defaults and name not in params:
                 params[name] = value
@@ -254,10 +256,10 @@ def command(case: dict, root: Path) -> list[str]:
 def _plan_attack(case: dict, root: Path) -> Any:
     """The attack stage's selection with the case's parameters, after its pre-flight."""
     typed = {k: yaml.safe_load(v) for k, v in (case.get("params") or {}).items()}  # as -p
-    params = {**pipeline.load_profile("tiny")["03_attack"], "run_dir": str(root / "run"), **typed}
+    params = {**parameters.load_profile("tiny")["03_attack"], "run_dir": str(root / "run"), **typed}
     values = checks.complete_parameters("03_attack", params)
     checks.check_stage("03_attack", values)  # the pre-flight lets it through
-    job = robustness.plan_job(values["run_dir"], checks.attack_settings_of(values))
+    job = attack_stage.plan_job(values["run_dir"], checks.attack_settings_of(values))
     return job.selection
 
 
@@ -306,7 +308,7 @@ SUBPROCESS_CASES = [c for c in COMMAND_CASES if c["id"] in SUBPROCESS_IDS]
 
 
 def _in_process(args: list[str]) -> tuple[int, str]:
-    """``python -m lib.pipeline ...`` as ``main()`` in this process: (exit status, stderr)."""
+    """``python -m lib.run.pipeline ...`` as ``main()`` in this process: (exit status, stderr)."""
     stderr = text_io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(text_io.StringIO()):
         try:
@@ -329,9 +331,9 @@ def _assert_refused(case: dict, root: Path, status: int, stderr: str, before: di
 def test_stage_command_refuses_bad_input(case: dict, case_root: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     before = snapshot(case_root)
-    monkeypatch.chdir(pipeline.REPO)
+    monkeypatch.chdir(layout.REPO)
     args = command(case, case_root)
-    assert args[1:3] == ["-m", "lib.pipeline"]
+    assert args[1:3] == ["-m", "lib.run.pipeline"]
     status, stderr = _in_process(args[3:])
     _assert_refused(case, case_root, status, stderr, before)
 
@@ -342,7 +344,7 @@ def test_stage_command_refuses_bad_input(case: dict, case_root: Path,
 def test_stage_command_line_refuses_bad_input(case: dict, case_root: Path) -> None:
     before = snapshot(case_root)
     completed = subprocess.run(command(case, case_root), capture_output=True, text=True,
-                               cwd=pipeline.REPO, timeout=300)
+                               cwd=layout.REPO, timeout=300)
     _assert_refused(case, case_root, completed.returncode, completed.stderr, before)
 
 
@@ -394,8 +396,8 @@ TYPE_ONLY = {("03_attack", "overwrite"),
 
 def test_every_notebook_parameter_has_a_case() -> None:
     covered = {case["input"] for case in CASES}
-    for stage in pipeline.STAGES:
-        for name in pipeline.notebook_defaults(stage):
+    for stage in layout.STAGES:
+        for name in parameters.notebook_defaults(stage):
             if (stage, name) in TYPE_ONLY:
                 continue
             wanted = FILE_PARAMETERS.get((stage, name), f"{stage}: {name}")
@@ -412,7 +414,7 @@ def test_book_table_has_one_row_per_case() -> None:
 
 def test_start_stage_checks_before_it_writes(tmp_path: Path) -> None:
     # papermill run directly: the notebook's start_stage refuses before creating the run folder
-    params = {**pipeline.notebook_defaults("01_data"), "image_size": 32}
+    params = {**parameters.notebook_defaults("01_data"), "image_size": 32}
     with pytest.raises(BorderlineError, match="choose image_size >= 63"):
         pipeline.start_stage("01_data", run_dir=tmp_path / "run", parameters=params)
     assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib import attack as engine
+from lib.attack import api
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attack.py"
 
@@ -102,7 +102,7 @@ def test_the_plain_loop_attacks_exactly_like_the_engine_in_float64(bench, batch_
     finished = [f for _, done in bench.plain_loop(model, pool, rows, lr0=0.02, max_iter=15,
                                                   batch_size=batch_size) for f in done]
     plain = sorted(finished)
-    result = engine.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, batch_size=7,
+    result = api.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, batch_size=7,
                                 dtype=torch.float64)
     assert [r[0] for r in plain] == result.row_id.tolist()
     assert [r[1] for r in plain] == result.success.tolist()
@@ -114,7 +114,7 @@ def test_the_plain_loop_counts_one_sample_iteration_per_row_and_pass(bench):
     model, pool = tiny_problem()
     rows = bench.make_rows(model, pool)[:30]
     steps = list(bench.plain_loop(model, pool, rows, lr0=0.02, max_iter=15, batch_size=8))
-    result = engine.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, dtype=torch.float64)
+    result = api.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, dtype=torch.float64)
     assert sum(s[0] for s in steps) == int(result.iterations.sum()) + len(rows)
     assert all(s[0] <= 8 for s in steps)
 
@@ -128,7 +128,7 @@ def test_flops_of_a_linear_model_are_forward_plus_input_gradient(bench):
 
 
 def test_flops_of_alexnet_at_64_px(bench):
-    from lib.model import build_model
+    from lib.model.checkpoints import build_model
 
     flops = bench.flops_per_sample_iteration(build_model().eval(), torch.rand(1, 3, 64, 64))
     # convolutions 2 x 39.5 MFLOP, fully connected 2 x 54.6 MFLOP (torchvision AlexNet, 7 classes)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import book, pipeline
+from lib.run import book, layout
 from tests.chromium import console_errors, render_offline
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -22,8 +22,8 @@ def built_book(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """Our book sources in a temporary folder, with the tiny run's executed notebooks."""
     root = tmp_path_factory.mktemp("book")
     for name in ("_config.yml", "_toc.yml"):
-        shutil.copyfile(pipeline.REPO / name, root / name)
-    shutil.copytree(pipeline.REPO / "book", root / "book",
+        shutil.copyfile(layout.REPO / name, root / name)
+    shutil.copytree(layout.REPO / "book", root / "book",
                     ignore=shutil.ignore_patterns("executed"))
     book.prepare_book("tiny", run_dir=tiny_run, book_root=root)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
@@ -36,7 +36,7 @@ def built_book(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_every_chapter_is_built(built_book: Path) -> None:
-    pages = [built_book / "book" / "executed" / f"{s}.html" for s in pipeline.STAGES]
+    pages = [built_book / "book" / "executed" / f"{s}.html" for s in layout.STAGES]
     pages += [built_book / "book" / f"{p}.html" for p in ("index", "method", "reproduce", "api")]
     assert [p.name for p in pages if not p.exists()] == []
 

@@ -12,7 +12,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from lib import book, pipeline
+from lib.run import book, layout
 from tests.chromium import console_errors, render_offline
 
 pytestmark = pytest.mark.browser
@@ -30,9 +30,9 @@ alt.Chart(pd.DataFrame({"epoch": [1, 2, 3], "accuracy": [0.5, 0.7, 0.8]})).mark_
 def chart_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-page book configured exactly like ours, whose page holds an executed chart."""
     root = tmp_path_factory.mktemp("chartbook")
-    shutil.copyfile(pipeline.REPO / "_config.yml", root / "_config.yml")
+    shutil.copyfile(layout.REPO / "_config.yml", root / "_config.yml")
     (root / "book").mkdir()
-    shutil.copyfile(pipeline.REPO / "book" / "references.bib", root / "book" / "references.bib")
+    shutil.copyfile(layout.REPO / "book" / "references.bib", root / "book" / "references.bib")
     (root / "_toc.yml").write_text("format: jb-book\nroot: page\n")
     notebook = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell("# A chart"),

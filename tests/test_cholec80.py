@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import TOOLS, cholec80
-from lib.datasets import load_cholec80
+from lib import TOOLS
+from lib.data import cholec80
+from lib.data.datasets import load_cholec80
 from lib.errors import DatasetError
 
 BLOCK = 16  # grey levels 8, 24, ..., 248: two base-16 digits survive YUV rounding exactly

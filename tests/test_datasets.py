@@ -10,8 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import TOOLS, cholec80, datasets, synthetic
+from lib import TOOLS
+from lib.data import cache as frame_cache
+from lib.data import cholec80, datasets, scene, synthetic
+from lib.data.cache import FrameCacheError, MappedFrames, cache_folder
+from lib.data.counts import (
+    PUBLISHED_COUNTS,
+    PUBLISHED_TOOLS_PER_FRAME,
+    PUBLISHED_TOTALS,
+    class_counts,
+    compare_with_published,
+    tools_per_frame,
+)
+from lib.data.frames import INDEX_COLUMNS, FrameSet
 from lib.errors import DatasetError, ParameterError, RunFolderError
+from lib.run import data_stage
 
 SECONDS = 8
 SEED = 3  # every video has single-tool frames (4, 3, 5 and 3)
@@ -37,7 +50,7 @@ def ground_truth(video_ids) -> tuple[np.ndarray, np.ndarray]:
     per_class = np.zeros(len(TOOLS), dtype=int)
     present = []
     for video_id in video_ids:
-        flags = synthetic.plan_annotations(video_id, seconds=SECONDS, seed=SEED)[list(TOOLS)]
+        flags = scene.plan_annotations(video_id, seconds=SECONDS, seed=SEED)[list(TOOLS)]
         flags = flags.to_numpy()
         per_class += flags[flags.sum(axis=1) == 1].sum(axis=0)
         present.append(flags.sum(axis=1))
@@ -51,7 +64,7 @@ def load(root, cache_dir, **options):
 
 def test_counts_equal_the_generators_ground_truth(synthetic_root, tmp_path):
     splits = load(synthetic_root, tmp_path / "cache")
-    counts = datasets.class_counts(splits)
+    counts = class_counts(splits)
     assert list(counts.columns) == ["split", "tool", "frames"]
     assert counts["tool"].tolist() == list(TOOLS) * 2
     for split, ids in (("train", [1, 2]), ("test", [41, 42])):
@@ -66,7 +79,7 @@ def test_counts_equal_the_generators_ground_truth(synthetic_root, tmp_path):
 
 def test_index_rows_name_video_and_frame(synthetic_root, tmp_path):
     train = load(synthetic_root, tmp_path / "cache")["train"]
-    table = synthetic.plan_annotations(1, seconds=SECONDS, seed=SEED)
+    table = scene.plan_annotations(1, seconds=SECONDS, seed=SEED)
     single = cholec80.single_tool_frames(table)
     rows = train.index[train.index["source"] == "video01"]
     assert rows["frame"].tolist() == single["frame"].tolist()
@@ -76,7 +89,7 @@ def test_index_rows_name_video_and_frame(synthetic_root, tmp_path):
 
 
 def test_tools_per_frame(synthetic_root):
-    shares = datasets.tools_per_frame(synthetic_root)
+    shares = tools_per_frame(synthetic_root)
     for split, ids in (("train", [1, 2]), ("test", [41, 42]), ("all", [1, 2, 41, 42])):
         _, present = ground_truth(ids)
         rows = shares[shares["split"] == split].set_index("tools")
@@ -128,7 +141,7 @@ def test_cache_is_reused(synthetic_root, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = load(synthetic_root, cache, workers=2)  # decoded in two processes
     assert first["train"].meta["decoded_videos"] == ["video01", "video02", "video41", "video42"]
-    folder = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16)
+    folder = cache_folder(synthetic_root, cache_dir=cache, image_size=16)
     assert sorted(p.name for p in folder.iterdir()) == [
         f"video{n:02d}.{suffix}" for n in (1, 2, 41, 42) for suffix in ("json", "npy")
     ]
@@ -136,7 +149,7 @@ def test_cache_is_reused(synthetic_root, tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although the cache is current")
 
-    monkeypatch.setattr(cholec80, "decode_into_cache", no_decoding)
+    monkeypatch.setattr(frame_cache, "decode_into_cache", no_decoding)
     second = load(synthetic_root, cache)
     assert second["train"].meta["decoded_videos"] == []
     for split in datasets.SPLITS:
@@ -195,11 +208,11 @@ def reference_split(root: Path, video_ids, image_size: int) -> tuple[np.ndarray,
 
 def test_mapped_split_equals_decoding_in_memory(synthetic_root, tmp_path):
     splits = load(synthetic_root, tmp_path / "cache")
-    datasets.write_run_data(tmp_path / "run", splits)
+    data_stage.write_run_data(tmp_path / "run", splits)
     for split, ids in (("train", {1, 2}), ("test", {41, 42})):
         images, labels = reference_split(synthetic_root, ids, 16)
-        rebuilt = datasets.load_run_split(tmp_path / "run", split)
-        assert isinstance(rebuilt.images.sources[0], cholec80.MappedFrames)
+        rebuilt = data_stage.load_run_split(tmp_path / "run", split)
+        assert isinstance(rebuilt.images.sources[0], MappedFrames)
         assert np.array_equal(rebuilt.images.numpy(), images)
         assert np.array_equal(rebuilt.labels.numpy(), labels)
         for i in (0, len(labels) - 1):
@@ -220,15 +233,15 @@ def test_mapped_frames_pickle_as_their_path(synthetic_root, tmp_path):
 def test_old_npz_cache_is_rebuilt_with_a_message(synthetic_root, tmp_path, capsys):
     cache = tmp_path / "cache"
     first = load(synthetic_root, cache)
-    folder = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16)
+    folder = cache_folder(synthetic_root, cache_dir=cache, image_size=16)
     for n in (1, 41):  # the earlier format: one .npz per video, no .npy, no .json
         (folder / f"video{n:02d}.npy").unlink()
         (folder / f"video{n:02d}.json").unlink()
         np.savez(folder / f"video{n:02d}.npz", frames=np.arange(3),
                  images=np.zeros((3, 3, 16, 16), np.uint8))
-    datasets.write_run_data(tmp_path / "run", first)
+    data_stage.write_run_data(tmp_path / "run", first)
     with pytest.raises(RunFolderError, match=r"old \.npz format.*Run the data stage"):
-        datasets.load_run_split(tmp_path / "run", "test")
+        data_stage.load_run_split(tmp_path / "run", "test")
     capsys.readouterr()
     again = load(synthetic_root, cache)
     message = capsys.readouterr().err
@@ -243,42 +256,42 @@ def test_old_npz_cache_is_rebuilt_with_a_message(synthetic_root, tmp_path, capsy
 def test_truncated_cache_is_a_clear_error_then_rebuilt(synthetic_root, tmp_path, capsys):
     cache = tmp_path / "cache"
     first = load(synthetic_root, cache)
-    datasets.write_run_data(tmp_path / "run", first)
-    path = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16) / "video42.npy"
+    data_stage.write_run_data(tmp_path / "run", first)
+    path = cache_folder(synthetic_root, cache_dir=cache, image_size=16) / "video42.npy"
     whole = path.stat().st_size
     with open(path, "r+b") as handle:
         handle.truncate(whole - 100)
     with pytest.raises(RunFolderError, match=rf"video42\.npy: truncated frame cache: {whole - 100} "
                        rf"bytes.*\({whole} bytes\)"):
-        datasets.load_run_split(tmp_path / "run", "test")
+        data_stage.load_run_split(tmp_path / "run", "test")
     capsys.readouterr()
     again = load(synthetic_root, cache)
     assert again["test"].meta["decoded_videos"] == ["video42"]
     assert "truncated frame cache" in capsys.readouterr().err
     assert path.stat().st_size == whole
-    assert torch.equal(datasets.load_run_split(tmp_path / "run", "test").images[:],
+    assert torch.equal(data_stage.load_run_split(tmp_path / "run", "test").images[:],
                        first["test"].images[:])
 
 
 def test_failed_rebuild_leaves_no_partial_cache(synthetic_root, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     load(synthetic_root, cache)
-    folder = datasets.cache_folder(synthetic_root, cache_dir=cache, image_size=16)
+    folder = cache_folder(synthetic_root, cache_dir=cache, image_size=16)
     (folder / "video02.npy").write_bytes((folder / "video02.npy").read_bytes()[:200])
 
     def fails_half_way(handle, array, **kwargs):
         handle.write(b"\x93NUMPY partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(cholec80.np, "save", fails_half_way)
+    monkeypatch.setattr(frame_cache.np, "save", fails_half_way)
     with pytest.raises(OSError, match="disk full"):
         load(synthetic_root, cache, workers=1)
     names = sorted(p.name for p in folder.iterdir())
     assert "video02.json" not in names  # no entry that looks current
     assert [n for n in names if n.startswith(".")] == []  # no temporary file
     assert (folder / "video02.npy").stat().st_size == 200  # untouched: still refused
-    with pytest.raises(cholec80.FrameCacheError, match="truncated"):
-        cholec80.MappedFrames(folder / "video02.npy")
+    with pytest.raises(FrameCacheError, match="truncated"):
+        MappedFrames(folder / "video02.npy")
 
 
 def test_frame_set_checks_its_parts():
@@ -286,9 +299,9 @@ def test_frame_set_checks_its_parts():
         {"image_id": ["a"], "split": ["train"], "source": ["a"], "frame": [-1], "label": [7]}
     )
     with pytest.raises(ValueError, match="labels"):
-        datasets.FrameSet(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), [7], index)
+        FrameSet(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), [7], index)
     with pytest.raises(ValueError, match="uint8"):
-        datasets.FrameSet(torch.zeros(1, 3, 4, 4), [0], index.assign(label=[0]))
+        FrameSet(torch.zeros(1, 3, 4, 4), [0], index.assign(label=[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +325,7 @@ def test_image_folder(tmp_path):
     root = make_image_folder(tmp_path / "images")
     (root / "train" / "Hook" / "notes.txt").write_text("not an image")
     splits = datasets.load_image_folder(root, image_size=8, progress=False)
-    counts = datasets.class_counts(splits).set_index(["split", "tool"])["frames"]
+    counts = class_counts(splits).set_index(["split", "tool"])["frames"]
     assert counts[("train", "Hook")] == 3 and counts[("test", "Grasper")] == 2
     assert counts[("train", "Bipolar")] == 0
     train = splits["train"]
@@ -349,16 +362,16 @@ def test_image_folder_without_split(tmp_path):
 
 def test_run_data_round_trip_cholec80(synthetic_root, tmp_path):
     splits = load(synthetic_root, tmp_path / "cache")
-    data = datasets.write_run_data(tmp_path / "run", splits)
+    data = data_stage.write_run_data(tmp_path / "run", splits)
     assert sorted(p.name for p in data.iterdir()) == ["counts.csv", "dataset.json", "frames.csv"]
     frames = pd.read_csv(data / "frames.csv")
-    assert list(frames.columns) == list(datasets.INDEX_COLUMNS)
+    assert list(frames.columns) == list(INDEX_COLUMNS)
     assert len(frames) == len(splits["train"]) + len(splits["test"])
     pd.testing.assert_frame_equal(
-        pd.read_csv(data / "counts.csv"), datasets.class_counts(splits), check_dtype=False
+        pd.read_csv(data / "counts.csv"), class_counts(splits), check_dtype=False
     )
     for split in datasets.SPLITS:
-        rebuilt = datasets.load_run_split(tmp_path / "run", split)
+        rebuilt = data_stage.load_run_split(tmp_path / "run", split)
         assert torch.equal(rebuilt.images[:], splits[split].images[:])
         assert torch.equal(rebuilt.labels, splits[split].labels)
         pd.testing.assert_frame_equal(rebuilt.index, splits[split].index)
@@ -369,8 +382,8 @@ def test_run_data_round_trip_image_folder(tmp_path):
     splits = datasets.load_image_folder(
         make_image_folder(tmp_path / "images"), image_size=8, progress=False
     )
-    datasets.write_run_data(tmp_path / "run", splits)
-    rebuilt = datasets.load_run_split(tmp_path / "run", "test")
+    data_stage.write_run_data(tmp_path / "run", splits)
+    rebuilt = data_stage.load_run_split(tmp_path / "run", "test")
     assert torch.equal(rebuilt.images[:], splits["test"].images[:])
     pd.testing.assert_frame_equal(rebuilt.index, splits["test"].index)
 
@@ -378,15 +391,15 @@ def test_run_data_round_trip_image_folder(tmp_path):
 @pytest.mark.parametrize("missing", ["dataset.json", "frames.csv", "cache"])
 def test_load_run_split_says_run_the_data_stage(synthetic_root, tmp_path, missing):
     splits = load(synthetic_root, tmp_path / "cache")
-    data = datasets.write_run_data(tmp_path / "run", splits)
+    data = data_stage.write_run_data(tmp_path / "run", splits)
     if missing == "cache":
-        folder = datasets.cache_folder(synthetic_root, cache_dir=tmp_path / "cache", image_size=16)
+        folder = cache_folder(synthetic_root, cache_dir=tmp_path / "cache", image_size=16)
         gone = folder / "video42.npy"
     else:
         gone = data / missing
     gone.unlink()
     with pytest.raises(RunFolderError, match=r"run the data stage \(01_data\)") as caught:
-        datasets.load_run_split(tmp_path / "run", "test")
+        data_stage.load_run_split(tmp_path / "run", "test")
     assert str(gone) in str(caught.value)
 
 
@@ -397,7 +410,7 @@ def test_load_run_split_says_run_the_data_stage(synthetic_root, tmp_path, missin
 def published_counts() -> pd.DataFrame:
     return pd.DataFrame(
         [
-            (split, tool, datasets.PUBLISHED_COUNTS[split][tool])
+            (split, tool, PUBLISHED_COUNTS[split][tool])
             for split in datasets.SPLITS
             for tool in TOOLS
         ],
@@ -407,18 +420,18 @@ def published_counts() -> pd.DataFrame:
 
 def test_published_table_adds_up():
     for split in datasets.SPLITS:
-        assert sum(datasets.PUBLISHED_COUNTS[split].values()) == datasets.PUBLISHED_TOTALS[split]
-    published = datasets.PUBLISHED_TOOLS_PER_FRAME
+        assert sum(PUBLISHED_COUNTS[split].values()) == PUBLISHED_TOTALS[split]
+    published = PUBLISHED_TOOLS_PER_FRAME
     assert published["0"] + published["1"] + published["2+"] == published["annotated"]
-    assert published["1"] == sum(datasets.PUBLISHED_TOTALS.values())
+    assert published["1"] == sum(PUBLISHED_TOTALS.values())
 
 
 def test_compare_with_published():
-    exact = datasets.compare_with_published(published_counts())
+    exact = compare_with_published(published_counts())
     assert exact["match"].all() and len(exact) == 2 * (len(TOOLS) + 1)
     off = published_counts()
     off.loc[(off["split"] == "test") & (off["tool"] == "Hook"), "frames"] += 1
-    table = datasets.compare_with_published(off).set_index(["split", "tool"])
+    table = compare_with_published(off).set_index(["split", "tool"])
     assert not table.loc[("test", "Hook"), "match"]
     assert not table.loc[("test", "all"), "match"]
     assert table["match"].sum() == len(table) - 2

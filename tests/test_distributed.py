@@ -1,11 +1,11 @@
-"""The attack stage under torchrun (lib/distributed.py): sharding, equality with one process,
+"""The attack stage under torchrun (lib/run/distributed.py): sharding, equality with one process,
 a failing rank.
 
 The multi-process tests start two ranks the way torchrun does (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` in the environment; gloo on the CPU) by forking
 the test process, because a fresh interpreter per rank (torchrun) spends most of a test's time
 importing torch on a busy 2-core machine; the command line itself is the same entry
-(:func:`lib.distributed.main`). Every process uses one torch thread, so one and two processes
+(:func:`lib.run.distributed.main`). Every process uses one torch thread, so one and two processes
 compute identically.
 """
 
@@ -23,9 +23,13 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from lib import NUM_CLASSES, TOOLS, datasets, distributed, ranks, robustness, training
+from lib import NUM_CLASSES, TOOLS
+from lib.attack import plan
+from lib.data import datasets, frames
 from lib.errors import ParameterError
-from lib.model import build_model, save_checkpoint
+from lib.model.checkpoints import build_model, save_checkpoint
+from lib.run import attack_stage, data_stage, distributed, ranks
+from lib.train.loop import fit
 from tests.test_robustness import load_template_net, make_run
 
 
@@ -82,7 +86,7 @@ def test_shard_chunks_rejects_bad_world_sizes(world_size) -> None:
 
 def test_chunk_costs_weight_schedules_that_run_the_whole_budget(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", epochs=1)
-    settings = robustness.AttackSettings(
+    settings = plan.AttackSettings(
         schedules=["constant", "exponential"],
         lr0=0.1,
         max_iter=10,
@@ -91,7 +95,7 @@ def test_chunk_costs_weight_schedules_that_run_the_whole_budget(tmp_path: Path) 
         chunk_size=5,
         gallery_images=0,
     )
-    job = robustness.plan_job(run_dir, settings)
+    job = attack_stage.plan_job(run_dir, settings)
     costs = distributed.chunk_costs(job, job.chunks)
     assert list(costs) == list(zip(job.chunks["part"], job.chunks["chunk"], strict=True))
     # constant: 0.2 * 10 + 1 = 3 passes, exponential: 10 + 1 = 11; a chunk of 5 rows
@@ -140,10 +144,10 @@ def test_launch_reads_torchrun_environment() -> None:
 def test_parameters_as_name_value_pairs_and_settings() -> None:
     values = distributed.parse_params(["lr0=0.01", "schedules=[constant, step]", "epochs=[]"])
     assert values == {"lr0": 0.01, "schedules": ["constant", "step"], "epochs": []}
-    settings = robustness.settings_from_parameters({**values, "run_dir": "x", "device": "cpu"})
+    settings = attack_stage.settings_from_parameters({**values, "run_dir": "x", "device": "cpu"})
     assert settings.schedules == ("constant", "step") and settings.lr0 == 0.01
     with pytest.raises(ParameterError, match="lr_0"):
-        robustness.settings_from_parameters({"lr_0": 0.01})
+        attack_stage.settings_from_parameters({"lr_0": 0.01})
     with pytest.raises(ParameterError, match="name=value"):
         distributed.parse_params(["lr0"])
 
@@ -167,7 +171,7 @@ ATTACK_PARAMS = {
 MERGED = ("results.csv", "traces.npz", "gallery.npz", "selection.csv", "job.json")
 
 
-def make_alexnet_data(run_dir: Path) -> dict[str, datasets.FrameSet]:
+def make_alexnet_data(run_dir: Path) -> dict[str, frames.FrameSet]:
     """data/: an ImageFolder of one 64 px image per class and split."""
     generator = np.random.default_rng(0)
     root = run_dir.parent / "images"
@@ -180,7 +184,7 @@ def make_alexnet_data(run_dir: Path) -> dict[str, datasets.FrameSet]:
                 root / split / tool / "a.png"
             )
     splits = datasets.load_image_folder(root, image_size=SIZE, progress=False)
-    datasets.write_run_data(run_dir, splits)
+    data_stage.write_run_data(run_dir, splits)
     return splits
 
 
@@ -244,11 +248,11 @@ def test_two_processes_write_the_one_process_tables(tmp_path: Path,
     two = make_alexnet_run(tmp_path / "two" / "run")
     overrides = distributed.parse_params([f"{k}={v}" for k, v in ATTACK_PARAMS.items()])
     parameters = distributed.stage_parameters("03_attack", run_dir=one, overrides=overrides)
-    job = robustness.plan_job(one, robustness.settings_from_parameters(parameters))
+    job = attack_stage.plan_job(one, attack_stage.settings_from_parameters(parameters))
     assert len(job.chunks) == 4 and len(job.rows) == 84  # 7 images x 6 targets x 2 schedules
 
     # a plain process finished one chunk before: the two ranks attack only the other three
-    robustness.run_chunks(job, two, chunks=[("epoch_01", 1)], progress=False)
+    attack_stage.run_chunks(job, two, chunks=[("epoch_01", 1)], progress=False)
     start_ranks(_cli_rank, 2, ["attack", "--run-dir", str(two), "--threads", "1",
                                "--no-progress", *cli_params()])
     # the costlier chunk alone on one rank, the other two on the other
@@ -299,8 +303,8 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_merged(tmp_path: Path) -
         assert "rank 0 (on" not in message and "merged nothing" in message
     assert not (run_dir / "attack" / "results.csv").exists()
     # rank 0 kept its finished chunks: a plain rerun attacks only rank 1's, then merges
-    job = robustness.plan_job(run_dir, robustness.settings_from_parameters(TEMPLATE_SETTINGS))
-    assert 0 < len(robustness.pending_chunks(job, run_dir)) < len(job.chunks)
+    job = attack_stage.plan_job(run_dir, attack_stage.settings_from_parameters(TEMPLATE_SETTINGS))
+    assert 0 < len(attack_stage.pending_chunks(job, run_dir)) < len(job.chunks)
     distributed.attack_stage({"run_dir": str(run_dir), "device": "cpu", **TEMPLATE_SETTINGS},
                              progress=False, load_model=load_template_net)
     assert len(pd.read_csv(run_dir / "attack" / "results.csv")) == len(job.rows)
@@ -326,7 +330,7 @@ def test_two_process_training_writes_what_the_training_stage_continues(tmp_path:
     predictions = pd.read_csv(train / "predictions.csv")
     assert len(predictions) == len(splits["test"])
     # the one-process training (02_train's call) accepts the folder and finds epoch 1 done
-    metrics = training.fit(splits["train"], splits["test"], out_dir=train, epochs=1,
+    metrics = fit(splits["train"], splits["test"], out_dir=train, epochs=1,
                            batch_size=2, lr=0.01, augment=False, balance="none", seed=3,
                            progress=False)
     assert metrics["epoch"].tolist() == [1]

@@ -1,11 +1,12 @@
-"""Chart builders for the attack results (lib/figures.py), fed by lib.metrics tables."""
+"""Chart builders for the attack results (lib/analysis/figures.py), fed by the tables of
+lib/analysis/aggregates.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lib import figures, metrics
+from lib.analysis import aggregates, figures, minimality, paired
 from tests.test_metrics import AGREEING, SCHEDULES, many_attacks, results_table
 
 RESULTS = results_table()
@@ -19,13 +20,13 @@ def inline_rows(spec: dict) -> int:
 @pytest.mark.parametrize(
     ("build", "table"),
     [
-        (figures.success_rate_chart, lambda: metrics.success_rates(RESULTS)),
-        (figures.l1_chart, lambda: metrics.mean_l1(RESULTS)),
-        (figures.iterations_lr_chart, lambda: metrics.iterations_and_lr(RESULTS)),
-        (figures.class_pair_chart, lambda: metrics.class_pair_l1(RESULTS)),
-        (figures.l1_histogram_chart, lambda: metrics.l1_histogram(RESULTS, bins=5)),
+        (figures.success_rate_chart, lambda: aggregates.success_rates(RESULTS)),
+        (figures.l1_chart, lambda: aggregates.mean_l1(RESULTS)),
+        (figures.iterations_lr_chart, lambda: aggregates.iterations_and_lr(RESULTS)),
+        (figures.class_pair_chart, lambda: aggregates.class_pair_l1(RESULTS)),
+        (figures.l1_histogram_chart, lambda: aggregates.l1_histogram(RESULTS, bins=5)),
         (figures.lr0_sensitivity_chart,
-         lambda: metrics.lr0_sensitivity(RESULTS.assign(lr0=0.004))),
+         lambda: aggregates.lr0_sensitivity(RESULTS.assign(lr0=0.004))),
     ],
     ids=["success-rate", "l1", "iterations-lr", "class-pairs", "l1-histogram", "lr0"],
 )
@@ -37,7 +38,7 @@ def test_charts_are_valid_and_carry_only_the_aggregated_rows(build, table) -> No
 
 
 def test_schedule_colours_follow_the_stage_order() -> None:
-    spec = figures.success_rate_chart(metrics.success_rates(RESULTS)).to_dict()
+    spec = figures.success_rate_chart(aggregates.success_rates(RESULTS)).to_dict()
     assert spec["layer"][0]["encoding"]["color"]["scale"]["domain"] == SCHEDULES
 
 
@@ -59,17 +60,17 @@ def layer_marks(spec: dict) -> list:
 @pytest.mark.parametrize(
     ("build", "table", "low", "high"),
     [
-        (figures.success_rate_chart, lambda: metrics.success_rates(RESULTS),
+        (figures.success_rate_chart, lambda: aggregates.success_rates(RESULTS),
          "success_rate_low", "success_rate_high"),
-        (figures.l1_chart, lambda: metrics.mean_l1(RESULTS),
+        (figures.l1_chart, lambda: aggregates.mean_l1(RESULTS),
          "mean_l1_255_low", "mean_l1_255_high"),
-        (figures.iterations_lr_chart, lambda: metrics.iterations_and_lr(RESULTS),
+        (figures.iterations_lr_chart, lambda: aggregates.iterations_and_lr(RESULTS),
          "mean_iterations_low", "mean_iterations_high"),
         (figures.lr0_sensitivity_chart,
-         lambda: metrics.lr0_sensitivity(RESULTS.assign(lr0=0.004)),
+         lambda: aggregates.lr0_sensitivity(RESULTS.assign(lr0=0.004)),
          "mean_l1_255_low", "mean_l1_255_high"),
         (figures.paired_difference_chart,
-         lambda: metrics.paired_schedule_differences(many_attacks(AGREEING)), "low", "high"),
+         lambda: paired.paired_schedule_differences(many_attacks(AGREEING)), "low", "high"),
     ],
     ids=["success-rate", "l1", "iterations-lr", "lr0", "paired"],
 )
@@ -83,7 +84,7 @@ def test_charts_draw_their_intervals(build, table, low, high) -> None:
 
 
 def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> None:
-    spec = figures.class_pair_chart(metrics.class_pair_l1(RESULTS)).to_dict()
+    spec = figures.class_pair_chart(aggregates.class_pair_l1(RESULTS)).to_dict()
     (param,) = spec["params"]
     assert param["bind"]["options"] == SCHEDULES
     assert spec["facet"]["column"]["field"] == "epoch"
@@ -98,8 +99,8 @@ def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> N
 
 def test_per_image_chart() -> None:
     results = many_attacks(AGREEING, images=3)
-    per_image = metrics.per_image_l1(results, ["img0", "img2"])
-    means = metrics.mean_l1(results)
+    per_image = aggregates.per_image_l1(results, ["img0", "img2"])
+    means = aggregates.mean_l1(results)
     spec = figures.per_image_chart(per_image, means).to_dict()
     assert spec["facet"]["column"]["field"] == "schedule"
     assert inline_rows(spec) == len(per_image) + len(means)
@@ -111,7 +112,7 @@ def test_refinement_chart_draws_both_distances() -> None:
     from tests.test_metrics import with_refinement
 
     refined = with_refinement(many_attacks(AGREEING), dict.fromkeys(SCHEDULES, 0.5))
-    ranking = metrics.refinement_ranking(refined)
+    ranking = aggregates.refinement_ranking(refined)
     spec = figures.refinement_chart(ranking).to_dict()
     (rows,) = spec["datasets"].values()
     assert len(rows) == 2 * len(ranking)
@@ -123,7 +124,7 @@ def test_minimality_charts_draw_their_intervals() -> None:
     ours = many_attacks(AGREEING, images=10, epochs=(1,))
     best = (ours[ours["success"]].groupby(["epoch", "image_id", "target"])["l1"].min()
             .rename("best_l1").reset_index())
-    table = metrics.minimality_intervals(ours, best)
+    table = minimality.minimality_intervals(ours, best)
     assert set(table["schedule"]) == set(SCHEDULES)
     row = table.set_index("schedule").loc["exponential"]  # always the smallest when it succeeds
     assert row["median_ratio"] == pytest.approx(1.0) and row["successful"] == 10
@@ -137,7 +138,7 @@ def test_minimality_charts_draw_their_intervals() -> None:
 def test_trace_chart() -> None:
     traces = {"epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
-    summary = metrics.trace_summary(traces, RESULTS)
+    summary = aggregates.trace_summary(traces, RESULTS)
     spec = figures.trace_chart(summary).to_dict()
     assert len(spec["hconcat"]) == 3 and inline_rows(spec) == len(summary) == 4
 

@@ -5,10 +5,10 @@ Every run is a child process in a session of its own, and a kill takes its whole
 (:func:`kill_tree`): papermill starts its kernel in yet another session, so killing only the
 command's process group would leave the kernel computing and writing for up to a second.
 
-- The attack stage is killed many times in a child that calls :mod:`lib.robustness` exactly as
+- The attack stage is killed many times in a child that calls :mod:`lib.run.attack_stage` exactly as
   ``notebooks/03_attack.py`` does, on the 8 px template run of ``tests/test_robustness.py``
   (a whole stage in seconds, in about 60 chunks). The real stage command (``python -m
-  lib.pipeline run --stage 03_attack``, whose start-up alone takes about 20 s) is killed once,
+  lib.run.pipeline run --stage 03_attack``, whose start-up alone takes about 20 s) is killed once,
   on a run folder of the tiny profile's data trained by the child below.
 - Training (a child that does what ``notebooks/02_train.py`` does) is killed while epoch 1 is
   in flight, mid-way through epoch 2 and while epoch 3's checkpoint is being written.
@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import pipeline, robustness, stages
+from lib.attack import plan
+from lib.run import attack_stage, layout, manifest, parameters, pipeline
 from tests.conftest import tiny_overrides
 from tests.test_robustness import copy_inputs, load_template_net, make_run
 
@@ -51,7 +52,7 @@ SEED = 8061
 #: Kills of the attack child: one before any chunk is finished, the others spread over the run.
 ATTACK_KILLS = 6
 #: The many-chunk attack job on the template run: about 60 chunks of 12 attacks.
-TEMPLATE_SETTINGS = robustness.AttackSettings(
+TEMPLATE_SETTINGS = plan.AttackSettings(
     epochs=[], schedules=["constant", "step", "loss-adaptive"], lr0=0.1, max_iter=10,
     n_per_class=2, batch_size=8, chunk_size=12, sweep_lr0=[0.05, 0.2], sweep_per_class=1,
     gallery_images=3,
@@ -79,7 +80,7 @@ def child_main(argv: Sequence[str]) -> int:
     torch.set_num_threads(1)
     command, run_dir, values = argv[0], Path(argv[1]), json.loads(argv[2])
     if command == "attack":
-        attack_child(run_dir, robustness.AttackSettings(**values), loader=argv[3])
+        attack_child(run_dir, plan.AttackSettings(**values), loader=argv[3])
     elif command == "train":
         train_child(run_dir, values)
     else:
@@ -87,25 +88,26 @@ def child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def attack_child(run_dir: Path, settings: robustness.AttackSettings, *, loader: str) -> None:
+def attack_child(run_dir: Path, settings: plan.AttackSettings, *, loader: str) -> None:
     """The attack stage's calls, in the order and with the arguments of 03_attack.py."""
     load_model = load_template_net if loader == "template" else None
-    job = robustness.plan_job(run_dir, settings)
-    robustness.save_plan(job, run_dir)
-    robustness.run_chunks(job, run_dir, device="cpu", progress=False, load_model=load_model)
-    robustness.merge(job, run_dir)
+    job = attack_stage.plan_job(run_dir, settings)
+    attack_stage.save_plan(job, run_dir)
+    attack_stage.run_chunks(job, run_dir, device="cpu", progress=False, load_model=load_model)
+    attack_stage.merge(job, run_dir)
 
 
 def train_child(run_dir: Path, params: dict[str, Any]) -> None:
     """The training stage's calls, as in 02_train.py (without its figures)."""
-    from lib import datasets, training
+    from lib.run import data_stage
+    from lib.train.loop import fit
 
     train_dir = pipeline.start_stage(
         "02_train", run_dir=run_dir, overwrite=False, parameters=params
     )
-    train_set = datasets.load_run_split(run_dir, "train")
-    test_set = datasets.load_run_split(run_dir, "test")
-    training.fit(
+    train_set = data_stage.load_run_split(run_dir, "train")
+    test_set = data_stage.load_run_split(run_dir, "test")
+    fit(
         train_set, test_set, out_dir=train_dir, epochs=params["epochs"],
         batch_size=params["batch_size"], lr=params["lr"], momentum=params["momentum"],
         weight_decay=params["weight_decay"], augment=params["augment"],
@@ -117,16 +119,16 @@ def train_child(run_dir: Path, params: dict[str, Any]) -> None:
 
 def stage_parameters(stage: str, **overrides: Any) -> dict[str, Any]:
     """What the tiny profile gives ``stage``'s notebook: its defaults, the profile, overrides."""
-    return stages.merged_parameters(stage, profile="tiny", overrides=overrides,
+    return parameters.merged_parameters(stage, profile="tiny", overrides=overrides,
                                     with_defaults=True)
 
 
-def attack_settings(params: Mapping[str, Any]) -> robustness.AttackSettings:
+def attack_settings(params: Mapping[str, Any]) -> plan.AttackSettings:
     """The settings of the attack stage's parameters."""
-    return robustness.settings_from_parameters(params)
+    return attack_stage.settings_from_parameters(params)
 
 
-def attack_args(run_dir: Path, settings: robustness.AttackSettings, loader: str) -> list[str]:
+def attack_args(run_dir: Path, settings: plan.AttackSettings, loader: str) -> list[str]:
     return [sys.executable, "-m", "tests.test_kill_resume", "attack", str(run_dir),
             json.dumps(settings.to_json()), loader]
 
@@ -145,7 +147,7 @@ def stage_command(run_dir: Path) -> list[str]:
     """The real stage command, with the overrides as ``-p`` pairs (JSON is valid YAML)."""
     pairs = {"run_dir": str(run_dir), **COMMAND_OVERRIDES}
     options = [item for name, value in pairs.items() for item in ("-p", name, json.dumps(value))]
-    return [sys.executable, "-m", "lib.pipeline", "run", "--profile", "tiny",
+    return [sys.executable, "-m", "lib.run.pipeline", "run", "--profile", "tiny",
             "--stage", "03_attack", *options, "--no-progress"]
 
 
@@ -283,7 +285,7 @@ def check_leftovers(folder: Path) -> int:
 
 
 def chunk_dir(run_dir: Path) -> Path:
-    return stages.attack_dir(run_dir) / stages.CHUNK_DIR
+    return layout.attack_dir(run_dir) / layout.CHUNK_DIR
 
 
 def done_chunks(run_dir: Path) -> int:
@@ -297,7 +299,7 @@ def chunk_seconds(run_dir: Path) -> float:
     return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
 
 
-def assert_chunk_files_whole(job: robustness.AttackJob, run_dir: Path) -> None:
+def assert_chunk_files_whole(job: plan.AttackJob, run_dir: Path) -> None:
     """Every visible chunk file parses completely and holds the planned rows of its chunk."""
     for name in visible_files(chunk_dir(run_dir)):
         path = chunk_dir(run_dir) / name
@@ -306,7 +308,7 @@ def assert_chunk_files_whole(job: robustness.AttackJob, run_dir: Path) -> None:
         assert len(planned), f"{name} is no chunk of the job"
         if path.suffix == ".csv":
             table = pd.read_csv(path, dtype={"image_id": str})
-            assert tuple(table.columns) == robustness.RESULT_COLUMNS, name
+            assert tuple(table.columns) == attack_stage.RESULT_COLUMNS, name
             assert np.array_equal(table["row_id"].to_numpy(), planned), name
         else:
             with np.load(path) as arrays:
@@ -327,30 +329,30 @@ class AttackKill:
     temporaries: int  # hidden files of interrupted writes in attack/ so far
 
 
-def kill_attack(child: Child, job: robustness.AttackJob, run_dir: Path, *, waited_for: int,
+def kill_attack(child: Child, job: plan.AttackJob, run_dir: Path, *, waited_for: int,
                 delay: float) -> AttackKill:
     """Kill at ``delay`` s after ``waited_for`` chunks are done (0: after the plan is saved),
     then check that everything visible is whole and nothing is merged while chunks pend."""
     if waited_for:
         child.wait_for(lambda: done_chunks(run_dir) >= waited_for)
     else:
-        child.wait_for((robustness.attack_dir(run_dir) / "job.json").is_file)
+        child.wait_for((layout.attack_dir(run_dir) / "job.json").is_file)
     time.sleep(delay)
     kill_tree(child)
-    pending = len(robustness.pending_chunks(job, run_dir))
+    pending = len(attack_stage.pending_chunks(job, run_dir))
     assert_chunk_files_whole(job, run_dir)
     if pending:
         merged = [n for n in ("results.csv", "traces.npz", "gallery.npz", "lr0_sweep.csv")
-                  if (robustness.attack_dir(run_dir) / n).exists()]
+                  if (layout.attack_dir(run_dir) / n).exists()]
         assert merged == [], f"merged tables written while {pending} chunks pend: {merged}"
     return AttackKill(waited_for, delay, len(job.chunks) - pending, pending,
-                      check_leftovers(robustness.attack_dir(run_dir)))
+                      check_leftovers(layout.attack_dir(run_dir)))
 
 
 def assert_same_attack(actual: Path, expected: Path) -> None:
-    assert_same_tables(robustness.attack_dir(actual), robustness.attack_dir(expected))
+    assert_same_tables(layout.attack_dir(actual), layout.attack_dir(expected))
     # every file the stage writes: tables, plan, selection and every chunk
-    assert_same_files(robustness.attack_dir(actual), robustness.attack_dir(expected))
+    assert_same_files(layout.attack_dir(actual), layout.attack_dir(expected))
 
 
 def test_attack_stage_killed_six_times_equals_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -358,7 +360,7 @@ def test_attack_stage_killed_six_times_equals_an_uninterrupted_run(tmp_path: Pat
     template = make_run(tmp_path / "template" / "run")
     reference = copy_inputs(template, tmp_path / "reference")
     Child(template_attack(reference), tmp_path / "reference.log").finish()
-    job = robustness.plan_job(reference, TEMPLATE_SETTINGS)
+    job = attack_stage.plan_job(reference, TEMPLATE_SETTINGS)
     count = len(job.chunks)
     assert count >= 40
     rng = random.Random(SEED)
@@ -466,7 +468,7 @@ def test_training_killed_in_epochs_1_2_and_3_equals_an_uninterrupted_run(
         )
     # the checkpoints, the optimizer state, every table and the parameters, byte for byte
     assert_same_files(killed, reference)
-    assert pipeline.read_manifest(runs.killed)["stages"]["02_train"]["finished"]
+    assert manifest.read_manifest(runs.killed)["stages"]["02_train"]["finished"]
 
 
 # --------------------------------------------------------------------------- the real command
@@ -504,26 +506,26 @@ def test_attack_stage_command_killed_once_equals_an_uninterrupted_run(
         stage_parameters("03_attack", run_dir=str(command), **COMMAND_OVERRIDES)
     )
     Child(attack_args(direct, settings, "checkpoint"), tmp_path / "direct.log").finish()
-    job = robustness.plan_job(direct, settings)
+    job = attack_stage.plan_job(direct, settings)
     assert len(job.chunks) >= 3
 
     child = Child(stage_command(command), tmp_path / "killed.log")
     child.wait_for(lambda: done_chunks(command) >= 1)
     time.sleep(random.Random(SEED).uniform(0, chunk_seconds(direct)))
     processes = kill_tree(child)
-    pending = len(robustness.pending_chunks(job, command))
+    pending = len(attack_stage.pending_chunks(job, command))
     assert processes >= 2  # the command and its kernel
     assert pending > 0
     assert_chunk_files_whole(job, command)
-    assert not (robustness.attack_dir(command) / "results.csv").exists()
-    assert not pipeline.read_manifest(command)["stages"]["03_attack"]["finished"]
+    assert not (layout.attack_dir(command) / "results.csv").exists()
+    assert not manifest.read_manifest(command)["stages"]["03_attack"]["finished"]
     check_leftovers(command)
     Child(stage_command(command), tmp_path / "resumed.log").finish()
 
     print(f"\nattack stage command: survived 1 kill ({processes} processes) with "
           f"{len(job.chunks) - pending} of {len(job.chunks)} chunks finished; "
           f"{time.monotonic() - started:.0f} s")
-    assert pipeline.read_manifest(command)["stages"]["03_attack"]["finished"]
+    assert manifest.read_manifest(command)["stages"]["03_attack"]["finished"]
     assert_same_attack(command, direct)
 
 

@@ -1,6 +1,6 @@
-"""The run folder's lock (lib/stages.py): one stage at a time per run folder.
+"""The run folder's lock (lib/run/layout.py): one stage at a time per run folder.
 
-A holder process takes the lock the way a stage does (:func:`lib.stages.hold_run_folder`) and
+A holder process takes the lock the way a stage does (:func:`lib.run.lock.hold_run_folder`) and
 then waits; a second stage command on the same folder must stop at once with a message naming
 the holder and change nothing. After ``kill -9`` of the holder the operating system has
 released the lock, and the next command runs; it removes what a killed write left behind.
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from lib import pipeline, stages
 from lib.errors import RunFolderError
+from lib.run import layout, lock, manifest, parameters, pipeline
 from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
-from lib import stages
-with stages.hold_run_folder(sys.argv[1], sys.argv[2]):
+from lib.run import lock
+with lock.hold_run_folder(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -63,16 +63,16 @@ def _kill(process: subprocess.Popen) -> None:
 
 def test_the_lock_names_its_holder(holder) -> None:
     process, run_dir = holder
-    record = json.loads(stages.lock_file(run_dir).read_text())
+    record = json.loads(layout.lock_file(run_dir).read_text())
     assert record["stage"] == "02_train" and record["pid"] == process.pid
     with pytest.raises(RunFolderError) as error:
-        with stages.hold_run_folder(run_dir, "03_attack"):
+        with lock.hold_run_folder(run_dir, "03_attack"):
             pass
     message = str(error.value)
     assert "stage 02_train" in message and f"process {process.pid}" in message
     assert record["since"] in message
     with pytest.raises(RunFolderError, match=f"process {process.pid}"):
-        stages.check_not_held(run_dir)
+        lock.check_not_held(run_dir)
 
 
 def test_a_second_stage_command_is_refused_at_once_and_writes_nothing(holder,
@@ -96,15 +96,15 @@ def test_a_second_stage_command_is_refused_at_once_and_writes_nothing(holder,
 
 def test_the_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    with stages.hold_run_folder(run_dir, "01_data"):
-        assert stages.holds_run_folder(run_dir)
-        assert os.environ[stages.LOCK_ENVIRONMENT] == str(run_dir.resolve())
-        with stages.hold_run_folder(run_dir, "01_data"):
+    with lock.hold_run_folder(run_dir, "01_data"):
+        assert lock.holds_run_folder(run_dir)
+        assert os.environ[lock.LOCK_ENVIRONMENT] == str(run_dir.resolve())
+        with lock.hold_run_folder(run_dir, "01_data"):
             pass
-        assert stages.holds_run_folder(run_dir)
-    assert not stages.holds_run_folder(run_dir)
-    assert stages.LOCK_ENVIRONMENT not in os.environ
-    stages.check_not_held(run_dir)  # free again
+        assert lock.holds_run_folder(run_dir)
+    assert not lock.holds_run_folder(run_dir)
+    assert lock.LOCK_ENVIRONMENT not in os.environ
+    lock.check_not_held(run_dir)  # free again
 
 
 def test_leftovers_are_removed_only_when_they_are_temporary_files(tmp_path: Path) -> None:
@@ -116,20 +116,20 @@ def test_leftovers_are_removed_only_when_they_are_temporary_files(tmp_path: Path
     kept = [folder / "results.csv", folder / ".hidden", folder / "chunks" / "epoch_01" / "x.tmp"]
     for path in left + kept:
         path.write_text("x")
-    assert sorted(stages.remove_leftovers(folder)) == sorted(left)
+    assert sorted(lock.remove_leftovers(folder)) == sorted(left)
     assert [p.exists() for p in left] == [False] * 3
     assert [p.exists() for p in kept] == [True] * 3
 
 
 def test_start_stage_removes_leftovers_of_its_own_folder(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    params = {**pipeline.notebook_defaults("01_data"), **tiny_overrides(tmp_path)}
+    params = {**parameters.notebook_defaults("01_data"), **tiny_overrides(tmp_path)}
     pipeline.start_stage("01_data", run_dir=run_dir, parameters=params)
     leftover = run_dir / "data" / ".frames.csv.zz9.tmp"
     leftover.write_text("half")
     pipeline.start_stage("01_data", run_dir=run_dir, parameters=params)
     assert not leftover.exists()
-    assert not stages.holds_run_folder(run_dir)  # start_stage holds it only while recording
+    assert not lock.holds_run_folder(run_dir)  # start_stage holds it only while recording
 
 
 @pytest.mark.pipeline
@@ -137,7 +137,7 @@ def test_after_kill_9_of_the_holder_the_next_command_runs_and_cleans_up(
     holder, tmp_path: Path
 ) -> None:
     process, run_dir = holder
-    command = [sys.executable, "-m", "lib.pipeline", "run", "--profile", "tiny", "--stage",
+    command = [sys.executable, "-m", "lib.run.pipeline", "run", "--profile", "tiny", "--stage",
                "01_data", "--no-progress"]
     for name, value in tiny_overrides(tmp_path).items():
         command += ["-p", name, value]
@@ -155,6 +155,6 @@ def test_after_kill_9_of_the_holder_the_next_command_runs_and_cleans_up(
     _kill(process)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert stages.read_manifest(run_dir)["stages"]["01_data"]["finished"]
+    assert manifest.read_manifest(run_dir)["stages"]["01_data"]["finished"]
     assert [p.exists() for p in leftovers] == [False, False]
-    assert json.loads(stages.lock_file(run_dir).read_text())["stage"] == "01_data"
+    assert json.loads(layout.lock_file(run_dir).read_text())["stage"] == "01_data"

@@ -1,4 +1,5 @@
-"""Aggregates and the paper-claims table (lib/metrics.py) on a hand-made results table."""
+"""Aggregates, paired comparisons and the paper-claims table (lib/analysis/aggregates.py,
+paired.py, claims.py) on a hand-made results table."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import NUM_CLASSES, metrics
-from lib.robustness import RESULT_COLUMNS
+from lib import NUM_CLASSES
+from lib.analysis import aggregates, paired
+from lib.analysis.claims import (
+    CLAIM_COLUMNS,
+    ClaimRules,
+    claims_conclusion,
+    paper_claims,
+    readable_claims,
+)
+from lib.run.attack_stage import RESULT_COLUMNS
 
 PAIRS = [(0, 1), (0, 2), (1, 0), (2, 0)]  # the four attacks of each (epoch, schedule)
 
@@ -94,7 +103,7 @@ TRAINING = pd.DataFrame({"epoch": [1, 2], "accuracy": [0.80, 0.83], "macro_f1": 
 
 
 def test_success_rates() -> None:
-    rates = metrics.success_rates(results_table()).set_index(["epoch", "schedule"])
+    rates = aggregates.success_rates(results_table()).set_index(["epoch", "schedule"])
     assert rates.loc[(1, "step"), "success_rate"] == 0.5
     assert rates.loc[(2, "step"), "success_rate"] == 1.0
     assert rates.loc[(1, "exponential"), "success_rate"] == 0.75
@@ -103,11 +112,11 @@ def test_success_rates() -> None:
     assert rates.loc[(2, "loss-adaptive"), "attacks"] == 4
     assert rates["skipped"].sum() == 1
     # rows in the stage's schedule order within each epoch
-    assert metrics.success_rates(results_table())["schedule"].tolist()[:5] == SCHEDULES
+    assert aggregates.success_rates(results_table())["schedule"].tolist()[:5] == SCHEDULES
 
 
 def test_mean_l1_counts_successful_attacks_only() -> None:
-    table = metrics.mean_l1(results_table()).set_index(["epoch", "schedule"])
+    table = aggregates.mean_l1(results_table()).set_index(["epoch", "schedule"])
     assert table.loc[(1, "constant"), "mean_l1_255"] == pytest.approx(5.0)
     assert table.loc[(1, "constant"), "successes"] == 4
     assert table.loc[(1, "exponential"), "mean_l1_255"] == pytest.approx(2.0)  # not 2.5
@@ -120,24 +129,24 @@ def test_mean_l1_counts_successful_attacks_only() -> None:
 
 def test_mean_l1_keeps_a_schedule_without_successes() -> None:
     attacks = {("constant", 1): [(False, 100, 0.1, 3)] * 4, ("step", 1): [(True, 2, 1, 1)] * 4}
-    table = metrics.mean_l1(results_table(attacks, nonfinite=False)).set_index("schedule")
+    table = aggregates.mean_l1(results_table(attacks, nonfinite=False)).set_index("schedule")
     assert table.loc["constant", "successes"] == 0
     assert np.isnan(table.loc["constant", "mean_l1_255"])
 
 
 def test_iterations_and_lr_at_the_last_epoch() -> None:
-    table = metrics.iterations_and_lr(results_table()).set_index("schedule")
+    table = aggregates.iterations_and_lr(results_table()).set_index("schedule")
     assert (table["epoch"] == 2).all()
     assert table.loc["step", "mean_iterations"] == 25.0
     assert table.loc["exponential", "mean_iterations"] == pytest.approx(32.5)  # failures count
     assert table.loc["constant", "mean_lr_255"] == pytest.approx(1.0)
     assert table.loc["loss-adaptive", "attacks"] == 4
-    first = metrics.iterations_and_lr(results_table(), epoch=1).set_index("schedule")
+    first = aggregates.iterations_and_lr(results_table(), epoch=1).set_index("schedule")
     assert first.loc["step", "mean_iterations"] == 60.0
 
 
 def test_class_pair_matrix_cells() -> None:
-    matrix = metrics.class_pair_l1(results_table())
+    matrix = aggregates.class_pair_l1(results_table())
     assert len(matrix) == 2 * len(SCHEDULES) * NUM_CLASSES * (NUM_CLASSES - 1)
     cell = matrix.set_index(["epoch", "schedule", "source", "target"])
     assert cell.loc[(1, "constant", 0, 1), "mean_l1_255"] == pytest.approx(4.0)
@@ -150,7 +159,7 @@ def test_class_pair_matrix_cells() -> None:
 
 
 def test_l1_histogram_counts_every_successful_attack() -> None:
-    histogram = metrics.l1_histogram(results_table(), bins=6)
+    histogram = aggregates.l1_histogram(results_table(), bins=6)
     counts = histogram.groupby("schedule")["count"].sum().to_dict()
     assert counts == {
         "constant": 4,
@@ -172,7 +181,7 @@ def test_trace_summary_averages_over_running_attacks() -> None:
         "lr": np.array([[1.0, 1.0, nan, nan], [1.0, 3.0, 1.0, nan]]) / 255,
         "loss": np.array([[2.0, 1.0, nan, nan], [4.0, 3.0, 2.0, nan]]),
     }
-    summary = metrics.trace_summary(traces, results)
+    summary = aggregates.trace_summary(traces, results)
     assert summary["iteration"].tolist() == [1, 2, 3]
     assert summary["running"].tolist() == [2, 2, 1]
     assert np.allclose(summary["mean_lr_255"], [1.0, 2.0, 1.0])
@@ -185,7 +194,7 @@ def test_lr0_sensitivity() -> None:
         ignore_index=True,
     )
     sweep = sweep[sweep["epoch"] == 1]
-    table = metrics.lr0_sensitivity(sweep)
+    table = aggregates.lr0_sensitivity(sweep)
     assert len(table) == 2 * len(SCHEDULES)
     assert np.allclose(sorted(table["lr0_255"].unique()), [1.0, 2.0])
     table = table.set_index(["lr0", "schedule"])
@@ -196,7 +205,7 @@ def test_lr0_sensitivity() -> None:
 
 
 def test_skipped_counts() -> None:
-    skipped = metrics.skipped_counts(results_table())
+    skipped = aggregates.skipped_counts(results_table())
     assert skipped.to_dict("records") == [
         {"epoch": 2, "schedule": "loss-adaptive", "status": "nonfinite", "count": 1}
     ]
@@ -248,10 +257,10 @@ def prediction_table(correct: dict[int, int], *, images: int = 100) -> pd.DataFr
 
 
 def verdicts(results: pd.DataFrame, predictions: pd.DataFrame | None = None,
-             rules: metrics.ClaimRules | None = None) -> dict[str, str]:
-    rules = rules or metrics.ClaimRules()
-    claims = metrics.paper_claims(results, predictions, rules=rules)
-    assert tuple(claims.columns) == metrics.CLAIM_COLUMNS
+             rules: ClaimRules | None = None) -> dict[str, str]:
+    rules = rules or ClaimRules()
+    claims = paper_claims(results, predictions, rules=rules)
+    assert tuple(claims.columns) == CLAIM_COLUMNS
     decided = claims[claims["verdict"] != "inconclusive"]
     slack = 1e-9  # a constant difference in floating point: the interval is one point
     assert (decided["low"] <= decided["estimate"] + slack).all()
@@ -276,10 +285,10 @@ CLAIMS = [
 
 
 def test_every_claim_agrees_when_the_data_says_so() -> None:
-    rules = metrics.ClaimRules(stable_within=0.25)  # 60 attacks per epoch: +-0.17 at best
+    rules = ClaimRules(stable_within=0.25)  # 60 attacks per epoch: +-0.17 at best
     got = verdicts(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}), rules)
     assert got == dict.fromkeys(CLAIMS, "agrees")
-    claims = metrics.paper_claims(many_attacks(AGREEING), rules=rules).set_index("claim")
+    claims = paper_claims(many_attacks(AGREEING), rules=rules).set_index("claim")
     row = claims.loc["constant reaches 100 % success within max_iter"]
     assert (row["estimate"], row["n"], row["counted"]) == (1.0, 120, "attacks")
     assert row["low"] == pytest.approx(0.9690, abs=1e-4)  # Wilson, 120 of 120
@@ -312,7 +321,7 @@ def test_small_tables_are_inconclusive() -> None:
 
 def test_claims_without_the_schedules_or_epochs_they_need() -> None:
     one_epoch = results_table({k: v for k, v in ATTACKS.items() if k[1] == 1 and k[0] != "step"})
-    claims = metrics.paper_claims(one_epoch).set_index("claim")
+    claims = paper_claims(one_epoch).set_index("claim")
     for claim in ("success rate changes little across epochs",
                   "clean accuracy changes little across epochs",
                   "step falls short of 100 % success",
@@ -324,34 +333,34 @@ def test_claims_without_the_schedules_or_epochs_they_need() -> None:
 
 
 def test_aggregates_carry_their_intervals() -> None:
-    rates = metrics.success_rates(results_table()).set_index(["epoch", "schedule"])
+    rates = aggregates.success_rates(results_table()).set_index(["epoch", "schedule"])
     row = rates.loc[(1, "step")]  # 2 of 4
     assert (row["success_rate_low"], row["success_rate_high"]) == pytest.approx((0.1500, 0.8500),
                                                                                  abs=1e-4)
-    table = metrics.mean_l1(results_table()).set_index(["epoch", "schedule"])
+    table = aggregates.mean_l1(results_table()).set_index(["epoch", "schedule"])
     row = table.loc[(1, "constant")]  # 4, 4, 6, 6
     assert row["mean_l1_255_low"] <= 5.0 <= row["mean_l1_255_high"]
     assert 4.0 <= row["mean_l1_255_low"] and row["mean_l1_255_high"] <= 6.0
     assert table.loc[(1, "iteration"), "mean_l1_255_low"] == pytest.approx(3.0)  # all equal
     assert table.loc[(1, "constant"), "median_l1_255"] == pytest.approx(5.0)
-    effort = metrics.iterations_and_lr(results_table()).set_index("schedule")
+    effort = aggregates.iterations_and_lr(results_table()).set_index("schedule")
     assert effort.loc["step", "mean_iterations_low"] <= 25 <= effort.loc["step",
                                                                           "mean_iterations_high"]
-    assert metrics.mean_l1(results_table()).equals(metrics.mean_l1(results_table()))  # seeded
+    assert aggregates.mean_l1(results_table()).equals(aggregates.mean_l1(results_table()))  # seeded
 
 
 def test_paired_schedule_differences_per_epoch() -> None:
-    table = metrics.paired_schedule_differences(many_attacks(AGREEING))
+    table = paired.paired_schedule_differences(many_attacks(AGREEING))
     assert set(table["schedule"]) == {"iteration", "loss-adaptive", "step", "exponential"}
     row = table.set_index(["epoch", "schedule"]).loc[(1, "step")]
     assert row["pairs"] == 40  # step succeeded on 40 of the 60 rows, constant on all
     assert row["mean_difference"] == pytest.approx(-2.5)
     assert row["high"] < 0 and row["p_signed_rank"] < 1e-6
-    iterations = metrics.paired_schedule_differences(
+    iterations = paired.paired_schedule_differences(
         many_attacks(AGREEING), value="iterations", successful_only=False, scale=1.0)
     row = iterations.set_index(["epoch", "schedule"]).loc[(2, "exponential")]
     assert row["pairs"] == 60 and row["mean_difference"] == pytest.approx(75.0)  # 80 - 5
-    assert metrics.paired_schedule_differences(many_attacks(AGREEING), reference="none").empty
+    assert paired.paired_schedule_differences(many_attacks(AGREEING), reference="none").empty
 
 
 def with_refinement(results: pd.DataFrame, overshoot_255: dict[str, float]) -> pd.DataFrame:
@@ -366,46 +375,47 @@ def with_refinement(results: pd.DataFrame, overshoot_255: dict[str, float]) -> p
 
 def test_refinement_absent_and_present() -> None:
     plain = many_attacks(AGREEING)
-    assert not metrics.refined_available(plain)
-    assert metrics.refinement_ranking(plain) is None
+    assert not aggregates.refined_available(plain)
+    assert aggregates.refinement_ranking(plain) is None
     # refinement switched off: the stage writes the path distances and 0 forwards
     off = plain.assign(refined_l1=plain["l1"], refined_l2=plain["l2"],
                        refined_linf=plain["linf"], refine_forwards=0)
-    assert not metrics.refined_available(off) and metrics.refinement_ranking(off) is None
-    assert metrics.refinement_ranking(with_refinement(plain, {}).assign(refined_l1=np.nan)) is None
+    assert not aggregates.refined_available(off) and aggregates.refinement_ranking(off) is None
+    no_values = with_refinement(plain, {}).assign(refined_l1=np.nan)
+    assert aggregates.refinement_ranking(no_values) is None
     # constant overshoots by 2.9/255: once removed it is the smallest (b + 0.1)
     refined = with_refinement(plain, {"constant": 2.9, "iteration": 0.0, "loss-adaptive": 0.0,
                                       "step": 0.0, "exponential": 0.0})
-    ranking = metrics.refinement_ranking(refined).set_index(["epoch", "schedule"])
+    ranking = aggregates.refinement_ranking(refined).set_index(["epoch", "schedule"])
     assert ranking.loc[(1, "constant"), "mean_overshoot_255"] == pytest.approx(2.9)
     assert ranking.loc[(1, "constant"), "rank_path"] == 5
     assert ranking.loc[(1, "constant"), "rank_refined"] == 1
     assert ranking.loc[(1, "step"), "mean_refine_forwards"] == 4
     assert ranking.loc[(1, "step"), "successes"] == 40
-    changes = metrics.ranking_changes(ranking.reset_index())
+    changes = aggregates.ranking_changes(ranking.reset_index())
     assert changes["changed"].tolist() == [True, True]
     assert changes.loc[0, "order_refined"].startswith("constant < ")
     same = with_refinement(plain, dict.fromkeys(SCHEDULES, 0.1))
-    assert not metrics.ranking_changes(metrics.refinement_ranking(same))["changed"].any()
+    assert not aggregates.ranking_changes(aggregates.refinement_ranking(same))["changed"].any()
 
 
 def test_per_image_l1_follows_the_same_targets_across_epochs() -> None:
     results = many_attacks(AGREEING, images=3)  # img0..img2, two targets each
     # img1 is not followed; step fails on row k = 0 (img0, first target) at every epoch
-    table = metrics.per_image_l1(results, ["img0", "img2"])
+    table = aggregates.per_image_l1(results, ["img0", "img2"])
     assert set(table["image_id"]) == {"img0", "img2"}
     step = table[(table["schedule"] == "step") & (table["image_id"] == "img0")]
     assert step["targets"].tolist() == [1, 1]
     constant = table[(table["schedule"] == "constant") & (table["image_id"] == "img0")]
     assert constant["targets"].tolist() == [2, 2] and constant["epoch"].tolist() == [1, 2]
-    change = metrics.per_image_change(table).set_index("schedule")
+    change = aggregates.per_image_change(table).set_index("schedule")
     assert change.loc["constant", "images"] == 2
     assert change.loc["constant", "mean_change_255"] == pytest.approx(0.0)  # same at 1 and 2
     later = results.assign(l1=np.where(results["epoch"] == 2, results["l1"] + 1 / 255,
                                        results["l1"]))
-    moved = metrics.per_image_change(metrics.per_image_l1(later, ["img0", "img2"]))
+    moved = aggregates.per_image_change(aggregates.per_image_l1(later, ["img0", "img2"]))
     assert moved.set_index("schedule").loc["iteration", "mean_change_255"] == pytest.approx(1.0)
-    assert metrics.per_image_change(table[table["epoch"] == 1]).empty
+    assert aggregates.per_image_change(table[table["epoch"] == 1]).empty
 
 
 def test_accuracy_f1_intervals_match_the_training_metrics() -> None:
@@ -416,7 +426,7 @@ def test_accuracy_f1_intervals_match_the_training_metrics() -> None:
     predicted = np.where(rng.random(200) < 0.7, labels, rng.integers(0, NUM_CLASSES, 200))
     table = pd.DataFrame({"epoch": 1, "image_id": [f"t{k}" for k in range(200)],
                           "label": labels, "predicted": predicted})
-    (row,) = metrics.accuracy_f1_intervals(table).to_dict("records")
+    (row,) = aggregates.accuracy_f1_intervals(table).to_dict("records")
     assert row["test_images"] == 200
     assert row["accuracy"] == pytest.approx(np.mean(labels == predicted))
     expected = f1_score(labels, predicted, labels=list(range(NUM_CLASSES)), average="macro",
@@ -430,14 +440,14 @@ def test_claim_rules_refuse_bad_levels() -> None:
     from lib.errors import ParameterError
 
     with pytest.raises(ParameterError, match="full_success must lie in"):
-        metrics.ClaimRules(full_success=95)
+        ClaimRules(full_success=95)
     with pytest.raises(ParameterError, match="stable_within must be a share"):
-        metrics.ClaimRules(stable_within=-0.1)
+        ClaimRules(stable_within=-0.1)
 
 
 def test_the_conclusion_is_written_from_the_verdicts() -> None:
-    claims = metrics.paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
-    text = metrics.claims_conclusion(claims)
+    claims = paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
+    text = claims_conclusion(claims)
     count = claims["verdict"].value_counts()
     assert text.startswith(f"Of the paper's 12 claims, our run **agrees** with {count['agrees']},")
     listed = [line for line in text.splitlines() if line.startswith("  - ")]
@@ -445,15 +455,15 @@ def test_the_conclusion_is_written_from_the_verdicts() -> None:
     inconclusive = claims.loc[claims["verdict"] == "inconclusive", "claim"].tolist()
     block = text.split("- Inconclusive:")[1]
     assert all(claim in block for claim in inconclusive)
-    shown = metrics.readable_claims(claims).set_index("claim")
+    shown = readable_claims(claims).set_index("claim")
     assert shown.loc["constant reaches 100 % success within max_iter",
                      "estimate (95 % interval)"] == "1 [0.969, 1]"
     assert shown.loc["constant reaches 100 % success within max_iter", "n"] == "120 attacks"
 
 
 def test_the_claims_table_shows_every_claim_in_full() -> None:
-    claims = metrics.paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
-    html = metrics.readable_claims(claims).to_html(index=False)
+    claims = paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
+    html = readable_claims(claims).to_html(index=False)
     for row in claims.itertuples():
         assert f"<td>{row.claim}</td>" in html
         assert f"<td>{row.quantity}</td>" in html.replace("&gt;", ">")

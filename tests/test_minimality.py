@@ -1,4 +1,5 @@
-"""Tests of lib.minimality: the best-known L1 reference, the ratio and the optimality score."""
+"""Tests of lib.analysis.minimality and lib.attack.reference: the best-known L1 reference, the
+ratio and the optimality score."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib import minimality
+from lib.analysis import minimality
+from lib.attack import reference
 from lib.errors import ParameterError
 
 SHAPE = (3, 4, 4)
@@ -93,8 +95,8 @@ def test_best_known_finds_the_closed_form_minimum(linear_case, linear_reference)
 def test_reference_rows_are_checked_and_measured(linear_case, linear_reference):
     model, images, targets, exact = linear_case
     table = linear_reference
-    assert len(table) == len(images) * len(minimality.DEFAULT_ATTACKS)
-    assert set(table["attack"]) == set(minimality.DEFAULT_ATTACKS)
+    assert len(table) == len(images) * len(reference.DEFAULT_ATTACKS)
+    assert set(table["attack"]) == set(reference.DEFAULT_ATTACKS)
     assert (table["steps"] == 200).all()
     successful = table[table["success"]]
     assert len(successful) >= len(images)
@@ -112,7 +114,7 @@ def test_reference_rows_are_checked_and_measured(linear_case, linear_reference):
 def unchanged_attack(monkeypatch):
     """A registered reference attack that returns the images unchanged (it always fails)."""
     monkeypatch.setitem(
-        minimality.REFERENCE_ATTACKS, "unchanged", lambda model, x, t, *, steps: x.clone()
+        reference.REFERENCE_ATTACKS, "unchanged", lambda model, x, t, *, steps: x.clone()
     )
     return "unchanged"
 
@@ -177,12 +179,12 @@ def test_rng_is_seeded_and_restored(linear_case, monkeypatch):
         draws.append(torch.rand(1).item())
         return x.clone()
 
-    monkeypatch.setitem(minimality.REFERENCE_ATTACKS, "noisy", noisy)
+    monkeypatch.setitem(reference.REFERENCE_ATTACKS, "noisy", noisy)
     torch.manual_seed(123)
     expected_next = torch.rand(1).item()
     torch.manual_seed(123)
     for _ in range(2):
-        minimality.run_reference_attacks(
+        reference.run_reference_attacks(
             model, images, targets, attacks=["noisy"], steps=(2,), seed=7, progress=False
         )
     assert torch.rand(1).item() == expected_next, "the caller's RNG state is restored"
@@ -192,7 +194,7 @@ def test_rng_is_seeded_and_restored(linear_case, monkeypatch):
 def test_model_state_is_restored(linear_case, unchanged_attack):
     model, images, targets, _ = linear_case
     model.train()
-    minimality.run_reference_attacks(
+    reference.run_reference_attacks(
         model, images, targets, attacks=[unchanged_attack], steps=(2,), progress=False
     )
     assert model.training and all(p.requires_grad for p in model.parameters())
@@ -214,7 +216,7 @@ def test_bad_arguments_are_named(linear_case, change, message):
     arguments = {"images": torch.rand(2, 3, 4, 4), "targets": torch.tensor([1, 1])} | change
     images, targets = arguments.pop("images"), arguments.pop("targets")
     with pytest.raises(ParameterError, match=message):
-        minimality.run_reference_attacks(model, images, targets, progress=False, **arguments)
+        reference.run_reference_attacks(model, images, targets, progress=False, **arguments)
 
 
 # --- the measures, on hand-made tables -----------------------------------------------------

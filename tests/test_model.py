@@ -13,15 +13,13 @@ import torchvision
 
 from lib import NUM_CLASSES
 from lib.errors import CheckpointError, ParameterError
-from lib.model import (
+from lib.model.checkpoints import build_model, load_checkpoint, save_checkpoint
+from lib.model.network import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MIN_IMAGE_SIZE,
-    build_model,
     check_image_size,
-    load_checkpoint,
     resolve_device,
-    save_checkpoint,
 )
 
 
@@ -321,7 +319,7 @@ def test_available_cuda_index_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_frozen_restores_flags_and_modes_even_on_error():
-    from lib.model import frozen
+    from lib.model.network import frozen
 
     model = build_model(num_classes=7)
     model.train()

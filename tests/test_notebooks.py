@@ -9,14 +9,15 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lib import pipeline
+from lib.run import layout
+from lib.run.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 
 
 def _executed(run_dir: Path) -> list[Path]:
-    return [run_dir / "notebooks" / f"{stage}.ipynb" for stage in pipeline.STAGES
-            if pipeline.notebook_path(stage).exists()]
+    return [run_dir / "notebooks" / f"{stage}.ipynb" for stage in layout.STAGES
+            if layout.notebook_path(stage).exists()]
 
 
 def test_every_stage_ran_without_errors(tiny_run: Path) -> None:
@@ -25,7 +26,7 @@ def test_every_stage_ran_without_errors(tiny_run: Path) -> None:
         errors = [o for c in notebook.cells if c.cell_type == "code"
                   for o in c.get("outputs", []) if o.output_type == "error"]
         assert errors == [], path.name
-    manifest = pipeline.read_manifest(tiny_run)
+    manifest = read_manifest(tiny_run)
     assert all(manifest["stages"][s]["finished"] for s in manifest["stages"])
 
 

@@ -1,4 +1,4 @@
-"""Profiles, parameter checks and run-folder manifests (lib/pipeline.py)."""
+"""Profiles, parameter checks and run-folder manifests (lib/run/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from lib import book, pipeline, stages
 from lib.errors import ParameterError, RunFolderError
+from lib.run import book, layout, parameters, pipeline
 
 TRAIN = "02_train"
 
 
 def test_notebook_defaults_read_the_parameters_cell() -> None:
-    defaults = pipeline.notebook_defaults(TRAIN)
+    defaults = parameters.notebook_defaults(TRAIN)
     assert defaults["epochs"] == 10
     assert defaults["balance"] == "weights"
     assert defaults["augment"] is True
-    assert pipeline.stage_parameters(TRAIN, {**defaults, "unrelated": 1}) == defaults
+    assert parameters.stage_parameters(TRAIN, {**defaults, "unrelated": 1}) == defaults
 
 
 def test_parameter_table_has_a_comment_for_every_parameter() -> None:
-    for stage in pipeline.STAGES:
-        if not pipeline.notebook_path(stage).exists():
+    for stage in layout.STAGES:
+        if not layout.notebook_path(stage).exists():
             continue
-        rows = pipeline.parameter_table(stage)
-        assert [name for name, _, _ in rows] == list(pipeline.notebook_defaults(stage))
+        rows = parameters.parameter_table(stage)
+        assert [name for name, _, _ in rows] == list(parameters.notebook_defaults(stage))
         assert all(comment for _, _, comment in rows), stage
 
 
@@ -43,32 +43,32 @@ def test_parameter_table_has_a_comment_for_every_parameter() -> None:
 )
 def test_wrong_parameters_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ParameterError, match=message):
-        pipeline.check_parameter_types(TRAIN, values)
+        parameters.check_parameter_types(TRAIN, values)
 
 
 def test_an_int_is_a_valid_float() -> None:
-    pipeline.check_parameter_types(TRAIN, {"lr": 1, "epochs": 3})
+    parameters.check_parameter_types(TRAIN, {"lr": 1, "epochs": 3})
 
 
 def test_unknown_profile_lists_the_available_ones() -> None:
     with pytest.raises(ParameterError, match="available profiles: .*default"):
-        pipeline.load_profile("nonexistent")
+        parameters.load_profile("nonexistent")
 
 
 def test_unknown_stage_lists_the_stages() -> None:
     with pytest.raises(ParameterError, match="the stages are 01_data, 02_train"):
-        pipeline.notebook_path("02_training")
+        layout.notebook_path("02_training")
 
 
 def test_default_profile_parameters_are_valid() -> None:
-    for name in pipeline.available_profiles():
-        for stage, params in pipeline.load_profile(name).items():
-            if pipeline.notebook_path(stage).exists():
-                pipeline.check_parameter_types(stage, params)
+    for name in parameters.available_profiles():
+        for stage, params in parameters.load_profile(name).items():
+            if layout.notebook_path(stage).exists():
+                parameters.check_parameter_types(stage, params)
 
 
 def _data_params(**changes: object) -> dict:
-    params = pipeline.notebook_defaults("01_data")
+    params = parameters.notebook_defaults("01_data")
     params.update(changes)
     return params
 
@@ -109,7 +109,7 @@ def test_overwrite_discards_this_and_later_stages(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params())
     pipeline.finish_stage("01_data", run_dir=run_dir)
-    train = pipeline.notebook_defaults(TRAIN)
+    train = parameters.notebook_defaults(TRAIN)
     pipeline.start_stage(TRAIN, run_dir=run_dir, parameters=train)
     (run_dir / "data" / "old.csv").write_text("x\n")
     (run_dir / "train" / "old.csv").write_text("x\n")
@@ -122,7 +122,7 @@ def test_overwrite_discards_this_and_later_stages(tmp_path: Path) -> None:
 
 
 def test_a_later_stage_needs_the_run_folder_and_the_stage_before(tmp_path: Path) -> None:
-    train = pipeline.notebook_defaults(TRAIN)
+    train = parameters.notebook_defaults(TRAIN)
     with pytest.raises(RunFolderError, match="does not exist; run the data stage"):
         pipeline.start_stage(TRAIN, run_dir=tmp_path / "missing", parameters=train)
     assert not (tmp_path / "missing").exists()
@@ -142,43 +142,43 @@ def test_parameters_markdown_lists_every_stage() -> None:
     assert "| `epochs` | `10` |" in text
 
 
-# --------------------------------------------------------------------------- lib.stages
+# --------------------------------------------------------------------------- lib.run.layout
 
 
 def test_command_line_values_are_read_as_plain_yaml() -> None:
-    assert stages.parse_value("epochs", "3") == 3
-    assert stages.parse_value("lr", "0.5") == 0.5
-    assert stages.parse_value("augment", "true") is True
-    assert stages.parse_value("schedules", "[step, constant]") == ["step", "constant"]
+    assert parameters.parse_value("epochs", "3") == 3
+    assert parameters.parse_value("lr", "0.5") == 0.5
+    assert parameters.parse_value("augment", "true") is True
+    assert parameters.parse_value("schedules", "[step, constant]") == ["step", "constant"]
     with pytest.raises(ParameterError, match="-p run_dir: .* is not a plain value"):
-        stages.parse_value("run_dir", "!!python/object/apply:os.system [ls]")
+        parameters.parse_value("run_dir", "!!python/object/apply:os.system [ls]")
 
 
 def test_parameters_merge_defaults_then_profile_then_overrides() -> None:
-    merged = stages.merged_parameters("02_train", profile="tiny", overrides={"lr": 0.5},
+    merged = parameters.merged_parameters("02_train", profile="tiny", overrides={"lr": 0.5},
                                       with_defaults=True)
-    assert merged["epochs"] == pipeline.load_profile("tiny")["02_train"]["epochs"]  # profile
+    assert merged["epochs"] == parameters.load_profile("tiny")["02_train"]["epochs"]  # profile
     assert merged["lr"] == 0.5  # override
-    assert merged["momentum"] == pipeline.notebook_defaults("02_train")["momentum"]  # default
-    assert set(merged) == set(pipeline.notebook_defaults("02_train"))
-    assert "momentum" not in stages.merged_parameters("02_train", profile="tiny")
+    assert merged["momentum"] == parameters.notebook_defaults("02_train")["momentum"]  # default
+    assert set(merged) == set(parameters.notebook_defaults("02_train"))
+    assert "momentum" not in parameters.merged_parameters("02_train", profile="tiny")
     with pytest.raises(ParameterError, match="has no parameter 'lr00'"):
-        stages.merged_parameters("02_train", overrides={"lr00": 1.0})
+        parameters.merged_parameters("02_train", overrides={"lr00": 1.0})
 
 
 def test_run_folder_paths(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert stages.checkpoint_path(run, 3) == run / "train" / "epoch_03.safetensors"
-    assert stages.optimizer_file(run / "train", 12) == run / "train" / "optimizer_12.safetensors"
-    assert stages.attack_file(run, "job") == run / "attack" / "job.json"
-    assert stages.attack_file(run, "results.csv") == run / "attack" / "results.csv"
-    assert stages.chunk_files(run, "epoch_01", 7)[0] == (
+    assert layout.checkpoint_path(run, 3) == run / "train" / "epoch_03.safetensors"
+    assert layout.optimizer_file(run / "train", 12) == run / "train" / "optimizer_12.safetensors"
+    assert layout.attack_file(run, "job") == run / "attack" / "job.json"
+    assert layout.attack_file(run, "results.csv") == run / "attack" / "results.csv"
+    assert layout.chunk_files(run, "epoch_01", 7)[0] == (
         run / "attack" / "chunks" / "epoch_01" / "chunk_00007.csv")
-    assert stages.data_file(run, "frames") == run / "data" / "frames.csv"
-    assert stages.minimality_file(run, "ratios") == run / "minimality" / "ratios.csv"
-    assert stages.executed_notebook(run, "04_analysis") == run / "notebooks" / "04_analysis.ipynb"
+    assert layout.data_file(run, "frames") == run / "data" / "frames.csv"
+    assert layout.minimality_file(run, "ratios") == run / "minimality" / "ratios.csv"
+    assert layout.executed_notebook(run, "04_analysis") == run / "notebooks" / "04_analysis.ipynb"
     with pytest.raises(ValueError, match="writes no file 'results'"):
-        stages.data_file(run, "results")
+        layout.data_file(run, "results")
 
 
 @pytest.mark.parametrize(("logged", "checkpoints", "expected", "finished"), [
@@ -194,9 +194,9 @@ def test_trained_epochs_need_a_metrics_row_and_a_checkpoint(
     train = tmp_path / "train"
     train.mkdir()
     if logged:
-        stages.train_table(train, "metrics").write_text(
+        layout.train_table(train, "metrics").write_text(
             "epoch,accuracy\n" + "".join(f"{e},0.5\n" for e in logged))
     for epoch in checkpoints:
-        stages.checkpoint_file(train, epoch).write_bytes(b"x")
-    assert stages.logged_epochs(train) == expected
-    assert stages.finished_epochs(train) == finished
+        layout.checkpoint_file(train, epoch).write_bytes(b"x")
+    assert layout.logged_epochs(train) == expected
+    assert layout.finished_epochs(train) == finished

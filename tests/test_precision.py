@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib import precision
 from lib.errors import ParameterError
+from lib.model import precision
 
 
 @pytest.mark.parametrize("name", ["float16", "bf16", "FLOAT32", ""])

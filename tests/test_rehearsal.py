@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import datasets, pipeline
+from lib.run import data_stage, manifest, parameters, pipeline
 
 #: Parameters the rehearsal may set differently from the paper profile, and why.
 ALLOWED = {
@@ -31,7 +31,7 @@ ALLOWED = {
 
 
 def test_rehearsal_keeps_the_paper_settings_but_counts():
-    paper, rehearsal = pipeline.load_profile("paper"), pipeline.load_profile("rehearsal")
+    paper, rehearsal = parameters.load_profile("paper"), parameters.load_profile("rehearsal")
     assert list(paper) == list(rehearsal)
     for stage in paper:
         differ = {key for key in set(paper[stage]) | set(rehearsal[stage])
@@ -40,8 +40,8 @@ def test_rehearsal_keeps_the_paper_settings_but_counts():
     assert rehearsal["01_data"]["image_size"] == 224
     assert (rehearsal["01_data"]["synthetic_width"], rehearsal["01_data"]["synthetic_height"]) \
         == (854, 480)
-    spec = pipeline.load_profile_spec("rehearsal")
-    assert spec["skip"] == pipeline.load_profile_spec("paper")["skip"]
+    spec = parameters.load_profile_spec("rehearsal")
+    assert spec["skip"] == parameters.load_profile_spec("paper")["skip"]
 
 
 @pytest.mark.slow
@@ -56,13 +56,13 @@ def test_rehearsal_runs_the_paper_chain_at_real_frame_size(tmp_path: Path) -> No
         stream = container.streams.video[0]
         assert (stream.codec_context.width, stream.codec_context.height) == (854, 480)
         assert stream.average_rate == 25
-    test_set = datasets.load_run_split(run_dir, "test")
+    test_set = data_stage.load_run_split(run_dir, "test")
     assert test_set.image_size == 224 and test_set.images[0].shape == (3, 224, 224)
     assert sorted(p.name for p in (run_dir / "train").glob("epoch_*.safetensors")) == [
         "epoch_01.safetensors", "epoch_02.safetensors"]
     selection = pd.read_csv(run_dir / "attack" / "selection.csv")
     assert set(selection["epoch"]) <= {1, 2}
-    stages = pipeline.read_manifest(run_dir)["stages"]
+    stages = manifest.read_manifest(run_dir)["stages"]
     assert all(stages[s]["finished"] for s in ("01_data", "02_train", "03_attack", "04_analysis"))
     assert "05_minimality" not in stages  # skipped, as in the paper profile
     cache = next((tmp_path / "cache").rglob("*.npy"))

@@ -8,7 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lib import pipeline, rerun
+from lib.errors import RunFolderError
+from lib.run import pipeline, rerun
 from tests.conftest import tiny_overrides
 
 
@@ -89,5 +90,5 @@ def test_rerun_catches_a_changed_number(tiny_run: Path, tmp_path: Path) -> None:
 
 
 def test_a_folder_without_notebooks_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(rerun.RunFolderError, match="holds no executed stage notebook"):
+    with pytest.raises(RunFolderError, match="holds no executed stage notebook"):
         rerun.executed_notebooks(tmp_path)

@@ -1,4 +1,4 @@
-"""The attack stage's job (lib/robustness.py): plan, chunks, resume, merge, errors.
+"""The attack stage's job (lib/run/attack_stage.py): plan, chunks, resume, merge, errors.
 
 A tiny run folder: an ImageFolder dataset of 8 x 8 images (a noisy colour template per class)
 and two "checkpoints" of a nearest-template linear classifier, loaded through the stage's
@@ -18,8 +18,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lib import NUM_CLASSES, TOOLS, datasets, metrics, robustness
+from lib import NUM_CLASSES, TOOLS
+from lib.analysis import aggregates
+from lib.attack import plan
+from lib.data import datasets
 from lib.errors import ParameterError, RunFolderError
+from lib.run import attack_stage, data_stage, layout, tables
 
 SIZE = 8
 TEST_PER_CLASS = 3
@@ -69,7 +73,7 @@ def make_run(run_dir: Path, *, epochs: int = 2, wrong_epoch: int | None = None) 
                 array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                 Image.fromarray(array).save(folder / f"img{k}.png")
     splits = datasets.load_image_folder(root, image_size=SIZE, progress=False)
-    datasets.write_run_data(run_dir, splits)
+    data_stage.write_run_data(run_dir, splits)
     test = splits["test"]
     train = run_dir / "train"
     train.mkdir()
@@ -125,7 +129,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def settings(**changes) -> robustness.AttackSettings:
+def settings(**changes) -> plan.AttackSettings:
     values = dict(
         epochs=[],
         schedules=SCHEDULES,
@@ -142,7 +146,7 @@ def settings(**changes) -> robustness.AttackSettings:
         gallery_images=3,
     )
     values.update(changes)
-    return robustness.AttackSettings(**values)
+    return plan.AttackSettings(**values)
 
 
 def copy_inputs(source: Path, target: Path) -> Path:
@@ -158,8 +162,8 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_all(run_dir: Path, job: robustness.AttackJob) -> None:
-    robustness.run_chunks(job, run_dir, progress=False, load_model=load_template_net)
+def run_all(run_dir: Path, job: plan.AttackJob) -> None:
+    attack_stage.run_chunks(job, run_dir, progress=False, load_model=load_template_net)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -169,7 +173,7 @@ def run_all(run_dir: Path, job: robustness.AttackJob) -> None:
 def test_plan_has_one_row_per_image_target_and_schedule(
     template_run: Path, mode: str, per_image: int
 ) -> None:
-    job = robustness.plan_job(template_run, settings(mode=mode))
+    job = attack_stage.plan_job(template_run, settings(mode=mode))
     assert job.settings.epochs == (1, 2)
     assert job.settings.sweep_epoch == 2
     main = job.rows[job.rows["kind"] == "main"]
@@ -201,10 +205,10 @@ def test_plan_has_one_row_per_image_target_and_schedule(
 
 
 def test_plan_is_deterministic(template_run: Path) -> None:
-    first = robustness.plan_job(template_run, settings())
-    second = robustness.plan_job(template_run, settings())
+    first = attack_stage.plan_job(template_run, settings())
+    second = attack_stage.plan_job(template_run, settings())
     pd.testing.assert_frame_equal(first.rows, second.rows)
-    assert robustness.plan_record(first) == robustness.plan_record(second)
+    assert plan.plan_record(first) == plan.plan_record(second)
 
 
 # --------------------------------------------------------------------------- running
@@ -214,7 +218,7 @@ def test_plan_is_deterministic(template_run: Path) -> None:
 def finished_run(template_run: Path, tmp_path_factory: pytest.TempPathFactory):
     """The whole stage, uninterrupted, in one process: the reference for the other tests."""
     run_dir = copy_inputs(template_run, tmp_path_factory.mktemp("whole") / "run")
-    job = robustness.run_attack_stage(
+    job = attack_stage.run_attack_stage(
         run_dir, settings(), progress=False, load_model=load_template_net
     )
     return run_dir, job
@@ -224,7 +228,7 @@ def test_stage_writes_tidy_tables(finished_run) -> None:
     run_dir, job = finished_run
     attack = run_dir / "attack"
     results = pd.read_csv(attack / "results.csv", dtype={"image_id": str})
-    assert tuple(results.columns) == robustness.RESULT_COLUMNS
+    assert tuple(results.columns) == attack_stage.RESULT_COLUMNS
     main = job.rows[job.rows["kind"] == "main"]
     assert len(results) == len(main)
     assert results[["epoch", "row_id"]].equals(
@@ -263,7 +267,7 @@ def test_stage_writes_tidy_tables(finished_run) -> None:
             l1 = np.abs(borderline - original / 255.0).mean()
             assert l1 == pytest.approx(keyed.loc[(epoch, row_id), "l1"], abs=1e-6)
     sweep = pd.read_csv(attack / "lr0_sweep.csv")
-    assert tuple(sweep.columns) == robustness.SWEEP_COLUMNS
+    assert tuple(sweep.columns) == attack_stage.SWEEP_COLUMNS
     assert sorted(sweep["lr0"].unique()) == [0.05, 0.2]
     selection = pd.read_csv(attack / "selection.csv")
     assert list(selection.columns) == ["epoch", "image_id", "label", "rank"]
@@ -274,12 +278,12 @@ def test_sweep_value_equal_to_lr0_reuses_the_main_rows(finished_run, template_ru
                                                        tmp_path: Path) -> None:
     whole, whole_job = finished_run
     run_dir = copy_inputs(template_run, tmp_path / "reuse")
-    job = robustness.plan_job(run_dir, settings(sweep_lr0=[0.05, LR0, 0.2]))
+    job = attack_stage.plan_job(run_dir, settings(sweep_lr0=[0.05, LR0, 0.2]))
     sweep_rows = job.rows[job.rows["kind"] == "sweep"]
     assert sorted(sweep_rows["lr0"].unique()) == [0.05, 0.2]  # LR0 is not attacked again
     assert len(job.rows) == len(whole_job.rows)
     run_all(run_dir, job)
-    robustness.merge(job, run_dir)
+    attack_stage.merge(job, run_dir)
     sweep = pd.read_csv(run_dir / "attack" / "lr0_sweep.csv", dtype={"image_id": str})
     assert sorted(sweep["lr0"].unique()) == [0.05, LR0, 0.2]
     at_lr0 = sweep[sweep["lr0"] == LR0].drop(columns="lr0").reset_index(drop=True)
@@ -293,14 +297,14 @@ def test_sweep_value_equal_to_lr0_reuses_the_main_rows(finished_run, template_ru
     results = pd.read_csv(run_dir / "attack" / "results.csv", dtype={"image_id": str})
     main = results.merge(at_lr0[["epoch", "row_id"]], on=["epoch", "row_id"])
     assert len(main) == len(at_lr0)
-    assert main.reset_index(drop=True).equals(at_lr0[list(robustness.RESULT_COLUMNS)])
+    assert main.reset_index(drop=True).equals(at_lr0[list(attack_stage.RESULT_COLUMNS)])
 
 
 def test_rerun_finds_every_chunk_done(finished_run) -> None:
     run_dir, job = finished_run
     before = digest(run_dir / "attack" / "results.csv")
-    assert robustness.run_chunks(job, run_dir, progress=False, load_model=load_template_net) == 0
-    robustness.merge(job, run_dir)
+    assert attack_stage.run_chunks(job, run_dir, progress=False, load_model=load_template_net) == 0
+    attack_stage.merge(job, run_dir)
     assert digest(run_dir / "attack" / "results.csv") == before
 
 
@@ -310,20 +314,20 @@ def test_resume_after_lost_chunks_gives_identical_tables(
     whole, job = finished_run
     pieces = copy_inputs(template_run, tmp_path / "pieces")
     keys = list(zip(job.chunks["part"], job.chunks["chunk"], strict=True))
-    robustness.run_chunks(
+    attack_stage.run_chunks(
         job, pieces, chunks=keys[:4], progress=False, load_model=load_template_net
     )
     with pytest.raises(RunFolderError, match="chunks have no results yet"):
-        robustness.merge(job, pieces)
+        attack_stage.merge(job, pieces)
     # one chunk lost entirely, one killed between writing its traces and its rows
-    csv0, npz0 = robustness.chunk_files(pieces, *keys[0])
-    csv1, _ = robustness.chunk_files(pieces, *keys[1])
+    csv0, npz0 = layout.chunk_files(pieces, *keys[0])
+    csv1, _ = layout.chunk_files(pieces, *keys[1])
     csv0.unlink()
     npz0.unlink()
     csv1.unlink()
-    assert len(robustness.pending_chunks(job, pieces)) == len(keys) - 2
-    robustness.run_chunks(job, pieces, progress=False, load_model=load_template_net)
-    robustness.merge(job, pieces)
+    assert len(attack_stage.pending_chunks(job, pieces)) == len(keys) - 2
+    attack_stage.run_chunks(job, pieces, progress=False, load_model=load_template_net)
+    attack_stage.merge(job, pieces)
     for name in ("results.csv", "lr0_sweep.csv", "selection.csv", "traces.npz", "gallery.npz"):
         assert digest(pieces / "attack" / name) == digest(whole / "attack" / name), name
 
@@ -350,13 +354,13 @@ def test_nonfinite_logits_fail_their_attacks_and_stay_out_of_the_means(
     template_run: Path, tmp_path: Path
 ) -> None:
     run_dir = copy_inputs(template_run, tmp_path / "poisoned")
-    job = robustness.plan_job(run_dir, settings(sweep_lr0=[], gallery_images=0))
-    robustness.run_chunks(
+    job = attack_stage.plan_job(run_dir, settings(sweep_lr0=[], gallery_images=0))
+    attack_stage.run_chunks(
         job, run_dir, progress=False,
         load_model=lambda path, device: PoisonedNet(load_template_net(path, device), _templates(0)),
     )
-    robustness.merge(job, run_dir)
-    results = metrics.read_results(run_dir)
+    attack_stage.merge(job, run_dir)
+    results = tables.read_results(run_dir)
     poisoned = results["source"] == POISONED
     # every attack on a poisoned image starts from NaN logits; an attack on another image
     # fails the same way only if it moves into the poisoned class's region
@@ -366,15 +370,15 @@ def test_nonfinite_logits_fail_their_attacks_and_stay_out_of_the_means(
     assert (others["status"] == "ok").sum() > len(others) // 2
     assert set(others.loc[others["status"] != "ok", "target"]) <= {POISONED}
     nonfinite = results["status"] == "nonfinite"
-    rates = metrics.success_rates(results)
+    rates = aggregates.success_rates(results)
     expected_skipped = results[nonfinite].groupby(["epoch", "schedule"]).size()
     skipped = rates.set_index(["epoch", "schedule"])["skipped"]
     assert (skipped.reindex(expected_skipped.index) == expected_skipped).all()
     assert (rates["attacks"] + rates["skipped"]).eq(
         results.groupby(["epoch", "schedule"]).size().reindex(
             pd.MultiIndex.from_frame(rates[["epoch", "schedule"]])).to_numpy()).all()
-    assert metrics.skipped_counts(results)["count"].sum() == nonfinite.sum()
-    assert np.isfinite(metrics.mean_l1(results)["mean_l1"]).all()
+    assert aggregates.skipped_counts(results)["count"].sum() == nonfinite.sum()
+    assert np.isfinite(aggregates.mean_l1(results)["mean_l1"]).all()
 
 
 def test_shards_merge_into_the_one_process_tables(
@@ -385,25 +389,25 @@ def test_shards_merge_into_the_one_process_tables(
     sharded = copy_inputs(template_run, tmp_path / "sharded")
     keys = list(zip(job.chunks["part"], job.chunks["chunk"], strict=True))
     for rank in range(processes):  # each "process" its own share of the chunks
-        robustness.run_chunks(
+        attack_stage.run_chunks(
             job, sharded, chunks=keys[rank::processes], progress=False, load_model=load_template_net
         )
-    robustness.merge(job, sharded)
+    attack_stage.merge(job, sharded)
     for name in ("results.csv", "lr0_sweep.csv", "traces.npz"):
         assert digest(sharded / "attack" / name) == digest(whole / "attack" / name), name
 
 
 def test_metrics_read_the_stage_output(finished_run) -> None:
     run_dir, _ = finished_run
-    results = metrics.read_results(run_dir)
-    rates = metrics.success_rates(results)
+    results = tables.read_results(run_dir)
+    rates = aggregates.success_rates(results)
     assert len(rates) == 2 * len(SCHEDULES)
     assert rates["attacks"].eq(NUM_CLASSES * 2 * (NUM_CLASSES - 1)).all()
-    summary = metrics.trace_summary(metrics.read_npz(run_dir, "traces.npz"), results)
+    summary = aggregates.trace_summary(tables.read_npz(run_dir, "traces.npz"), results)
     assert set(summary["schedule"]) == set(SCHEDULES)
     first = summary[summary["iteration"] == 1]
     assert np.allclose(first["mean_lr_255"], LR0 * 255)  # every schedule starts at lr0
-    sensitivity = metrics.lr0_sensitivity(metrics.read_sweep(run_dir))
+    sensitivity = aggregates.lr0_sensitivity(tables.read_sweep(run_dir))
     assert len(sensitivity) == 2 * len(SCHEDULES)
 
 
@@ -412,35 +416,35 @@ def test_metrics_read_the_stage_output(finished_run) -> None:
 
 def test_changed_settings_are_refused(template_run: Path, tmp_path: Path) -> None:
     run_dir = copy_inputs(template_run, tmp_path / "run")
-    robustness.save_plan(robustness.plan_job(run_dir, settings()), run_dir)
-    other = robustness.plan_job(run_dir, settings(lr0=0.3))
+    attack_stage.save_plan(attack_stage.plan_job(run_dir, settings()), run_dir)
+    other = attack_stage.plan_job(run_dir, settings(lr0=0.3))
     with pytest.raises(RunFolderError, match="another attack job(.|\n)*lr0"):
-        robustness.run_chunks(other, run_dir, progress=False, load_model=load_template_net)
+        attack_stage.run_chunks(other, run_dir, progress=False, load_model=load_template_net)
 
 
 def test_run_folder_without_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "run" / "train").mkdir(parents=True)
     with pytest.raises(RunFolderError, match=r"no checkpoints.*\(02_train\)"):
-        robustness.plan_job(tmp_path / "run", settings())
+        attack_stage.plan_job(tmp_path / "run", settings())
     with pytest.raises(RunFolderError, match="does not exist"):
-        robustness.plan_job(tmp_path / "nowhere", settings())
+        attack_stage.plan_job(tmp_path / "nowhere", settings())
 
 
 def test_epoch_that_was_not_trained(template_run: Path) -> None:
     with pytest.raises(ParameterError, match=r"epoch\(s\) \[5\] were not trained.*1, 2"):
-        robustness.plan_job(template_run, settings(epochs=[1, 5]))
+        attack_stage.plan_job(template_run, settings(epochs=[1, 5]))
 
 
 def test_empty_selection(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", wrong_epoch=2)
     with pytest.raises(ParameterError, match=r"empty selection.*epoch\(s\) \[2\]"):
-        robustness.plan_job(run_dir, settings())
-    assert len(robustness.plan_job(run_dir, settings(epochs=[1])).rows) > 0
+        attack_stage.plan_job(run_dir, settings())
+    assert len(attack_stage.plan_job(run_dir, settings(epochs=[1])).rows) > 0
 
 
 def test_analysis_without_attack_results(template_run: Path) -> None:
     with pytest.raises(RunFolderError, match=r"no attack results.*\(03_attack\)"):
-        metrics.read_results(template_run)
+        tables.read_results(template_run)
 
 
 @pytest.mark.parametrize(

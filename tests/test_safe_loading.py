@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib import cholec80, io, metrics, pipeline, robustness, stages
+from lib import io
+from lib.attack import plan
+from lib.data import cache
 from lib.errors import CheckpointError, ParameterError, RunFolderError
-from lib.training import fit
+from lib.run import attack_stage, layout, parameters, pipeline, tables
+from lib.train.loop import fit
 from tests.test_robustness import load_template_net, make_run, settings
 from tests.test_training import RUN, colour_frames
 
@@ -62,11 +65,11 @@ def test_npz_with_a_pickled_array_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def attacked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, robustness.AttackJob]:
+def attacked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, plan.AttackJob]:
     run_dir = make_run(tmp_path_factory.mktemp("attacked") / "run")
-    job = robustness.plan_job(run_dir, settings(sweep_lr0=[], gallery_images=0))
-    robustness.run_chunks(job, run_dir, progress=False, load_model=load_template_net)
-    robustness.merge(job, run_dir)
+    job = attack_stage.plan_job(run_dir, settings(sweep_lr0=[], gallery_images=0))
+    attack_stage.run_chunks(job, run_dir, progress=False, load_model=load_template_net)
+    attack_stage.merge(job, run_dir)
     return run_dir, job
 
 
@@ -75,12 +78,12 @@ def test_attack_chunk_with_a_pickle_is_refused(attacked_run, tmp_path: Path) -> 
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     marker = tmp_path / "marker"
-    _, npz_path = robustness.chunk_files(run_dir, job.chunks["part"].iloc[0],
+    _, npz_path = layout.chunk_files(run_dir, job.chunks["part"].iloc[0],
                                          int(job.chunks["chunk"].iloc[0]))
     plain = io.read_npz(npz_path)
     pickled_npz(npz_path, marker, key="lr", **{k: v for k, v in plain.items() if k != "lr"})
     with pytest.raises(RunFolderError, match="pickled"):
-        robustness.merge(job, run_dir)
+        attack_stage.merge(job, run_dir)
     assert not marker.exists()
 
 
@@ -91,7 +94,7 @@ def test_traces_with_a_pickle_are_refused(attacked_run, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     pickled_npz(run_dir / "attack" / "traces.npz", marker, key="row_id")
     with pytest.raises(RunFolderError, match=r"traces\.npz cannot be read"):
-        metrics.read_npz(run_dir, "traces.npz")
+        tables.read_npz(run_dir, "traces.npz")
     assert not marker.exists()
 
 
@@ -102,11 +105,11 @@ def test_frame_cache_with_a_pickle_is_ignored(tmp_path: Path) -> None:
     evil = np.empty(2, dtype=object)
     evil[:] = [WritesMarker(marker), WritesMarker(marker)]
     np.save(path, evil, allow_pickle=True)
-    io.write_json(cholec80.cache_sidecar(path),
+    io.write_json(cache.cache_sidecar(path),
                   {"frames": [0, 25], "source_size": 1, "source_mtime_ns": 1})
-    assert cholec80.read_frame_cache(path) is None
-    with pytest.raises(cholec80.FrameCacheError, match="expected C-ordered uint8"):
-        cholec80.MappedFrames(path)
+    assert cache.read_frame_cache(path) is None
+    with pytest.raises(cache.FrameCacheError, match="expected C-ordered uint8"):
+        cache.MappedFrames(path)
     assert not marker.exists()
 
 
@@ -128,9 +131,9 @@ def test_profile_with_a_python_tag_is_refused(tmp_path: Path, monkeypatch) -> No
     (tmp_path / "evil.yaml").write_text(
         f"common:\n  run_dir: !!python/object/apply:os.system ['touch {marker}']\n"
     )
-    monkeypatch.setattr(stages, "PROFILE_DIR", tmp_path)
+    monkeypatch.setattr(parameters, "PROFILE_DIR", tmp_path)
     with pytest.raises(ParameterError, match=r"evil\.yaml"):
-        pipeline.load_profile("evil")
+        parameters.load_profile("evil")
     assert not marker.exists()
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lib import schedules
+from lib.attack import schedules
 from lib.errors import ParameterError
 
 # lr_1 .. lr_10 for lr0 = 0.1, computed by hand from METHOD.md's table.

@@ -1,4 +1,4 @@
-"""The selection rule (lib/selection.py) on hand-made prediction tables."""
+"""The selection rule (lib/attack/selection.py) on hand-made prediction tables."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import NUM_CLASSES, TOOLS, selection
+from lib import NUM_CLASSES, TOOLS
+from lib.attack import selection
 from lib.errors import ParameterError, RunFolderError
 
 

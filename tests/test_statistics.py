@@ -1,4 +1,5 @@
-"""Intervals, paired differences and verdict rules (lib/statistics.py) with known answers."""
+"""Intervals, paired differences and verdict rules (lib/analysis/statistics.py) with known
+answers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import statistics as st
+from lib.analysis import statistics as st
 from lib.errors import ParameterError
 
 

@@ -1,6 +1,6 @@
 """The package's structure, read with ``ast``: no import cycle inside ``lib``, no underscore
 name used outside its own module, no function over 60 lines of code, and no run-folder file
-name spelt outside ``lib/stages.py``."""
+name spelt outside ``lib/run/layout.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import tokenize
 from pathlib import Path
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
-MODULES = {f"lib.{path.stem}": path for path in sorted(LIB.glob("*.py")) if path.stem != "__init__"}
+#: Every module of the package, by dotted name (``lib.run.layout``), subpackages included.
+MODULES = {
+    ".".join(path.relative_to(LIB.parent).with_suffix("").parts): path
+    for path in sorted(LIB.rglob("*.py")) if path.stem != "__init__"
+}
+#: The subpackages; ``from lib.run import layout`` imports the module ``lib.run.layout``.
+PACKAGES = {".".join(path.parent.relative_to(LIB.parent).parts)
+            for path in LIB.rglob("__init__.py")}
 MAX_FUNCTION_LINES = 60
 #: metrics.paper_claims is being split into one function per claim elsewhere.
 
@@ -30,10 +37,10 @@ def _lib_imports(module: str, tree: ast.Module) -> dict[str, set[str]]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module in MODULES:
                 found.setdefault(node.module, set()).update(a.name for a in node.names)
-            elif node.module == "lib":
+            elif node.module in PACKAGES:
                 for alias in node.names:
-                    if f"lib.{alias.name}" in MODULES:
-                        found.setdefault(f"lib.{alias.name}", set())
+                    if f"{node.module}.{alias.name}" in MODULES:
+                        found.setdefault(f"{node.module}.{alias.name}", set())
     found.pop(module, None)
     return found
 
@@ -58,6 +65,17 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(list(c) for c in found)
 
 
+def _module_aliases(tree: ast.Module) -> dict[str, str]:
+    """``{local name: lib module}`` for every ``from lib.x import module [as name]``."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in PACKAGES and node.level == 0:
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in MODULES:
+                    aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return aliases
+
+
 def private_uses() -> list[str]:
     """``module: name`` for every ``_name`` of another lib module imported or used as an
     attribute of that module."""
@@ -67,7 +85,7 @@ def private_uses() -> list[str]:
         imports = _lib_imports(name, tree)
         for other, names in imports.items():
             uses += [f"{name} imports {other}.{n}" for n in sorted(names) if n.startswith("_")]
-        aliases = {other.split(".")[1]: other for other in imports}
+        aliases = _module_aliases(tree)
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
                     and not node.attr.startswith("__")
@@ -100,7 +118,7 @@ def code_lines(source: str, node: ast.AST) -> int:
 def long_functions() -> list[str]:
     found = []
     for path in MODULES.values():
-        relative = f"lib/{path.name}"
+        relative = path.relative_to(LIB.parent).as_posix()
         source = path.read_text()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -147,21 +165,21 @@ def _string_constants(tree: ast.Module) -> set[str]:
             and id(node) not in docstrings}
 
 
-#: Run-folder names as code spells them; lib/stages.py alone may.
+#: Run-folder names as code spells them; lib/run/layout.py alone may.
 RUN_FOLDER_NAMES = ("manifest.json", "train_params.json", "job.json", "results.csv", "notebooks",
                     "metrics.csv", "predictions.csv", "dataset.json", "reference.csv",
                     "run.lock")
 #: Names that a module spells for a folder of its own that is not a run folder.
 NOT_RUN_FOLDERS = {
-    "lib/rerun.py": {"notebooks"},  # the scratch folder of a rerun, not a run folder
+    "lib/run/rerun.py": {"notebooks"},  # the scratch folder of a rerun, not a run folder
 }
 
 
-def test_run_folder_names_are_spelt_only_in_stages() -> None:
+def test_run_folder_names_are_spelt_only_in_the_layout() -> None:
     spelt = []
     for path in MODULES.values():
-        relative = f"lib/{path.name}"
-        if relative == "lib/stages.py":
+        relative = path.relative_to(LIB.parent).as_posix()
+        if relative == "lib/run/layout.py":
             continue
         constants = _string_constants(_tree(path))
         allowed = NOT_RUN_FOLDERS.get(relative, set())

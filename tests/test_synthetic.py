@@ -7,7 +7,9 @@ import av
 import numpy as np
 import pytest
 
-from lib import TOOLS, cholec80, synthetic
+from lib import TOOLS
+from lib.data import cholec80, synthetic
+from lib.data.scene import Scene, plan_annotations
 from lib.errors import DatasetError, ParameterError
 
 TINY = {"n_videos": 2, "seconds_per_video": 4, "width": 64, "height": 48}
@@ -54,7 +56,7 @@ def test_layout_is_exactly_cholec80(tiny):
 
 def test_annotation_files_are_the_plan(tiny):
     for record in cholec80.find_videos(tiny):
-        planned = synthetic.plan_annotations(record.video_id, seconds=4, seed=7)
+        planned = plan_annotations(record.video_id, seconds=4, seed=7)
         assert record.annotation_path.read_text() == cholec80.format_tool_annotations(planned)
 
 
@@ -71,7 +73,7 @@ def test_same_seed_same_dataset(tiny, tmp_path):
 
 
 def test_other_seed_other_dataset():
-    plans = [synthetic.plan_annotations(1, seconds=60, seed=seed) for seed in (1, 2)]
+    plans = [plan_annotations(1, seconds=60, seed=seed) for seed in (1, 2)]
     assert not plans[0].equals(plans[1])
 
 
@@ -87,8 +89,8 @@ def test_tools_are_drawn_exactly_at_the_annotated_seconds(video_id):
     """At frame 25 k a tool's pixels show iff the annotation lists it; between annotated frames
     tools enter and leave."""
     seconds = 30
-    scene = synthetic._Scene(video_id, seconds=seconds, width=96, height=54, seed=3)
-    table = synthetic.plan_annotations(video_id, seconds=seconds, seed=3)
+    scene = Scene(video_id, seconds=seconds, width=96, height=54, seed=3)
+    table = plan_annotations(video_id, seconds=seconds, seed=3)
     active = scene.active
     scene.active = {}
     empty = [np.asarray(scene.render(25 * k)) for k in range(seconds)]
@@ -108,7 +110,7 @@ def test_default_profile_has_every_class_in_both_splits():
     counts = {"train": np.zeros(len(TOOLS), int), "test": np.zeros(len(TOOLS), int)}
     present_per_second = []
     for video_id in ids:
-        table = synthetic.plan_annotations(
+        table = plan_annotations(
             video_id,
             seconds=synthetic.DEFAULTS["seconds_per_video"],
             seed=synthetic.DEFAULTS["seed"],

@@ -1,4 +1,4 @@
-"""lib.training: a tiny run learns, is deterministic, resumes exactly; metrics; bad input.
+"""lib.train.loop: a tiny run learns, is deterministic, resumes exactly; metrics; bad input.
 
 Every run here is tiny (tens of 64 px images, a few SGD steps), but AlexNet's fully connected
 layers make each checkpoint about 230 MB whatever the image size, so the runs are shared by
@@ -19,19 +19,14 @@ import torch
 from torch.utils.data import Dataset
 
 from lib import NUM_CLASSES, TOOLS
-from lib.datasets import FrameSet, load_cholec80
+from lib.data.datasets import load_cholec80
+from lib.data.frames import FrameSet
+from lib.data.synthetic import generate
 from lib.errors import ParameterError, RunFolderError
-from lib.model import build_model, load_checkpoint
-from lib.synthetic import generate
-from lib.training import (
-    TABLE_COLUMNS,
-    augment_batch,
-    class_weights,
-    classification_tables,
-    evaluate,
-    fit,
-    predict,
-)
+from lib.model.checkpoints import build_model, load_checkpoint
+from lib.train.batches import augment_batch, class_weights
+from lib.train.evaluation import classification_tables, evaluate, predict
+from lib.train.loop import TABLE_COLUMNS, fit
 
 SIZE = 64
 #: One colour per class, far apart: a simply separable task that AlexNet learns in a few steps.

@@ -114,7 +114,8 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     Args:
         metrics: columns ``epoch`` (1-based), ``accuracy`` and ``macro_f1`` (in [0, 1]); with
             ``accuracy_low/high`` and ``macro_f1_low/high``
-            (:func:`lib.metrics.accuracy_f1_intervals`) the chart draws those intervals too.
+            (:func:`lib.analysis.aggregates.accuracy_f1_intervals`) the chart draws those
+            intervals too.
     """
     names = {"accuracy": "accuracy", "macro_f1": "macro F1"}
     parts = []
@@ -184,7 +185,8 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.Chart:
 
 
 # --------------------------------------------------------------------------- attack results
-# Every chart below takes a table of lib.metrics (aggregated, never the per-attack rows).
+# Every chart below takes a table of lib.analysis.aggregates (aggregated, never the per-attack
+# rows).
 
 
 def _schedule_color(table: pd.DataFrame) -> alt.Color:
@@ -198,7 +200,7 @@ def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 2: success rate within ``max_iter`` per schedule and epoch.
 
     Args:
-        rates: :func:`lib.metrics.success_rates` (epoch, schedule, attacks, successes,
+        rates: :func:`lib.analysis.aggregates.success_rates` (epoch, schedule, attacks, successes,
             success_rate in [0, 1] with its Wilson interval success_rate_low/high, skipped).
             The bars are the 95 % Wilson intervals.
     """
@@ -222,8 +224,8 @@ def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 3: mean L1 of the successful attacks per schedule and epoch.
 
     Args:
-        l1: :func:`lib.metrics.mean_l1` (epoch, schedule, successes, mean_l1_255 with its
-            bootstrap interval mean_l1_255_low/high). The bars are the 95 % intervals.
+        l1: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, successes, mean_l1_255
+            with its bootstrap interval mean_l1_255_low/high). The bars are the 95 % intervals.
     """
     base = alt.Chart(l1).encode(x=alt.X("epoch:O", title="epoch"),
                                 xOffset=alt.XOffset("schedule:N", sort=None),
@@ -243,8 +245,9 @@ def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
     """The paper's Figure 4: mean iterations and mean step size per schedule at one epoch.
 
     Args:
-        summary: :func:`lib.metrics.iterations_and_lr` (schedule, attacks, mean_iterations and
-            mean_lr_255, each with its bootstrap interval ``_low``/``_high``, success_rate).
+        summary: :func:`lib.analysis.aggregates.iterations_and_lr` (schedule, attacks,
+            mean_iterations and mean_lr_255, each with its bootstrap interval
+            ``_low``/``_high``, success_rate).
     """
     order = list(dict.fromkeys(summary["schedule"]))
     base = alt.Chart(summary).encode(
@@ -272,8 +275,9 @@ def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
     (``n``); the tooltip adds the attacks tried.
 
     Args:
-        matrix: :func:`lib.metrics.class_pair_l1` (epoch, schedule, source_tool, target_tool,
-            attacks, successes, mean_l1_255; NaN where no attack of the pair succeeded).
+        matrix: :func:`lib.analysis.aggregates.class_pair_l1` (epoch, schedule, source_tool,
+            target_tool, attacks, successes, mean_l1_255; NaN where no attack of the pair
+            succeeded).
     """
     order = list(dict.fromkeys(matrix["schedule"]))
     choice = alt.param(
@@ -310,7 +314,8 @@ def l1_histogram_chart(histogram: pd.DataFrame) -> alt.FacetChart:
     """L1 distribution of the successful attacks, one row per schedule.
 
     Args:
-        histogram: :func:`lib.metrics.l1_histogram` (schedule, bin_start_255, bin_end_255, count).
+        histogram: :func:`lib.analysis.aggregates.l1_histogram` (schedule, bin_start_255,
+            bin_end_255, count).
     """
     order = list(dict.fromkeys(histogram["schedule"]))
     return (
@@ -334,7 +339,7 @@ def trace_chart(summary: pd.DataFrame) -> alt.HConcatChart:
     """Step size, loss and attacks still running over the iterations, per schedule.
 
     Args:
-        summary: :func:`lib.metrics.trace_summary` (schedule, iteration, running,
+        summary: :func:`lib.analysis.aggregates.trace_summary` (schedule, iteration, running,
             mean_lr_255, mean_loss).
     """
     base = alt.Chart(summary).encode(
@@ -355,7 +360,7 @@ def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
     intervals (Wilson for the rate, bootstrap for the mean).
 
     Args:
-        sensitivity: :func:`lib.metrics.lr0_sensitivity` (lr0_255, schedule, attacks,
+        sensitivity: :func:`lib.analysis.aggregates.lr0_sensitivity` (lr0_255, schedule, attacks,
             success_rate(_low, _high), mean_l1_255(_low, _high), mean_iterations).
     """
     base = alt.Chart(sensitivity).encode(
@@ -382,7 +387,7 @@ def paired_difference_chart(differences: pd.DataFrame, *,
     """Paired differences of every schedule against a reference, with 95 % intervals.
 
     Args:
-        differences: :func:`lib.metrics.paired_schedule_differences` (epoch, schedule,
+        differences: :func:`lib.analysis.paired.paired_schedule_differences` (epoch, schedule,
             reference, pairs, mean_difference, low, high, p_signed_rank).
         title: the axis title (says what was subtracted, in which unit).
     """
@@ -407,12 +412,12 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame) -> alt.FacetCh
 
     Thin lines: each followed image's mean L1 at every epoch (the same targets at every
     epoch), coloured by its tool. Black: the mean over each checkpoint's own selection with
-    its 95 % interval (:func:`lib.metrics.mean_l1`). One panel per schedule.
+    its 95 % interval (:func:`lib.analysis.aggregates.mean_l1`). One panel per schedule.
 
     Args:
-        per_image: :func:`lib.metrics.per_image_l1` (image_id, source_tool, schedule, epoch,
-            targets, mean_l1_255).
-        means: :func:`lib.metrics.mean_l1` (epoch, schedule, mean_l1_255(_low, _high)).
+        per_image: :func:`lib.analysis.aggregates.per_image_l1` (image_id, source_tool, schedule,
+            epoch, targets, mean_l1_255).
+        means: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, mean_l1_255(_low, _high)).
     """
     order = list(dict.fromkeys(means["schedule"]))
     table = pd.concat([
@@ -443,7 +448,7 @@ def refinement_chart(ranking: pd.DataFrame) -> alt.FacetChart:
     """Mean L1 along the path against the refined L1 (overshoot removed), with 95 % intervals.
 
     Args:
-        ranking: :func:`lib.metrics.refinement_ranking` (epoch, schedule, successes,
+        ranking: :func:`lib.analysis.aggregates.refinement_ranking` (epoch, schedule, successes,
             mean_l1_255(_low, _high), mean_refined_l1_255(_low, _high)).
     """
     order = list(dict.fromkeys(ranking["schedule"]))
@@ -476,7 +481,7 @@ def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.LayerChart:
     """Median ratio of each schedule's L1 to the best-known L1, with its 95 % interval.
 
     Args:
-        ratios: :func:`lib.metrics.minimality_intervals` (schedule, epoch, successful,
+        ratios: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, successful,
             median_ratio, median_ratio_low, median_ratio_high, q25_ratio, q75_ratio).
     """
     table = ratios.assign(epoch_label="epoch " + ratios["epoch"].astype(str))
@@ -502,7 +507,7 @@ def optimality_chart(optimality: pd.DataFrame) -> alt.LayerChart:
     95 % bootstrap interval over the pairs.
 
     Args:
-        optimality: :func:`lib.metrics.minimality_intervals` (schedule, epoch, pairs,
+        optimality: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, pairs,
             optimality, optimality_low, optimality_high).
     """
     table = optimality.assign(epoch_label="epoch " + optimality["epoch"].astype(str))

@@ -12,7 +12,7 @@ Two checks that a run can be reproduced byte for byte on the same machine:
 
 From the command line (``make nbval`` runs it on the default profile's run folder)::
 
-    python -m lib.rerun data/runs/default
+    python -m lib.run.rerun data/runs/default
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import nbformat
 
-from lib import stages
 from lib.errors import RunFolderError
-from lib.stages import REPO, STAGES, executed_notebook, notebook_defaults
+from lib.run import layout
+from lib.run.layout import REPO, STAGES, executed_notebook
+from lib.run.parameters import notebook_defaults
 
 SANITIZE_FILE = REPO / "tests" / "nbval-sanitize.cfg"
 
@@ -43,8 +44,8 @@ PATH_PARAMETERS = ("run_dir", "dataset_root", "cache_dir", "weights_path")
 #: execution timestamps, ``data/dataset.json`` the absolute paths of the dataset and frame
 #: cache that were read, and ``minimality/timings.csv`` how long each reference attack took.
 NOT_RESULTS = tuple(path.as_posix() for path in (
-    stages.manifest_file(""), stages.lock_file(""), stages.executed_notebook("", STAGES[0]).parent,
-    stages.data_file("", "dataset"), stages.minimality_file("", "timings"),
+    layout.manifest_file(""), layout.lock_file(""), layout.executed_notebook("", STAGES[0]).parent,
+    layout.data_file("", "dataset"), layout.minimality_file("", "timings"),
 ))
 
 
@@ -60,7 +61,7 @@ def executed_notebooks(run_dir: str | os.PathLike[str]) -> list[Path]:
     if not found:
         raise RunFolderError(
             f"{folder} holds no executed stage notebook; run the stages first "
-            f"(make stages, or python -m lib.pipeline run --profile <name>)"
+            f"(make stages, or python -m lib.run.pipeline run --profile <name>)"
         )
     return found
 
@@ -143,7 +144,7 @@ def result_digests(run_dir: str | os.PathLike[str]) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lib.rerun",
+        prog="python -m lib.run.rerun",
         description="Execute a run folder's notebooks again in a fresh folder under strict "
                     "nbval; exit 0 when every output matches.")
     parser.add_argument("run_dir", help="a run folder, e.g. data/runs/default")

@@ -1,63 +1,30 @@
-"""The embedded default dataset: synthetic laparoscopic videos in the exact Cholec80 layout.
-
-:func:`generate` writes ``videos/videoNN.mp4`` (25 fps, H.264) and
-``tool_annotations/videoNN-tool.txt`` (the real header, one row every 25 frames), and nothing
-else: the annotation files are the ground truth, read back by the same reader as real Cholec80.
+"""One synthetic video: its plan (which tool is where, when) and its rendered frames.
 
 Each video is planned first (cheap, :func:`plan_annotations`): two "hands" (slots) alternate
 between idle and busy episodes of a few seconds, each episode holding one tool that enters from
 the border through a port, moves smoothly and leaves. The annotation of second ``k`` (frame
 ``25 k``) lists the tools whose episode covers ``k``; entry and exit happen strictly between
 annotated frames, so the flags at annotated frames are exact. Then each frame is rendered
-(tissue texture drifting under a fixed light, the tools, the circular endoscope vignette) and
-encoded. Everything is derived from ``(seed, video id)``: the same seed gives byte-identical
-annotation files and identical decoded frames.
+(:class:`Scene`: tissue texture drifting under a fixed light, the tools, the circular endoscope
+vignette). Everything is derived from ``(seed, video id)``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
-from pathlib import Path
-from types import MappingProxyType
 from typing import NamedTuple
 
-import av
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
 from lib import TOOLS
-from lib.cholec80 import (
+from lib.data.cholec80 import (
     ANNOTATION_COLUMNS,
-    ANNOTATION_DIR,
     ANNOTATION_INTERVAL,
-    ANNOTATION_NAME_PATTERN,
     FPS,
-    VIDEO_DIR,
-    VIDEO_NAME_PATTERN,
-    annotation_file_name,
-    format_tool_annotations,
-    video_file_name,
-)
-from lib.errors import DatasetError, ParameterError
-from lib.io import atomic_path, write_text
-
-#: The default profile: 16 videos of 3 min (8 train, ids 1-8; 8 test, ids 41-48), 192 x 108:
-#: about 800 single-tool frames per split; 72,000 frames to render, encode and decode.
-DEFAULTS = MappingProxyType(
-    {
-        "n_videos": 16,  # half train (ids 1..), half test (ids 41..): METHOD's default split
-        "seconds_per_video": 180,  # one annotation row per second
-        "width": 192,  # 16:9 like Cholec80's 854 x 480, small enough to render fast
-        "height": 108,
-        "seed": 0,
-    }
 )
 
 #: How often each tool (label order) comes up per 81 consecutive episodes of a video: tools
@@ -67,39 +34,24 @@ DEFAULTS = MappingProxyType(
 #: to learn from in a small dataset.
 TOOL_DECK: tuple[int, ...] = (18, 9, 22, 4, 9, 10, 9)
 
+
 #: Long-run share of seconds each slot (hand) is busy. Independent slots give about 13% of
 #: seconds with no tool, 55% with one and 32% with two (Cholec80: 13% / 43% / 44%); we keep
 #: more single-tool seconds, the frames the study uses, per second of video rendered.
 SLOT_BUSY: tuple[float, float] = (0.78, 0.41)
+
+
 EPISODE_SECONDS: tuple[int, int] = (2, 8)  # shortest and longest episode, seconds
+
+
 TOOL_UNIT = 0.22  # tool drawing unit (about a shaft's width) as a share of the vignette radius
+
+
 TOOL_REACH = 3.4  # how far (in units) any tool part reaches ahead of the tip base
-
-CRF = 20  # x264 quality; lower is better and larger
-_START_ID = (1, 41)  # first video id of the train half and of the test half
-
-
-def video_ids(n_videos: int) -> list[int]:
-    """Ids of the synthetic videos: the first ceil(n/2) from 1, the others from 41.
-
-    So METHOD's default split (videos 1-40 train, 41-80 test) splits them in halves.
-    """
-    if not 2 <= n_videos <= 80:
-        raise ParameterError(
-            f"n_videos={n_videos}: expected 2 to 80 (at least one train and one test video)."
-        )
-    n_train = (n_videos + 1) // 2
-    return [_START_ID[0] + i for i in range(n_train)] + [
-        _START_ID[1] + i for i in range(n_videos - n_train)
-    ]
-
-
-# --------------------------------------------------------------------------------------------
-# The plan: which tool is where, when
 
 
 @dataclass(frozen=True)
-class _Episode:
+class Episode:
     """One tool's visit: annotated present at seconds ``first..last`` (inclusive)."""
 
     label: int
@@ -132,7 +84,7 @@ class _ToolDeck:
 
 
 def _plan_slot(
-    rng: np.random.Generator, deck: _ToolDeck, seconds: int, slot: int, taken: list[_Episode]
+    rng: np.random.Generator, deck: _ToolDeck, seconds: int, slot: int, taken: list[Episode]
 ) -> list[tuple[int, int, int]]:
     """(label, first, last) of one slot's episodes; tools of the other slot are avoided."""
     low, high = EPISODE_SECONDS
@@ -174,17 +126,17 @@ def _plan_path(
     return path
 
 
-def _plan_episodes(seconds: int, seed: int, video_id: int) -> list[_Episode]:
+def plan_episodes(seconds: int, seed: int, video_id: int) -> list[Episode]:
     rng = _plan_rng(seed, video_id)
     deck = _ToolDeck(rng)
-    episodes: list[_Episode] = []
+    episodes: list[Episode] = []
     for slot in (0, 1):
         side = 0.0 if slot == 0 else math.pi  # slot 0 enters from the right, slot 1 from the left
         for label, first, last in _plan_slot(rng, deck, seconds, slot, episodes):
             port = side + rng.uniform(-1.2, 1.2)
             scale = rng.uniform(0.85, 1.2)
             episodes.append(
-                _Episode(
+                Episode(
                     label=label,
                     first=first,
                     last=last,
@@ -198,7 +150,7 @@ def _plan_episodes(seconds: int, seed: int, video_id: int) -> list[_Episode]:
     return episodes
 
 
-def _annotation_table(episodes: Sequence[_Episode], seconds: int) -> pd.DataFrame:
+def annotation_table(episodes: Sequence[Episode], seconds: int) -> pd.DataFrame:
     flags = np.zeros((seconds, len(TOOLS)), dtype=np.int64)
     for episode in episodes:
         flags[episode.first : episode.last + 1, episode.label] = 1
@@ -207,17 +159,14 @@ def _annotation_table(episodes: Sequence[_Episode], seconds: int) -> pd.DataFram
 
 
 def plan_annotations(video_id: int, *, seconds: int, seed: int) -> pd.DataFrame:
-    """The annotation table :func:`generate` writes for one video (without rendering it).
+    """The annotation table :func:`~lib.data.synthetic.generate` writes for one video (without
+    rendering it).
 
     Returns:
         DataFrame ``Frame, Grasper, ..., SpecimenBag`` (int64), one row per second,
         ``Frame = 0, 25, 50, ...``.
     """
-    return _annotation_table(_plan_episodes(seconds, seed, video_id), seconds)
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering
+    return annotation_table(plan_episodes(seconds, seed, video_id), seconds)
 
 
 class _Pose(NamedTuple):
@@ -294,7 +243,11 @@ class _Pens:
 
 
 _STEEL: Colour = (178, 180, 186)
+
+
 _STEEL_DARK: Colour = (92, 94, 100)
+
+
 _STEEL_LIGHT: Colour = (236, 236, 240)
 
 
@@ -472,12 +425,12 @@ def _ease(x: float) -> float:
     return x * x * (3.0 - 2.0 * x)
 
 
-class _Scene:
+class Scene:
     """Everything fixed for one video: texture, light, camera drift, the tool episodes."""
 
     def __init__(self, video_id: int, *, seconds: int, width: int, height: int, seed: int):
         self.width, self.height = width, height
-        self.episodes = _plan_episodes(seconds, seed, video_id)
+        self.episodes = plan_episodes(seconds, seed, video_id)
         rng = np.random.default_rng([seed, video_id, 1])
         self.margin = max(4, width // 8)
         size = (height + 2 * self.margin, width + 2 * self.margin)
@@ -489,7 +442,7 @@ class _Scene:
         self.drift = rng.uniform(0, 2 * math.pi, 2), rng.uniform(9.0, 20.0, 2)  # phase, period
         self.unit = TOOL_UNIT * self.radius  # pixels per tool unit at scale 1
         # episodes on screen during second k (k < t < k + 1): from entering to leaving
-        self.active: dict[int, list[_Episode]] = {}
+        self.active: dict[int, list[Episode]] = {}
         for episode in self.episodes:
             for second in range(episode.first - 1, episode.last + 1):
                 self.active.setdefault(second, []).append(episode)
@@ -524,167 +477,3 @@ class _Scene:
         for polygon in self.outside:
             draw.polygon(polygon, fill=(0, 0, 0))
         return canvas
-
-
-# --------------------------------------------------------------------------------------------
-# Writing the dataset
-
-
-def _video_is_current(path: Path, *, frames: int, width: int, height: int) -> bool:
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            return (stream.frames, stream.width, stream.height) == (frames, width, height)
-    except (av.FFmpegError, OSError, IndexError):
-        return False
-
-
-def _write_video(
-    root: Path, video_id: int, *, seconds: int, width: int, height: int, seed: int, overwrite: bool
-) -> bool:
-    """Write one video and its annotation file; returns False when both were already there."""
-    scene = _Scene(video_id, seconds=seconds, width=width, height=height, seed=seed)
-    text = format_tool_annotations(_annotation_table(scene.episodes, seconds))
-    video_path = root / VIDEO_DIR / video_file_name(video_id)
-    annotation_path = root / ANNOTATION_DIR / annotation_file_name(video_id)
-    n_frames = seconds * FPS
-    if (
-        not overwrite
-        and annotation_path.is_file()
-        and annotation_path.read_text(encoding="utf-8") == text
-        and _video_is_current(video_path, frames=n_frames, width=width, height=height)
-    ):
-        return False
-    with atomic_path(video_path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=FPS)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            # one encoder thread: x264's output depends on its thread count
-            stream.options = {"preset": "ultrafast", "crf": str(CRF), "threads": "1"}
-            for index in range(n_frames):
-                frame = av.VideoFrame.from_image(scene.render(index))
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-    write_text(annotation_path, text)
-    return True
-
-
-def generate(
-    root: str | os.PathLike[str],
-    *,
-    n_videos: int,
-    seconds_per_video: int,
-    width: int,
-    height: int,
-    seed: int,
-    workers: int = 2,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Write a synthetic dataset in the Cholec80 layout under ``root``.
-
-    Args:
-        root: output folder; ``videos/`` and ``tool_annotations/`` are created in it.
-        n_videos: number of videos (2-80); ids from :func:`video_ids` (1.. and 41..).
-        seconds_per_video: length of each video in seconds (= annotation rows), at least 2.
-        width, height: frame size in pixels (even numbers, at least 32 x 32).
-        seed: all content derives from ``(seed, video id)``.
-        workers: processes rendering videos in parallel (1 = in this process).
-        overwrite: re-render videos that are already present and current (a video counts as
-            current when its annotation file has the planned bytes and its mp4 the planned
-            frame count and size; the renderer's code is not checked).
-        progress: show a tqdm bar.
-
-    Returns:
-        ``root`` as a Path. Nothing else is written: the annotation files are the ground truth.
-
-    Raises:
-        ParameterError: an argument out of range.
-        DatasetError: ``root`` holds Cholec80 files of videos outside this plan (pass
-            ``overwrite=True`` to delete them, or choose another folder).
-    """
-    ids = video_ids(n_videos)
-    if seconds_per_video < 2:
-        raise ParameterError(f"seconds_per_video={seconds_per_video}: expected at least 2.")
-    if width < 32 or height < 32 or width % 2 or height % 2:
-        raise ParameterError(
-            f"width x height = {width} x {height}: expected even sizes of at least 32 (H.264 "
-            "with 4:2:0 colour needs even sizes)."
-        )
-    root = Path(root)
-    _remove_stale(root, set(ids), overwrite=overwrite)
-    (root / VIDEO_DIR).mkdir(parents=True, exist_ok=True)
-    (root / ANNOTATION_DIR).mkdir(parents=True, exist_ok=True)
-    jobs = [
-        dict(
-            root=root,
-            video_id=video_id,
-            seconds=seconds_per_video,
-            width=width,
-            height=height,
-            seed=seed,
-            overwrite=overwrite,
-        )
-        for video_id in ids
-    ]
-    bar = tqdm(total=len(jobs), desc="synthetic videos", unit="video", disable=not progress)
-    with bar:
-        if workers <= 1:
-            for job in jobs:
-                _write_video(**job)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                for _ in pool.map(_call_write_video, jobs):
-                    bar.update()
-    return root
-
-
-def ensure(
-    root: str | os.PathLike[str],
-    *,
-    n_videos: int,
-    seconds_per_video: int,
-    width: int,
-    height: int,
-    seed: int,
-    workers: int = 2,
-    progress: bool = True,
-) -> Path:
-    """:func:`generate` without ``overwrite``: renders only videos missing or not current."""
-    return generate(
-        root,
-        n_videos=n_videos,
-        seconds_per_video=seconds_per_video,
-        width=width,
-        height=height,
-        seed=seed,
-        workers=workers,
-        overwrite=False,
-        progress=progress,
-    )
-
-
-def _call_write_video(job: dict) -> bool:
-    return _write_video(**job)
-
-
-def _remove_stale(root: Path, ids: set[int], *, overwrite: bool) -> None:
-    stale = []
-    for folder, pattern in (
-        (VIDEO_DIR, VIDEO_NAME_PATTERN),
-        (ANNOTATION_DIR, ANNOTATION_NAME_PATTERN),
-    ):
-        if (root / folder).is_dir():
-            for path in sorted((root / folder).iterdir()):
-                match = pattern.match(path.name)
-                if match and int(match.group(1)) not in ids:
-                    stale.append(path)
-    if stale and not overwrite:
-        listed = ", ".join(str(p) for p in stale[:5]) + (" ..." if len(stale) > 5 else "")
-        raise DatasetError(
-            f"{root}: holds videos or annotation files that this synthetic dataset does not "
-            f"have ({listed}). Choose an empty folder, delete them, or pass overwrite=True."
-        )
-    for path in stale:
-        path.unlink()

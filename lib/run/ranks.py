@@ -3,7 +3,7 @@
 :func:`current_launch` reads the process group (a plain process when none is initialised);
 :func:`collective_step` runs a step on every rank (or on rank 0) and makes every rank learn
 whether any failed, so no rank goes on alone; :func:`broadcast` shares rank 0's value.
-``lib.training.fit`` and the launcher ``lib.distributed`` both use them.
+``lib.train.loop.fit`` and the launcher ``lib.run.distributed`` both use them.
 """
 
 from __future__ import annotations

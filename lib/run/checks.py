@@ -6,8 +6,8 @@ finished, the same parameters as an earlier run of this stage unless ``overwrite
 input files (dataset folder, weights, checkpoints). Every check only reads, so a stage with a
 bad input stops before anything is written and its run folder stays as it was.
 
-Who calls them: :func:`lib.pipeline.run` (``python -m lib.pipeline run``) checks every stage
-before it starts papermill, and :func:`lib.pipeline.start_stage`, which each notebook calls,
+Who calls them: :func:`lib.run.pipeline.run` (``python -m lib.run.pipeline run``) checks every stage
+before it starts papermill, and :func:`lib.run.pipeline.start_stage`, which each notebook calls,
 checks again for users who run the notebooks with papermill directly. The tests call
 :func:`complete_parameters`, :func:`check_stage` and :func:`attack_settings_of` directly.
 """
@@ -19,7 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lib import io, precision, schedules
+from lib import io
+from lib.attack import schedules
 from lib.errors import (
     BorderlineError,
     CheckpointError,
@@ -27,24 +28,18 @@ from lib.errors import (
     ParameterError,
     RunFolderError,
 )
-from lib.stages import (
-    STAGES,
-    attack_file,
-    check_parameter_types,
-    checkpoint_path,
-    differing_parameters,
-    notebook_defaults,
-    read_manifest,
-    recorded_parameters,
-)
+from lib.model import precision
+from lib.run.layout import STAGES, attack_file, checkpoint_path
+from lib.run.manifest import differing_parameters, read_manifest, recorded_parameters
+from lib.run.parameters import check_parameter_types, notebook_defaults
 
 # --------------------------------------------------------------------------- checks before a stage
 #
 # Every check below only reads: a stage whose parameters or inputs are bad stops before
 # anything is written, so its run folder stays exactly as it was and a corrected rerun starts
 # cleanly. ``run`` calls :func:`check_stage` before it starts papermill (no kernel, no
-# notebook written); the notebooks call it again through :func:`start_stage`, for users who
-# run them with papermill directly.
+# notebook written); the notebooks call it again through
+# :func:`~lib.run.pipeline.start_stage`, for users who run them with papermill directly.
 
 DATASET_KINDS: tuple[str, ...] = ("synthetic", "cholec80", "imagefolder")
 
@@ -73,15 +68,15 @@ def _one_of(value: Any, choices: Sequence[str], name: str) -> None:
 
 
 def _check_device(parameters: Mapping[str, Any]) -> None:
-    from lib.model import resolve_device
+    from lib.model.network import resolve_device
 
     resolve_device(parameters["device"])
 
 
 def _check_data_values(p: Mapping[str, Any]) -> None:
     """The data stage's parameters (no file is read)."""
-    from lib import datasets
-    from lib.model import check_image_size
+    from lib.data import datasets
+    from lib.model.network import check_image_size
 
     _one_of(p["dataset_kind"], DATASET_KINDS, "dataset_kind")
     _whole_number(p["image_size"], 1, "image_size")
@@ -111,9 +106,9 @@ def _check_data_values(p: Mapping[str, Any]) -> None:
 
 def _check_train_values(p: Mapping[str, Any]) -> None:
     """The training stage's parameters (no file is read)."""
-    from lib import training
+    from lib.train.loop import check_hyperparameters
 
-    training.check_hyperparameters(
+    check_hyperparameters(
         epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], lr_decay=p["lr_decay"],
         momentum=p["momentum"], weight_decay=p["weight_decay"], augment=p["augment"],
         balance=p["balance"],
@@ -125,8 +120,8 @@ def _check_train_values(p: Mapping[str, Any]) -> None:
 
 
 def attack_settings_of(p: Mapping[str, Any]) -> Any:
-    """The :class:`lib.robustness.AttackSettings` of the attack stage's parameters (checked)."""
-    from lib import robustness
+    """The :class:`lib.attack.plan.AttackSettings` of the attack stage's parameters (checked)."""
+    from lib.run import attack_stage
 
     _whole_numbers(p["epochs"], 1, "epochs")
     constants = p["schedule_constants"]
@@ -136,7 +131,7 @@ def attack_settings_of(p: Mapping[str, Any]) -> Any:
                 f"schedule_constants[{name!r}] must map constant names to numbers, e.g. "
                 f"{{\"step\": {{\"drop\": 0.5}}}}, got {values!r}"
             )
-    return robustness.settings_from_parameters(p)
+    return attack_stage.settings_from_parameters(p)
 
 
 def _check_attack_values(p: Mapping[str, Any]) -> None:
@@ -164,7 +159,7 @@ def _check_analysis_values(p: Mapping[str, Any]) -> None:
 
 def _check_minimality_values(p: Mapping[str, Any]) -> None:
     """The minimality stage's parameters (no file is read)."""
-    from lib.minimality import REFERENCE_ATTACKS
+    from lib.attack.reference import REFERENCE_ATTACKS
 
     _whole_numbers(p["epochs"], 1, "epochs")
     _whole_number(p["n_pairs"], 1, "n_pairs")
@@ -255,7 +250,7 @@ def _check_folder_parameter(path: str, name: str) -> None:
 
 
 def _check_data_inputs(p: Mapping[str, Any]) -> None:
-    from lib import datasets
+    from lib.data import datasets
 
     _check_folder_parameter(p["cache_dir"], "cache_dir")
     datasets.check_dataset(p["dataset_kind"], p["dataset_root"],
@@ -264,22 +259,22 @@ def _check_data_inputs(p: Mapping[str, Any]) -> None:
 
 def _check_train_inputs(p: Mapping[str, Any]) -> None:
     if p["weights_path"]:
-        from lib.model import build_model
+        from lib.model.checkpoints import build_model
 
         build_model(weights_path=p["weights_path"])  # reads and fits the weights, as training will
 
 
 def _check_attack_inputs(p: Mapping[str, Any]) -> None:
-    from lib import robustness
-    from lib.model import check_checkpoint
+    from lib.model.checkpoints import check_checkpoint
+    from lib.run import attack_stage
 
-    job = robustness.plan_job(p["run_dir"], attack_settings_of(p))  # epochs, selection
+    job = attack_stage.plan_job(p["run_dir"], attack_settings_of(p))  # epochs, selection
     for epoch in job.settings.epochs:
         check_checkpoint(checkpoint_path(p["run_dir"], epoch))
 
 
 def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
-    from lib.model import check_checkpoint
+    from lib.model.checkpoints import check_checkpoint
 
     job_file = attack_file(p["run_dir"], "job")
     if not job_file.is_file():

@@ -16,7 +16,7 @@ Adding a schedule is one function and one registry line. In this module, define 
 and add ``"cosine": cosine,`` to :data:`SCHEDULES`; at run time the same works from outside:
 
 >>> import math, torch
->>> from lib import schedules
+>>> from lib.attack import schedules
 >>> def cosine(step, losses, *, lr0, period=100):
 ...     '''lr_i = lr0 (1 + cos(pi (i - 1) / period)) / 2.'''
 ...     return lr0 * (1 + torch.cos(math.pi * (step - 1).to(losses.dtype) / period)) / 2
@@ -111,7 +111,7 @@ def get_schedule(schedule: str | Schedule) -> Schedule:
         return SCHEDULES[schedule]
     raise ParameterError(
         f"schedule {schedule!r} is not known; expected one of {', '.join(SCHEDULES)} "
-        "(or a callable; add new schedules to lib.schedules.SCHEDULES)"
+        "(or a callable; add new schedules to lib.attack.schedules.SCHEDULES)"
     )
 
 

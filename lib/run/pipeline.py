@@ -1,24 +1,24 @@
 """Stage commands: papermill execution, the notebooks' start and finish of a stage, the CLI.
 
-``python -m lib.pipeline run`` converts each stage's script, executes it with papermill into
+``python -m lib.run.pipeline run`` converts each stage's script, executes it with papermill into
 the run folder's ``notebooks/<stage>.ipynb`` and stops at the first failing stage with its
-error message; ``python -m lib.pipeline book`` hands the executed notebooks to the book.
+error message; ``python -m lib.run.pipeline book`` hands the executed notebooks to the book.
 Each stage holds its run folder's lock from its checks to its executed notebook.
 
 The stage contract (stages, notebook parameters, profiles, run-folder paths, manifests, the
-lock) is :mod:`lib.stages`; the names the notebooks use are importable from here too. Two
+lock) is :mod:`lib.run.layout`; the names the notebooks use are importable from here too. Two
 jobs live in their own modules:
 
-- :mod:`lib.checks`: the checks before a stage. :func:`~lib.checks.check_stage` checks its
+- :mod:`lib.run.checks`: the checks before a stage. :func:`~lib.run.checks.check_stage` checks its
   parameters (types against the notebook's own defaults, then their values), the run folder's
   manifest and the files the stage will read; it only reads, so a stage with a bad input stops
   before anything is written. ``run`` calls it before starting papermill, and inside a
   notebook :func:`start_stage` calls it again before recording the stage, so a run folder
   never holds results of two different parameter sets (whether the stage is run through this
   module or through papermill directly).
-- :mod:`lib.book`: the book's generated files. :func:`~lib.book.prepare_book` (the ``book``
+- :mod:`lib.run.book`: the book's generated files. :func:`~lib.run.book.prepare_book` (the ``book``
   command) copies the executed notebooks and writes the parameter table, the bad-input table
-  (:func:`~lib.book.bad_inputs_markdown`, from ``tests/bad_inputs.yaml``, which lists the bad
+  (:func:`~lib.run.book.bad_inputs_markdown`, from ``tests/bad_inputs.yaml``, which lists the bad
   inputs the tests try) and the vega scripts for offline charts.
 """
 
@@ -33,34 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from lib import io
-from lib.book import prepare_book
-from lib.checks import check_stage, check_stage_parameters, complete_parameters, naming_stage
 from lib.errors import BorderlineError, ParameterError
-
-# The notebooks' interface to the stage contract, which lib.stages owns.
-from lib.stages import (  # noqa: F401 -- re-exported for the notebooks and the tests
-    LOCK_ENVIRONMENT,
-    REPO,
-    RUNTIME_PARAMETERS,
-    STAGE_OUTPUTS,
-    STAGES,
-    available_profiles,
-    check_not_held,
+from lib.run.book import prepare_book
+from lib.run.checks import check_stage, check_stage_parameters, complete_parameters, naming_stage
+from lib.run.layout import REPO, STAGES, executed_notebook, notebook_path
+from lib.run.lock import check_not_held, hold_run_folder, remove_leftovers
+from lib.run.manifest import record_finish, record_start
+from lib.run.parameters import (
     check_parameter_types,
-    executed_notebook,
-    hold_run_folder,
-    load_profile,
     load_profile_spec,
     merged_parameters,
     notebook_defaults,
-    notebook_path,
-    parameter_table,
     parse_value,
-    read_manifest,
-    record_finish,
-    record_start,
-    remove_leftovers,
-    stage_parameters,
 )
 
 # --------------------------------------------------------------------------- stages in a notebook
@@ -89,8 +73,8 @@ def start_stage(
     Raises:
         ParameterError: a parameter the notebook does not have, of the wrong type, or out of
             range.
-        DatasetError: a bad dataset folder or file (see :func:`~lib.checks.check_stage`).
-        CheckpointError: a bad weights or checkpoint file (see :func:`~lib.checks.check_stage`).
+        DatasetError: a bad dataset folder or file (see :func:`~lib.run.checks.check_stage`).
+        CheckpointError: a bad weights or checkpoint file (see :func:`~lib.run.checks.check_stage`).
         RunFolderError: the run folder is missing (for a later stage), an earlier stage has
             not run, this stage ran with other parameters and ``overwrite`` is False, or
             another stage command holds the folder.
@@ -158,7 +142,7 @@ def run(profile: str, *, stages: Sequence[str] | None = None,
 
     ``overrides`` apply to every selected stage that has the parameter; a name no selected
     stage has is an error. Each stage holds its run folder's lock from its checks to its
-    executed notebook (:func:`lib.stages.hold_run_folder`); another command already holding
+    executed notebook (:func:`lib.run.lock.hold_run_folder`); another command already holding
     it makes this one stop at once, before it writes anything.
     """
     selected = _selected_stages(profile, stages)
@@ -213,13 +197,13 @@ def _run_locked(stage: str, params: Mapping[str, Any], run_dir: Path, *,
 
 
 def _parse_overrides(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """``-p name value`` pairs, each value read by :func:`lib.stages.parse_value`."""
+    """``-p name value`` pairs, each value read by :func:`lib.run.parameters.parse_value`."""
     return {name: parse_value(name, value) for name, value in pairs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lib.pipeline", description=__doc__.split("\n\n")[0]
+        prog="python -m lib.run.pipeline", description=__doc__.split("\n\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="execute stages of a profile")

@@ -1,6 +1,6 @@
 """The attack and training stages on several processes, GPUs or machines, under torchrun.
 
-One machine with K GPUs: ``torchrun --standalone --nproc_per_node=K -m lib.distributed attack
+One machine with K GPUs: ``torchrun --standalone --nproc_per_node=K -m lib.run.distributed attack
 --run-dir data/runs/paper --profile paper``; several machines: the same command on every node
 with ``--nnodes=N --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB`` (see
 ``examples/slurm_attack.sh``; the run folder must then be on a shared file system). Without
@@ -8,19 +8,19 @@ torchrun (``WORLD_SIZE`` unset or 1) the same command runs as one plain process.
 
 **Attack.** Every rank plans the same job (planning is deterministic); rank 0 records the stage
 in the manifest, saves the plan and lists the pending chunks; every rank attacks its shard
-(:func:`shard_chunks`, balanced by :func:`chunk_costs`) with :func:`lib.robustness.run_chunks`
+(:func:`shard_chunks`, balanced by :func:`chunk_costs`) with :func:`lib.run.attack_stage.run_chunks`
 on its own device (``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo). A chunk is one fresh
 engine call, so its results are bit-identical on any rank, and a finished chunk is a file: a
 rerun with any number of processes attacks only what is missing. After every step the ranks
-exchange their outcome (:func:`lib.ranks.collective_step`); if one failed, every rank stops
+exchange their outcome (:func:`lib.run.ranks.collective_step`); if one failed, every rank stops
 with an error naming it and nothing is merged; otherwise rank 0 merges the chunks into exactly
 the tables of a one-process run.
 
-**Train.** :func:`lib.training.fit`, which trains under DistributedDataParallel when the
+**Train.** :func:`lib.train.loop.fit`, which trains under DistributedDataParallel when the
 process group has several ranks. **Settings** merge like the stage command's
-(:func:`lib.stages.merged_parameters`: notebook defaults, ``--profile``, ``--param
+(:func:`lib.run.parameters.merged_parameters`: notebook defaults, ``--profile``, ``--param
 name=value``). **The run folder** is held by rank 0 for the whole stage
-(:func:`lib.stages.hold_run_folder`); a folder another stage holds stops every rank at once.
+(:func:`lib.run.lock.hold_run_folder`); a folder another stage holds stops every rank at once.
 """
 
 from __future__ import annotations
@@ -40,8 +40,19 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from lib import pipeline, ranks, robustness, stages
+from lib.attack import plan
 from lib.errors import BorderlineError, ParameterError, RunFolderError
+from lib.run import layout, lock, pipeline, ranks
+from lib.run.attack_stage import (
+    ModelLoader,
+    merge,
+    pending_chunks,
+    plan_job,
+    run_chunks,
+    save_plan,
+    settings_from_parameters,
+)
+from lib.run.parameters import merged_parameters, parse_value
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -60,7 +71,7 @@ ITERATION_SHARE: dict[str, float] = {
 }
 
 
-def chunk_costs(job: robustness.AttackJob, chunks: pd.DataFrame) -> dict[tuple[str, int], float]:
+def chunk_costs(job: plan.AttackJob, chunks: pd.DataFrame) -> dict[tuple[str, int], float]:
     """Expected cost of each chunk, in model passes (forward + backward of one image).
 
     An attack costs ``ITERATION_SHARE[schedule] * max_iter + 1`` passes (the +1 is the final
@@ -68,7 +79,7 @@ def chunk_costs(job: robustness.AttackJob, chunks: pd.DataFrame) -> dict[tuple[s
     they decide the sharding, never the results.
 
     Args:
-        job: from :func:`lib.robustness.plan_job`.
+        job: from :func:`lib.run.attack_stage.plan_job`.
         chunks: rows of ``job.chunks`` (e.g. the pending ones).
 
     Returns:
@@ -157,13 +168,13 @@ def stage_parameters(
     """A stage's parameters as its notebook would see them under papermill.
 
     The notebook's defaults, then the profile's values for the stage, then ``overrides``, then
-    ``run_dir`` (when given), merged by :func:`lib.stages.merged_parameters`. Names the
+    ``run_dir`` (when given), merged by :func:`lib.run.parameters.merged_parameters`. Names the
     notebook does not have, and values of the wrong type, raise :class:`ParameterError`.
     """
     overrides = dict(overrides or {})
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
-    values = stages.merged_parameters(stage, profile=profile, overrides=overrides,
+    values = merged_parameters(stage, profile=profile, overrides=overrides,
                                       with_defaults=True)
     if not values.get("run_dir"):
         raise ParameterError("no run folder: pass --run-dir (or a profile that names run_dir)")
@@ -171,14 +182,14 @@ def stage_parameters(
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
-    """``name=value`` strings; values read by :func:`lib.stages.parse_value`, as
-    ``lib.pipeline run -p`` reads them."""
+    """``name=value`` strings; values read by :func:`lib.run.parameters.parse_value`, as
+    ``lib.run.pipeline run -p`` reads them."""
     values = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
             raise ParameterError(f"--param expects name=value, got {pair!r}")
-        values[name.strip()] = stages.parse_value(name.strip(), value)
+        values[name.strip()] = parse_value(name.strip(), value)
     return values
 
 
@@ -186,7 +197,7 @@ def _record_stage(stage: str, parameters: Mapping[str, Any]) -> None:
     """Check and record the parameters in the run folder's manifest, as the notebook does
     (only for run folders the pipeline manages, i.e. with a ``manifest.json``)."""
     run_dir = Path(parameters["run_dir"])
-    if not stages.manifest_file(run_dir).is_file():
+    if not layout.manifest_file(run_dir).is_file():
         return
     pipeline.start_stage(stage, run_dir=run_dir, parameters=parameters,
                          overwrite=bool(parameters.get("overwrite", False)))
@@ -202,7 +213,7 @@ def _holding(launch: ranks.Launch, run_dir: Path, stage: str) -> Iterator[None]:
         return
     with held:
         ranks.collective_step(launch, "locking the run folder",
-                        lambda: held.enter_context(stages.hold_run_folder(run_dir, stage)),
+                        lambda: held.enter_context(lock.hold_run_folder(run_dir, stage)),
                         main_only=True)
         yield
 
@@ -215,29 +226,29 @@ def attack_stage(
     *,
     launch: ranks.Launch | None = None,
     progress: bool = True,
-    load_model: robustness.ModelLoader | None = None,
-) -> robustness.AttackJob:
+    load_model: ModelLoader | None = None,
+) -> plan.AttackJob:
     """The attack stage on this rank (a plain process when ``launch`` is None), inside
     :func:`process_group` on every rank; see the module docstring for the steps.
 
     ``parameters`` come from :func:`stage_parameters`; ``load_model`` goes to
-    :func:`lib.robustness.run_chunks` (tests use small models). Returns the job, its tables
+    :func:`lib.run.attack_stage.run_chunks` (tests use small models). Returns the job, its tables
     merged under the run folder's ``attack/``. Raises RankFailure under torchrun when any
     rank failed (on every rank), or what the stage raises in a plain process.
     """
     launch = launch or ranks.launch_from_env()
     run_dir = Path(parameters["run_dir"])
     device = ranks.rank_device(launch, parameters.get("device", "cpu"))
-    settings = robustness.settings_from_parameters(parameters)
+    settings = settings_from_parameters(parameters)
 
     ranks.collective_step(launch, "checking the run folder's manifest",
                     lambda: _record_stage(ATTACK_STAGE, parameters), main_only=True)
     job = ranks.collective_step(launch, "planning the job",
-                          lambda: robustness.plan_job(run_dir, settings))
-    ranks.collective_step(launch, "saving the plan", lambda: robustness.save_plan(job, run_dir),
+                          lambda: plan_job(run_dir, settings))
+    ranks.collective_step(launch, "saving the plan", lambda: save_plan(job, run_dir),
                     main_only=True)
     # rank 0's view of the finished chunks, so every rank shards the same list
-    pending = ranks.broadcast(launch, robustness.pending_chunks(job, run_dir) if launch.is_main
+    pending = ranks.broadcast(launch, pending_chunks(job, run_dir) if launch.is_main
                          else None)
     costs = chunk_costs(job, pending)
     shards = shard_chunks(costs, launch.world_size)
@@ -249,7 +260,7 @@ def attack_stage(
             for r, s in enumerate(shards)), flush=True)
     ranks.collective_step(
         launch, "attacking its chunks",
-        lambda: robustness.run_chunks(job, run_dir, chunks=shards[launch.rank], device=device,
+        lambda: run_chunks(job, run_dir, chunks=shards[launch.rank], device=device,
                                       progress=progress and launch.is_main,
                                       load_model=load_model),
     )
@@ -258,15 +269,15 @@ def attack_stage(
     return job
 
 
-def _merge(job: robustness.AttackJob, run_dir: Path, launch: ranks.Launch) -> None:
-    missing = robustness.pending_chunks(job, run_dir)
+def _merge(job: plan.AttackJob, run_dir: Path, launch: ranks.Launch) -> None:
+    missing = pending_chunks(job, run_dir)
     if launch.distributed and not missing.empty:
         raise RunFolderError(
             f"every rank finished, yet rank 0 sees {len(missing)} chunk(s) without results in "
-            f"{stages.attack_dir(run_dir) / stages.CHUNK_DIR}: on several machines the "
+            f"{layout.attack_dir(run_dir) / layout.CHUNK_DIR}: on several machines the "
             "run folder must be on a file system that every node shares"
         )
-    robustness.merge(job, run_dir)
+    merge(job, run_dir)
 
 
 # --------------------------------------------------------------------------- training
@@ -278,13 +289,14 @@ def train_stage(
     launch: ranks.Launch | None = None,
     progress: bool = True,
 ) -> pd.DataFrame | None:
-    """The training stage on this rank: :func:`lib.training.fit`, which trains under
+    """The training stage on this rank: :func:`lib.train.loop.fit`, which trains under
     DistributedDataParallel when a process group with several ranks is initialised.
 
     Returns:
         ``metrics.csv`` as a DataFrame on rank 0 (None on the other ranks).
     """
-    from lib import datasets, training
+    from lib.run import data_stage
+    from lib.train.loop import fit
 
     launch = launch or ranks.launch_from_env()
     run_dir = Path(parameters["run_dir"])
@@ -292,13 +304,13 @@ def train_stage(
     ranks.collective_step(launch, "checking the run folder's manifest",
                     lambda: _record_stage(TRAIN_STAGE, parameters), main_only=True)
     splits = ranks.collective_step(launch, "reading the data", lambda: {
-        split: datasets.load_run_split(run_dir, split) for split in ("train", "test")})
+        split: data_stage.load_run_split(run_dir, split) for split in ("train", "test")})
     hyper = {name: parameters[name] for name in (
         "epochs", "batch_size", "lr", "lr_decay", "momentum", "weight_decay", "augment",
         "balance", "seed", "precision",
     ) if name in parameters}
     hyper["weights_path"] = parameters.get("weights_path") or None
-    return training.fit(splits["train"], splits["test"], out_dir=stages.train_dir(run_dir),
+    return fit(splits["train"], splits["test"], out_dir=layout.train_dir(run_dir),
                         device=device, progress=progress, **hyper)
 
 
@@ -307,7 +319,7 @@ def train_stage(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="torchrun [...] -m lib.distributed",
+        prog="torchrun [...] -m lib.run.distributed",
         description="Run a stage on every rank of a torchrun launch (or as one plain process).",
     )
     commands = parser.add_subparsers(dest="command", required=True)

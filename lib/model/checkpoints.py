@@ -1,7 +1,4 @@
-"""AlexNet with the ImageNet normalisation inside; checkpoints that load without running code.
-
-The classifier takes images in [0, 1] (float, shape [N, 3, S, S], S >= :data:`MIN_IMAGE_SIZE`)
-and normalises them itself, so attacks step in pixel space and distances are in pixel units.
+"""The classifier's weights in files: a fresh model, ImageNet weights to start from, checkpoints.
 
 Checkpoints are safetensors files: a flat table of tensors behind a JSON header. Reading one
 parses that header and copies bytes; nothing in the file is ever executed. ImageNet weights
@@ -12,106 +9,26 @@ Nothing here downloads.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
-import torchvision
 from torch import nn
 
 from lib import NUM_CLASSES
-from lib.errors import CheckpointError, ParameterError
+from lib.errors import CheckpointError, ParameterError, first_line
 from lib.io import atomic_path
-
-#: Per-channel mean and standard deviation of ImageNet (RGB, [0, 1] units), torchvision's values.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-#: Smallest square input AlexNet's feature stack accepts. conv 11/4 (pad 2), then three 3x3/2
-#: max-pools with 5x5 and 3x3 same-padded convolutions between: the last pool needs a 3x3 map,
-#: so the second pool needs 7x7, the first 15x15, and the first conv ((S - 7) // 4 + 1 >= 15)
-#: needs S >= 63. Checked in tests/test_model.py against the network itself.
-MIN_IMAGE_SIZE: int = 63
-
-#: The ImageNet head that pretrained weights do not share with a 7-class model.
-_HEAD_PREFIX = "classifier.6."
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel; mean and std are buffers, so they follow ``.to()``."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
-
-
-class ToolClassifier(nn.Module):
-    """torchvision AlexNet behind an ImageNet normalisation layer.
-
-    ``forward(images)``: images float [N, 3, S, S] in [0, 1], S >= :data:`MIN_IMAGE_SIZE`
-    -> logits [N, num_classes]. The network has dropout and no batch norm: ``train()`` for
-    training, ``eval()`` for evaluation and attacks.
-    """
-
-    def __init__(self, *, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        self.alexnet = torchvision.models.alexnet(weights=None, num_classes=num_classes)
-        he_initialise(self.alexnet)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ParameterError(
-                f"the classifier expects images of shape [N, 3, S, S], got {tuple(images.shape)}"
-            )
-        check_image_size(min(images.shape[-2:]))
-        return self.alexnet(self.normalize(images))
-
-
-def he_initialise(network: nn.Module) -> None:
-    """He (Kaiming) normal initialisation of every conv and linear layer, zero biases.
-
-    torchvision's AlexNet keeps PyTorch's per-layer default (uniform, variance 1 / (3 fan_in)),
-    under which the activations' variance drops about 6-fold per layer (ReLU halves it, the
-    weights take two thirds): the logits start nearly independent of the image, and training
-    from scratch stalls for many steps. He et al. (2015) scale each layer to keep the variance
-    through ReLUs, as torchvision does for VGG and ResNet. The architecture is unchanged.
-    Draws from torch's global RNG.
-    """
-    for module in network.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.Linear):
-            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-        else:
-            continue
-        nn.init.zeros_(module.bias)
-
-
-def check_image_size(size: int) -> None:
-    """Raise :class:`ParameterError` if square images of side ``size`` are too small for AlexNet."""
-    if size < MIN_IMAGE_SIZE:
-        raise ParameterError(
-            f"image size {size} px is too small for AlexNet: its feature stack needs at least "
-            f"{MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} px; choose image_size >= {MIN_IMAGE_SIZE} "
-            "(the default profile uses 64, the paper 224)"
-        )
+from lib.model.network import HEAD_PREFIX, ToolClassifier, resolve_device
 
 
 def build_model(
     *, num_classes: int = NUM_CLASSES, weights_path: str | os.PathLike[str] | None = None
 ) -> ToolClassifier:
-    """A fresh classifier, He-initialised (:func:`he_initialise`) from torch's global RNG.
+    """A fresh classifier, He-initialised (:func:`~lib.model.network.he_initialise`) from torch's
+    global RNG.
 
     The model is in train mode (dropout on).
 
@@ -144,8 +61,8 @@ def _load_imagenet_features(alexnet: nn.Module, path: Path) -> None:
             for key, value in tensors.items()
             if key.startswith("alexnet.")
         }
-    wanted = {k: v for k, v in alexnet.state_dict().items() if not k.startswith(_HEAD_PREFIX)}
-    found = {k: v for k, v in tensors.items() if not k.startswith(_HEAD_PREFIX)}
+    wanted = {k: v for k, v in alexnet.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    found = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
     advice = "pass torchvision's AlexNet ImageNet weights (alexnet-owt-*.pth)"
     extra = [key for key in found if key not in wanted]
     if extra:
@@ -187,7 +104,7 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError,
             TypeError, AttributeError) as error:
         raise CheckpointError(
-            f"{path}: cannot read as a state dict of tensors ({_first_line(error)}); pass "
+            f"{path}: cannot read as a state dict of tensors ({first_line(error)}); pass "
             "torchvision's alexnet-owt-*.pth or a .safetensors file"
         ) from error
     if not isinstance(state, dict) or not all(
@@ -237,11 +154,12 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: not a safetensors checkpoint ({kind}). Checkpoints are read only as "
             "safetensors, which never runs code; a pickle is refused without being opened. "
-            "Use a checkpoint written by lib.model.save_checkpoint (train/epoch_NN.safetensors)"
+            "Use a checkpoint written by lib.model.checkpoints.save_checkpoint "
+            "(train/epoch_NN.safetensors)"
         )
     device = resolve_device(map_location)
     tensors = read_safetensors(path, device=device)
-    head = "alexnet." + _HEAD_PREFIX + "weight"
+    head = "alexnet." + HEAD_PREFIX + "weight"
     if head in tensors and tensors[head].ndim == 2 and tensors[head].shape[0] != num_classes:
         raise CheckpointError(
             f"{path}: checkpoint is for {tensors[head].shape[0]} classes, expected {num_classes}; "
@@ -251,7 +169,8 @@ def load_checkpoint(
     with torch.device("meta"):  # shapes only: no time spent on a random init that is replaced
         model = ToolClassifier(num_classes=num_classes)
     expected = model.state_dict()
-    advice = "use a checkpoint written by lib.model.save_checkpoint (train/epoch_NN.safetensors)"
+    advice = ("use a checkpoint written by lib.model.checkpoints.save_checkpoint "
+              "(train/epoch_NN.safetensors)")
     for key, target in expected.items():
         if key not in tensors:
             raise CheckpointError(
@@ -295,7 +214,7 @@ def check_checkpoint(path: str | os.PathLike[str], *, num_classes: int = NUM_CLA
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (safetensors.SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(
-            f"{path}: unreadable safetensors file ({_first_line(error)}); it is probably "
+            f"{path}: unreadable safetensors file ({first_line(error)}); it is probably "
             "truncated or corrupt (e.g. an interrupted copy): copy it again or retrain "
             "(02_train with overwrite True)"
         ) from error
@@ -328,7 +247,7 @@ def read_safetensors(
         return safetensors.torch.load_file(path, device=str(device))
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(
-            f"{path}: unreadable safetensors file ({_first_line(error)}); it is probably "
+            f"{path}: unreadable safetensors file ({first_line(error)}); it is probably "
             "truncated or corrupt (e.g. an interrupted copy): copy it again or retrain"
         ) from error
 
@@ -343,63 +262,3 @@ def _describe_non_safetensors(path: Path) -> str:
     if head[:4] == b"PK\x03\x04":
         return "it is a zip archive, as torch.save writes"
     return f"it starts with bytes {head!r}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """The torch device for ``name`` ("cpu", "cuda", "cuda:1", "mps"), checked to be usable.
-
-    Raises:
-        ParameterError: unknown device type, or a device this machine does not have.
-    """
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as error:
-        raise ParameterError(
-            f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N' ({_first_line(error)})"
-        ) from error
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ParameterError(
-                f"device {name!r} requested but CUDA is not available here; use device='cpu'"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ParameterError(
-                f"device {name!r} requested but this machine has {count} CUDA device(s) "
-                f"(cuda:0 .. cuda:{count - 1}); pick one of those or 'cpu'"
-            )
-        return device
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ParameterError(f"device {name!r} requested but MPS is not available; use 'cpu'")
-        return device
-    raise ParameterError(f"unsupported device {name!r}; use 'cpu', 'cuda' or 'cuda:N'")
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and weights not requiring grad inside the block; both restored afterwards.
-
-    Attacks and speed measurements need gradients with respect to the input only: frozen
-    weights skip the weight gradients, several times faster on the CPU (TOOLCHAIN.md). Each
-    parameter's ``requires_grad`` flag and each submodule's train/eval mode is restored as it
-    was, even when the block raises.
-    """
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    training = [m.training for m in model.modules()]
-    model.eval()
-    model.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for parameter, flag in zip(model.parameters(), requires_grad, strict=True):
-            parameter.requires_grad_(flag)
-        for module, flag in zip(model.modules(), training, strict=True):
-            module.training = flag

@@ -1,6 +1,6 @@
 """The book's generated files: executed notebooks, parameter and bad-input tables, vega scripts.
 
-:func:`prepare_book` (``python -m lib.pipeline book``) hands a profile's executed notebooks to
+:func:`prepare_book` (``python -m lib.run.pipeline book``) hands a profile's executed notebooks to
 the book and writes the pages the chapters include: :func:`parameters_markdown` (every stage's
 papermill parameters) and :func:`bad_inputs_markdown` (the bad-input matrix of
 ``tests/bad_inputs.yaml``), and the vega scripts for offline charts
@@ -18,17 +18,8 @@ import yaml
 
 from lib import io
 from lib.errors import RunFolderError
-from lib.stages import (
-    REPO,
-    STAGES,
-    executed_notebook,
-    load_profile,
-    load_profile_spec,
-    notebook_defaults,
-    notebook_path,
-    parameter_table,
-    stage_dir,
-)
+from lib.run.layout import REPO, STAGES, executed_notebook, notebook_path, stage_dir
+from lib.run.parameters import load_profile, load_profile_spec, notebook_defaults, parameter_table
 
 STATIC_DIR = REPO / "_static"
 

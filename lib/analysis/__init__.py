@@ -1,0 +1,2 @@
+"""From tables to findings: intervals and verdicts, aggregates, paired comparisons, claims,
+minimality, charts."""

@@ -1,0 +1,330 @@
+"""How minimal are the borderline images? Our distances against the best-known minimal ones.
+
+The reference attacks of :mod:`lib.attack.reference` search the smallest perturbation of the
+same (image, target) pairs our schedules attacked. The smallest successful L1 of a pair over
+every reference attack, and over our own schedules when the caller passes them, is its
+*best-known* L1 (:func:`best_per_sample`). Two measures compare a schedule with it: the median
+ratio of L1 to the best-known L1 (:func:`l1_ratio_table`) and AttackBench's optimality score
+(:func:`eval_optimality`, :func:`optimality_table`); :func:`minimality_intervals` gives both
+with their 95 % bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from lib.analysis import minimality, statistics
+from lib.analysis.paired import PAIR_KEYS
+from lib.attack.reference import DEFAULT_ATTACKS, run_reference_attacks
+from lib.errors import ParameterError
+
+
+def best_per_sample(
+    reference: pd.DataFrame,
+    own: pd.DataFrame | None = None,
+    *,
+    on: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The best-known L1 of every pair: the smallest successful L1 over every method.
+
+    Args:
+        reference: rows of :func:`run_reference_attacks` (key columns, attack, steps, success,
+            l1).
+        own: optional rows of our own attacks on the same pairs (key columns, schedule,
+            success, l1), e.g. the attack stage's results for this epoch. A best-known
+            reference should include every method, so pass them when you have them.
+        on: key columns that identify a pair; default: the reference's columns before
+            ``attack``.
+
+    Returns:
+        One row per pair of ``reference``: key columns, ``best_l1`` (``inf`` when no method
+        succeeded), ``best_method`` (``"fmn_l1@1000"``, ``"schedule:constant"``, or ``""``).
+    """
+    on = _key_columns(reference, on)
+    candidates = [
+        reference.assign(method=reference["attack"] + "@" + reference["steps"].astype(str))
+    ]
+    if own is not None:
+        missing = [c for c in (*on, "schedule", "success", "l1") if c not in own.columns]
+        if missing:
+            raise ParameterError(
+                f"best_per_sample: own results lack columns {missing}; expected the key columns "
+                f"{list(on)} and schedule, success, l1 (as in attack/results.csv)."
+            )
+        candidates.append(own.assign(method="schedule:" + own["schedule"].astype(str)))
+    pairs = reference[list(on)].drop_duplicates().reset_index(drop=True)
+    found = pd.concat([c[[*on, "method", "success", "l1"]] for c in candidates], ignore_index=True)
+    found = found[found["success"].astype(bool) & np.isfinite(found["l1"])]
+    found = found.sort_values([*on, "l1", "method"], kind="stable").drop_duplicates(list(on))
+    best = pairs.merge(found[[*on, "l1", "method"]], on=list(on), how="left")
+    return best.rename(columns={"l1": "best_l1", "method": "best_method"}).fillna(
+        {"best_l1": np.inf, "best_method": ""}
+    )
+
+
+def best_known_l1(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    keys: pd.DataFrame | None = None,
+    own: pd.DataFrame | None = None,
+    steps: Sequence[int] = (1000,),
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Reference attacks on every pair, with each pair's best-known L1 on every row.
+
+    Runs :func:`run_reference_attacks` (see there for the arguments) and adds the columns of
+    :func:`best_per_sample`: ``best_l1`` and ``best_method`` (the same on every row of a pair),
+    over the reference attacks and, when ``own`` is given, our own schedules' successful rows.
+    Reduce to one row per pair with ``table.drop_duplicates(keys)`` or :func:`best_per_sample`.
+
+    Returns:
+        DataFrame, one row per (pair, attack, steps): key columns, attack, steps, success, l1,
+        linf, changed_fraction, seconds, best_l1, best_method.
+    """
+    table = run_reference_attacks(
+        model,
+        images,
+        targets,
+        keys=keys,
+        steps=steps,
+        attacks=attacks,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    on = _key_columns(table, None)
+    return table.merge(best_per_sample(table, own, on=on), on=on, how="left")
+
+
+def _key_columns(table: pd.DataFrame, on: Sequence[str] | None) -> list[str]:
+    if on is not None:
+        return list(on)
+    if "attack" not in table.columns:
+        raise ParameterError(
+            "minimality: cannot infer the key columns (no 'attack' column); pass on=[...]."
+        )
+    return list(table.columns[: list(table.columns).index("attack")])
+
+
+def _with_best(
+    results: pd.DataFrame, best: pd.DataFrame, on: Sequence[str], by: Sequence[str]
+) -> pd.DataFrame:
+    """Our results joined to the best-known L1 of their pair (pairs without a reference drop)."""
+    missing = [c for c in (*on, *by, "success", "l1") if c not in results.columns]
+    missing += [f"best.{c}" for c in (*on, "best_l1") if c not in best.columns]
+    if missing:
+        raise ParameterError(
+            f"minimality: missing columns {missing}; results need {[*on, *by, 'success', 'l1']}"
+            f" and best needs {[*on, 'best_l1']}. Pass on=/by= to match your tables."
+        )
+    best = best[[*on, "best_l1"]].drop_duplicates(list(on))
+    return results.merge(best, on=list(on), how="inner")
+
+
+def l1_ratio_table(
+    results: pd.DataFrame,
+    best: pd.DataFrame,
+    *,
+    on: Sequence[str] = ("epoch", "image_id", "target"),
+    by: Sequence[str] = ("schedule", "epoch"),
+) -> pd.DataFrame:
+    """Per schedule and epoch: how many times larger our L1 is than the best-known L1.
+
+    Only successful rows of pairs with a finite, positive best-known L1 enter the ratio.
+
+    Args:
+        results: our attacks (columns ``on``, ``by``, success, l1), e.g. attack/results.csv.
+        best: best-known L1 per pair (columns ``on``, best_l1), e.g. from :func:`best_known_l1`.
+        on: columns identifying a pair in both tables.
+        by: grouping columns.
+
+    Returns:
+        One row per group: ``by`` columns, ``pairs`` (rows with a reference), ``successful``
+        (rows in the ratio), ``median_ratio``, ``q25_ratio``, ``q75_ratio`` (NaN when no row).
+    """
+    joined = _with_best(results, best, on, by)
+    usable = (
+        joined["success"].astype(bool) & np.isfinite(joined["best_l1"]) & (joined["best_l1"] > 0)
+    )
+    joined = joined.assign(ratio=np.where(usable, joined["l1"] / joined["best_l1"], np.nan))
+    grouped = joined.groupby(list(by), sort=True)["ratio"]
+    return pd.DataFrame(
+        {
+            "pairs": grouped.size(),
+            "successful": grouped.count(),
+            "median_ratio": grouped.median(),
+            "q25_ratio": grouped.quantile(0.25),
+            "q75_ratio": grouped.quantile(0.75),
+        }
+    ).reset_index()
+
+
+def robust_accuracy(distances: Iterable[float], sizes: Iterable[float]) -> np.ndarray:
+    """Robust accuracy at each perturbation size: the share of samples with distance > size.
+
+    A sample counts as broken at every size >= its distance; failed attacks have distance
+    ``inf`` and are never broken; samples already adversarial have distance 0.
+    """
+    distances = np.asarray(list(distances), dtype=float)
+    sizes = np.asarray(list(sizes), dtype=float)
+    if distances.size == 0:
+        return np.full(sizes.shape, np.nan)
+    return (distances[None, :] > sizes[:, None]).mean(axis=1)
+
+
+def eval_optimality(
+    adv_distances: Iterable[float],
+    best_distances: Iterable[float],
+    *,
+    integration: Literal["step", "trapezoid"] = "step",
+) -> float:
+    """AttackBench's optimality of an attack against the best-known distances, in [0, 1].
+
+    AttackBench (Cinà et al. 2025, "AttackBench: Evaluating Gradient-based Attacks for
+    Adversarial Examples", arXiv:2404.19460; code: github.com/attackbench/AttackBench,
+    ``analysis/utils.py::eval_optimality``) compares the robust-accuracy-versus-perturbation
+    curve rho_a of an attack with the curve rho_* of the best-known distances, over the window
+    [0, eps*] where eps* is the largest best-known distance (the size at which rho_* reaches
+    its floor). With clean accuracy rho_0 (share of best distances > 0) and A(rho) the area
+    under a curve on that window::
+
+        optimality = 1 - (A(rho_a) - A(rho_*)) / (rho_0 eps* - A(rho_*))
+
+    the area between the attack's and the best curve, divided by the area between the clean
+    accuracy line and the best curve. 1 means the attack matches the best known distances on
+    every sample, 0 that it breaks nothing within the window.
+
+    Args:
+        adv_distances: per-sample distances of the attack ([n]; ``inf`` where it failed).
+        best_distances: best-known distances of the same samples, in the same order.
+        integration: ``"step"`` (default) integrates the step-shaped curves exactly; the area
+            under rho on [0, eps*] is then mean(min(d_i, eps*)). ``"trapezoid"`` reproduces
+            AttackBench's code, which joins the curve's values at the distinct distances with
+            straight lines from the smallest distance on (numpy's trapezoid rule); it agrees
+            with "step" for many samples but, on few, can leave [0, 1].
+
+    Returns:
+        The score, or NaN when it is undefined (no samples, no finite best distance, or a best
+        curve with no area above it, e.g. all best distances equal).
+    """
+    adv = np.asarray(list(adv_distances), dtype=float)
+    ref = np.asarray(list(best_distances), dtype=float)
+    if adv.shape != ref.shape:
+        raise ParameterError(
+            f"eval_optimality: adv_distances and best_distances must pair up; got {adv.shape}"
+            f" and {ref.shape}."
+        )
+    finite = ref[np.isfinite(ref)]
+    if adv.size == 0 or finite.size == 0:
+        return float("nan")
+    window = finite.max()
+    clean_accuracy = np.count_nonzero(ref) / ref.size
+    if integration == "step":
+        area_adv = np.minimum(adv, window).mean()
+        area_best = np.minimum(ref, window).mean()
+    elif integration == "trapezoid":
+        area_adv = _trapezoid_area(np.minimum(adv, window))
+        area_best = _trapezoid_area(np.minimum(ref, window))
+    else:
+        raise ParameterError(
+            f"eval_optimality: integration must be 'step' or 'trapezoid'; got {integration!r}."
+        )
+    room = clean_accuracy * window - area_best
+    if room <= 0:
+        return float("nan")
+    return float(1 - (area_adv - area_best) / room)
+
+
+def _trapezoid_area(distances: np.ndarray) -> float:
+    """Area under the robust-accuracy points (distinct distance, share above it), trapezoids."""
+    sizes, counts = np.unique(distances, return_counts=True)
+    accuracy = 1 - np.cumsum(counts) / distances.size
+    return float(np.trapezoid(accuracy, sizes))
+
+
+def optimality_table(
+    results: pd.DataFrame,
+    best: pd.DataFrame,
+    *,
+    on: Sequence[str] = ("epoch", "image_id", "target"),
+    by: Sequence[str] = ("schedule", "epoch"),
+    integration: Literal["step", "trapezoid"] = "step",
+) -> pd.DataFrame:
+    """Per schedule and epoch: AttackBench's optimality score against the best-known L1.
+
+    A failed attack counts as distance ``inf``. The best-known L1 should include our own
+    schedules (``own=`` in :func:`best_known_l1`); otherwise a schedule that beats every
+    reference attack can score above 1.
+
+    Returns:
+        One row per group: ``by`` columns, ``pairs`` (rows with a reference),
+        ``success_rate``, ``optimality`` (see :func:`eval_optimality`).
+    """
+    joined = _with_best(results, best, on, by)
+    joined = joined.assign(distance=np.where(joined["success"].astype(bool), joined["l1"], np.inf))
+    rows = []
+    for group, part in joined.groupby(list(by), sort=True):
+        rows.append(
+            {
+                **dict(zip(by, group, strict=True)),
+                "pairs": len(part),
+                "success_rate": part["success"].astype(bool).mean(),
+                "optimality": eval_optimality(
+                    part["distance"], part["best_l1"], integration=integration
+                ),
+            }
+        )
+    return pd.DataFrame(rows, columns=[*by, "pairs", "success_rate", "optimality"])
+
+
+def minimality_intervals(results: pd.DataFrame, best: pd.DataFrame, *,
+                         confidence: float = statistics.CONFIDENCE) -> pd.DataFrame:
+    """Per schedule and epoch: the median ratio L1 / best-known L1 and AttackBench's optimality,
+    each with a 95 % bootstrap interval over the pairs.
+
+    Args:
+        results: our attacks (attack/results.csv rows of the compared epochs).
+        best: best-known L1 per pair (``epoch, image_id, target, best_l1``), e.g.
+            :func:`lib.analysis.minimality.best_per_sample`.
+
+    Returns:
+        ``schedule, epoch, pairs, successful, median_ratio, median_ratio_low,
+        median_ratio_high, q25_ratio, q75_ratio, optimality, optimality_low,
+        optimality_high``.
+    """
+    keys = list(PAIR_KEYS)
+    joined = results.merge(best[[*keys, "best_l1"]].drop_duplicates(keys), on=keys, how="inner")
+    hit = joined["success"].astype(bool)
+    ratio_ok = hit & np.isfinite(joined["best_l1"]) & (joined["best_l1"] > 0)
+    joined = joined.assign(ratio=(joined["l1"] / joined["best_l1"]).where(ratio_ok),
+                           distance=joined["l1"].where(hit, np.inf))
+    rows = []
+    for (name, epoch), part in joined.groupby(["schedule", "epoch"], sort=False):
+        median = statistics.bootstrap_interval(part["ratio"], statistic="median",
+                                               confidence=confidence)
+        score = statistics.bootstrap_statistic(
+            (part["distance"].to_numpy(), part["best_l1"].to_numpy()),
+            minimality.eval_optimality, confidence=confidence)
+        rows.append({"schedule": name, "epoch": int(epoch), "pairs": len(part),
+                     "successful": median.n, "median_ratio": median.estimate,
+                     "median_ratio_low": median.low, "median_ratio_high": median.high,
+                     "q25_ratio": part["ratio"].quantile(0.25),
+                     "q75_ratio": part["ratio"].quantile(0.75), "optimality": score.estimate,
+                     "optimality_low": score.low, "optimality_high": score.high})
+    columns = ["schedule", "epoch", "pairs", "successful", "median_ratio", "median_ratio_low",
+               "median_ratio_high", "q25_ratio", "q75_ratio", "optimality", "optimality_low",
+               "optimality_high"]
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,301 @@
+"""The attack job as a plan: its settings, which attacks to run and how they are cut into chunks.
+
+A plan is a pure function of its settings, the training stage's predictions (which images each
+checkpoint classifies correctly) and the epochs to attack; it reads no file and attacks
+nothing. The attack stage (:mod:`lib.run.attack_stage`) runs the chunks and merges them.
+
+1. **Selection** (:mod:`lib.attack.selection`): per attacked epoch and class, the first
+   ``n_per_class`` correctly classified test images in one seeded order.
+2. **Rows**: per epoch, one row per (selected image, other class as target, schedule) in
+   targeted mode, or per (image, schedule) in untargeted mode. Images are taken rank by rank
+   across the classes (rank 0 of every class, then rank 1, ...), targets in label order,
+   schedules in the given order. ``row_id`` numbers the rows of one epoch from 0; the key of an
+   attack is ``(epoch, row_id)``.
+3. **Chunks**: ``chunk_size`` consecutive rows of one *part* (an attacked epoch, or one lr0 of
+   the sensitivity sweep) are the unit of work. Each chunk is one fresh engine call, so its
+   float32 results are bit-identical however often and wherever it is re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lib import NUM_CLASSES
+from lib.attack.results import MODES
+from lib.attack.schedules import SCHEDULES, bind, get_schedule
+from lib.attack.selection import Selection, select_images
+from lib.errors import ParameterError
+from lib.model import precision as precision_lib
+
+#: Columns of the planned row table (:attr:`AttackJob.rows`).
+ROW_COLUMNS: tuple[str, ...] = (
+    "part", "kind", "epoch", "lr0", "row_id", "image_id", "rank", "source", "target",
+    "schedule", "chunk", "gallery",
+)
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """Everything that defines an attack job (what it computes, not where it runs).
+
+    Attributes:
+        epochs: checkpoints to attack; empty = every trained epoch.
+        schedules: names in :data:`lib.attack.schedules.SCHEDULES`, in the order rows use them.
+        lr0: initial step size > 0 in [0, 1] pixel units.
+        max_iter: update budget per attack (>= 1; the paper: 100).
+        n_per_class: images per class and epoch (>= 1; the paper: 50).
+        mode: ``"targeted"`` (every other class as target) or ``"untargeted"``.
+        seed: the seed of the test-split permutation.
+        batch_size: attacks in flight per engine pass; float32 results depend on it.
+        chunk_size: rows per chunk, the unit of resume (>= 1; best a multiple of batch_size).
+        schedule_constants: per schedule, its constants, e.g. ``{"step": {"drop": 0.5}}``.
+        sweep_lr0: lr0 values of the sensitivity sweep; empty = no sweep. A value equal to
+            ``lr0`` is not attacked again: its sweep rows are the main attack's rows of the same
+            images at ``sweep_epoch`` (the same attacks, so the same results up to float32
+            batching).
+        sweep_per_class: images per class in the sweep (ranks 0 .. k-1 of the main selection).
+        sweep_epoch: the epoch of the sweep; 0 = the last attacked epoch.
+        gallery_images: for the last attacked epoch, the rank-0 images of the first k classes
+            are kept as pictures (every schedule; target ``(source + 1) mod 7``).
+        precision: the engine's forward precision, ``"float32"``, ``"bfloat16"`` or ``"auto"``
+            (:mod:`lib.model.precision`); successes are confirmed in float32 either way.
+        refine_tolerance: None (no refinement) or > 0 in [0, 1] pixel units: the Linf width
+            to which each success's last step is bisected (the ``refined_*`` columns).
+    """
+
+    epochs: tuple[int, ...] = ()
+    schedules: tuple[str, ...] = tuple(SCHEDULES)
+    lr0: float = 1 / 255
+    max_iter: int = 100
+    n_per_class: int = 50
+    mode: str = "targeted"
+    seed: int = 0
+    batch_size: int = 64
+    chunk_size: int = 512
+    schedule_constants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    sweep_lr0: tuple[float, ...] = ()
+    sweep_per_class: int = 0
+    sweep_epoch: int = 0
+    gallery_images: int = 7
+    precision: str = "float32"
+    refine_tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        # lists from notebooks and JSON become tuples, so settings compare and hash as values
+        object.__setattr__(self, "epochs", tuple(int(e) for e in _sequence(self.epochs, "epochs")))
+        object.__setattr__(self, "schedules", tuple(_sequence(self.schedules, "schedules")))
+        object.__setattr__(self, "sweep_lr0", tuple(_sequence(self.sweep_lr0, "sweep_lr0")))
+        object.__setattr__(
+            self, "schedule_constants",
+            {k: dict(v) for k, v in dict(self.schedule_constants or {}).items()},
+        )
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`ParameterError` naming the first bad setting and how to fix it."""
+        if not self.schedules:
+            raise ParameterError(
+                f"schedules is empty; name at least one of {', '.join(SCHEDULES)}"
+            )
+        for name in self.schedules:
+            get_schedule(name)
+        if len(set(self.schedules)) != len(self.schedules):
+            raise ParameterError(f"schedules lists a name twice: {list(self.schedules)}")
+        for name, constants in self.schedule_constants.items():
+            if name not in self.schedules:
+                raise ParameterError(
+                    f"schedule_constants names {name!r}, which is not in schedules "
+                    f"{list(self.schedules)}"
+                )
+            bind(name, lr0=1.0, **constants)
+        _positive_float(self.lr0, "lr0")
+        for value in self.sweep_lr0:
+            _positive_float(value, "every sweep_lr0 value")
+        _int_at_least(self.max_iter, 1, "max_iter")
+        _int_at_least(self.n_per_class, 1, "n_per_class")
+        _int_at_least(self.seed, 0, "seed")
+        _int_at_least(self.batch_size, 1, "batch_size")
+        _int_at_least(self.chunk_size, 1, "chunk_size")
+        _int_at_least(self.sweep_per_class, 0, "sweep_per_class")
+        _int_at_least(self.sweep_epoch, 0, "sweep_epoch")
+        _int_at_least(self.gallery_images, 0, "gallery_images")
+        if self.sweep_per_class > self.n_per_class:
+            raise ParameterError(
+                f"sweep_per_class={self.sweep_per_class} exceeds n_per_class="
+                f"{self.n_per_class}: the sweep attacks a subset of the main selection"
+            )
+        if self.mode not in MODES:
+            raise ParameterError(
+                f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"
+            )
+        for epoch in self.epochs:
+            _int_at_least(epoch, 1, "every epoch")
+        precision_lib.check(self.precision)
+        if self.refine_tolerance is not None:
+            _positive_float(self.refine_tolerance, "refine_tolerance (None for no refinement)")
+
+    def to_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        for key in ("epochs", "schedules", "sweep_lr0"):
+            values[key] = list(values[key])
+        return values
+
+
+def _sequence(value: Any, name: str) -> tuple:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ParameterError(f"{name} must be a list, got {type(value).__name__} {value!r}")
+    return tuple(value)
+
+
+def _positive_float(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ParameterError(f"{name} must be a finite number > 0 (pixel units), got {value!r}")
+
+
+def _int_at_least(value: Any, low: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ParameterError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+@dataclass
+class AttackJob:
+    """A planned attack job.
+
+    Attributes:
+        settings: the :class:`AttackSettings`, with ``epochs`` and ``sweep_epoch`` resolved.
+        selection: the attacked images (and the shortfall report).
+        rows: one row per attack, columns :data:`ROW_COLUMNS`; ``part`` is ``"epoch_NN"`` for
+            the main attack or ``"sweep_KK"`` for the k-th sweep lr0.
+        chunks: one row per chunk: ``part``, ``chunk`` (0-based within the part), ``epoch``,
+            ``lr0``, ``rows`` (count), ``kind`` (``"main"`` or ``"sweep"``). Its index order is
+            the order of work; ``(part, chunk)`` is a chunk's key.
+    """
+
+    settings: AttackSettings
+    selection: Selection
+    rows: pd.DataFrame
+    chunks: pd.DataFrame
+
+    def chunk_rows(self, part: str, chunk: int) -> pd.DataFrame:
+        return self.rows[(self.rows["part"] == part) & (self.rows["chunk"] == chunk)]
+
+
+def plan_attacks(settings: AttackSettings, predictions: pd.DataFrame, *,
+                 epochs: Sequence[int]) -> AttackJob:
+    """Plan the job: select the images, list every attack, cut the rows into chunks.
+
+    Args:
+        settings: the job's settings; their ``epochs`` and ``sweep_epoch`` are replaced by the
+            resolved ones.
+        predictions: the training stage's predictions (``epoch, image_id, label,
+            predicted``), the whole test split at every epoch.
+        epochs: the epochs to attack, sorted (``settings.epochs``, or every trained epoch when
+            that is empty).
+
+    Raises:
+        ParameterError: a sweep epoch that is not attacked, or an epoch with no correctly
+            classified test image (nothing to attack).
+    """
+    epochs = list(epochs)
+    sweep_epoch = settings.sweep_epoch or epochs[-1]
+    if settings.sweep_lr0 and settings.sweep_per_class and sweep_epoch not in epochs:
+        raise ParameterError(
+            f"sweep_epoch={sweep_epoch} is not among the attacked epochs {epochs}; choose one "
+            "of them or 0 (the last)"
+        )
+    settings = AttackSettings(**{**settings.to_json(), "epochs": epochs,
+                                 "sweep_epoch": sweep_epoch})
+    selection = select_images(
+        predictions, n_per_class=settings.n_per_class, seed=settings.seed,
+        epochs=epochs,
+    )
+    counts = selection.images.groupby("epoch").size().reindex(epochs, fill_value=0)
+    empty = counts[counts == 0].index.tolist()
+    if empty:
+        raise ParameterError(
+            f"empty selection: at epoch(s) {empty} the checkpoint classifies no test image "
+            "correctly, so there is nothing to attack; leave those epochs out, or train longer "
+            "(02_train)"
+        )
+    parts = [_part_rows(selection.images, settings, epoch=e, kind="main",
+                        lr0=settings.lr0, name=f"epoch_{e:02d}") for e in epochs]
+    if settings.sweep_lr0 and settings.sweep_per_class:
+        chosen = selection.images[selection.images["rank"] < settings.sweep_per_class]
+        parts += [_part_rows(chosen, settings, epoch=sweep_epoch, kind="sweep", lr0=value,
+                             name=f"sweep_{k:02d}")
+                  for k, value in enumerate(settings.sweep_lr0) if value != settings.lr0]
+    rows = pd.concat(parts, ignore_index=True)
+    _mark_gallery(rows, settings, last_epoch=epochs[-1])
+    chunks = (
+        rows.groupby(["part", "chunk"], sort=False)
+        .agg(epoch=("epoch", "first"), lr0=("lr0", "first"), rows=("row_id", "size"),
+             kind=("kind", "first"))
+        .reset_index()
+    )
+    return AttackJob(settings=settings, selection=selection,
+                     rows=rows[list(ROW_COLUMNS)].reset_index(drop=True), chunks=chunks)
+
+
+def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, epoch: int, kind: str,
+               lr0: float, name: str) -> pd.DataFrame:
+    """The rows of one part: images rank by rank across classes, then targets, then schedules."""
+    chosen = images[images["epoch"] == epoch].sort_values(["rank", "label"], kind="stable")
+    n_images = len(chosen)
+    if settings.mode == "targeted":
+        targets = np.array([[t for t in range(NUM_CLASSES) if t != s] for s in chosen["label"]])
+        per_image = NUM_CLASSES - 1
+    else:
+        targets = np.full((n_images, 1), -1)
+        per_image = 1
+    n_sched = len(settings.schedules)
+    repeat = per_image * n_sched
+    table = pd.DataFrame({
+        "part": name,
+        "kind": kind,
+        "epoch": epoch,
+        "lr0": float(lr0),
+        "image_id": np.repeat(chosen["image_id"].to_numpy(), repeat),
+        "rank": np.repeat(chosen["rank"].to_numpy(), repeat),
+        "source": np.repeat(chosen["label"].to_numpy(), repeat),
+        "target": np.repeat(targets.reshape(-1), n_sched) if n_images else np.array([], int),
+        "schedule": np.tile(np.array(settings.schedules, dtype=object), n_images * per_image),
+    })
+    table["row_id"] = np.arange(len(table), dtype=np.int64)
+    table["chunk"] = table["row_id"] // settings.chunk_size
+    table["gallery"] = False
+    return table
+
+
+def _mark_gallery(rows: pd.DataFrame, settings: AttackSettings, *, last_epoch: int) -> None:
+    """Flag the rows whose borderline images are kept (see ``AttackSettings.gallery_images``)."""
+    main = (rows["kind"] == "main") & (rows["epoch"] == last_epoch) & (rows["rank"] == 0)
+    shown = rows["source"] < settings.gallery_images
+    if settings.mode == "targeted":
+        aimed = rows["target"] == (rows["source"] + 1) % NUM_CLASSES
+    else:
+        aimed = pd.Series(True, index=rows.index)
+    rows["gallery"] = main & shown & aimed
+
+
+def _selection_digest(selection: Selection) -> str:
+    text = selection.images.to_csv(index=False, lineterminator="\n")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def plan_record(job: AttackJob) -> dict[str, Any]:
+    """What ``job.json`` holds: the settings, the selection's digest and the job's size."""
+    return {
+        "settings": job.settings.to_json(),
+        "selection_sha256": _selection_digest(job.selection),
+        "rows": int(len(job.rows)),
+        "chunks": int(len(job.chunks)),
+    }

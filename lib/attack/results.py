@@ -1,0 +1,147 @@
+"""What the attack engine takes and gives back: one row per attack in, one result per attack out.
+
+:class:`AttackRow` is one attack of a job (an image of the pool, its source class, a target
+and a schedule); :class:`AttackResult` holds the per-attack results of many rows as tensors,
+with the traces and, when asked for, the borderline images. The loop that turns rows into
+results is :mod:`lib.attack.engine`; its entry points are in :mod:`lib.attack.api`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from lib.errors import ParameterError
+
+MODES = ("targeted", "untargeted")
+
+
+STATUS_OK = "ok"  #: the loop ran as specified (successful or not)
+
+
+STATUS_NONFINITE = "nonfinite"  #: logits, loss or gradient stopped being finite: failed
+
+
+class AttackRow(NamedTuple):
+    """One attack of a job. ``target`` is ignored in untargeted mode (use -1)."""
+
+    row_id: int
+    image: int  #: index into the image pool
+    source: int
+    target: int
+    schedule: str
+
+
+ROW_COLUMNS = AttackRow._fields
+
+
+@dataclass
+class AttackResult:
+    """Per-attack results; row ``k`` belongs to ``row_id[k]``. Tensors are on the CPU.
+
+    Attributes:
+        row_id: int64 [K].
+        success: bool [K]: the final image is classified as the target (targeted) or not as
+            the source (untargeted). Always False for status ``"nonfinite"``.
+        iterations: int64 [K]: updates applied, 0 .. max_iter.
+        status: K strings, ``"ok"`` or ``"nonfinite"``.
+        final_class: int64 [K]: argmax of the model at the final image (-1 if not finite).
+        target_prob: [K]: softmax probability at the final image of the target (targeted) or of
+            ``final_class`` (untargeted); NaN if not finite.
+        mean_lr: [K]: mean step size over the applied updates; NaN when none was applied.
+        l1: [K]: mean ``|x* - x|`` over the C*H*W values (METHOD.md's L1, [0, 1] units).
+        l2, linf: [K]: Euclidean and max norms of x* - x.
+        refined_l1, refined_l2, refined_linf: [K]: the same distances after the boundary
+            refinement (``refine_tolerance``), each the smaller of the refined point's and the
+            path point's distance (both are crossed). Equal to l1, l2, linf when refinement is
+            off, for failed rows and for rows that crossed after 0 updates.
+        refine_forwards: int64 [K]: forward passes the refinement cost this row (0 where it
+            did not run).
+        lr_trace, loss_trace: [K, max_iter]: lr_i and L_i in column i - 1 for the applied
+            updates, NaN after the stop.
+        borderline: [K, C, H, W] in [0, 1], the final images, or None when not kept.
+        refined: [K, C, H, W] in [0, 1], the refined images (the borderline image where
+            refinement did not run), or None when images are not kept.
+    """
+
+    row_id: Tensor
+    success: Tensor
+    iterations: Tensor
+    status: list[str]
+    final_class: Tensor
+    target_prob: Tensor
+    mean_lr: Tensor
+    l1: Tensor
+    l2: Tensor
+    linf: Tensor
+    lr_trace: Tensor
+    loss_trace: Tensor
+    refined_l1: Tensor
+    refined_l2: Tensor
+    refined_linf: Tensor
+    refine_forwards: Tensor
+    borderline: Tensor | None = None
+    refined: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.row_id)
+
+    def take(self, index: Tensor) -> AttackResult:
+        """The results at positions ``index`` (int64 [k]), in that order."""
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                values[f.name] = None
+            elif isinstance(value, list):
+                values[f.name] = [value[i] for i in index.tolist()]
+            else:
+                values[f.name] = value[index]
+        return AttackResult(**values)
+
+    @staticmethod
+    def concat(chunks: Sequence[AttackResult]) -> AttackResult:
+        """One result from chunks (e.g. everything :func:`~lib.attack.api.iter_attack_rows`
+        yielded)."""
+        if not chunks:
+            raise ParameterError("AttackResult.concat needs at least one chunk")
+        values: dict[str, Any] = {}
+        for f in fields(AttackResult):
+            parts = [getattr(c, f.name) for c in chunks]
+            if any(p is None for p in parts):
+                values[f.name] = None
+            elif isinstance(parts[0], list):
+                values[f.name] = [s for p in parts for s in p]
+            else:
+                values[f.name] = torch.cat(parts)
+        return AttackResult(**values)
+
+    def sorted(self) -> AttackResult:
+        """The results ordered by ``row_id``."""
+        return self.take(torch.argsort(self.row_id, stable=True))
+
+    def to_frame(self) -> pd.DataFrame:
+        """The per-attack scalars as a DataFrame (one row per attack, no traces or images)."""
+        return pd.DataFrame(
+            {
+                "row_id": self.row_id.numpy(),
+                "success": self.success.numpy(),
+                "iterations": self.iterations.numpy(),
+                "status": self.status,
+                "final_class": self.final_class.numpy(),
+                "target_prob": self.target_prob.double().numpy(),
+                "mean_lr": self.mean_lr.double().numpy(),
+                "l1": self.l1.double().numpy(),
+                "l2": self.l2.double().numpy(),
+                "linf": self.linf.double().numpy(),
+                "refined_l1": self.refined_l1.double().numpy(),
+                "refined_l2": self.refined_l2.double().numpy(),
+                "refined_linf": self.refined_linf.double().numpy(),
+                "refine_forwards": self.refine_forwards.numpy(),
+            }
+        )

@@ -1,0 +1,1 @@
+"""The classifier: AlexNet with its normalisation, its weights files, the forward precision."""

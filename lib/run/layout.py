@@ -1,0 +1,186 @@
+"""The run folder's layout: the stages, the folder each writes, and the path of every file in it.
+
+A *stage* is one notebook in ``notebooks/`` (a jupytext percent script); it writes one
+subfolder of the run folder (:data:`STAGE_OUTPUTS`). A run folder looks like this (every name
+below is spelt only here; other modules ask the functions of this module for paths)::
+
+    <run_dir>/
+      manifest.json               parameters, versions, start time, finished flag per stage
+      run.lock                    who holds the folder (:mod:`lib.run.lock`)
+      notebooks/<stage>.ipynb     executed notebooks
+      data/                       dataset.json, frames.csv, counts.csv    (data_file)
+      train/                      epoch_NN.safetensors, optimizer_NN.safetensors,
+                                  <table>.csv, train_params.json          (checkpoint_file, ...)
+      attack/                     job.json, selection.csv, results.csv, traces.npz, ...,
+                                  chunks/<part>/chunk_NNNNN.{csv,npz}    (attack_file, chunk_files)
+      analysis/                   the analysis tables                    (analysis_file)
+      minimality/                 reference.csv, timings.csv, ratios.csv (minimality_file)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from lib.errors import ParameterError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+NOTEBOOK_DIR = REPO / "notebooks"
+
+
+#: The stages in the order data flows through them; each names the run-folder
+#: subfolder it writes, which an overwrite clears.
+STAGE_OUTPUTS: dict[str, str] = {
+    "01_data": "data",
+    "02_train": "train",
+    "03_attack": "attack",
+    "04_analysis": "analysis",
+    "05_minimality": "minimality",
+}
+
+
+STAGES: tuple[str, ...] = tuple(STAGE_OUTPUTS)
+
+
+#: The files of the data, attack and minimality stages, by kind.
+DATA_FILES: dict[str, str] = {
+    "dataset": "dataset.json", "frames": "frames.csv", "counts": "counts.csv",
+}
+
+
+ATTACK_FILES: dict[str, str] = {
+    "job": "job.json", "selection": "selection.csv", "shortfall": "shortfall.csv",
+    "results": "results.csv", "traces": "traces.npz", "gallery": "gallery.npz",
+    "lr0_sweep": "lr0_sweep.csv",
+}
+
+
+MINIMALITY_FILES: dict[str, str] = {
+    "reference": "reference.csv", "timings": "timings.csv", "ratios": "ratios.csv",
+}
+
+
+#: The folder of the attack stage's finished chunks, inside ``attack/``.
+CHUNK_DIR = "chunks"
+
+
+def notebook_path(stage: str) -> Path:
+    """The jupytext script of ``stage``; ParameterError for an unknown stage."""
+    if stage not in STAGE_OUTPUTS:
+        raise ParameterError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
+    return NOTEBOOK_DIR / f"{stage}.py"
+
+
+def stage_dir(run_dir: str | os.PathLike[str], stage: str) -> Path:
+    """The folder ``stage`` writes inside ``run_dir``."""
+    notebook_path(stage)
+    return Path(run_dir) / STAGE_OUTPUTS[stage]
+
+
+def manifest_file(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / "manifest.json"
+
+
+def executed_notebook(run_dir: str | os.PathLike[str], stage: str) -> Path:
+    """Where the stage command puts ``stage``'s executed notebook."""
+    return Path(run_dir) / "notebooks" / f"{stage}.ipynb"
+
+
+def data_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    """A file of the data stage by kind (see ``DATA_FILES``)."""
+    return stage_dir(run_dir, "01_data") / _file_name(DATA_FILES, kind, "data")
+
+
+def train_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return stage_dir(run_dir, "02_train")
+
+
+def checkpoint_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
+    """The model after ``epoch`` in a training folder (the run folder's ``train/``)."""
+    return Path(train_folder) / f"epoch_{epoch:02d}.safetensors"
+
+
+def checkpoint_path(run_dir: str | os.PathLike[str], epoch: int) -> Path:
+    """The model after ``epoch`` in a run folder."""
+    return checkpoint_file(train_dir(run_dir), epoch)
+
+
+def optimizer_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
+    """The SGD momentum buffers after ``epoch`` in a training folder."""
+    return Path(train_folder) / f"optimizer_{epoch:02d}.safetensors"
+
+
+def train_table(train_folder: str | os.PathLike[str], name: str) -> Path:
+    """A training table (``metrics``, ``losses``, ``per_class``, ``confusion``,
+    ``predictions``) in a training folder."""
+    return Path(train_folder) / f"{name}.csv"
+
+
+def train_params_file(train_folder: str | os.PathLike[str]) -> Path:
+    return Path(train_folder) / "train_params.json"
+
+
+def has_checkpoints(train_folder: str | os.PathLike[str]) -> bool:
+    return any(Path(train_folder).glob("epoch_*.safetensors"))
+
+
+def logged_epochs(train_folder: str | os.PathLike[str]) -> list[int]:
+    """Sorted epochs with a ``metrics.csv`` row (written last in an epoch) and a checkpoint."""
+    import pandas as pd
+
+    metrics = train_table(train_folder, "metrics")
+    if not metrics.is_file():
+        return []
+    logged = set(pd.read_csv(metrics)["epoch"].astype(int))
+    return sorted(e for e in logged if checkpoint_file(train_folder, e).is_file())
+
+
+def finished_epochs(train_folder: str | os.PathLike[str]) -> int:
+    """k such that epochs 1..k each have a checkpoint and a metrics row."""
+    logged = set(logged_epochs(train_folder))
+    finished = 0
+    while finished + 1 in logged:
+        finished += 1
+    return finished
+
+
+def attack_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return stage_dir(run_dir, "03_attack")
+
+
+def attack_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    """A file of the attack stage by kind (see ``ATTACK_FILES``)."""
+    return attack_dir(run_dir) / _file_name(ATTACK_FILES, kind, "attack")
+
+
+def chunk_files(run_dir: str | os.PathLike[str], part: str, chunk: int) -> tuple[Path, Path]:
+    """``(csv, npz)`` of an attack chunk; the CSV exists only once the chunk is complete."""
+    folder = attack_dir(run_dir) / CHUNK_DIR / part
+    return folder / f"chunk_{chunk:05d}.csv", folder / f"chunk_{chunk:05d}.npz"
+
+
+def analysis_file(run_dir: str | os.PathLike[str], table: str) -> Path:
+    """An analysis table (``<table>.csv``)."""
+    return stage_dir(run_dir, "04_analysis") / f"{table}.csv"
+
+
+def minimality_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    """A file of the minimality stage by kind (see ``MINIMALITY_FILES``)."""
+    return stage_dir(run_dir, "05_minimality") / _file_name(MINIMALITY_FILES, kind, "minimality")
+
+
+def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:
+    # the file name itself is accepted too, for callers that still hold one
+    if kind in files:
+        return files[kind]
+    if kind in files.values():
+        return kind
+    raise ValueError(f"the {stage} stage writes no file {kind!r}; its files are {dict(files)}")
+
+
+def lock_file(run_dir: str | os.PathLike[str]) -> Path:
+    # not a hidden name: every hidden file in a run folder is an interrupted write's temporary
+    return Path(run_dir) / "run.lock"

@@ -1,0 +1,1 @@
+"""Training the classifier: the loop with a checkpoint per epoch, its batches, evaluation."""

@@ -1,0 +1,418 @@
+"""Train the tool classifier; after every epoch a checkpoint and a whole-test-split evaluation.
+
+:func:`fit` is the training stage's one call. It writes into ``out_dir`` (the run folder's
+``train/``):
+
+- ``epoch_NN.safetensors``, the model after every epoch (about 230 MB each: AlexNet's fully
+  connected layers do not shrink with the image size),
+- ``optimizer_NN.safetensors``, the SGD momentum buffers of the newest epoch only (the state a
+  resumed run needs; earlier ones are removed),
+- ``metrics.csv`` (epoch, accuracy, macro_f1, train_loss, test_loss): ``train_loss`` is the
+  epoch's mean training objective (class-weighted when ``balance="weights"``, on augmented
+  images, dropout on); ``test_loss`` the plain mean cross-entropy on the test split (eval mode),
+- ``per_class.csv`` (epoch, tool, label, precision, recall, f1, support),
+- ``confusion.csv`` (epoch, true, predicted, count), all 7 x 7 cells per epoch,
+- ``predictions.csv`` (epoch, image_id, label, predicted), the whole test split per epoch,
+- ``losses.csv`` (epoch, step, loss), the training loss of every SGD step,
+- ``train_params.json``, the parameters that define the run (for resuming safely).
+
+Every file is written atomically. Randomness is derived from ``(seed, epoch)`` through explicit
+generators (shuffling, sampler, augmentation) and a seeded fork of the global RNG (dropout), so
+on the CPU a run is reproducible bit for bit, and a run resumed after epoch k ends with the
+same files as one that was never interrupted.
+
+Defaults are the default profile's (synthetic data, 64 px, on 2 CPU cores); the values for the
+paper's scale (Cholec80, 224 px) are given beside each in :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from lib import NUM_CLASSES
+from lib.errors import ParameterError
+from lib.io import write_csv
+from lib.model import precision as precision_lib
+from lib.model.checkpoints import save_checkpoint
+from lib.model.network import check_image_size, resolve_device
+from lib.run import layout, ranks
+from lib.run.layout import finished_epochs
+from lib.train.batches import (
+    augment_batch,
+    class_weights,
+    dataset_fingerprint,
+    dataset_image_size,
+    dataset_labels,
+    fork_kwargs,
+    rank_stream_seed,
+    train_loader,
+)
+from lib.train.evaluation import evaluate
+from lib.train.resume import (
+    TABLE_COLUMNS,
+    prepare_run_folder,
+    read_tables,
+    resumable_epoch,
+    save_optimizer,
+    start_or_resume,
+)
+
+BALANCE_MODES: tuple[str, ...] = ("none", "weights", "sampler")
+
+
+
+
+def fit(
+    train_set: Dataset,
+    test_set: Dataset,
+    *,
+    out_dir: str | os.PathLike[str],
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 0.01,
+    lr_decay: float = 1.0,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    augment: bool = True,
+    balance: str = "weights",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    weights_path: str | os.PathLike[str] | None = None,
+    num_workers: int = 0,
+    precision: str = "float32",
+    progress: bool = True,
+) -> pd.DataFrame | None:
+    """Train AlexNet with SGD; checkpoint and evaluate on the whole test split after every epoch.
+
+    A folder that already holds epochs 1..k of a run with the same parameters is continued from
+    epoch k (rows of a later, unfinished epoch are dropped); asking for ``epochs <= k`` only
+    returns the table. A folder made with other parameters raises :class:`RunFolderError`.
+    On the CPU the result equals an uninterrupted run, file for file.
+
+    Defaults suit the default profile (about 650 synthetic train images at 64 px, 10 epochs on
+    2 CPU cores: 110 SGD steps). The paper-scale values for Cholec80 (224 px, 31,477 train
+    images, 10 epochs) are given with each argument.
+
+    Args:
+        train_set, test_set: datasets of ``(image float32 [3, S, S] in [0, 1], label int 0..6)``
+            with ``.labels`` (int64 [N]); ``test_set.index["image_id"]`` names the rows of
+            ``predictions.csv`` when present (else the position). S >= ``MIN_IMAGE_SIZE`` (63).
+        out_dir: the run folder's ``train/``; created if missing.
+        epochs: last epoch to reach (paper: 10). Not part of the run's identity: rerunning
+            with more epochs continues the run.
+        batch_size: images per SGD step (default 64: the fastest per image on 2 CPU cores;
+            paper scale: 64).
+        lr: SGD learning rate of epoch 1 (default 0.01; paper scale: 0.01, AlexNet's value).
+        lr_decay: factor in (0, 1] applied to the learning rate after every epoch: epoch e
+            trains at ``lr * lr_decay ** (e - 1)`` (default 1: constant, as in the paper).
+        momentum: SGD momentum in [0, 1) (default 0.9; paper scale: 0.9).
+        weight_decay: L2 penalty >= 0 (default 5e-4, AlexNet's; paper scale: 5e-4).
+        augment: random horizontal flip, resized crop (85-100 % of the area) and brightness /
+            contrast jitter (+-10 %), all label-preserving (default True; paper scale: True).
+        balance: class balancing: "none", "weights" (cross-entropy weighted by inverse class
+            frequency in the train split) or "sampler" (batches drawn with replacement, every
+            class equally likely) (default "weights"; paper scale: "weights").
+        seed: non-negative integer; fixes initialisation, order, augmentation and dropout.
+        device: "cpu", "cuda" or "cuda:N"; only the CPU is bit-for-bit reproducible.
+        weights_path: optional local ImageNet AlexNet weights (see
+            :func:`lib.model.checkpoints.build_model`).
+        num_workers: DataLoader worker processes (does not change results).
+        precision: the training forwards' arithmetic, "float32", "bfloat16" or "auto"
+            (:mod:`lib.model.precision`): bfloat16 runs each training forward under autocast with
+            channels-last input, while the weights, the optimizer state and every checkpoint
+            stay float32; the evaluation always runs in float32. The resolved precision is
+            part of the run's identity (``train_params.json``); the same seed and precision
+            give identical checkpoints on the CPU.
+        progress: show a tqdm bar per epoch.
+
+    Under DistributedDataParallel (a process group with K > 1 ranks is initialised, e.g. by
+    ``lib.run.distributed``) the same loop runs on every rank: ``batch_size`` stays the global
+    batch (divisible by K); each epoch's order is the one a single process draws, and rank r
+    takes the images r, r + K, ... of every batch; augmentation and dropout draw from per-rank
+    streams. Rank 0 writes every file and evaluates; logged step losses are the mean over ranks.
+
+    Returns:
+        ``metrics.csv`` as a DataFrame: one row per epoch 1..epochs (None on ranks other
+        than 0).
+    """
+    check_hyperparameters(
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, momentum=momentum,
+        weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
+        num_workers=num_workers,
+    )  # fmt: skip
+    launch = ranks.current_launch()
+    if batch_size % launch.world_size:
+        raise ParameterError(
+            f"batch_size={batch_size} is not divisible by the {launch.world_size} processes; "
+            f"choose a multiple of {launch.world_size} (each process takes batch_size / "
+            f"{launch.world_size} images per step)"
+        )
+    device = resolve_device(device)
+    used = precision_lib.resolve(precision, device)
+    out_dir = Path(out_dir)
+    params = _run_parameters(train_set, test_set, batch_size=batch_size, lr=lr,
+                             lr_decay=lr_decay, momentum=momentum,
+                             weight_decay=weight_decay, augment=augment, balance=balance,
+                             seed=seed, weights_path=weights_path, precision=used)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks.collective_step(launch, "checking train/",
+                          lambda: prepare_run_folder(out_dir, params), main_only=True)
+    finished = ranks.broadcast(launch, finished_epochs(out_dir) if launch.is_main else None)
+    if finished >= epochs:
+        return (read_tables(out_dir, up_to_epoch=epochs)["metrics"].reset_index(drop=True)
+                if launch.is_main else None)
+    done = ranks.broadcast(launch, resumable_epoch(out_dir, finished)
+                           if launch.is_main else None)
+    tables = read_tables(out_dir, up_to_epoch=done) if launch.is_main else None
+    model, optimizer = start_or_resume(
+        out_dir, done=done, seed=seed, weights_path=weights_path, device=device,
+        lr=lr, momentum=momentum, weight_decay=weight_decay,
+    )  # fmt: skip
+    weights = (class_weights(dataset_labels(train_set, "train_set")).to(device)
+               if balance == "weights" else None)
+    criterion = nn.CrossEntropyLoss(weight=weights)
+    if done and progress and launch.is_main:
+        tqdm.write(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
+    epoch_plan = EpochPlan(train_set=train_set, seed=seed, batch_size=batch_size,
+                           balance=balance, augment=augment, num_workers=num_workers,
+                           epochs=epochs, progress=progress and launch.is_main,
+                           precision=used)
+    trained = _parallel(model, device, launch)
+    for epoch in range(done + 1, epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(lr, lr_decay, epoch)
+        step_losses = _gathered(launch, _train_epoch(
+            trained, optimizer, criterion, epoch_plan, epoch=epoch, device=device, launch=launch))
+        finish = functools.partial(
+            _finish_epoch, model, optimizer, test_set, tables, out_dir, step_losses, epoch=epoch,
+            batch_size=batch_size, device=device, progress=progress,
+            first_step=(epoch - 1) * math.ceil(len(train_set) / batch_size) + 1,
+        )  # fmt: skip
+        ranks.collective_step(launch, f"saving and evaluating epoch {epoch}", finish,
+                              main_only=True)
+    return tables["metrics"].reset_index(drop=True) if launch.is_main else None
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """What every epoch of one :func:`fit` call draws its batches from."""
+
+    train_set: Dataset
+    seed: int
+    batch_size: int
+    balance: str
+    augment: bool
+    num_workers: int
+    epochs: int
+    progress: bool
+    precision: str = "float32"  #: resolved: "float32" or "bfloat16"
+
+
+def batch_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
+               labels: torch.Tensor, *, precision: str = "float32") -> torch.Tensor:
+    """The training objective of one batch: images float [B, 3, S, S] in [0, 1], labels
+    int64 [B] in 0..6 -> a scalar float32 loss (the model's one forward pass in training,
+    in the resolved ``precision``: "float32" or "bfloat16" autocast)."""
+    return criterion(precision_lib.forward(model, images, precision=precision), labels)
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    plan: EpochPlan,
+    *,
+    epoch: int,
+    device: torch.device,
+    launch: ranks.Launch,
+) -> list[tuple[float, int]]:
+    """One pass of SGD over this rank's part of every batch; (loss, batch size) per step."""
+    generator = (torch.Generator().manual_seed(rank_stream_seed(plan.seed, epoch, "augment",
+                                                                 launch))
+                 if plan.augment else None)
+    batches = tqdm(_epoch_loader(plan, epoch, launch), desc=f"epoch {epoch}/{plan.epochs}",
+                   disable=not plan.progress, leave=True)
+    step_losses: list[tuple[float, int]] = []
+    with torch.random.fork_rng(**fork_kwargs(device)):
+        torch.manual_seed(rank_stream_seed(plan.seed, epoch, "dropout", launch))
+        model.train()
+        for images, labels in batches:
+            if generator is not None:
+                images = augment_batch(images, generator=generator)
+            loss = batch_loss(model, criterion, images.to(device), labels.to(device),
+                              precision=plan.precision)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            step_losses.append((value, len(labels)))
+            batches.set_postfix(loss=f"{value:.4f}", refresh=False)
+    return step_losses
+
+
+def _epoch_loader(plan: EpochPlan, epoch: int, launch: ranks.Launch) -> DataLoader:
+    """The epoch's batches in the order one process draws them from ``(seed, epoch)``; with K
+    ranks, rank r takes the images r, r + K, ... of every batch."""
+    labels = dataset_labels(plan.train_set, "train_set")
+    single = train_loader(plan.train_set, labels, epoch=epoch, seed=plan.seed,
+                           batch_size=plan.batch_size, balance=plan.balance,
+                           num_workers=plan.num_workers if not launch.distributed else 0)
+    if not launch.distributed:
+        return single
+    from torch.utils.data import Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    ordered = Subset(plan.train_set, list(single.sampler))
+    sampler = DistributedSampler(ordered, num_replicas=launch.world_size, rank=launch.rank,
+                                 shuffle=False)
+    return DataLoader(ordered, batch_size=plan.batch_size // launch.world_size, sampler=sampler)
+
+
+def _parallel(model: nn.Module, device: torch.device, launch: ranks.Launch) -> nn.Module:
+    """``model`` itself in one process; wrapped in DistributedDataParallel with several."""
+    if not launch.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _gathered(launch: ranks.Launch,
+              step_losses: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """Per step, the loss averaged over ranks (weighted by their batch sizes), and the size."""
+    if not launch.distributed:
+        return step_losses
+    per_rank = [None] * launch.world_size
+    torch.distributed.all_gather_object(per_rank, step_losses)
+    merged = []
+    for step in range(min(len(losses) for losses in per_rank)):
+        pairs = [losses[step] for losses in per_rank]
+        size = sum(n for _, n in pairs)
+        merged.append((sum(loss * n for loss, n in pairs) / size, size))
+    return merged
+
+
+def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, test_set: Dataset,
+                  tables: dict[str, pd.DataFrame | None], out_dir: Path,
+                  step_losses: list[tuple[float, int]], *, epoch: int, batch_size: int,
+                  device: torch.device, first_step: int, progress: bool) -> None:
+    """The end of an epoch (rank 0): checkpoint, optimizer, evaluation, tables."""
+    save_checkpoint(model, layout.checkpoint_file(out_dir, epoch))
+    save_optimizer(optimizer, layout.optimizer_file(out_dir, epoch))
+    evaluation = evaluate(model, test_set, batch_size=batch_size, device=device, epoch=epoch,
+                          progress=progress)
+    evaluation["losses"] = _losses_table(step_losses, epoch=epoch, first_step=first_step)
+    evaluation["metrics"]["train_loss"] = _mean_loss(step_losses)
+    _append_tables(out_dir, tables, evaluation)
+    # resuming needs only the newest optimizer state, and each is as large as a checkpoint
+    layout.optimizer_file(out_dir, epoch - 1).unlink(missing_ok=True)
+    if progress:
+        tqdm.write(_epoch_summary(evaluation["metrics"].iloc[0]))
+
+
+def _run_parameters(train_set: Dataset, test_set: Dataset, **hyper: Any) -> dict[str, Any]:
+    """What ``train_params.json`` records: the hyperparameters and the data (checked)."""
+    image_size = dataset_image_size(train_set, "train_set")
+    if dataset_image_size(test_set, "test_set") != image_size:
+        raise ParameterError(
+            f"train and test images differ in size ({image_size} vs "
+            f"{dataset_image_size(test_set, 'test_set')} px); load both splits from the same run"
+        )
+    check_image_size(image_size)
+    dataset_labels(test_set, "test_set")
+    weights_path = hyper.pop("weights_path")
+    return {
+        **hyper, "image_size": image_size, "num_classes": NUM_CLASSES,
+        "weights_path": None if weights_path is None else str(weights_path),
+        "train_data": dataset_fingerprint(train_set), "test_data": dataset_fingerprint(test_set),
+    }  # fmt: skip
+
+
+def _losses_table(
+    step_losses: list[tuple[float, int]], *, epoch: int, first_step: int
+) -> pd.DataFrame:
+    """losses.csv rows of one epoch; steps are numbered from the start of training."""
+    return pd.DataFrame(
+        {
+            "epoch": epoch,
+            "step": np.arange(first_step, first_step + len(step_losses)),
+            "loss": [loss for loss, _ in step_losses],
+        }
+    )
+
+
+def _mean_loss(step_losses: list[tuple[float, int]]) -> float:
+    """The epoch's training loss: the step losses weighted by batch size."""
+    return sum(loss * size for loss, size in step_losses) / sum(size for _, size in step_losses)
+
+
+def _append_tables(
+    out_dir: Path, tables: dict[str, pd.DataFrame | None], epoch_tables: dict[str, pd.DataFrame]
+) -> None:
+    """Add one epoch's rows to every table and rewrite the files, metrics.csv last."""
+    for name, columns in TABLE_COLUMNS.items():
+        tables[name] = pd.concat([tables[name], epoch_tables[name][list(columns)]])
+        write_csv(layout.train_table(out_dir, name), tables[name])
+
+
+def _epoch_summary(metrics: pd.Series) -> str:
+    return (
+        f"epoch {int(metrics.epoch)}: train loss {metrics.train_loss:.4f}, "
+        f"test loss {metrics.test_loss:.4f}, accuracy {metrics.accuracy:.4f}, "
+        f"macro F1 {metrics.macro_f1:.4f}"
+    )
+
+
+def epoch_lr(lr: float, lr_decay: float, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based): ``lr * lr_decay ** (epoch - 1)``."""
+    return lr * lr_decay ** (epoch - 1)
+
+
+def check_hyperparameters(
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    lr_decay: float = 1.0,
+    momentum: float,
+    weight_decay: float,
+    augment: bool,
+    balance: str,
+    seed: int,
+    num_workers: int,
+) -> None:
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    checks = [
+        ("epochs", epochs, is_int(epochs) and epochs >= 1, "an integer >= 1"),
+        ("batch_size", batch_size, is_int(batch_size) and batch_size >= 1, "an integer >= 1"),
+        ("lr", lr, is_number(lr) and lr > 0, "a number > 0"),
+        ("lr_decay", lr_decay, is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]"),
+        ("momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "a number in [0, 1)"),
+        ("weight_decay", weight_decay, is_number(weight_decay) and weight_decay >= 0,
+         "a number >= 0"),
+        ("augment", augment, isinstance(augment, bool), "True or False"),
+        ("balance", balance, balance in BALANCE_MODES, f"one of {BALANCE_MODES}"),
+        ("seed", seed, is_int(seed) and seed >= 0, "an integer >= 0"),
+        ("num_workers", num_workers, is_int(num_workers) and num_workers >= 0, "an integer >= 0"),
+    ]  # fmt: skip
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ParameterError(f"{name} must be {expected}, got {value!r}")
