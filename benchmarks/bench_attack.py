@@ -100,8 +100,9 @@ def trained_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
                               workers=1, progress=False)
     splits = datasets.load_cholec80(root, image_size=args.size, cache_dir=folder / "cache",
                                     workers=1, progress=False)
-    metrics = fit(splits["train"], splits["test"], out_dir=folder / "train",
-                           epochs=args.epochs, lr=0.003, progress=False)
+    metrics = fit(splits["train"], splits["test"], out_dir=folder / "train", epochs=args.epochs,
+                  lr=0.003, lr_decay=1.0, balance="weights", precision="float32",
+                  progress=False)
     model = checkpoints.load_checkpoint(checkpoint, map_location="cpu").eval()
     torch.save(select_pool(model, splits["test"], args.per_class), pool_file)
     last = metrics.iloc[-1]

@@ -90,7 +90,8 @@ def probe(run_dir: Path, *, materialise: bool) -> None:
     from lib.train.loop import fit
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    options = dict(epochs=1, batch_size=64, lr=0.001, progress=False)
+    options = dict(epochs=1, batch_size=64, lr=0.001, balance="weights", precision="float32",
+                   progress=False)
     with tempfile.TemporaryDirectory() as scratch:
         warm = data_stage.load_run_split(run_dir, "train").subset(range(8))
         fit(warm, warm, out_dir=Path(scratch) / "warm", **options)

@@ -5,7 +5,11 @@ The package is grouped by layer; data flows down the list. ``lib.data``, ``lib.m
 ``lib.run``; only ``lib.run`` (and ``lib.train``, for the files a training run writes) knows
 where a run folder keeps its files. There is no import cycle.
 
-- ``errors``: the error types every check raises; ``io``: atomic file writes and safe reads
+- ``errors``: the error types every check raises; ``io``: atomic file writes and safe reads;
+  ``checking``: the value checks every settings class uses
+- Each stage's parameters have one owner, a settings class beside the code that uses them
+  (``data.settings``, ``train.settings``, ``attack.plan``, ``analysis.settings``,
+  ``run.minimality_stage``): the only defaults (the default build's) and the only checks.
 - ``data``: reading the data
 
   - ``cholec80``: the Cholec80 layout (annotation parsing, video decoding, exact frame pairing)
@@ -15,6 +19,7 @@ where a run folder keeps its files. There is no import cycle.
   - ``frames``: ``FrameSet``, labelled frames read on demand
   - ``datasets``: one dataset interface over Cholec80 and ImageFolder; splits by video
   - ``counts``: frame counts, and Cholec80's published ones
+  - ``settings``: the data stage's settings
 
 - ``model``: the classifier
 
@@ -28,6 +33,7 @@ where a run folder keeps its files. There is no import cycle.
   - ``batches``: what an epoch draws (order, balance, augmentation, seeds)
   - ``evaluation``: a checkpoint on a whole split: predictions and classification tables
   - ``resume``: a training folder that a run continues
+  - ``settings``: the training stage's settings (``fit``'s defaults)
 
 - ``attack``: the attack
 
@@ -36,7 +42,8 @@ where a run folder keeps its files. There is no import cycle.
   - ``api``: the engine's entry points, every input checked
   - ``schedules``: the step-size registry
   - ``selection``: which test images each checkpoint attacks
-  - ``plan``: the attack job's settings, rows and chunks, planned from tables
+  - ``plan``: the attack stage's settings; the attack job's rows and chunks, planned from
+    tables
   - ``reference``: minimum-norm reference attacks (adv-lib)
 
 - ``analysis``: from tables to findings
@@ -48,16 +55,19 @@ where a run folder keeps its files. There is no import cycle.
   - ``claims``: the paper's claims, each with an interval and a verdict
   - ``minimality``: our distances against the best-known minimal ones
   - ``figures``: altair chart builders shared by the notebooks
+  - ``settings``: the analysis stage's settings
 
 - ``run``: the run machinery
 
-  - ``layout``: the stages and every path in a run folder
-  - ``parameters``: stage parameters, profiles and their merge
+  - ``layout``: the stages (each name once) and every path in a run folder
+  - ``parameters``: the stage registry (each stage's settings class, the runtime parameters),
+    profiles and the one merge of defaults, profile and command line
   - ``manifest``: what ran in a run folder, with which parameters and versions
   - ``lock``: one stage at a time in a run folder
   - ``tables``: the readers of the run folder's tables
   - ``checks``: the checks before a stage (parameters, run folder, input files)
   - ``data_stage``, ``attack_stage``, ``minimality_stage``: the stages' work on the run folder
+    (``minimality_stage`` also holds the minimality stage's settings)
   - ``pipeline``: stage commands: papermill execution, ``start_stage``/``finish_stage``, the
     command line (``python -m lib.run.pipeline``)
   - ``book``: the book's generated pages

@@ -37,20 +37,20 @@
 # image folders.
 
 # %% tags=["parameters"]
-run_dir = "data/runs/default"  # run folder that this and every later stage writes into
+run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
 dataset_kind = "synthetic"  # "synthetic" (generated if missing), "cholec80" or "imagefolder"
 dataset_root = "data/cholec80-synthetic"  # the dataset folder (Cholec80 layout or ImageFolder)
 train_videos = "1-40"  # video ids of the training split (paper: 1-40; ids not present are skipped)
 test_videos = "41-80"  # video ids of the test split (paper: 41-80)
 image_size = 64  # frames are resized to image_size x image_size (paper scale: 224)
 cache_dir = "data/cache"  # decoded frames, one folder per dataset and image size
-synthetic_videos = 16  # synthetic only: number of videos
-synthetic_seconds = 180  # synthetic only: annotated seconds per video
-synthetic_width = 192  # synthetic only: frame width in pixels (Cholec80: 854)
-synthetic_height = 108  # synthetic only: frame height in pixels (Cholec80: 480)
+synthetic_videos = 16  # synthetic only: number of videos (2-80; half train, half test)
+synthetic_seconds = 900  # synthetic only: annotated seconds per video; 15 minutes give a first epoch large enough to learn every tool
+synthetic_width = 192  # synthetic only: frame width in pixels, even (Cholec80: 854)
+synthetic_height = 108  # synthetic only: frame height in pixels, even (Cholec80: 480)
 seed = 0  # synthetic only: the generator's seed
-workers = 2  # processes decoding videos in parallel
-overwrite = False  # discard data/ (and later stages) if made with other parameters
+workers = 2  # processes decoding videos in parallel (1: in this process)
+overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
 
 # %%
 import torch
@@ -61,12 +61,12 @@ from lib import TOOLS
 from lib.analysis import figures
 from lib.data import datasets, synthetic
 from lib.data.counts import class_counts, compare_with_published, tools_per_frame
-from lib.run import data_stage, parameters, pipeline
+from lib.run import data_stage, pipeline
+from lib.run.layout import DATA_STAGE
+from lib.run.parameters import from_namespace
 
-data_dir = pipeline.start_stage(
-    "01_data", run_dir=run_dir, overwrite=overwrite,
-    parameters=parameters.stage_parameters("01_data", globals()),
-)
+data_dir = pipeline.start_stage(DATA_STAGE, run_dir=run_dir, overwrite=overwrite,
+                                parameters=from_namespace(DATA_STAGE, globals()))
 if dataset_kind == "synthetic":
     synthetic.ensure(
         dataset_root, n_videos=synthetic_videos, seconds_per_video=synthetic_seconds,
@@ -77,7 +77,7 @@ splits = datasets.load(
     test_videos=test_videos, cache_dir=cache_dir, workers=workers,
 )
 data_stage.write_run_data(run_dir, splits)
-pipeline.finish_stage("01_data", run_dir=run_dir)
+pipeline.finish_stage(DATA_STAGE, run_dir=run_dir)
 decoded = len(splits["train"].meta.get("decoded_videos", []))  # one list for the whole load
 print(f"{len(splits['train'])} training and {len(splits['test'])} test frames of "
       f"{image_size} px; videos decoded now: {decoded} (the others came from the cache)")

@@ -34,26 +34,26 @@
 # comments give the paper's values.
 
 # %% tags=["parameters"]
-run_dir = "data/runs/default"  # run folder with train/; this stage writes attack/
-epochs = [1, 5, 10]  # checkpoints to attack; [] for every trained epoch (paper: all 10)
-schedules = ["constant", "iteration", "exponential", "step", "loss-adaptive"]  # step-size schedules (lib.attack.schedules)
-lr0 = 0.008  # initial step size in [0, 1] pixel units, about 2/255 (the paper does not give it)
+run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
+epochs = [1, 3, 4, 5]  # checkpoints to attack; [] for every trained epoch (paper: all 10)
+schedules = ["constant", "iteration", "exponential", "step", "loss-adaptive"]  # step-size schedules (lib.attack.schedules), in the order rows use them
+lr0 = 0.008  # initial step size > 0 in [0, 1] pixel units, about 2/255 (the paper does not give it)
 max_iter = 100  # update budget per attack; no flip by then is a failure (paper: 100)
-n_per_class = 2  # correctly classified test images per class and checkpoint (paper: 50)
+n_per_class = 4  # correctly classified test images per class and checkpoint (paper: 50)
 mode = "targeted"  # "targeted": every other class as target (paper); "untargeted": leave the class
 seed = 0  # seed of the one test-split permutation all checkpoints share
-batch_size = 128  # attacks in flight per forward/backward pass (larger batches use the CPU better)
-chunk_size = 420  # attacks per chunk (one engine call, written atomically): the unit of resume
-schedule_constants = {}  # per schedule, constants other than METHOD.md's, e.g. {"step": {"drop": 0.5}}
-sweep_lr0 = [0.004, 0.016]  # lr0 values of the sensitivity sweep; [] for no sweep
-sweep_per_class = 1  # images per class in the sweep (taken from the main selection)
+batch_size = 128  # attacks in flight per forward/backward pass; float32 results depend on it
+chunk_size = 840  # attacks per chunk (one engine call, written atomically): the unit of resume; fewer, longer chunks keep the batch full longer
+schedule_constants = {}  # per schedule, constants other than the method chapter's, e.g. {"step": {"drop": 0.5}}
+sweep_lr0 = [0.004, 0.008, 0.016, 0.04]  # lr0 values of the sensitivity sweep, a factor 10 around lr0; [] for no sweep
+sweep_per_class = 1  # images per class in the sweep (ranks 0 .. k-1 of the main selection)
 sweep_epoch = 0  # checkpoint of the sweep; 0 for the last attacked one
-gallery_images = 7  # classes whose first image is kept as pictures (all schedules)
-precision = "float32"  # model forwards: "float32", "bfloat16" (autocast; successes confirmed in float32) or "auto"
-refine_tolerance = None  # None: off; else bisect each success's last step to this Linf width (pixel units, e.g. 0.0005)
+gallery_images = 7  # classes whose first image is kept as pictures, at the last attacked checkpoint (every schedule; target ``(source + 1) mod 7``)
+precision = "auto"  # model forwards: "float32", "bfloat16" (autocast; successes confirmed in float32) or "auto" (bfloat16 where the device computes it natively)
+refine_tolerance = 0.001  # None: off; else bisect each success's last step to this Linf width (pixel units) and report the refined distances beside the path distances
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
-progress = True  # a progress bar over the attacks (stderr)
-overwrite = False  # discard attack/ (and later stages) if made with other parameters
+progress = True  # a progress bar over the stage's work (stderr)
+overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
 
 # %% tags=["remove-input"]
 import pandas as pd
@@ -62,16 +62,16 @@ from myst_nb import glue
 
 from lib import TOOLS
 from lib.model.precision import resolve as resolve_precision
-from lib.run import attack_stage, parameters, pipeline
+from lib.run import attack_stage, pipeline
+from lib.run.layout import ATTACK_STAGE
+from lib.run.parameters import from_namespace, stage_settings
 
-attack_dir = pipeline.start_stage(
-    "03_attack", run_dir=run_dir, overwrite=overwrite,
-    parameters=parameters.stage_parameters("03_attack", globals()),
-)
+values = from_namespace(ATTACK_STAGE, globals())
+attack_dir = pipeline.start_stage(ATTACK_STAGE, run_dir=run_dir, overwrite=overwrite,
+                                  parameters=values)
 
 # %%
-settings = attack_stage.settings_from_parameters(
-    parameters.stage_parameters("03_attack", globals()))
+settings = stage_settings(ATTACK_STAGE, values)
 job = attack_stage.plan_job(run_dir, settings)
 attack_stage.save_plan(job, run_dir)
 main_rows = job.rows[job.rows["kind"] == "main"]
@@ -125,7 +125,7 @@ attacked = attack_stage.run_chunks(job, run_dir, device=device, progress=progres
 written = attack_stage.merge(job, run_dir)
 
 # %% tags=["remove-input"]
-pipeline.finish_stage("03_attack", run_dir=run_dir)
+pipeline.finish_stage(ATTACK_STAGE, run_dir=run_dir)
 print(f"{attacked} chunks attacked now, {len(job.chunks) - attacked} found finished")
 
 # %% [markdown]

@@ -31,12 +31,12 @@
 # The attack stage (03_attack) has written `attack/` into the run folder.
 
 # %% tags=["parameters"]
-run_dir = "data/runs/default"  # run folder with train/ and attack/; this stage writes analysis/
+run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
 full_success = 0.95  # "reaches 100 %" agrees when the success rate's 95 % lower bound is at least this
 stable_within = 0.05  # "changes little across epochs" agrees when the change's 95 % interval lies within +- this
 reference_schedule = "constant"  # every other schedule is compared with this one, paired per (image, target)
 histogram_bins = 30  # bins of the L1 distributions
-overwrite = False  # discard analysis/ if made with other parameters
+overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
 
 # %% tags=["remove-input"]
 
@@ -46,15 +46,16 @@ from myst_nb import glue
 
 from lib import io
 from lib.analysis import aggregates, figures, paired, statistics
-from lib.analysis.claims import ClaimRules, claims_conclusion, paper_claims, readable_claims
+from lib.analysis.claims import claims_conclusion, paper_claims, readable_claims
 from lib.attack import selection
-from lib.run import layout, manifest, parameters, pipeline, tables
+from lib.run import layout, manifest, pipeline, tables
+from lib.run.layout import ANALYSIS_STAGE, DATA_STAGE
+from lib.run.parameters import from_namespace, stage_settings
 
-analysis_dir = pipeline.start_stage(
-    "04_analysis", run_dir=run_dir, overwrite=overwrite,
-    parameters=parameters.stage_parameters("04_analysis", globals()),
-)
-rules = ClaimRules(full_success=full_success, stable_within=stable_within)
+values = from_namespace(ANALYSIS_STAGE, globals())
+analysis_dir = pipeline.start_stage(ANALYSIS_STAGE, run_dir=run_dir, overwrite=overwrite,
+                                    parameters=values)
+rules = stage_settings(ANALYSIS_STAGE, values).rules
 results = tables.read_results(run_dir)
 training = tables.read_training_metrics(run_dir)
 predictions = tables.read_training_predictions(run_dir)
@@ -75,7 +76,7 @@ def interval_text(estimate: float, low: float, high: float, *, digits: int = 3) 
     return f"{estimate:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
 
 
-data_kind = manifest.read_manifest(run_dir)["stages"]["01_data"]["parameters"]["dataset_kind"]
+data_kind = manifest.read_manifest(run_dir)["stages"][DATA_STAGE]["parameters"]["dataset_kind"]
 glue("analysis_data", {"synthetic": "the synthetic dataset (drawn frames in the Cholec80 layout)",
                        "cholec80": "the Cholec80 videos",
                        "imagefolder": "an image-folder dataset"}.get(data_kind, data_kind),
@@ -372,7 +373,7 @@ display(Markdown(claims_conclusion(claims)))
 
 # %% tags=["remove-input"]
 save(skipped, "skipped")
-pipeline.finish_stage("04_analysis", run_dir=run_dir)
+pipeline.finish_stage(ANALYSIS_STAGE, run_dir=run_dir)
 
 # %% [markdown]
 # ## Downloads

@@ -244,7 +244,7 @@ def command(case: dict, root: Path) -> list[str]:
         args += ["--stage", stage]
     params = {name: _value(str(v), root) for name, v in (case.get("params") or {}).items()}
     if stage in layout.STAGES:
-        defaults = parameters.notebook_defaults(stage)
+        defaults = parameters.stage_defaults(stage)
         for name, value in _path_overrides(root).items():
             if name in defaults and name not in params:
                 params[name] = value
@@ -257,9 +257,9 @@ def _plan_attack(case: dict, root: Path) -> Any:
     """The attack stage's selection with the case's parameters, after its pre-flight."""
     typed = {k: yaml.safe_load(v) for k, v in (case.get("params") or {}).items()}  # as -p
     params = {**parameters.load_profile("tiny")["03_attack"], "run_dir": str(root / "run"), **typed}
-    values = checks.complete_parameters("03_attack", params)
+    values = parameters.complete_parameters("03_attack", params)
     checks.check_stage("03_attack", values)  # the pre-flight lets it through
-    job = attack_stage.plan_job(values["run_dir"], checks.attack_settings_of(values))
+    job = attack_stage.plan_job(values["run_dir"], parameters.stage_settings("03_attack", values))
     return job.selection
 
 
@@ -397,7 +397,7 @@ TYPE_ONLY = {("03_attack", "overwrite"),
 def test_every_notebook_parameter_has_a_case() -> None:
     covered = {case["input"] for case in CASES}
     for stage in layout.STAGES:
-        for name in parameters.notebook_defaults(stage):
+        for name in parameters.stage_defaults(stage):
             if (stage, name) in TYPE_ONLY:
                 continue
             wanted = FILE_PARAMETERS.get((stage, name), f"{stage}: {name}")
@@ -414,7 +414,7 @@ def test_book_table_has_one_row_per_case() -> None:
 
 def test_start_stage_checks_before_it_writes(tmp_path: Path) -> None:
     # papermill run directly: the notebook's start_stage refuses before creating the run folder
-    params = {**parameters.notebook_defaults("01_data"), "image_size": 32}
+    params = {**parameters.stage_defaults("01_data"), "image_size": 32}
     with pytest.raises(BorderlineError, match="choose image_size >= 63"):
         pipeline.start_stage("01_data", run_dir=tmp_path / "run", parameters=params)
     assert not (tmp_path / "run").exists()

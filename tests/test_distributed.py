@@ -29,6 +29,7 @@ from lib.data import datasets, frames
 from lib.errors import ParameterError
 from lib.model.checkpoints import build_model, save_checkpoint
 from lib.run import attack_stage, data_stage, distributed, ranks
+from lib.run.parameters import stage_settings
 from lib.train.loop import fit
 from tests.test_robustness import load_template_net, make_run
 
@@ -87,13 +88,18 @@ def test_shard_chunks_rejects_bad_world_sizes(world_size) -> None:
 def test_chunk_costs_weight_schedules_that_run_the_whole_budget(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", epochs=1)
     settings = plan.AttackSettings(
+        epochs=[],
         schedules=["constant", "exponential"],
         lr0=0.1,
         max_iter=10,
         n_per_class=2,
         batch_size=4,
         chunk_size=5,
+        sweep_lr0=[],
+        sweep_per_class=0,
         gallery_images=0,
+        precision="float32",
+        refine_tolerance=None,
     )
     job = attack_stage.plan_job(run_dir, settings)
     costs = distributed.chunk_costs(job, job.chunks)
@@ -144,10 +150,10 @@ def test_launch_reads_torchrun_environment() -> None:
 def test_parameters_as_name_value_pairs_and_settings() -> None:
     values = distributed.parse_params(["lr0=0.01", "schedules=[constant, step]", "epochs=[]"])
     assert values == {"lr0": 0.01, "schedules": ["constant", "step"], "epochs": []}
-    settings = attack_stage.settings_from_parameters({**values, "run_dir": "x", "device": "cpu"})
+    settings = stage_settings("03_attack", {**values, "run_dir": "x", "device": "cpu"})
     assert settings.schedules == ("constant", "step") and settings.lr0 == 0.01
     with pytest.raises(ParameterError, match="lr_0"):
-        attack_stage.settings_from_parameters({"lr_0": 0.01})
+        stage_settings("03_attack", {"lr_0": 0.01})
     with pytest.raises(ParameterError, match="name=value"):
         distributed.parse_params(["lr0"])
 
@@ -167,6 +173,8 @@ ATTACK_PARAMS = {
     "gallery_images": "2",
     "sweep_lr0": "[]",
     "sweep_per_class": "0",
+    "precision": "float32",
+    "refine_tolerance": "null",
 }
 MERGED = ("results.csv", "traces.npz", "gallery.npz", "selection.csv", "job.json")
 
@@ -247,8 +255,8 @@ def test_two_processes_write_the_one_process_tables(tmp_path: Path,
     one = make_alexnet_run(tmp_path / "one" / "run")
     two = make_alexnet_run(tmp_path / "two" / "run")
     overrides = distributed.parse_params([f"{k}={v}" for k, v in ATTACK_PARAMS.items()])
-    parameters = distributed.stage_parameters("03_attack", run_dir=one, overrides=overrides)
-    job = attack_stage.plan_job(one, attack_stage.settings_from_parameters(parameters))
+    parameters = distributed.launch_parameters("03_attack", run_dir=one, overrides=overrides)
+    job = attack_stage.plan_job(one, stage_settings("03_attack", parameters))
     assert len(job.chunks) == 4 and len(job.rows) == 84  # 7 images x 6 targets x 2 schedules
 
     # a plain process finished one chunk before: the two ranks attack only the other three
@@ -270,8 +278,9 @@ def test_two_processes_write_the_one_process_tables(tmp_path: Path,
 # --------------------------------------------------------------------------- a failing rank
 
 
-TEMPLATE_SETTINGS = {"schedules": ["constant"], "lr0": 0.1, "max_iter": 5, "n_per_class": 1,
-                     "batch_size": 4, "chunk_size": 4}
+TEMPLATE_SETTINGS = {"epochs": [], "schedules": ["constant"], "lr0": 0.1, "max_iter": 5,
+                     "n_per_class": 1, "batch_size": 4, "chunk_size": 4, "sweep_lr0": [],
+                     "sweep_per_class": 0, "precision": "float32", "refine_tolerance": None}
 
 
 def failing_on_rank_1(path: Path, device: torch.device) -> torch.nn.Module:
@@ -303,7 +312,7 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_merged(tmp_path: Path) -
         assert "rank 0 (on" not in message and "merged nothing" in message
     assert not (run_dir / "attack" / "results.csv").exists()
     # rank 0 kept its finished chunks: a plain rerun attacks only rank 1's, then merges
-    job = attack_stage.plan_job(run_dir, attack_stage.settings_from_parameters(TEMPLATE_SETTINGS))
+    job = attack_stage.plan_job(run_dir, stage_settings("03_attack", TEMPLATE_SETTINGS))
     assert 0 < len(attack_stage.pending_chunks(job, run_dir)) < len(job.chunks)
     distributed.attack_stage({"run_dir": str(run_dir), "device": "cpu", **TEMPLATE_SETTINGS},
                              progress=False, load_model=load_template_net)
@@ -313,7 +322,8 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_merged(tmp_path: Path) -
 # --------------------------------------------------------------------------- training
 
 
-TRAIN_PARAMS = ["epochs=1", "batch_size=2", "lr=0.01", "augment=false", "balance=none", "seed=3"]
+TRAIN_PARAMS = ["epochs=1", "batch_size=2", "lr=0.01", "lr_decay=1.0", "augment=false",
+                "balance=none", "seed=3", "precision=float32"]
 
 
 @pytest.mark.slow
@@ -330,8 +340,8 @@ def test_two_process_training_writes_what_the_training_stage_continues(tmp_path:
     predictions = pd.read_csv(train / "predictions.csv")
     assert len(predictions) == len(splits["test"])
     # the one-process training (02_train's call) accepts the folder and finds epoch 1 done
-    metrics = fit(splits["train"], splits["test"], out_dir=train, epochs=1,
-                           batch_size=2, lr=0.01, augment=False, balance="none", seed=3,
-                           progress=False)
+    metrics = fit(splits["train"], splits["test"], out_dir=train, epochs=1, batch_size=2,
+                  lr=0.01, lr_decay=1.0, augment=False, balance="none", seed=3,
+                  precision="float32", progress=False)
     assert metrics["epoch"].tolist() == [1]
     assert metrics.equals(pd.read_csv(train / "metrics.csv"))

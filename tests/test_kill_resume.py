@@ -55,7 +55,7 @@ ATTACK_KILLS = 6
 TEMPLATE_SETTINGS = plan.AttackSettings(
     epochs=[], schedules=["constant", "step", "loss-adaptive"], lr0=0.1, max_iter=10,
     n_per_class=2, batch_size=8, chunk_size=12, sweep_lr0=[0.05, 0.2], sweep_per_class=1,
-    gallery_images=3,
+    gallery_images=3, precision="float32", refine_tolerance=None,
 )
 #: The tiny profile's training, 3 epochs of 7 SGD steps (its 52 train images in batches of 8).
 TRAIN_OVERRIDES = {"epochs": 3, "batch_size": 8}
@@ -109,10 +109,11 @@ def train_child(run_dir: Path, params: dict[str, Any]) -> None:
     test_set = data_stage.load_run_split(run_dir, "test")
     fit(
         train_set, test_set, out_dir=train_dir, epochs=params["epochs"],
-        batch_size=params["batch_size"], lr=params["lr"], momentum=params["momentum"],
-        weight_decay=params["weight_decay"], augment=params["augment"],
-        balance=params["balance"], seed=params["seed"], device=params["device"],
-        weights_path=params["weights_path"] or None, progress=False,
+        batch_size=params["batch_size"], lr=params["lr"], lr_decay=params["lr_decay"],
+        momentum=params["momentum"], weight_decay=params["weight_decay"],
+        augment=params["augment"], balance=params["balance"], seed=params["seed"],
+        device=params["device"], weights_path=params["weights_path"] or None,
+        precision=params["precision"], progress=False,
     )  # fmt: skip
     pipeline.finish_stage("02_train", run_dir=run_dir)
 
@@ -125,7 +126,7 @@ def stage_parameters(stage: str, **overrides: Any) -> dict[str, Any]:
 
 def attack_settings(params: Mapping[str, Any]) -> plan.AttackSettings:
     """The settings of the attack stage's parameters."""
-    return attack_stage.settings_from_parameters(params)
+    return parameters.stage_settings("03_attack", params)
 
 
 def attack_args(run_dir: Path, settings: plan.AttackSettings, loader: str) -> list[str]:

@@ -123,7 +123,7 @@ def test_leftovers_are_removed_only_when_they_are_temporary_files(tmp_path: Path
 
 def test_start_stage_removes_leftovers_of_its_own_folder(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    params = {**parameters.notebook_defaults("01_data"), **tiny_overrides(tmp_path)}
+    params = {**parameters.stage_defaults("01_data"), **tiny_overrides(tmp_path)}
     pipeline.start_stage("01_data", run_dir=run_dir, parameters=params)
     leftover = run_dir / "data" / ".frames.csv.zz9.tmp"
     leftover.write_text("half")

@@ -439,7 +439,7 @@ def test_accuracy_f1_intervals_match_the_training_metrics() -> None:
 def test_claim_rules_refuse_bad_levels() -> None:
     from lib.errors import ParameterError
 
-    with pytest.raises(ParameterError, match="full_success must lie in"):
+    with pytest.raises(ParameterError, match="full_success must be a share above 0"):
         ClaimRules(full_success=95)
     with pytest.raises(ParameterError, match="stable_within must be a share"):
         ClaimRules(stable_within=-0.1)

@@ -1,33 +1,76 @@
-"""Profiles, parameter checks and run-folder manifests (lib/run/pipeline.py)."""
+"""Stage parameters and their defaults, profiles, parameter checks and run-folder manifests
+(lib/run/parameters.py, pipeline.py, manifest.py)."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
+import jupytext
 import pytest
 
+from lib.attack.plan import AttackSettings
 from lib.errors import ParameterError, RunFolderError
 from lib.run import book, layout, parameters, pipeline
+from lib.train.settings import TrainSettings
 
 TRAIN = "02_train"
 
 
-def test_notebook_defaults_read_the_parameters_cell() -> None:
-    defaults = parameters.notebook_defaults(TRAIN)
-    assert defaults["epochs"] == 10
-    assert defaults["balance"] == "weights"
+def test_stage_defaults_are_the_settings_defaults() -> None:
+    defaults = parameters.stage_defaults(TRAIN)
+    assert defaults["epochs"] == TrainSettings().epochs == 5
+    assert defaults["balance"] == "sampler"
     assert defaults["augment"] is True
-    assert parameters.stage_parameters(TRAIN, {**defaults, "unrelated": 1}) == defaults
+    assert defaults["run_dir"] == parameters.RuntimeSettings().run_dir
+    assert parameters.from_namespace(TRAIN, {**defaults, "unrelated": 1}) == defaults
 
 
-def test_parameter_table_has_a_comment_for_every_parameter() -> None:
+def test_parameter_table_has_a_meaning_for_every_parameter() -> None:
     for stage in layout.STAGES:
-        if not layout.notebook_path(stage).exists():
-            continue
         rows = parameters.parameter_table(stage)
-        assert [name for name, _, _ in rows] == list(parameters.notebook_defaults(stage))
-        assert all(comment for _, _, comment in rows), stage
+        assert [name for name, _, _ in rows] == list(parameters.stage_defaults(stage))
+        assert all(meaning for _, _, meaning in rows), stage
+
+
+def notebook_parameters(stage: str) -> dict[str, object]:
+    """The names and literal values of the ``parameters`` cell of ``stage``'s notebook."""
+    notebook = jupytext.read(layout.notebook_path(stage))
+    (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    values = {}
+    for node in ast.parse(cell.source).body:
+        assert isinstance(node, ast.Assign), f"{stage}: only `name = literal` lines"
+        values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+@pytest.mark.parametrize("stage", layout.STAGES)
+def test_every_notebook_parameters_cell_holds_the_stage_defaults(stage: str) -> None:
+    # names, values and their types (True is not 1, 1 is not 1.0 in a cell)
+    cell = notebook_parameters(stage)
+    defaults = parameters.stage_defaults(stage)
+    assert cell == defaults
+    assert {k: type(v) for k, v in cell.items()} == {k: type(v) for k, v in defaults.items()}
+
+
+def test_the_default_profile_sets_nothing_that_differs_from_the_defaults() -> None:
+    spec = parameters.load_profile_spec("default")
+    assert set(spec["common"]) == {"run_dir", "device"}
+    for stage, values in parameters.load_profile("default").items():
+        defaults = parameters.stage_defaults(stage)
+        assert {k: v for k, v in values.items() if v != defaults[k]} == {}, stage
+
+
+def test_a_stage_settings_object_is_made_from_its_parameters() -> None:
+    values = {**parameters.stage_defaults("03_attack"), "lr0": 0.02, "epochs": [1]}
+    settings = parameters.stage_settings("03_attack", values)
+    assert isinstance(settings, AttackSettings)
+    assert settings.lr0 == 0.02 and settings.epochs == (1,)
+    with pytest.raises(ParameterError, match="has no parameter.*lr_0"):
+        parameters.stage_settings("03_attack", {"lr_0": 0.02})
+    with pytest.raises(ParameterError, match="lr0 must be a finite number > 0"):
+        parameters.stage_settings("03_attack", {"lr0": -1.0})
 
 
 @pytest.mark.parametrize(
@@ -68,7 +111,7 @@ def test_default_profile_parameters_are_valid() -> None:
 
 
 def _data_params(**changes: object) -> dict:
-    params = parameters.notebook_defaults("01_data")
+    params = parameters.stage_defaults("01_data")
     params.update(changes)
     return params
 
@@ -109,7 +152,7 @@ def test_overwrite_discards_this_and_later_stages(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     pipeline.start_stage("01_data", run_dir=run_dir, parameters=_data_params())
     pipeline.finish_stage("01_data", run_dir=run_dir)
-    train = parameters.notebook_defaults(TRAIN)
+    train = parameters.stage_defaults(TRAIN)
     pipeline.start_stage(TRAIN, run_dir=run_dir, parameters=train)
     (run_dir / "data" / "old.csv").write_text("x\n")
     (run_dir / "train" / "old.csv").write_text("x\n")
@@ -122,7 +165,7 @@ def test_overwrite_discards_this_and_later_stages(tmp_path: Path) -> None:
 
 
 def test_a_later_stage_needs_the_run_folder_and_the_stage_before(tmp_path: Path) -> None:
-    train = parameters.notebook_defaults(TRAIN)
+    train = parameters.stage_defaults(TRAIN)
     with pytest.raises(RunFolderError, match="does not exist; run the data stage"):
         pipeline.start_stage(TRAIN, run_dir=tmp_path / "missing", parameters=train)
     assert not (tmp_path / "missing").exists()
@@ -139,7 +182,7 @@ def test_override_that_no_stage_has_is_refused() -> None:
 def test_parameters_markdown_lists_every_stage() -> None:
     text = book.parameters_markdown()
     assert "### 02_train" in text
-    assert "| `epochs` | `10` |" in text
+    assert "| `epochs` | `5` |" in text
 
 
 # --------------------------------------------------------------------------- lib.run.layout
@@ -159,8 +202,8 @@ def test_parameters_merge_defaults_then_profile_then_overrides() -> None:
                                       with_defaults=True)
     assert merged["epochs"] == parameters.load_profile("tiny")["02_train"]["epochs"]  # profile
     assert merged["lr"] == 0.5  # override
-    assert merged["momentum"] == parameters.notebook_defaults("02_train")["momentum"]  # default
-    assert set(merged) == set(parameters.notebook_defaults("02_train"))
+    assert merged["momentum"] == parameters.stage_defaults("02_train")["momentum"]  # default
+    assert set(merged) == set(parameters.stage_defaults("02_train"))
     assert "momentum" not in parameters.merged_parameters("02_train", profile="tiny")
     with pytest.raises(ParameterError, match="has no parameter 'lr00'"):
         parameters.merged_parameters("02_train", overrides={"lr00": 1.0})

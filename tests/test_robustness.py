@@ -144,6 +144,8 @@ def settings(**changes) -> plan.AttackSettings:
         sweep_per_class=1,
         sweep_epoch=0,
         gallery_images=3,
+        precision="float32",
+        refine_tolerance=None,
     )
     values.update(changes)
     return plan.AttackSettings(**values)
@@ -461,12 +463,12 @@ def test_analysis_without_attack_results(template_run: Path) -> None:
         ({"n_per_class": 2.5}, "n_per_class must be an int >= 1"),
         ({"chunk_size": 0}, "chunk_size must be an int >= 1"),
         ({"batch_size": 0}, "batch_size must be an int >= 1"),
-        ({"mode": "both"}, "mode must be one of targeted, untargeted"),
+        ({"mode": "both"}, "mode must be one of 'targeted', 'untargeted'"),
         ({"sweep_per_class": 3}, "exceeds n_per_class"),
-        ({"sweep_lr0": [0.01, 0]}, "sweep_lr0 value must be a finite number > 0"),
+        ({"sweep_lr0": [0.01, 0]}, "every value of sweep_lr0 must be a finite number > 0"),
         ({"schedule_constants": {"step": {"drop": 0.5}}}, "not in schedules"),
         ({"schedule_constants": {"exponential": {"drop": 0.5}}}, "takes no constant"),
-        ({"epochs": [0]}, "every epoch must be an int >= 1"),
+        ({"epochs": [0]}, "every value of epochs must be an int >= 1"),
     ],
 )
 def test_bad_settings(changes: dict, message: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 from lib import TOOLS
 from lib.data import cholec80, synthetic
 from lib.data.scene import Scene, plan_annotations
+from lib.data.settings import DataSettings
 from lib.errors import DatasetError, ParameterError
 
 TINY = {"n_videos": 2, "seconds_per_video": 4, "width": 64, "height": 48}
@@ -106,14 +107,15 @@ def test_tools_are_drawn_exactly_at_the_annotated_seconds(video_id):
 
 
 def test_default_profile_has_every_class_in_both_splits():
-    ids = synthetic.video_ids(synthetic.DEFAULTS["n_videos"])
+    defaults = DataSettings()
+    ids = synthetic.video_ids(defaults.synthetic_videos)
     counts = {"train": np.zeros(len(TOOLS), int), "test": np.zeros(len(TOOLS), int)}
     present_per_second = []
     for video_id in ids:
         table = plan_annotations(
             video_id,
-            seconds=synthetic.DEFAULTS["seconds_per_video"],
-            seed=synthetic.DEFAULTS["seed"],
+            seconds=defaults.synthetic_seconds,
+            seed=defaults.seed,
         )
         flags = table[list(TOOLS)].to_numpy()
         present_per_second.append(flags.sum(axis=1))

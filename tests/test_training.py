@@ -46,12 +46,14 @@ COLOURS = torch.tensor(
 RUN = dict(
     batch_size=8,
     lr=0.01,
+    lr_decay=1.0,
     momentum=0.9,
     weight_decay=5e-4,
     augment=True,
     balance="sampler",
     seed=3,
     device="cpu",
+    precision="float32",
     progress=False,
 )
 
@@ -298,15 +300,15 @@ def test_unavailable_device(tmp_path, train_set, test_set, monkeypatch) -> None:
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"epochs": 0}, "epochs must be an int >= 1"),
         ({"batch_size": 0}, "batch_size must be"),
-        ({"lr": -0.1}, "lr must be a number > 0"),
+        ({"lr": -0.1}, "lr must be a finite number > 0"),
         ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\)"),
         ({"weight_decay": -1}, "weight_decay must be"),
         ({"augment": "yes"}, "augment must be True or False"),
         ({"balance": "oversample"}, "balance must be one of"),
-        ({"seed": -1}, "seed must be an integer >= 0"),
-        ({"seed": 1.5}, "seed must be an integer >= 0"),
+        ({"seed": -1}, "seed must be an int >= 0"),
+        ({"seed": 1.5}, "seed must be an int >= 0"),
     ],
     ids=lambda value: ",".join(value) if isinstance(value, dict) else None,
 )

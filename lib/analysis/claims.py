@@ -17,11 +17,13 @@ import pandas as pd
 from lib.analysis import statistics
 from lib.analysis.aggregates import schedule_order, success_rates, usable
 from lib.analysis.paired import paired_interval
+from lib.checking import check_number, check_share
 
 
 @dataclass(frozen=True)
 class ClaimRules:
-    """The levels that turn an interval into a verdict (parameters of the analysis stage).
+    """The levels that turn an interval into a verdict (the analysis stage's parameters of the
+    same names own their defaults here).
 
     Attributes:
         full_success: "reaches 100 %" is read as "success rate at least this" (in (0, 1]);
@@ -36,18 +38,11 @@ class ClaimRules:
     confidence: float = statistics.CONFIDENCE
 
     def __post_init__(self) -> None:
-        from lib.errors import ParameterError
-
-        if not 0 < self.full_success <= 1:
-            raise ParameterError(
-                f"full_success must lie in (0, 1] (0.95 reads '100 %' as at least 95 %), got "
-                f"{self.full_success!r}")
-        if not 0 <= self.stable_within <= 1:
-            raise ParameterError(
-                f"stable_within must be a share from 0 to 1 (0.05 means 5 points), got "
-                f"{self.stable_within!r}")
-        if not 0 < self.confidence < 1:
-            raise ParameterError(f"confidence must lie in (0, 1), got {self.confidence!r}")
+        check_share(self.full_success, "full_success", above_zero=True,
+                    example="0.95 reads '100 %' as at least 95 %")
+        check_share(self.stable_within, "stable_within", example="0.05 means 5 points")
+        check_number(self.confidence, "confidence", low=0, high=1, low_open=True,
+                     high_open=True)
 
 
 #: The columns of the claims table (:func:`paper_claims`).

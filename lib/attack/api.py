@@ -9,7 +9,6 @@ the loop itself is :mod:`lib.attack.engine`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from lib.attack.engine import (
 )
 from lib.attack.results import MODES, ROW_COLUMNS, AttackResult, AttackRow
 from lib.attack.schedules import bind, get_schedule
+from lib.checking import check_choice, check_int, check_positive
 from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 from lib.model.network import frozen
@@ -198,8 +198,7 @@ def attack_rows(
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ParameterError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_choice(mode, MODES, "mode")
 
 
 def _check_images(images: Tensor, name: str) -> Tensor:
@@ -290,10 +289,8 @@ def _start(
     sources_known: bool,
 ) -> Iterator[AttackResult]:
     """Check everything that can be checked before work, then return the running generator."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ParameterError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ParameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int(max_iter, "max_iter", low=1)
+    check_int(batch_size, "batch_size", low=1)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ParameterError(f"dtype must be a torch float dtype, got {dtype!r}")
     device = torch.device(device)
@@ -334,14 +331,8 @@ def _check_precision(precision: str, device: torch.device, dtype: torch.dtype) -
 def _check_tolerance(tolerance: float | None) -> float | None:
     if tolerance is None:
         return None
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not (
-        math.isfinite(tolerance) and tolerance > 0
-    ):
-        raise ParameterError(
-            f"refine_tolerance must be None (no refinement) or a number > 0 in [0, 1] pixel "
-            f"units (e.g. 1e-4), got {tolerance!r}"
-        )
-    return float(tolerance)
+    return float(check_positive(tolerance, "refine_tolerance (None for no refinement)",
+                                unit="pixel units, e.g. 1e-4"))
 
 
 def _check_rows(rows: RowTable, num_classes: int, *, targeted: bool,

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from lib import NUM_CLASSES, TOOLS
+from lib.checking import check_int
 from lib.errors import ParameterError, RunFolderError
 
 PREDICTION_COLUMNS = ("epoch", "image_id", "label", "predicted")
@@ -82,10 +83,8 @@ def select_images(
             in the table.
         RunFolderError: the epochs do not all cover the same test images.
     """
-    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
-        raise ParameterError(f"n_per_class must be an int >= 1, got {n_per_class!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ParameterError(f"seed must be an int >= 0, got {seed!r}")
+    check_int(n_per_class, "n_per_class", low=1)
+    check_int(seed, "seed", low=0)
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
         raise ParameterError(

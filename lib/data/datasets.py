@@ -27,20 +27,19 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from lib import TOOLS
+from lib.checking import check_choice
 from lib.data import cache, cholec80
 from lib.data.cache import cache_folder
 from lib.data.frames import INDEX_COLUMNS, FrameImages, FrameSet, frame_set_from_arrays
 from lib.errors import DatasetError, ParameterError, RunFolderError
 
 SPLITS: tuple[str, ...] = ("train", "test")
-
-
-DEFAULT_TRAIN_VIDEOS = "1-40"  # METHOD.md: Cholec80 videos 1-40 train, 41-80 test
-
-
+#: The kinds of dataset folder: "synthetic" (generated when missing) and "cholec80" share the
+#: Cholec80 layout; "imagefolder" holds ``train/<Tool>/`` and ``test/<Tool>/`` images.
+DATASET_KINDS: tuple[str, ...] = ("synthetic", "cholec80", "imagefolder")
+#: Cholec80's split by video (the paper's): videos 1-40 train, 41-80 test.
+DEFAULT_TRAIN_VIDEOS = "1-40"
 DEFAULT_TEST_VIDEOS = "41-80"
-
-
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 
@@ -395,7 +394,8 @@ def load(
 ) -> dict[str, FrameSet]:
     """:func:`load_cholec80` for ``kind`` "cholec80" or "synthetic" (same layout),
     :func:`load_image_folder` for "imagefolder" (video and cache arguments unused)."""
-    if kind in ("cholec80", "synthetic"):
+    check_choice(kind, DATASET_KINDS, "dataset kind")
+    if kind != "imagefolder":
         return load_cholec80(
             root,
             image_size=image_size,
@@ -405,11 +405,7 @@ def load(
             workers=workers,
             progress=progress,
         )
-    if kind == "imagefolder":
-        return load_image_folder(root, image_size=image_size, progress=progress)
-    raise ParameterError(
-        f"dataset kind {kind!r}: expected 'cholec80', 'synthetic' or 'imagefolder'."
-    )
+    return load_image_folder(root, image_size=image_size, progress=progress)
 
 
 def check_dataset(

@@ -14,7 +14,6 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from types import MappingProxyType
 
 import av
 from tqdm import tqdm
@@ -32,19 +31,6 @@ from lib.data.cholec80 import (
 from lib.data.scene import Scene, annotation_table
 from lib.errors import DatasetError, ParameterError
 from lib.io import atomic_path, write_text
-
-#: The default profile: 16 videos of 3 min (8 train, ids 1-8; 8 test, ids 41-48), 192 x 108:
-#: about 800 single-tool frames per split; 72,000 frames to render, encode and decode.
-DEFAULTS = MappingProxyType(
-    {
-        "n_videos": 16,  # half train (ids 1..), half test (ids 41..): METHOD's default split
-        "seconds_per_video": 180,  # one annotation row per second
-        "width": 192,  # 16:9 like Cholec80's 854 x 480, small enough to render fast
-        "height": 108,
-        "seed": 0,
-    }
-)
-
 
 CRF = 20  # x264 quality; lower is better and larger
 

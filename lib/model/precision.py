@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lib.checking import check_choice
 from lib.errors import ParameterError
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "auto")
@@ -30,12 +31,7 @@ BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
 
 def check(precision: str) -> str:
     """``precision`` itself if it is one of ``PRECISIONS``; else a ParameterError."""
-    if precision not in PRECISIONS:
-        raise ParameterError(
-            f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, "
-            f"got {precision!r}"
-        )
-    return precision
+    return check_choice(precision, PRECISIONS, "precision")
 
 
 @functools.cache

@@ -31,11 +31,9 @@ Running pieces (resume, and one process per shard of chunks)::
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,7 +46,6 @@ from lib.attack.results import AttackResult
 from lib.errors import ParameterError, RunFolderError
 from lib.run import layout
 from lib.run.layout import CHUNK_DIR, attack_dir, checkpoint_path, chunk_files  # noqa: F401
-from lib.run.parameters import RUNTIME_PARAMETERS, notebook_defaults
 
 #: Columns of ``results.csv``, one row per attack.
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -62,32 +59,8 @@ RESULT_COLUMNS: tuple[str, ...] = (
 SWEEP_COLUMNS: tuple[str, ...] = ("lr0", *RESULT_COLUMNS)
 
 
-ATTACK_STAGE = "03_attack"
-
-
 #: ``(checkpoint path, device) -> model``: how :func:`run_chunks` gets each epoch's model.
 ModelLoader = Callable[[Path, torch.device], torch.nn.Module]
-
-
-def settings_from_parameters(parameters: Mapping[str, Any]) -> AttackSettings:
-    """The :class:`AttackSettings` of the attack stage's parameters: the one conversion.
-
-    Parameters named like a settings field set it; the attack notebook's other parameters
-    and the runtime ones (``run_dir``, ``device``, ``overwrite``, ``progress``, ...) do not
-    change what is computed. Any other name is an error, so a misspelt parameter never
-    passes silently.
-    """
-    fields = {f.name for f in dataclasses.fields(AttackSettings)}
-    known = fields | RUNTIME_PARAMETERS
-    if layout.notebook_path(ATTACK_STAGE).exists():
-        known |= set(notebook_defaults(ATTACK_STAGE))
-    unknown = sorted(set(parameters) - known)
-    if unknown:
-        raise ParameterError(
-            f"unknown attack parameter(s) {', '.join(unknown)}; the settings are "
-            f"{', '.join(sorted(fields))}"
-        )
-    return AttackSettings(**{k: v for k, v in parameters.items() if k in fields})
 
 
 def trained_epochs(run_dir: str | os.PathLike[str]) -> list[int]:

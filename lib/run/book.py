@@ -18,8 +18,20 @@ import yaml
 
 from lib import io
 from lib.errors import RunFolderError
-from lib.run.layout import REPO, STAGES, executed_notebook, notebook_path, stage_dir
-from lib.run.parameters import load_profile, load_profile_spec, notebook_defaults, parameter_table
+from lib.run.layout import (
+    ANALYSIS_STAGE,
+    REPO,
+    STAGES,
+    executed_notebook,
+    notebook_path,
+    stage_dir,
+)
+from lib.run.parameters import (
+    RuntimeSettings,
+    load_profile,
+    load_profile_spec,
+    parameter_table,
+)
 
 STATIC_DIR = REPO / "_static"
 
@@ -55,15 +67,16 @@ def write_vega_scripts(static_dir: Path = STATIC_DIR) -> list[Path]:
 
 
 def parameters_markdown() -> str:
-    """One Markdown table per stage: every papermill parameter, its default and its meaning."""
+    """One Markdown table per stage: every parameter, its default and its meaning
+    (:func:`lib.run.parameters.parameter_table`)."""
     parts = []
     for stage in STAGES:
         if not notebook_path(stage).exists():
             continue
         parts.append(f"### {stage}\n\n| parameter | default | meaning |\n|---|---|---|")
-        for name, default, comment in parameter_table(stage):
-            comment = comment.replace("|", "\\|")
-            parts.append(f"| `{name}` | `{default!r}` | {comment} |")
+        for name, default, meaning in parameter_table(stage):
+            meaning = meaning.replace("|", "\\|")
+            parts.append(f"| `{name}` | `{default!r}` | {meaning} |")
         parts.append("")
     return "\n".join(parts) + "\n"
 
@@ -136,7 +149,7 @@ def prepare_book(profile: str, *, run_dir: str | Path | None = None,
             nbformat.write(_skipped_stage_notebook(stage, profile), target)
             continue
         stage_run = Path(run_dir or plan[stage].get("run_dir")
-                         or notebook_defaults(stage)["run_dir"])
+                         or RuntimeSettings.run_dir)
         executed = executed_notebook(stage_run, stage)
         if not executed.exists():
             raise RunFolderError(
@@ -146,7 +159,7 @@ def prepare_book(profile: str, *, run_dir: str | Path | None = None,
         shutil.copyfile(executed, target)
         # the chapters link the stage's tables as downloads, relative to the notebook
         output = stage_dir(stage_run, stage)
-        tables = sorted(output.glob("*.csv")) if stage == "04_analysis" else []
+        tables = sorted(output.glob("*.csv")) if stage == ANALYSIS_STAGE else []
         if tables:
             shutil.rmtree(executed_dir / output.name, ignore_errors=True)
             (executed_dir / output.name).mkdir(parents=True)

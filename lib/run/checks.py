@@ -1,26 +1,25 @@
 """Checks before a stage: its parameters, its run folder and the files it will read.
 
-:func:`check_stage` checks, in order, the types of a stage's parameters (against the
-notebook's own defaults) and their values, the run folder's manifest (the stage before
+:func:`check_stage` checks, in order, the types of a stage's parameters (against their
+defaults) and their values (the stage's settings class, :mod:`lib.run.parameters`), the run
+folder's manifest (the stage before
 finished, the same parameters as an earlier run of this stage unless ``overwrite``), and the
 input files (dataset folder, weights, checkpoints). Every check only reads, so a stage with a
 bad input stops before anything is written and its run folder stays as it was.
 
-Who calls them: :func:`lib.run.pipeline.run` (``python -m lib.run.pipeline run``) checks every stage
-before it starts papermill, and :func:`lib.run.pipeline.start_stage`, which each notebook calls,
-checks again for users who run the notebooks with papermill directly. The tests call
-:func:`complete_parameters`, :func:`check_stage` and :func:`attack_settings_of` directly.
+Who calls them: :func:`lib.run.pipeline.run` (``python -m lib.run.pipeline run``) checks every
+stage before it starts papermill, and :func:`lib.run.pipeline.start_stage`, which each notebook
+calls, checks again for users who run the notebooks with papermill directly.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from lib import io
-from lib.attack import schedules
 from lib.errors import (
     BorderlineError,
     CheckpointError,
@@ -28,10 +27,23 @@ from lib.errors import (
     ParameterError,
     RunFolderError,
 )
-from lib.model import precision
-from lib.run.layout import STAGES, attack_file, checkpoint_path
+from lib.run.layout import (
+    ANALYSIS_STAGE,
+    ATTACK_STAGE,
+    DATA_STAGE,
+    MINIMALITY_STAGE,
+    PREVIOUS_STAGE,
+    TRAIN_STAGE,
+    attack_file,
+    checkpoint_path,
+)
 from lib.run.manifest import differing_parameters, read_manifest, recorded_parameters
-from lib.run.parameters import check_parameter_types, notebook_defaults
+from lib.run.parameters import (
+    check_parameter_types,
+    check_runtime,
+    complete_parameters,
+    stage_settings,
+)
 
 # --------------------------------------------------------------------------- checks before a stage
 #
@@ -41,169 +53,19 @@ from lib.run.parameters import check_parameter_types, notebook_defaults
 # notebook written); the notebooks call it again through
 # :func:`~lib.run.pipeline.start_stage`, for users who run them with papermill directly.
 
-DATASET_KINDS: tuple[str, ...] = ("synthetic", "cholec80", "imagefolder")
-
-
-def _whole_number(value: Any, low: int, name: str, high: int | None = None) -> None:
-    """ParameterError unless ``value`` is an int in ``[low, high]``."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    if not ok or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"from {low} to {high}"
-        raise ParameterError(f"{name} must be an int {bound}, got {value!r}")
-
-
-def _whole_numbers(values: Any, low: int, name: str) -> None:
-    """ParameterError unless ``values`` is a list of ints >= ``low``."""
-    if not isinstance(values, list | tuple):
-        raise ParameterError(f"{name} must be a list of ints >= {low}, got {values!r}")
-    for value in values:
-        _whole_number(value, low, f"every value of {name}")
-
-
-def _one_of(value: Any, choices: Sequence[str], name: str) -> None:
-    if value not in choices:
-        raise ParameterError(
-            f"{name} {value!r} is not known; use one of: {', '.join(map(repr, choices))}"
-        )
-
-
-def _check_device(parameters: Mapping[str, Any]) -> None:
-    from lib.model.network import resolve_device
-
-    resolve_device(parameters["device"])
-
-
-def _check_data_values(p: Mapping[str, Any]) -> None:
-    """The data stage's parameters (no file is read)."""
-    from lib.data import datasets
-    from lib.model.network import check_image_size
-
-    _one_of(p["dataset_kind"], DATASET_KINDS, "dataset_kind")
-    _whole_number(p["image_size"], 1, "image_size")
-    check_image_size(p["image_size"])
-    if p["dataset_kind"] != "imagefolder":
-        train = datasets.parse_video_ids(p["train_videos"])
-        test = datasets.parse_video_ids(p["test_videos"])
-        overlap = sorted(set(train) & set(test))
-        if overlap:
-            raise ParameterError(
-                f"videos {overlap} are in both train_videos and test_videos; the split is by "
-                "video, so give each video to one split only"
-            )
-    if p["dataset_kind"] == "synthetic":
-        _whole_number(p["synthetic_videos"], 2, "synthetic_videos", 80)
-        _whole_number(p["synthetic_seconds"], 2, "synthetic_seconds")
-        for name in ("synthetic_width", "synthetic_height"):
-            _whole_number(p[name], 32, name)
-            if p[name] % 2:
-                raise ParameterError(
-                    f"{name} must be even (H.264 with 4:2:0 colour needs even sizes), "
-                    f"got {p[name]}; use {p[name] + 1}"
-                )
-    _whole_number(p["seed"], 0, "seed")
-    _whole_number(p["workers"], 1, "workers")
-
-
-def _check_train_values(p: Mapping[str, Any]) -> None:
-    """The training stage's parameters (no file is read)."""
-    from lib.train.loop import check_hyperparameters
-
-    check_hyperparameters(
-        epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], lr_decay=p["lr_decay"],
-        momentum=p["momentum"], weight_decay=p["weight_decay"], augment=p["augment"],
-        balance=p["balance"],
-        seed=p["seed"], num_workers=0,
-    )  # fmt: skip
-    _whole_number(p["workers"], 0, "workers")
-    precision.check(p["precision"])
-    _check_device(p)
-
-
-def attack_settings_of(p: Mapping[str, Any]) -> Any:
-    """The :class:`lib.attack.plan.AttackSettings` of the attack stage's parameters (checked)."""
-    from lib.run import attack_stage
-
-    _whole_numbers(p["epochs"], 1, "epochs")
-    constants = p["schedule_constants"]
-    for name, values in constants.items():
-        if not isinstance(values, dict):
-            raise ParameterError(
-                f"schedule_constants[{name!r}] must map constant names to numbers, e.g. "
-                f"{{\"step\": {{\"drop\": 0.5}}}}, got {values!r}"
-            )
-    return attack_stage.settings_from_parameters(p)
-
-
-def _check_attack_values(p: Mapping[str, Any]) -> None:
-    """The attack stage's parameters (no file is read)."""
-    attack_settings_of(p)
-    _check_device(p)
-
-
-def _check_analysis_values(p: Mapping[str, Any]) -> None:
-    """The analysis stage's parameters."""
-    share = p["stable_within"]
-    if not 0 <= share <= 1:
-        raise ParameterError(
-            f"stable_within must be a share from 0 to 1 (0.05 means 5 %), got {share!r}"
-        )
-    _whole_number(p["histogram_bins"], 1, "histogram_bins")
-    level = p["full_success"]
-    if not 0 < level <= 1:
-        raise ParameterError(
-            f"full_success must be a share above 0 and at most 1 (0.95 reads '100 %' as at "
-            f"least 95 %), got {level!r}"
-        )
-    schedules.get_schedule(p["reference_schedule"])  # refuses an unknown name, listing the known
-
-
-def _check_minimality_values(p: Mapping[str, Any]) -> None:
-    """The minimality stage's parameters (no file is read)."""
-    from lib.attack.reference import REFERENCE_ATTACKS
-
-    _whole_numbers(p["epochs"], 1, "epochs")
-    _whole_number(p["n_pairs"], 1, "n_pairs")
-    _whole_numbers(p["steps"], 2, "steps")
-    if not p["steps"]:
-        raise ParameterError("steps is empty; give at least one step budget, e.g. [100]")
-    if not p["attacks"]:
-        raise ParameterError(
-            f"attacks is empty; name at least one of: {', '.join(REFERENCE_ATTACKS)}"
-        )
-    for name in p["attacks"]:
-        _one_of(name, list(REFERENCE_ATTACKS), "reference attack")
-    _whole_number(p["batch_size"], 1, "batch_size")
-    _whole_number(p["seed"], 0, "seed")
-    _check_device(p)
-
-
-#: The value checks of each stage's parameters, beyond their types.
-VALUE_CHECKS = {
-    "01_data": _check_data_values,
-    "02_train": _check_train_values,
-    "03_attack": _check_attack_values,
-    "04_analysis": _check_analysis_values,
-    "05_minimality": _check_minimality_values,
-}
-
-
-def complete_parameters(stage: str, parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """``parameters`` with the notebook's defaults for every parameter not given."""
-    return {**notebook_defaults(stage), **parameters}
-
-
 def check_stage_parameters(stage: str, parameters: Mapping[str, Any]) -> None:
     """Types and values of a stage's parameters; reads no file of the run.
+
+    The types are checked against the defaults, the values by the stage's settings class
+    (:func:`lib.run.parameters.stage_settings`) and the runtime settings (the device).
 
     Raises:
         ParameterError: naming the parameter, the bad value and what to give instead.
     """
     check_parameter_types(stage, parameters)
-    VALUE_CHECKS[stage](complete_parameters(stage, parameters))
-
-
-def _previous_stage(stage: str) -> str:
-    return "03_attack" if stage == "05_minimality" else STAGES[STAGES.index(stage) - 1]
+    values = complete_parameters(stage, parameters)
+    stage_settings(stage, values)
+    check_runtime(values)
 
 
 def check_run_folder(stage: str, run_dir: str | Path, parameters: Mapping[str, Any], *,
@@ -220,14 +82,14 @@ def check_run_folder(stage: str, run_dir: str | Path, parameters: Mapping[str, A
         raise RunFolderError(
             f"run folder {run_dir} is a file, not a folder; set run_dir to a folder path"
         )
-    if STAGES.index(stage) > 0 and not run_dir.is_dir():
+    if stage in PREVIOUS_STAGE and not run_dir.is_dir():
         raise RunFolderError(
             f"run folder {run_dir} does not exist; run the data stage (01_data) first, "
             f"or name an existing run folder with run_dir"
         )
     recorded = read_manifest(run_dir).get("stages", {})
-    if STAGES.index(stage) > 0:
-        before = _previous_stage(stage)
+    if stage in PREVIOUS_STAGE:
+        before = PREVIOUS_STAGE[stage]
         if not recorded.get(before, {}).get("finished"):
             raise RunFolderError(
                 f"run folder {run_dir} has no finished stage {before}; run it first "
@@ -268,7 +130,8 @@ def _check_attack_inputs(p: Mapping[str, Any]) -> None:
     from lib.model.checkpoints import check_checkpoint
     from lib.run import attack_stage
 
-    job = attack_stage.plan_job(p["run_dir"], attack_settings_of(p))  # epochs, selection
+    settings = stage_settings(ATTACK_STAGE, p)
+    job = attack_stage.plan_job(p["run_dir"], settings)  # epochs, selection
     for epoch in job.settings.epochs:
         check_checkpoint(checkpoint_path(p["run_dir"], epoch))
 
@@ -298,11 +161,11 @@ def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
 
 #: The checks of each stage's files: the dataset, weights and checkpoints it will read.
 INPUT_CHECKS = {
-    "01_data": _check_data_inputs,
-    "02_train": _check_train_inputs,
-    "03_attack": _check_attack_inputs,
-    "04_analysis": lambda p: None,  # its inputs are the finished attack stage's tables
-    "05_minimality": _check_minimality_inputs,
+    DATA_STAGE: _check_data_inputs,
+    TRAIN_STAGE: _check_train_inputs,
+    ATTACK_STAGE: _check_attack_inputs,
+    ANALYSIS_STAGE: lambda p: None,  # its inputs are the finished attack stage's tables
+    MINIMALITY_STAGE: _check_minimality_inputs,
 }
 
 

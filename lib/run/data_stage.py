@@ -49,7 +49,7 @@ def write_run_data(
     frames = pd.concat([splits[split].index for split in splits], ignore_index=True)
     write_csv(layout.data_file(run_dir, "frames"), frames[list(INDEX_COLUMNS)])
     write_csv(layout.data_file(run_dir, "counts"), class_counts(splits))
-    return layout.stage_dir(run_dir, "01_data")
+    return layout.stage_dir(run_dir, layout.DATA_STAGE)
 
 
 def _require(path: Path) -> Path:

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from lib.attack import plan
+from lib.checking import check_int
 from lib.errors import BorderlineError, ParameterError, RunFolderError
 from lib.run import layout, lock, pipeline, ranks
 from lib.run.attack_stage import (
@@ -50,14 +51,12 @@ from lib.run.attack_stage import (
     plan_job,
     run_chunks,
     save_plan,
-    settings_from_parameters,
 )
-from lib.run.parameters import merged_parameters, parse_value
+from lib.run.layout import ATTACK_STAGE, TRAIN_STAGE
+from lib.run.parameters import merged_parameters, parse_value, stage_settings
 
 Key = TypeVar("Key", bound=Hashable)
 
-ATTACK_STAGE = "03_attack"
-TRAIN_STAGE = "02_train"
 
 # --------------------------------------------------------------------------- cost model
 
@@ -111,8 +110,7 @@ def shard_chunks(chunk_costs: Mapping[Key, float], world_size: int) -> list[list
         ``world_size`` lists; list ``r`` holds rank r's chunk keys in input order. Every key is
         in exactly one list (a list may be empty when there are fewer chunks than ranks).
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ParameterError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int(world_size, "world_size", low=1)
     keys = list(chunk_costs)
     costs = [float(chunk_costs[k]) for k in keys]
     bad = [k for k, c in zip(keys, costs, strict=True) if not (math.isfinite(c) and c >= 0)]
@@ -158,24 +156,24 @@ def process_group(launch: ranks.Launch, device: str, *, timeout_minutes: float) 
 # --------------------------------------------------------------------------- parameters
 
 
-def stage_parameters(
+def launch_parameters(
     stage: str,
     *,
     run_dir: str | os.PathLike[str] | None = None,
     profile: str | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A stage's parameters as its notebook would see them under papermill.
+    """A stage's parameters under this launcher, as its notebook would see them under
+    papermill.
 
-    The notebook's defaults, then the profile's values for the stage, then ``overrides``, then
+    The stage's defaults, then the profile's values for the stage, then ``overrides``, then
     ``run_dir`` (when given), merged by :func:`lib.run.parameters.merged_parameters`. Names the
-    notebook does not have, and values of the wrong type, raise :class:`ParameterError`.
+    stage does not have, and values of the wrong type, raise :class:`ParameterError`.
     """
     overrides = dict(overrides or {})
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
-    values = merged_parameters(stage, profile=profile, overrides=overrides,
-                                      with_defaults=True)
+    values = merged_parameters(stage, profile=profile, overrides=overrides, with_defaults=True)
     if not values.get("run_dir"):
         raise ParameterError("no run folder: pass --run-dir (or a profile that names run_dir)")
     return values
@@ -231,7 +229,7 @@ def attack_stage(
     """The attack stage on this rank (a plain process when ``launch`` is None), inside
     :func:`process_group` on every rank; see the module docstring for the steps.
 
-    ``parameters`` come from :func:`stage_parameters`; ``load_model`` goes to
+    ``parameters`` come from :func:`launch_parameters`; ``load_model`` goes to
     :func:`lib.run.attack_stage.run_chunks` (tests use small models). Returns the job, its tables
     merged under the run folder's ``attack/``. Raises RankFailure under torchrun when any
     rank failed (on every rank), or what the stage raises in a plain process.
@@ -239,7 +237,7 @@ def attack_stage(
     launch = launch or ranks.launch_from_env()
     run_dir = Path(parameters["run_dir"])
     device = ranks.rank_device(launch, parameters.get("device", "cpu"))
-    settings = settings_from_parameters(parameters)
+    settings = stage_settings(ATTACK_STAGE, parameters)
 
     ranks.collective_step(launch, "checking the run folder's manifest",
                     lambda: _record_stage(ATTACK_STAGE, parameters), main_only=True)
@@ -305,13 +303,14 @@ def train_stage(
                     lambda: _record_stage(TRAIN_STAGE, parameters), main_only=True)
     splits = ranks.collective_step(launch, "reading the data", lambda: {
         split: data_stage.load_run_split(run_dir, split) for split in ("train", "test")})
-    hyper = {name: parameters[name] for name in (
+    settings = stage_settings(TRAIN_STAGE, parameters)
+    hyper = {name: getattr(settings, name) for name in (
         "epochs", "batch_size", "lr", "lr_decay", "momentum", "weight_decay", "augment",
         "balance", "seed", "precision",
-    ) if name in parameters}
-    hyper["weights_path"] = parameters.get("weights_path") or None
+    )}
+    hyper["weights_path"] = settings.weights_path or None
     return fit(splits["train"], splits["test"], out_dir=layout.train_dir(run_dir),
-                        device=device, progress=progress, **hyper)
+               device=device, progress=progress, **hyper)
 
 
 # --------------------------------------------------------------------------- command line
@@ -340,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = {"attack": ATTACK_STAGE, "train": TRAIN_STAGE}[args.command]
     try:
         launch = ranks.launch_from_env()
-        parameters = stage_parameters(stage, run_dir=args.run_dir, profile=args.profile,
+        parameters = launch_parameters(stage, run_dir=args.run_dir, profile=args.profile,
                                       overrides=parse_params(args.param))
         device = ranks.rank_device(launch, parameters.get("device", "cpu"))
         with process_group(launch, device, timeout_minutes=args.timeout_minutes), \

@@ -26,58 +26,63 @@ from pathlib import Path
 from lib.errors import ParameterError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 NOTEBOOK_DIR = REPO / "notebooks"
 
-
-#: The stages in the order data flows through them; each names the run-folder
-#: subfolder it writes, which an overwrite clears.
+#: The stages, each named once here; data flows through them in this order.
+DATA_STAGE = "01_data"
+TRAIN_STAGE = "02_train"
+ATTACK_STAGE = "03_attack"
+ANALYSIS_STAGE = "04_analysis"
+MINIMALITY_STAGE = "05_minimality"
+#: The run-folder subfolder each stage writes, which an overwrite clears.
 STAGE_OUTPUTS: dict[str, str] = {
-    "01_data": "data",
-    "02_train": "train",
-    "03_attack": "attack",
-    "04_analysis": "analysis",
-    "05_minimality": "minimality",
+    DATA_STAGE: "data",
+    TRAIN_STAGE: "train",
+    ATTACK_STAGE: "attack",
+    ANALYSIS_STAGE: "analysis",
+    MINIMALITY_STAGE: "minimality",
 }
-
-
 STAGES: tuple[str, ...] = tuple(STAGE_OUTPUTS)
-
+#: The stage whose finished run another stage needs; the minimality stage needs the attack
+#: stage's, not the analysis stage's.
+PREVIOUS_STAGE: dict[str, str] = {
+    TRAIN_STAGE: DATA_STAGE,
+    ATTACK_STAGE: TRAIN_STAGE,
+    ANALYSIS_STAGE: ATTACK_STAGE,
+    MINIMALITY_STAGE: ATTACK_STAGE,
+}
 
 #: The files of the data, attack and minimality stages, by kind.
 DATA_FILES: dict[str, str] = {
     "dataset": "dataset.json", "frames": "frames.csv", "counts": "counts.csv",
 }
-
-
 ATTACK_FILES: dict[str, str] = {
     "job": "job.json", "selection": "selection.csv", "shortfall": "shortfall.csv",
     "results": "results.csv", "traces": "traces.npz", "gallery": "gallery.npz",
     "lr0_sweep": "lr0_sweep.csv",
 }
-
-
 MINIMALITY_FILES: dict[str, str] = {
     "reference": "reference.csv", "timings": "timings.csv", "ratios": "ratios.csv",
 }
-
-
 #: The folder of the attack stage's finished chunks, inside ``attack/``.
 CHUNK_DIR = "chunks"
 
 
-def notebook_path(stage: str) -> Path:
-    """The jupytext script of ``stage``; ParameterError for an unknown stage."""
+def check_stage(stage: str) -> str:
+    """``stage`` itself if it is one of :data:`STAGES`; ParameterError listing them if not."""
     if stage not in STAGE_OUTPUTS:
         raise ParameterError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
-    return NOTEBOOK_DIR / f"{stage}.py"
+    return stage
+
+
+def notebook_path(stage: str) -> Path:
+    """The jupytext script of ``stage``; ParameterError for an unknown stage."""
+    return NOTEBOOK_DIR / f"{check_stage(stage)}.py"
 
 
 def stage_dir(run_dir: str | os.PathLike[str], stage: str) -> Path:
     """The folder ``stage`` writes inside ``run_dir``."""
-    notebook_path(stage)
-    return Path(run_dir) / STAGE_OUTPUTS[stage]
+    return Path(run_dir) / STAGE_OUTPUTS[check_stage(stage)]
 
 
 def manifest_file(run_dir: str | os.PathLike[str]) -> Path:
@@ -91,11 +96,11 @@ def executed_notebook(run_dir: str | os.PathLike[str], stage: str) -> Path:
 
 def data_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
     """A file of the data stage by kind (see ``DATA_FILES``)."""
-    return stage_dir(run_dir, "01_data") / _file_name(DATA_FILES, kind, "data")
+    return stage_dir(run_dir, DATA_STAGE) / _file_name(DATA_FILES, kind, "data")
 
 
 def train_dir(run_dir: str | os.PathLike[str]) -> Path:
-    return stage_dir(run_dir, "02_train")
+    return stage_dir(run_dir, TRAIN_STAGE)
 
 
 def checkpoint_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
@@ -148,7 +153,7 @@ def finished_epochs(train_folder: str | os.PathLike[str]) -> int:
 
 
 def attack_dir(run_dir: str | os.PathLike[str]) -> Path:
-    return stage_dir(run_dir, "03_attack")
+    return stage_dir(run_dir, ATTACK_STAGE)
 
 
 def attack_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
@@ -164,12 +169,12 @@ def chunk_files(run_dir: str | os.PathLike[str], part: str, chunk: int) -> tuple
 
 def analysis_file(run_dir: str | os.PathLike[str], table: str) -> Path:
     """An analysis table (``<table>.csv``)."""
-    return stage_dir(run_dir, "04_analysis") / f"{table}.csv"
+    return stage_dir(run_dir, ANALYSIS_STAGE) / f"{table}.csv"
 
 
 def minimality_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
     """A file of the minimality stage by kind (see ``MINIMALITY_FILES``)."""
-    return stage_dir(run_dir, "05_minimality") / _file_name(MINIMALITY_FILES, kind, "minimality")
+    return stage_dir(run_dir, MINIMALITY_STAGE) / _file_name(MINIMALITY_FILES, kind, "minimality")
 
 
 def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:

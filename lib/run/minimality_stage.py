@@ -1,4 +1,8 @@
-"""The minimality stage's work on the run folder: choose the pairs, attack them, keep the tables.
+"""The minimality stage: its settings, and its work on the run folder (choose the pairs, attack
+them, keep the tables).
+
+:class:`MinimalitySettings` holds the only defaults of the stage's parameters (those of the
+default build) and their only value checks.
 
 :func:`reference_tables` picks, for each compared checkpoint, the first (image, target) pairs of
 the attack stage's targeted results, runs every reference attack of
@@ -9,15 +13,62 @@ the attack stage's targeted results, runs every reference attack of
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 
 from lib import io
-from lib.attack.reference import run_reference_attacks
+from lib.attack.reference import REFERENCE_ATTACKS, run_reference_attacks
+from lib.checking import check_choices, check_int, check_ints, check_list
+from lib.errors import ParameterError
 from lib.run import layout
+
+
+@dataclass(frozen=True)
+class MinimalitySettings:
+    """The minimality stage's parameters (checked when made).
+
+    Attributes:
+        epochs: checkpoints to compare; [] for the last attacked one. The default build
+            compares the first and the last.
+        n_pairs: (image, target) pairs per checkpoint: the first ones in the attack stage's
+            order.
+        steps: step budgets of every reference attack (100 matches the attack's max_iter; a
+            1,000-step budget lowers the best known further at ten times the cost).
+        attacks: reference attacks (lib.attack.reference).
+        batch_size: pairs per reference-attack batch.
+        seed: seeds the reference attacks' random initialisations.
+    """
+
+    epochs: tuple[int, ...] = (1, 5)
+    n_pairs: int = 30
+    steps: tuple[int, ...] = (100,)
+    attacks: tuple[str, ...] = tuple(REFERENCE_ATTACKS)
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epochs", check_ints(self.epochs, "epochs", low=1))
+        object.__setattr__(self, "steps", check_ints(self.steps, "steps", low=2))
+        object.__setattr__(self, "attacks", check_list(self.attacks, "attacks"))
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`~lib.errors.ParameterError` naming the first bad setting."""
+        check_int(self.n_pairs, "n_pairs", low=1)
+        if not self.steps:
+            raise ParameterError("steps is empty; give at least one step budget, e.g. [100]")
+        check_choices(self.attacks, list(REFERENCE_ATTACKS), "attacks")
+        check_int(self.batch_size, "batch_size", low=1)
+        check_int(self.seed, "seed", low=0)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as plain values (lists for tuples), as the stage's parameters hold
+        them."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -35,21 +86,17 @@ class ReferenceTables:
 
 def reference_tables(
     run_dir: str | os.PathLike[str],
+    settings: MinimalitySettings,
     *,
-    epochs: Sequence[int],
-    n_pairs: int,
-    steps: Sequence[int],
-    attacks: Sequence[str],
     device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    seed: int = 0,
     progress: bool = True,
 ) -> ReferenceTables:
     """The minimality stage's reference step: pick the pairs, attack them, write the files.
 
-    For each checkpoint of ``epochs`` (empty: the last attacked one) the first ``n_pairs``
-    distinct (image, target) pairs of the attack stage's targeted results are attacked by
-    every reference attack at every budget of ``steps``, on the test images of the run
+    For each checkpoint of ``settings.epochs`` (empty: the last attacked one) the first
+    ``settings.n_pairs`` distinct (image, target) pairs of the attack stage's targeted results
+    are attacked by every reference attack at every budget of ``settings.steps``, on the test
+    images of the run
     folder and the checkpoint of that epoch. ``reference.csv`` (results) and ``timings.csv``
     (seconds per pair, which differ from run to run) are written to the stage's folder; when
     ``reference.csv`` exists it is read instead, so a finished step is never repeated.
@@ -60,7 +107,7 @@ def reference_tables(
     results = pd.read_csv(layout.attack_file(run_dir, "results"), dtype={"image_id": str},
                           keep_default_na=False, na_values=[""])
     targeted = results[results["mode"] == "targeted"]
-    chosen = [int(e) for e in epochs] or [int(targeted["epoch"].max())]
+    chosen = [int(e) for e in settings.epochs] or [int(targeted["epoch"].max())]
     ours = targeted[targeted["epoch"].isin(chosen)]
     path = layout.minimality_file(run_dir, "reference")
     if path.exists():
@@ -71,14 +118,14 @@ def reference_tables(
     for epoch in chosen:
         pairs = (targeted[targeted["epoch"] == epoch]
                  .drop_duplicates(["image_id", "target"])
-                 .head(n_pairs)[["epoch", "image_id", "target"]]
+                 .head(settings.n_pairs)[["epoch", "image_id", "target"]]
                  .reset_index(drop=True))
         images = test_set.images[[position[i] for i in pairs["image_id"]]].float() / 255
         model = load_checkpoint(layout.checkpoint_path(run_dir, epoch), map_location=device)
         parts.append(run_reference_attacks(
             model, images, torch.tensor(pairs["target"].to_numpy()), keys=pairs,
-            steps=list(steps), attacks=list(attacks), device=device, batch_size=batch_size,
-            seed=seed, progress=progress,
+            steps=list(settings.steps), attacks=list(settings.attacks), device=device,
+            batch_size=settings.batch_size, seed=settings.seed, progress=progress,
         ))
     reference = pd.concat(parts, ignore_index=True)
     io.write_csv(layout.minimality_file(run_dir, "timings"),

@@ -1,68 +1,214 @@
-"""A stage's parameters: their names and defaults, profiles, and the one merge of both.
+"""A stage's parameters: their one owner per stage, profiles, and the one merge of the two.
 
-A stage's parameters are the notebook's defaults, then the profile's values
-(``profiles/<name>.yaml``), then the command line's (:func:`merged_parameters`, with values
-read by :func:`parse_value`).
+Every stage has one settings class (:data:`STAGE_SETTINGS`), a frozen dataclass that holds the
+only defaults of the stage's parameters (those of the default build) and their only value
+checks; :class:`RuntimeSettings` declares the parameters that change how a stage runs but not
+what it computes. A stage's parameters are its settings class's fields and the runtime
+parameters it takes (:data:`STAGE_RUNTIME`); :func:`stage_defaults` gives their defaults and
+:func:`parameter_table` their meanings (each class's ``Attributes`` section). The notebooks'
+``parameters`` cells hold the same defaults as literals, which a test compares; nothing here
+reads a notebook.
+
+A *profile* (``profiles/<name>.yaml``) names the run folder and the values that differ from
+the defaults; a stage's parameters are the defaults, then the profile's values, then the
+command line's (:func:`merged_parameters`, with values read by :func:`parse_value`).
 """
 
 from __future__ import annotations
 
-import ast
 import copy
+import dataclasses
 import functools
+import inspect
 import json
+import re
 import shlex
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lib.analysis.settings import AnalysisSettings
+from lib.attack.plan import AttackSettings
+from lib.data.settings import DataSettings
 from lib.errors import ParameterError, first_line
-from lib.run.layout import REPO, STAGES, notebook_path
+from lib.run.layout import (
+    ANALYSIS_STAGE,
+    ATTACK_STAGE,
+    DATA_STAGE,
+    MINIMALITY_STAGE,
+    REPO,
+    STAGES,
+    TRAIN_STAGE,
+    check_stage,
+)
+from lib.run.minimality_stage import MinimalitySettings
+from lib.train.settings import TrainSettings
 
 PROFILE_DIR = REPO / "profiles"
 
 
-#: Parameters that change how a stage runs but not what it computes; they are neither
-#: recorded in the manifest nor compared when a stage continues in a run folder.
-RUNTIME_PARAMETERS = frozenset({"run_dir", "device", "workers", "overwrite", "progress"})
+@dataclasses.dataclass(frozen=True)
+class RuntimeSettings:
+    """How a stage runs, not what it computes: never recorded in the manifest, never compared
+    when a stage runs again in its run folder.
 
-
-def notebook_defaults(stage: str) -> dict[str, Any]:
-    """The names and default values of the ``parameters`` cell of ``stage``'s notebook.
-
-    The cell must hold only assignments of literals (``name = 1  # comment``), which is what
-    papermill can override.
+    Attributes:
+        run_dir: the run folder: this stage reads what the stages before it wrote there and
+            writes its own subfolder.
+        device: "cpu", "cuda" or "cuda:N".
+        progress: a progress bar over the stage's work (stderr).
+        overwrite: discard this stage's results (and those of every later stage) if they were
+            made with other parameters.
     """
-    path = notebook_path(stage)
-    return copy.deepcopy(_parse_defaults(path, path.stat().st_mtime_ns))
+
+    run_dir: str = "data/runs/default"
+    device: str = "cpu"
+    progress: bool = True
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """Raise :class:`~lib.errors.ParameterError` for a device this machine does not have."""
+        from lib.model.network import resolve_device
+
+        resolve_device(self.device)
 
 
-def _parameters_cell(path: Path) -> str:
-    import jupytext  # reading a script with jupytext takes a noticeable time
+#: Each stage's settings class: the only defaults and value checks of its parameters.
+STAGE_SETTINGS: dict[str, type] = {
+    DATA_STAGE: DataSettings,
+    TRAIN_STAGE: TrainSettings,
+    ATTACK_STAGE: AttackSettings,
+    ANALYSIS_STAGE: AnalysisSettings,
+    MINIMALITY_STAGE: MinimalitySettings,
+}
+#: The runtime parameters each stage takes (a stage that trains or attacks needs a device).
+STAGE_RUNTIME: dict[str, tuple[str, ...]] = {
+    DATA_STAGE: ("run_dir", "overwrite"),
+    TRAIN_STAGE: ("run_dir", "device", "overwrite"),
+    ATTACK_STAGE: ("run_dir", "device", "progress", "overwrite"),
+    ANALYSIS_STAGE: ("run_dir", "overwrite"),
+    MINIMALITY_STAGE: ("run_dir", "device", "overwrite"),
+}
+#: Parameters that change how a stage runs but not what it computes: the runtime settings and
+#: the settings fields marked runtime (``workers``). They are neither recorded in the manifest
+#: nor compared when a stage continues in a run folder.
+RUNTIME_PARAMETERS = frozenset(
+    {f.name for f in dataclasses.fields(RuntimeSettings)}
+    | {f.name for cls in STAGE_SETTINGS.values() for f in dataclasses.fields(cls)
+       if f.metadata.get("runtime")}
+)
 
-    notebook = jupytext.read(path)
-    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
-    if len(cells) != 1:
-        raise ParameterError(
-            f"{path}: expected exactly one cell tagged 'parameters', found {len(cells)}"
-        )
-    return cells[0].source
+
+# --------------------------------------------------------------------------- defaults
 
 
-@functools.lru_cache(maxsize=32)
-def _parse_defaults(path: Path, mtime_ns: int) -> dict[str, Any]:
-    # cached per file version
-    defaults: dict[str, Any] = {}
-    for node in ast.parse(_parameters_cell(path)).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            raise ParameterError(
-                f"{path}: the parameters cell may hold only `name = literal` lines"
-            )
-        defaults[node.targets[0].id] = ast.literal_eval(node.value)
+def plain(value: Any) -> Any:
+    """A settings value as a parameter holds it: lists for tuples, dicts for mappings."""
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def settings_values(settings: Any) -> dict[str, Any]:
+    """The fields of a settings object as plain parameter values, in field order."""
+    return {f.name: plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+
+
+def stage_defaults(stage: str) -> dict[str, Any]:
+    """Every parameter of ``stage`` with its default: ``run_dir``, the settings class's
+    fields, then the stage's other runtime parameters.
+
+    Raises:
+        ParameterError: an unknown stage.
+    """
+    return copy.deepcopy(_defaults(check_stage(stage)))
+
+
+@functools.cache
+def _defaults(stage: str) -> dict[str, Any]:
+    runtime = settings_values(RuntimeSettings())
+    names = STAGE_RUNTIME[stage]
+    defaults = {"run_dir": runtime["run_dir"]} if "run_dir" in names else {}
+    defaults |= settings_values(STAGE_SETTINGS[stage]())
+    defaults |= {name: runtime[name] for name in names if name != "run_dir"}
     return defaults
+
+
+def optional_parameters(stage: str) -> set[str]:
+    """The parameters of ``stage`` that also accept None (their type says ``| None``)."""
+    return {f.name for f in dataclasses.fields(STAGE_SETTINGS[check_stage(stage)])
+            if "None" in str(f.type)}
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """``{name: meaning}`` from the ``Attributes:`` section of ``cls``'s docstring, each
+    meaning on one line."""
+    docs: dict[str, str] = {}
+    section = inspect.cleandoc(cls.__doc__ or "").partition("Attributes:")[2]
+    name = None
+    for line in section.splitlines():
+        entry = re.match(r"^    (\w+): (.*)$", line)
+        if entry:
+            name, text = entry.groups()
+            docs[name] = text.strip()
+        elif name and line.startswith("        "):
+            docs[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return docs
+
+
+def parameter_table(stage: str) -> list[tuple[str, Any, str]]:
+    """``(name, default, meaning)`` for every parameter of ``stage``, in the order of
+    :func:`stage_defaults`."""
+    meanings = attribute_docs(RuntimeSettings) | attribute_docs(STAGE_SETTINGS[check_stage(stage)])
+    return [(name, default, meanings.get(name, ""))
+            for name, default in stage_defaults(stage).items()]
+
+
+def from_namespace(stage: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The current values of ``stage``'s parameters, read from a notebook's ``globals()``
+    (its parameters cell, as papermill left it)."""
+    return {name: namespace[name] for name in stage_defaults(stage)}
+
+
+def complete_parameters(stage: str, parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """``parameters`` with the default of every parameter not given."""
+    return {**stage_defaults(stage), **parameters}
+
+
+def stage_settings(stage: str, parameters: Mapping[str, Any]) -> Any:
+    """The settings object of ``stage`` (e.g. an :class:`~lib.attack.plan.AttackSettings`)
+    made from ``parameters``: the one conversion, which checks every value.
+
+    Runtime parameters are left out; parameters not given take their defaults.
+
+    Raises:
+        ParameterError: a name the stage does not have (a misspelt parameter never passes
+            silently), or a bad value.
+    """
+    known = stage_defaults(stage)
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise ParameterError(
+            f"stage {stage} has no parameter(s) {', '.join(unknown)}; its parameters are "
+            f"{', '.join(sorted(known))}"
+        )
+    cls = STAGE_SETTINGS[stage]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in parameters.items() if name in fields})
+
+
+def check_runtime(parameters: Mapping[str, Any]) -> None:
+    """The values of the runtime parameters given (the device exists on this machine)."""
+    names = {f.name for f in dataclasses.fields(RuntimeSettings)}
+    RuntimeSettings(**{k: v for k, v in parameters.items() if k in names}).check()
+
+
+# --------------------------------------------------------------------------- types
 
 
 def _type_name(value: Any) -> str:
@@ -72,10 +218,11 @@ def _type_name(value: Any) -> str:
 def check_parameter_types(stage: str, values: Mapping[str, Any]) -> None:
     """Raise ParameterError for a name the stage does not have or a value of the wrong type.
 
-    A value must have the type of the notebook's default; an int is accepted where a float is
-    expected, and a parameter whose default is None accepts anything.
+    A value must have the type of the default; an int is accepted where a float is expected,
+    and a parameter whose type says ``| None`` (or a runtime parameter) accepts None.
     """
-    defaults = notebook_defaults(stage)
+    defaults = stage_defaults(stage)
+    optional = optional_parameters(stage)
     for name, value in values.items():
         if name not in defaults:
             raise ParameterError(
@@ -83,7 +230,7 @@ def check_parameter_types(stage: str, values: Mapping[str, Any]) -> None:
                 f"{', '.join(sorted(defaults))}"
             )
         default = defaults[name]
-        if default is None or value is None and name in RUNTIME_PARAMETERS:
+        if value is None and (name in optional or name in RUNTIME_PARAMETERS):
             continue
         expected = type(default)
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
@@ -91,9 +238,10 @@ def check_parameter_types(stage: str, values: Mapping[str, Any]) -> None:
             ok = True
         if not ok:
             raise ParameterError(
-                f"stage {stage}, parameter {name!r}: expected {expected.__name__} "
-                f"(like the default {default!r}), got {_type_name(value)} {value!r}; "
-                f"write it like the default, e.g. -p {name} {command_line_value(default)}"
+                f"stage {stage}, parameter {name!r}: expected {expected.__name__}"
+                f"{' or None' if name in optional else ''} (like the default {default!r}), "
+                f"got {_type_name(value)} {value!r}; write it like the default, e.g. "
+                f"-p {name} {command_line_value(default)}"
             )
 
 
@@ -125,24 +273,11 @@ def parse_value(name: str, text: str) -> Any:
         ) from None
 
 
-def stage_parameters(stage: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The current values of ``stage``'s parameters, read from a notebook's ``globals()``."""
-    return {name: namespace[name] for name in notebook_defaults(stage)}
-
-
-def parameter_table(stage: str) -> list[tuple[str, Any, str]]:
-    """``(name, default, comment)`` for each line of ``stage``'s parameters cell."""
-    defaults = notebook_defaults(stage)
-    rows = []
-    for line in _parameters_cell(notebook_path(stage)).splitlines():
-        name = line.split("=", 1)[0].strip()
-        if name in defaults:
-            comment = line.split("#", 1)[1].strip() if "#" in line else ""
-            rows.append((name, defaults[name], comment))
-    return rows
+# --------------------------------------------------------------------------- profiles
 
 
 def available_profiles() -> list[str]:
+    """The names of ``profiles/*.yaml``."""
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
@@ -179,16 +314,16 @@ def load_profile_spec(name: str) -> dict[str, Any]:
 def load_profile(name: str) -> dict[str, dict[str, Any]]:
     """Parameters per stage for profile ``name``: ``common`` merged into every stage.
 
-    A ``common`` key is given to every stage whose notebook has that parameter.
+    A ``common`` key is given to every stage that has that parameter.
     """
     spec = load_profile_spec(name)
     common = spec.get("common") or {}
     stages = spec.get("stages") or {}
     for stage in stages:
-        notebook_path(stage)
+        check_stage(stage)
     profile = {}
     for stage in STAGES:
-        defaults = notebook_defaults(stage) if notebook_path(stage).exists() else {}
+        defaults = stage_defaults(stage)
         params = {k: v for k, v in common.items() if k in defaults}
         params.update(stages.get(stage) or {})
         profile[stage] = params
@@ -202,14 +337,13 @@ def merged_parameters(
     overrides: Mapping[str, Any] | None = None,
     with_defaults: bool = False,
 ) -> dict[str, Any]:
-    """A stage's parameters: (the notebook's defaults,) the profile's values, then
-    ``overrides``; a name the notebook does not have or a value of the wrong type raises
-    ParameterError.
+    """A stage's parameters: (the defaults,) the profile's values, then ``overrides``; a name
+    the stage does not have or a value of the wrong type raises ParameterError.
 
     This is the one merge of defaults, profile and command line: the stage command and the
     torchrun launcher both use it.
     """
-    values = notebook_defaults(stage) if with_defaults else {}
+    values = stage_defaults(stage) if with_defaults else {}
     if profile:
         values.update(load_profile(profile)[stage])
     values.update(overrides or {})

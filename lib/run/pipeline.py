@@ -3,23 +3,24 @@
 ``python -m lib.run.pipeline run`` converts each stage's script, executes it with papermill into
 the run folder's ``notebooks/<stage>.ipynb`` and stops at the first failing stage with its
 error message; ``python -m lib.run.pipeline book`` hands the executed notebooks to the book.
-Each stage holds its run folder's lock from its checks to its executed notebook.
+Each stage holds its run folder's lock (:mod:`lib.run.lock`) from its checks to its executed
+notebook.
 
-The stage contract (stages, notebook parameters, profiles, run-folder paths, manifests, the
-lock) is :mod:`lib.run.layout`; the names the notebooks use are importable from here too. Two
-jobs live in their own modules:
+The stage's parameters (:mod:`lib.run.parameters`), the run folder's paths
+(:mod:`lib.run.layout`) and manifest (:mod:`lib.run.manifest`) have their own modules, and so
+have two jobs of the command:
 
-- :mod:`lib.run.checks`: the checks before a stage. :func:`~lib.run.checks.check_stage` checks its
-  parameters (types against the notebook's own defaults, then their values), the run folder's
-  manifest and the files the stage will read; it only reads, so a stage with a bad input stops
-  before anything is written. ``run`` calls it before starting papermill, and inside a
-  notebook :func:`start_stage` calls it again before recording the stage, so a run folder
-  never holds results of two different parameter sets (whether the stage is run through this
-  module or through papermill directly).
-- :mod:`lib.run.book`: the book's generated files. :func:`~lib.run.book.prepare_book` (the ``book``
-  command) copies the executed notebooks and writes the parameter table, the bad-input table
-  (:func:`~lib.run.book.bad_inputs_markdown`, from ``tests/bad_inputs.yaml``, which lists the bad
-  inputs the tests try) and the vega scripts for offline charts.
+- :mod:`lib.run.checks`: the checks before a stage. :func:`~lib.run.checks.check_stage` checks
+  its parameters (types against their defaults, then their values), the run folder's manifest
+  and the files the stage will read; it only reads, so a stage with a bad input stops before
+  anything is written. ``run`` calls it before starting papermill, and inside a notebook
+  :func:`start_stage` calls it again before recording the stage, so a run folder never holds
+  results of two different parameter sets (whether the stage is run through this module or
+  through papermill directly).
+- :mod:`lib.run.book`: the book's generated files. :func:`~lib.run.book.prepare_book` (the
+  ``book`` command) copies the executed notebooks and writes the parameter table, the bad-input
+  table (:func:`~lib.run.book.bad_inputs_markdown`, from ``tests/bad_inputs.yaml``, which lists
+  the bad inputs the tests try) and the vega scripts for offline charts.
 """
 
 from __future__ import annotations
@@ -35,16 +36,17 @@ from typing import Any
 from lib import io
 from lib.errors import BorderlineError, ParameterError
 from lib.run.book import prepare_book
-from lib.run.checks import check_stage, check_stage_parameters, complete_parameters, naming_stage
+from lib.run.checks import check_stage, check_stage_parameters, naming_stage
 from lib.run.layout import REPO, STAGES, executed_notebook, notebook_path
 from lib.run.lock import check_not_held, hold_run_folder, remove_leftovers
 from lib.run.manifest import record_finish, record_start
 from lib.run.parameters import (
     check_parameter_types,
+    complete_parameters,
     load_profile_spec,
     merged_parameters,
-    notebook_defaults,
     parse_value,
+    stage_defaults,
 )
 
 # --------------------------------------------------------------------------- stages in a notebook
@@ -147,7 +149,7 @@ def run(profile: str, *, stages: Sequence[str] | None = None,
     """
     selected = _selected_stages(profile, stages)
     overrides = dict(overrides or {})
-    known = set().union(*(notebook_defaults(s) for s in selected))
+    known = set().union(*(stage_defaults(s) for s in selected))
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ParameterError(
@@ -157,7 +159,7 @@ def run(profile: str, *, stages: Sequence[str] | None = None,
     planned = {}
     for stage in selected:
         with naming_stage(stage):
-            defaults = notebook_defaults(stage)
+            defaults = stage_defaults(stage)
             params = merged_parameters(stage, profile=profile, overrides={
                 k: v for k, v in overrides.items() if k in defaults})
             check_stage_parameters(stage, params)  # every stage's values before the first runs

@@ -31,7 +31,7 @@ import nbformat
 from lib.errors import RunFolderError
 from lib.run import layout
 from lib.run.layout import REPO, STAGES, executed_notebook
-from lib.run.parameters import notebook_defaults
+from lib.run.parameters import stage_defaults
 
 SANITIZE_FILE = REPO / "tests" / "nbval-sanitize.cfg"
 
@@ -76,7 +76,7 @@ def relocate(notebook: nbformat.NotebookNode, stage: str, into: Path) -> nbforma
     """
     from papermill.parameterize import parameterize_notebook
 
-    defaults = notebook_defaults(stage)
+    defaults = stage_defaults(stage)
     parameters = defaults | dict(notebook.metadata.get("papermill", {}).get("parameters", {}))
     moved = {"run_dir": into / "run", "cache_dir": into / "cache"}
     if parameters.get("dataset_kind") == "synthetic":

@@ -21,8 +21,8 @@ generators (shuffling, sampler, augmentation) and a seeded fork of the global RN
 on the CPU a run is reproducible bit for bit, and a run resumed after epoch k ends with the
 same files as one that was never interrupted.
 
-Defaults are the default profile's (synthetic data, 64 px, on 2 CPU cores); the values for the
-paper's scale (Cholec80, 224 px) are given beside each in :func:`fit`.
+The hyperparameters' defaults and checks are :class:`~lib.train.settings.TrainSettings`; the
+values for the paper's scale (Cholec80, 224 px) are given beside each in :func:`fit`.
 """
 
 from __future__ import annotations
@@ -68,10 +68,7 @@ from lib.train.resume import (
     save_optimizer,
     start_or_resume,
 )
-
-BALANCE_MODES: tuple[str, ...] = ("none", "weights", "sampler")
-
-
+from lib.train.settings import TrainSettings
 
 
 def fit(
@@ -79,19 +76,19 @@ def fit(
     test_set: Dataset,
     *,
     out_dir: str | os.PathLike[str],
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 0.01,
-    lr_decay: float = 1.0,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    augment: bool = True,
-    balance: str = "weights",
-    seed: int = 0,
+    epochs: int = TrainSettings.epochs,
+    batch_size: int = TrainSettings.batch_size,
+    lr: float = TrainSettings.lr,
+    lr_decay: float = TrainSettings.lr_decay,
+    momentum: float = TrainSettings.momentum,
+    weight_decay: float = TrainSettings.weight_decay,
+    augment: bool = TrainSettings.augment,
+    balance: str = TrainSettings.balance,
+    seed: int = TrainSettings.seed,
     device: str | torch.device = "cpu",
     weights_path: str | os.PathLike[str] | None = None,
-    num_workers: int = 0,
-    precision: str = "float32",
+    num_workers: int = TrainSettings.workers,
+    precision: str = TrainSettings.precision,
     progress: bool = True,
 ) -> pd.DataFrame | None:
     """Train AlexNet with SGD; checkpoint and evaluate on the whole test split after every epoch.
@@ -101,8 +98,9 @@ def fit(
     returns the table. A folder made with other parameters raises :class:`RunFolderError`.
     On the CPU the result equals an uninterrupted run, file for file.
 
-    Defaults suit the default profile (about 650 synthetic train images at 64 px, 10 epochs on
-    2 CPU cores: 110 SGD steps). The paper-scale values for Cholec80 (224 px, 31,477 train
+    The defaults are the training stage's (:class:`~lib.train.settings.TrainSettings`, the
+    default build's run: 5 epochs over the synthetic dataset, the learning rate halved after
+    every epoch, balanced batches). The paper-scale values for Cholec80 (224 px, 31,477 train
     images, 10 epochs) are given with each argument.
 
     Args:
@@ -112,18 +110,17 @@ def fit(
         out_dir: the run folder's ``train/``; created if missing.
         epochs: last epoch to reach (paper: 10). Not part of the run's identity: rerunning
             with more epochs continues the run.
-        batch_size: images per SGD step (default 64: the fastest per image on 2 CPU cores;
-            paper scale: 64).
-        lr: SGD learning rate of epoch 1 (default 0.01; paper scale: 0.01, AlexNet's value).
+        batch_size: images per SGD step (paper scale: 64).
+        lr: SGD learning rate of epoch 1 (paper scale: 0.01, AlexNet's value).
         lr_decay: factor in (0, 1] applied to the learning rate after every epoch: epoch e
-            trains at ``lr * lr_decay ** (e - 1)`` (default 1: constant, as in the paper).
-        momentum: SGD momentum in [0, 1) (default 0.9; paper scale: 0.9).
-        weight_decay: L2 penalty >= 0 (default 5e-4, AlexNet's; paper scale: 5e-4).
+            trains at ``lr * lr_decay ** (e - 1)`` (1: constant, as in the paper).
+        momentum: SGD momentum in [0, 1) (paper scale: 0.9).
+        weight_decay: L2 penalty >= 0 (AlexNet's 5e-4; paper scale: 5e-4).
         augment: random horizontal flip, resized crop (85-100 % of the area) and brightness /
-            contrast jitter (+-10 %), all label-preserving (default True; paper scale: True).
+            contrast jitter (+-10 %), all label-preserving (paper scale: True).
         balance: class balancing: "none", "weights" (cross-entropy weighted by inverse class
             frequency in the train split) or "sampler" (batches drawn with replacement, every
-            class equally likely) (default "weights"; paper scale: "weights").
+            class equally likely).
         seed: non-negative integer; fixes initialisation, order, augmentation and dropout.
         device: "cpu", "cuda" or "cuda:N"; only the CPU is bit-for-bit reproducible.
         weights_path: optional local ImageNet AlexNet weights (see
@@ -147,10 +144,10 @@ def fit(
         ``metrics.csv`` as a DataFrame: one row per epoch 1..epochs (None on ranks other
         than 0).
     """
-    check_hyperparameters(
+    TrainSettings(  # checks every value
         epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, momentum=momentum,
         weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
-        num_workers=num_workers,
+        precision=precision, weights_path=str(weights_path or ""), workers=num_workers,
     )  # fmt: skip
     launch = ranks.current_launch()
     if batch_size % launch.world_size:
@@ -380,39 +377,3 @@ def epoch_lr(lr: float, lr_decay: float, epoch: int) -> float:
     """The learning rate of ``epoch`` (1-based): ``lr * lr_decay ** (epoch - 1)``."""
     return lr * lr_decay ** (epoch - 1)
 
-
-def check_hyperparameters(
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    lr_decay: float = 1.0,
-    momentum: float,
-    weight_decay: float,
-    augment: bool,
-    balance: str,
-    seed: int,
-    num_workers: int,
-) -> None:
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_number(value: Any) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-
-    checks = [
-        ("epochs", epochs, is_int(epochs) and epochs >= 1, "an integer >= 1"),
-        ("batch_size", batch_size, is_int(batch_size) and batch_size >= 1, "an integer >= 1"),
-        ("lr", lr, is_number(lr) and lr > 0, "a number > 0"),
-        ("lr_decay", lr_decay, is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]"),
-        ("momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "a number in [0, 1)"),
-        ("weight_decay", weight_decay, is_number(weight_decay) and weight_decay >= 0,
-         "a number >= 0"),
-        ("augment", augment, isinstance(augment, bool), "True or False"),
-        ("balance", balance, balance in BALANCE_MODES, f"one of {BALANCE_MODES}"),
-        ("seed", seed, is_int(seed) and seed >= 0, "an integer >= 0"),
-        ("num_workers", num_workers, is_int(num_workers) and num_workers >= 0, "an integer >= 0"),
-    ]  # fmt: skip
-    for name, value, ok, expected in checks:
-        if not ok:
-            raise ParameterError(f"{name} must be {expected}, got {value!r}")
