@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lib.errors import ParameterError  # noqa: E402
+from lib.run import tables  # noqa: E402
 from tests.test_distributed import make_alexnet_run  # noqa: E402  (the tests' tiny run folder)
 
 
@@ -89,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     params = ["--param", "epochs=[]", "--param", f"max_iter={args.max_iter}",
               "--param", "n_per_class=1", "--param", "lr0=0.004", "--param", "batch_size=32",
-              "--param", "chunk_size=32", "--param", "sweep_lr0=[]", "--param", "gallery_images=0"]
+              "--param", "chunk_size=32", "--param", "sweep_lr0=[]", "--param", "gallery_images=0",
+              "--param", "precision=float32", "--param", "refine_tolerance=null"]
     plain = [sys.executable, "-m", "lib.run.distributed", "attack", "--no-progress"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2", "-m", "lib.run.distributed", "attack", "--no-progress"]
@@ -108,9 +110,9 @@ def main() -> None:
         one_seconds = timed([*plain, "--run-dir", str(one), "--threads", "2", *params])
         two = fresh("two")
         two_seconds = timed([*torchrun, "--run-dir", str(two), "--threads", "1", *params])
-        same = (one / "attack" / "results.csv").read_bytes() == (
-            two / "attack" / "results.csv").read_bytes()
-        results = pd.read_csv(one / "attack" / "results.csv")
+        same = (tables.table_path(one, "results").read_bytes()
+                == tables.table_path(two, "results").read_bytes())
+        results = tables.read_results(one)
         startup = timed([sys.executable, "-c", "import lib.run.distributed, lib.data.datasets"])
 
     passes = float((results["iterations"] + 1).sum())

@@ -40,10 +40,10 @@ FRAMES_PER_VIDEO = 64
 
 def make_run(folder: Path, frames_per_split: int, *, seed: int = 0) -> Path:
     """A run folder whose data/ and frame cache hold ``frames_per_split`` frames per split."""
-    from lib import io
     from lib.data import datasets
-    from lib.data.cache import cache_folder
+    from lib.data.cache import cache_folder, write_frame_cache
     from lib.data.frames import INDEX_COLUMNS
+    from lib.run import tables
 
     root = folder / "cholec80"
     cache_dir = folder / "cache"
@@ -61,17 +61,14 @@ def make_run(folder: Path, frames_per_split: int, *, seed: int = 0) -> Path:
             frames = np.arange(count, dtype=np.int64) * 25
             labels = rng.integers(0, 7, count)
             images = rng.integers(0, 256, (count, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-            np.save(cache / f"video{video:02d}.npy", images)
-            io.write_json(cache / f"video{video:02d}.json",
-                          {"frames": frames.tolist(), "source_size": 0, "source_mtime_ns": 0})
+            write_frame_cache(cache / f"video{video:02d}.npy", frames, images, signature=(0, 0))
             rows += [(f"video{video:02d}-f{f:06d}", split, f"video{video:02d}", int(f), int(c))
                      for f, c in zip(frames, labels, strict=True)]
     run_dir = folder / "run"
-    io.write_json(run_dir / "data" / "dataset.json", {
+    tables.write_record(run_dir, "dataset", {
         "kind": "cholec80", "root": str(root.resolve()), "image_size": IMAGE_SIZE,
         "cache_dir": str(cache_dir.resolve()), "train_videos": [], "test_videos": []})
-    io.write_csv(run_dir / "data" / "frames.csv",
-                 pd.DataFrame(rows, columns=list(INDEX_COLUMNS)))
+    tables.write_table(run_dir, "frames", pd.DataFrame(rows, columns=list(INDEX_COLUMNS)))
     return run_dir
 
 

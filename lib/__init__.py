@@ -37,7 +37,7 @@ where a run folder keeps its files. There is no import cycle.
 
 - ``attack``: the attack
 
-  - ``results``: attack rows in, per-attack results out
+  - ``results``: attack rows in, per-attack results out (the result tables' columns)
   - ``engine``: the batched stop-at-flip loop (float32-confirmed low precision, refinement)
   - ``api``: the engine's entry points, every input checked
   - ``schedules``: the step-size registry
@@ -64,7 +64,8 @@ where a run folder keeps its files. There is no import cycle.
     profiles and the one merge of defaults, profile and command line
   - ``manifest``: what ran in a run folder, with which parameters and versions
   - ``lock``: one stage at a time in a run folder
-  - ``tables``: the readers of the run folder's tables
+  - ``tables``: every table and record of the run folder: its columns and dtypes, its one
+    reader and writer (the result columns derive from ``attack.results``)
   - ``checks``: the checks before a stage (parameters, run folder, input files)
   - ``data_stage``, ``attack_stage``, ``minimality_stage``: the stages' work on the run folder
     (``minimality_stage`` also holds the minimality stage's settings)

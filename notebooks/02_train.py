@@ -44,12 +44,11 @@ device = "cpu"  # "cpu", "cuda" or "cuda:N"
 overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
 
 # %% tags=["remove-input"]
-import pandas as pd
 from myst_nb import glue
 
 from lib.analysis import figures
 from lib.model.precision import resolve as resolve_precision
-from lib.run import data_stage, layout, pipeline
+from lib.run import data_stage, pipeline, tables
 from lib.run.layout import TRAIN_STAGE
 from lib.run.parameters import from_namespace
 from lib.train.loop import fit
@@ -112,7 +111,7 @@ metrics.round(4)
 # ## Loss
 
 # %% mystnb={"figure": {"caption": "Training loss of every SGD step (grey) and its running mean (black).", "name": "fig-training-loss"}}
-figures.loss_curve_chart(pd.read_csv(layout.train_table(train_dir, "losses")))
+figures.loss_curve_chart(tables.read_train_table(train_dir, "losses"))
 
 # %% [markdown]
 # ## Accuracy and F1 per epoch
@@ -138,14 +137,14 @@ glue("train_epochs", int(last["epoch"]), display=False)
 # ## Per-class F1
 
 # %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}}
-per_class = pd.read_csv(layout.train_table(train_dir, "per_class"))
+per_class = tables.read_train_table(train_dir, "per_class")
 figures.per_class_f1_chart(per_class)
 
 # %% [markdown]
 # ## Confusion matrix of the last checkpoint
 
 # %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}}
-confusion = pd.read_csv(layout.train_table(train_dir, "confusion"))
+confusion = tables.read_train_table(train_dir, "confusion")
 figures.confusion_chart(confusion[confusion["epoch"] == confusion["epoch"].max()])
 
 # %% [markdown]

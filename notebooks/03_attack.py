@@ -56,13 +56,12 @@ progress = True  # a progress bar over the stage's work (stderr)
 overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
 
 # %% tags=["remove-input"]
-import pandas as pd
 from IPython.display import display
 from myst_nb import glue
 
 from lib import TOOLS
 from lib.model.precision import resolve as resolve_precision
-from lib.run import attack_stage, pipeline
+from lib.run import attack_stage, pipeline, tables
 from lib.run.layout import ATTACK_STAGE
 from lib.run.parameters import from_namespace, stage_settings
 
@@ -122,7 +121,7 @@ else:
 
 # %%
 attacked = attack_stage.run_chunks(job, run_dir, device=device, progress=progress)
-written = attack_stage.merge(job, run_dir)
+attack_stage.merge(job, run_dir)
 
 # %% tags=["remove-input"]
 pipeline.finish_stage(ATTACK_STAGE, run_dir=run_dir)
@@ -136,7 +135,7 @@ print(f"{attacked} chunks attacked now, {len(job.chunks) - attacked} found finis
 # these numbers.
 
 # %% tags=["remove-input"]
-results = pd.read_csv(written["results"], dtype={"image_id": str})
+results = tables.read_results(run_dir)
 overview = (
     results.assign(l1_success=results["l1_255"].where(results["success"]))
     .groupby(["epoch", "schedule"], sort=False)

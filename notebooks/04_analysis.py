@@ -44,11 +44,10 @@ import pandas as pd
 from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
-from lib import io
 from lib.analysis import aggregates, figures, paired, statistics
 from lib.analysis.claims import claims_conclusion, paper_claims, readable_claims
 from lib.attack import selection
-from lib.run import layout, manifest, pipeline, tables
+from lib.run import manifest, pipeline, tables
 from lib.run.layout import ANALYSIS_STAGE, DATA_STAGE
 from lib.run.parameters import from_namespace, stage_settings
 
@@ -58,8 +57,8 @@ analysis_dir = pipeline.start_stage(ANALYSIS_STAGE, run_dir=run_dir, overwrite=o
 rules = stage_settings(ANALYSIS_STAGE, values).rules
 results = tables.read_results(run_dir)
 training = tables.read_training_metrics(run_dir)
-predictions = tables.read_training_predictions(run_dir)
-job = io.read_json(layout.attack_file(run_dir, "job"))["settings"]
+predictions = tables.read_predictions(run_dir)
+job = tables.read_record(run_dir, "job")["settings"]
 last_epoch = int(results["epoch"].max())
 skipped = aggregates.skipped_counts(results)
 order = aggregates.schedule_order(results)
@@ -67,7 +66,7 @@ order = aggregates.schedule_order(results)
 
 def save(table: pd.DataFrame, name: str) -> pd.DataFrame:
     """Keep an aggregated table as analysis/<name>.csv (the book offers it for download)."""
-    io.write_csv(layout.analysis_file(run_dir, name), table)
+    tables.write_analysis_table(run_dir, name, table)
     return table
 
 
@@ -232,7 +231,7 @@ figures.class_pair_chart(pairs)
 # perturbations are far below what the eye notices in the borderline images themselves.
 
 # %% mystnb={"figure": {"caption": "Borderline images at the last checkpoint. Per row: the original, the borderline image of each schedule, then each schedule's perturbation amplified (grey = no change; one amplification per row).", "name": "fig-gallery"}}
-gallery = tables.read_npz(run_dir, "gallery")
+gallery = tables.read_arrays(run_dir, "gallery")
 if gallery is not None:
     display(figures.gallery_picture(gallery, scale=2))
 else:
@@ -260,7 +259,7 @@ figures.l1_histogram_chart(histogram)
 # last attacked epoch, paired per image.
 
 # %% mystnb={"figure": {"caption": "L1 (1/255) of each followed image at every attacked checkpoint (thin lines, coloured by tool; the same targets at every epoch) and the mean over each checkpoint's own selection with its 95 % interval (black), one panel per schedule.", "name": "fig-per-image"}}
-attacked = pd.read_csv(layout.attack_file(run_dir, "selection"), dtype={"image_id": str})
+attacked = tables.read_table(run_dir, "selection")
 followed = selection.followed_images(attacked)
 per_image = save(aggregates.per_image_l1(results, followed["image_id"]), "per_image_l1")
 if per_image.empty:
@@ -316,7 +315,7 @@ else:
 # the image approaches the target region.
 
 # %% mystnb={"figure": {"caption": "Mean step size (1/255), mean target loss and number of attacks still running over the iterations, at the last checkpoint.", "name": "fig-traces"}}
-traces = tables.read_npz(run_dir, "traces")
+traces = tables.read_arrays(run_dir, "traces")
 trace_table = save(aggregates.trace_summary(traces, results), "traces_summary")
 figures.trace_chart(trace_table)
 

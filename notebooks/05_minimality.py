@@ -58,9 +58,8 @@ overwrite = False  # discard this stage's results (and those of every later stag
 # %% tags=["remove-input"]
 from myst_nb import glue
 
-from lib import io
 from lib.analysis import minimality
-from lib.run import layout, minimality_stage, pipeline
+from lib.run import minimality_stage, pipeline, tables
 from lib.run.layout import MINIMALITY_STAGE
 from lib.run.parameters import from_namespace, stage_settings
 
@@ -78,9 +77,9 @@ print(f"checkpoints {list(epochs) or 'the last attacked'}, {n_pairs} pairs each,
 
 # %%
 # Attack times differ from run to run, so they go to timings.csv, apart from the results.
-tables = minimality_stage.reference_tables(
+compared = minimality_stage.reference_tables(
     run_dir, stage_settings(MINIMALITY_STAGE, values), device=device)
-reference, chosen = tables.reference, tables.epochs
+reference, chosen = compared.reference, compared.epochs
 summary = (reference.groupby(["attack", "steps"])
            .agg(pairs=("success", "size"), successful=("success", "sum"),
                 median_l1=("l1", "median"), median_changed=("changed_fraction", "median"))
@@ -94,12 +93,12 @@ summary
 # ## Our schedules against the best known
 
 # %%
-ours = tables.ours
+ours = compared.ours
 best = minimality.best_per_sample(reference, ours, on=["epoch", "image_id", "target"])
 ratios = minimality.l1_ratio_table(ours, best)
 optimality = minimality.optimality_table(ours, best)
 table = ratios.merge(optimality, on=["schedule", "epoch"], suffixes=("", "_opt"))
-io.write_csv(layout.minimality_file(run_dir, "ratios"), table)
+tables.write_table(run_dir, "ratios", table)
 pipeline.finish_stage(MINIMALITY_STAGE, run_dir=run_dir)  # after its last file
 table.round(3)
 

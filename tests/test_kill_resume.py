@@ -40,7 +40,7 @@ import pandas as pd
 import pytest
 
 from lib.attack import plan
-from lib.run import attack_stage, layout, manifest, parameters, pipeline
+from lib.run import attack_stage, layout, manifest, parameters, pipeline, tables
 from tests.conftest import tiny_overrides
 from tests.test_robustness import copy_inputs, load_template_net, make_run
 
@@ -309,7 +309,7 @@ def assert_chunk_files_whole(job: plan.AttackJob, run_dir: Path) -> None:
         assert len(planned), f"{name} is no chunk of the job"
         if path.suffix == ".csv":
             table = pd.read_csv(path, dtype={"image_id": str})
-            assert tuple(table.columns) == attack_stage.RESULT_COLUMNS, name
+            assert tuple(table.columns) == tables.RESULT_COLUMNS, name
             assert np.array_equal(table["row_id"].to_numpy(), planned), name
         else:
             with np.load(path) as arrays:

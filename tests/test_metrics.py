@@ -16,7 +16,7 @@ from lib.analysis.claims import (
     paper_claims,
     readable_claims,
 )
-from lib.run.attack_stage import RESULT_COLUMNS
+from lib.run.tables import RESULT_COLUMNS
 
 PAIRS = [(0, 1), (0, 2), (1, 0), (2, 0)]  # the four attacks of each (epoch, schedule)
 

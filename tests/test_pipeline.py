@@ -13,6 +13,7 @@ import pytest
 from lib.attack.plan import AttackSettings
 from lib.errors import ParameterError, RunFolderError
 from lib.run import book, layout, parameters, pipeline
+from lib.train import resume
 from lib.train.settings import TrainSettings
 
 TRAIN = "02_train"
@@ -241,5 +242,5 @@ def test_trained_epochs_need_a_metrics_row_and_a_checkpoint(
             "epoch,accuracy\n" + "".join(f"{e},0.5\n" for e in logged))
     for epoch in checkpoints:
         layout.checkpoint_file(train, epoch).write_bytes(b"x")
-    assert layout.logged_epochs(train) == expected
-    assert layout.finished_epochs(train) == finished
+    assert resume.logged_epochs(train) == expected
+    assert resume.finished_epochs(train) == finished

@@ -230,7 +230,7 @@ def test_stage_writes_tidy_tables(finished_run) -> None:
     run_dir, job = finished_run
     attack = run_dir / "attack"
     results = pd.read_csv(attack / "results.csv", dtype={"image_id": str})
-    assert tuple(results.columns) == attack_stage.RESULT_COLUMNS
+    assert tuple(results.columns) == tables.RESULT_COLUMNS
     main = job.rows[job.rows["kind"] == "main"]
     assert len(results) == len(main)
     assert results[["epoch", "row_id"]].equals(
@@ -269,7 +269,7 @@ def test_stage_writes_tidy_tables(finished_run) -> None:
             l1 = np.abs(borderline - original / 255.0).mean()
             assert l1 == pytest.approx(keyed.loc[(epoch, row_id), "l1"], abs=1e-6)
     sweep = pd.read_csv(attack / "lr0_sweep.csv")
-    assert tuple(sweep.columns) == attack_stage.SWEEP_COLUMNS
+    assert tuple(sweep.columns) == tables.SWEEP_COLUMNS
     assert sorted(sweep["lr0"].unique()) == [0.05, 0.2]
     selection = pd.read_csv(attack / "selection.csv")
     assert list(selection.columns) == ["epoch", "image_id", "label", "rank"]
@@ -299,7 +299,7 @@ def test_sweep_value_equal_to_lr0_reuses_the_main_rows(finished_run, template_ru
     results = pd.read_csv(run_dir / "attack" / "results.csv", dtype={"image_id": str})
     main = results.merge(at_lr0[["epoch", "row_id"]], on=["epoch", "row_id"])
     assert len(main) == len(at_lr0)
-    assert main.reset_index(drop=True).equals(at_lr0[list(attack_stage.RESULT_COLUMNS)])
+    assert main.reset_index(drop=True).equals(at_lr0[list(tables.RESULT_COLUMNS)])
 
 
 def test_rerun_finds_every_chunk_done(finished_run) -> None:
@@ -405,7 +405,7 @@ def test_metrics_read_the_stage_output(finished_run) -> None:
     rates = aggregates.success_rates(results)
     assert len(rates) == 2 * len(SCHEDULES)
     assert rates["attacks"].eq(NUM_CLASSES * 2 * (NUM_CLASSES - 1)).all()
-    summary = aggregates.trace_summary(tables.read_npz(run_dir, "traces.npz"), results)
+    summary = aggregates.trace_summary(tables.read_arrays(run_dir, "traces.npz"), results)
     assert set(summary["schedule"]) == set(SCHEDULES)
     first = summary[summary["iteration"] == 1]
     assert np.allclose(first["mean_lr_255"], LR0 * 255)  # every schedule starts at lr0

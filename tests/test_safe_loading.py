@@ -94,7 +94,7 @@ def test_traces_with_a_pickle_are_refused(attacked_run, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     pickled_npz(run_dir / "attack" / "traces.npz", marker, key="row_id")
     with pytest.raises(RunFolderError, match=r"traces\.npz cannot be read"):
-        tables.read_npz(run_dir, "traces.npz")
+        tables.read_arrays(run_dir, "traces.npz")
     assert not marker.exists()
 
 

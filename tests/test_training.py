@@ -24,9 +24,10 @@ from lib.data.frames import FrameSet
 from lib.data.synthetic import generate
 from lib.errors import ParameterError, RunFolderError
 from lib.model.checkpoints import build_model, load_checkpoint
+from lib.run.tables import TABLES, TRAIN_TABLES
 from lib.train.batches import augment_batch, class_weights
 from lib.train.evaluation import classification_tables, evaluate, predict
-from lib.train.loop import TABLE_COLUMNS, fit
+from lib.train.loop import fit
 
 SIZE = 64
 #: One colour per class, far apart: a simply separable task that AlexNet learns in a few steps.
@@ -56,6 +57,9 @@ RUN = dict(
     precision="float32",
     progress=False,
 )
+
+#: The training tables and their columns, as fit writes them.
+TABLE_COLUMNS = {name: tuple(TABLES[name].columns) for name in TRAIN_TABLES}
 
 
 def colour_frames(per_class: int, *, seed: int, split: str, size: int = SIZE) -> FrameSet:

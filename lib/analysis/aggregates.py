@@ -25,9 +25,10 @@ import pandas as pd
 
 from lib import NUM_CLASSES, TOOLS
 from lib.analysis import statistics
+from lib.attack.results import result_columns
 
 #: Refined distances (boundary located by bisection along the last step), when the run has them.
-REFINED_COLUMNS = ("refined_l1", "refined_l2", "refined_linf", "refine_forwards")
+REFINED_COLUMNS = tuple(name for name in result_columns() if name.startswith("refine"))
 
 
 def usable(results: pd.DataFrame) -> pd.Series:

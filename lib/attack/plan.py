@@ -42,7 +42,7 @@ from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 
 #: Columns of the planned row table (:attr:`AttackJob.rows`).
-ROW_COLUMNS: tuple[str, ...] = (
+PLAN_COLUMNS: tuple[str, ...] = (
     "part", "kind", "epoch", "lr0", "row_id", "image_id", "rank", "source", "target",
     "schedule", "chunk", "gallery",
 )
@@ -175,7 +175,7 @@ class AttackJob:
     Attributes:
         settings: the :class:`AttackSettings`, with ``epochs`` and ``sweep_epoch`` resolved.
         selection: the attacked images (and the shortfall report).
-        rows: one row per attack, columns :data:`ROW_COLUMNS`; ``part`` is ``"epoch_NN"`` for
+        rows: one row per attack, columns :data:`PLAN_COLUMNS`; ``part`` is ``"epoch_NN"`` for
             the main attack or ``"sweep_KK"`` for the k-th sweep lr0.
         chunks: one row per chunk: ``part``, ``chunk`` (0-based within the part), ``epoch``,
             ``lr0``, ``rows`` (count), ``kind`` (``"main"`` or ``"sweep"``). Its index order is
@@ -244,7 +244,7 @@ def plan_attacks(settings: AttackSettings, predictions: pd.DataFrame, *,
         .reset_index()
     )
     return AttackJob(settings=settings, selection=selection,
-                     rows=rows[list(ROW_COLUMNS)].reset_index(drop=True), chunks=chunks)
+                     rows=rows[list(PLAN_COLUMNS)].reset_index(drop=True), chunks=chunks)
 
 
 def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, epoch: int, kind: str,

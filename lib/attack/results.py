@@ -9,7 +9,7 @@ results is :mod:`lib.attack.engine`; its entry points are in :mod:`lib.attack.ap
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -19,11 +19,7 @@ from torch import Tensor
 from lib.errors import ParameterError
 
 MODES = ("targeted", "untargeted")
-
-
 STATUS_OK = "ok"  #: the loop ran as specified (successful or not)
-
-
 STATUS_NONFINITE = "nonfinite"  #: logits, loss or gradient stopped being finite: failed
 
 
@@ -37,25 +33,37 @@ class AttackRow(NamedTuple):
     schedule: str
 
 
+#: The columns of a job's row table (:class:`AttackRow`'s fields).
 ROW_COLUMNS = AttackRow._fields
+
+
+def column(dtype: str) -> Any:
+    """A field of :class:`AttackResult` with one value per attack: a column of the result
+    tables, of ``dtype`` ("bool", "int64", "float64" or "str")."""
+    return field(metadata={"column": dtype})
 
 
 @dataclass
 class AttackResult:
     """Per-attack results; row ``k`` belongs to ``row_id[k]``. Tensors are on the CPU.
 
+    Every field made with :func:`column` is a column of the attack stage's result tables, in
+    this order (:func:`result_columns`); a new per-attack result is one such field here and
+    its value in the engine.
+
     Attributes:
         row_id: int64 [K].
         success: bool [K]: the final image is classified as the target (targeted) or not as
             the source (untargeted). Always False for status ``"nonfinite"``.
         iterations: int64 [K]: updates applied, 0 .. max_iter.
-        status: K strings, ``"ok"`` or ``"nonfinite"``.
-        final_class: int64 [K]: argmax of the model at the final image (-1 if not finite).
+        mean_lr: [K]: mean step size over the applied updates; NaN when none was applied.
+        l1: [K]: mean ``|x* - x|`` over the C*H*W values (the method chapter's L1, [0, 1]
+            units).
+        l2, linf: [K]: Euclidean and max norms of x* - x.
         target_prob: [K]: softmax probability at the final image of the target (targeted) or of
             ``final_class`` (untargeted); NaN if not finite.
-        mean_lr: [K]: mean step size over the applied updates; NaN when none was applied.
-        l1: [K]: mean ``|x* - x|`` over the C*H*W values (METHOD.md's L1, [0, 1] units).
-        l2, linf: [K]: Euclidean and max norms of x* - x.
+        final_class: int64 [K]: argmax of the model at the final image (-1 if not finite).
+        status: K strings, ``"ok"`` or ``"nonfinite"``.
         refined_l1, refined_l2, refined_linf: [K]: the same distances after the boundary
             refinement (``refine_tolerance``), each the smaller of the refined point's and the
             path point's distance (both are crossed). Equal to l1, l2, linf when refinement is
@@ -69,22 +77,22 @@ class AttackResult:
             refinement did not run), or None when images are not kept.
     """
 
-    row_id: Tensor
-    success: Tensor
-    iterations: Tensor
-    status: list[str]
-    final_class: Tensor
-    target_prob: Tensor
-    mean_lr: Tensor
-    l1: Tensor
-    l2: Tensor
-    linf: Tensor
-    lr_trace: Tensor
-    loss_trace: Tensor
-    refined_l1: Tensor
-    refined_l2: Tensor
-    refined_linf: Tensor
-    refine_forwards: Tensor
+    row_id: Tensor = column("int64")
+    success: Tensor = column("bool")
+    iterations: Tensor = column("int64")
+    mean_lr: Tensor = column("float64")
+    l1: Tensor = column("float64")
+    l2: Tensor = column("float64")
+    linf: Tensor = column("float64")
+    target_prob: Tensor = column("float64")
+    final_class: Tensor = column("int64")
+    status: list[str] = column("str")
+    refined_l1: Tensor = column("float64")
+    refined_l2: Tensor = column("float64")
+    refined_linf: Tensor = column("float64")
+    refine_forwards: Tensor = column("int64")
+    lr_trace: Tensor = field()
+    loss_trace: Tensor = field()
     borderline: Tensor | None = None
     refined: Tensor | None = None
 
@@ -126,22 +134,17 @@ class AttackResult:
         return self.take(torch.argsort(self.row_id, stable=True))
 
     def to_frame(self) -> pd.DataFrame:
-        """The per-attack scalars as a DataFrame (one row per attack, no traces or images)."""
-        return pd.DataFrame(
-            {
-                "row_id": self.row_id.numpy(),
-                "success": self.success.numpy(),
-                "iterations": self.iterations.numpy(),
-                "status": self.status,
-                "final_class": self.final_class.numpy(),
-                "target_prob": self.target_prob.double().numpy(),
-                "mean_lr": self.mean_lr.double().numpy(),
-                "l1": self.l1.double().numpy(),
-                "l2": self.l2.double().numpy(),
-                "linf": self.linf.double().numpy(),
-                "refined_l1": self.refined_l1.double().numpy(),
-                "refined_l2": self.refined_l2.double().numpy(),
-                "refined_linf": self.refined_linf.double().numpy(),
-                "refine_forwards": self.refine_forwards.numpy(),
-            }
-        )
+        """The per-attack values as a DataFrame: one row per attack, the columns of
+        :func:`result_columns` (floats as float64; no traces or images)."""
+        values = {}
+        for name in result_columns():
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                value = (value.double() if value.is_floating_point() else value).numpy()
+            values[name] = value
+        return pd.DataFrame(values)
+
+
+def result_columns() -> dict[str, str]:
+    """``{column: dtype}`` of the per-attack values of :class:`AttackResult`, in field order."""
+    return {f.name: f.metadata["column"] for f in fields(AttackResult) if "column" in f.metadata}

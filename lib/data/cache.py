@@ -180,24 +180,34 @@ def cache_is_current(
 def decode_into_cache(
     record: VideoRecord, *, image_size: int, cache_path: str | os.PathLike[str]
 ) -> int:
-    """Decode a video's single-tool frames into ``cache_path`` (.npy) and its sidecar (.json).
+    """Decode a video's single-tool frames into ``cache_path`` (.npy) and its sidecar (.json)
+    (:func:`write_frame_cache`). Returns the number of frames cached. On any error nothing is
+    written."""
+    signature = source_signature(record.video_path)  # before decoding: a change re-decodes
+    frames, images = load_video_frames(record, image_size=image_size)
+    write_frame_cache(cache_path, frames, images, signature=signature)
+    return len(frames)
+
+
+def write_frame_cache(cache_path: str | os.PathLike[str], frames: np.ndarray,
+                      images: np.ndarray, *, signature: tuple[int, int]) -> None:
+    """Write one cache entry: uint8 ``images`` [K, 3, S, S] of the video frames ``frames``
+    (int64 [K], sorted) made from a file of ``signature`` (:func:`source_signature`).
 
     Each file is written atomically; the sidecar is removed first and written last, so an
     interrupted rebuild leaves no entry that looks current. An old ``.npz`` cache of the same
-    video is removed. Returns the number of frames cached. On any error nothing is written.
+    video is removed.
     """
     cache_path = Path(cache_path)
-    size, mtime_ns = source_signature(record.video_path)  # before decoding: a change re-decodes
-    frames, images = load_video_frames(record, image_size=image_size)
     cache_sidecar(cache_path).unlink(missing_ok=True)
     with atomic_path(cache_path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, np.ascontiguousarray(images), allow_pickle=False)
     write_json(
         cache_sidecar(cache_path),
-        {"frames": frames.tolist(), "source_size": size, "source_mtime_ns": mtime_ns},
+        {"frames": np.asarray(frames).tolist(), "source_size": signature[0],
+         "source_mtime_ns": signature[1]},
     )
     cache_path.with_suffix(OLD_CACHE_SUFFIX).unlink(missing_ok=True)
-    return len(frames)
 
 
 def dataset_key(root: str | os.PathLike[str]) -> str:

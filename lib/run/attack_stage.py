@@ -39,25 +39,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib import io
 from lib.attack import api
 from lib.attack.plan import AttackJob, AttackSettings, plan_attacks, plan_record
 from lib.attack.results import AttackResult
 from lib.errors import ParameterError, RunFolderError
-from lib.run import layout
-from lib.run.layout import CHUNK_DIR, attack_dir, checkpoint_path, chunk_files  # noqa: F401
-
-#: Columns of ``results.csv``, one row per attack.
-RESULT_COLUMNS: tuple[str, ...] = (
-    "epoch", "schedule", "mode", "row_id", "image_id", "source", "target", "success",
-    "iterations", "mean_lr", "l1", "l1_255", "l2", "linf", "target_prob", "final_class", "status",
-    "refined_l1", "refined_l2", "refined_linf", "refine_forwards",
-)
-
-
-#: Columns of ``lr0_sweep.csv``: the lr0 of the row, then the result columns.
-SWEEP_COLUMNS: tuple[str, ...] = ("lr0", *RESULT_COLUMNS)
-
+from lib.run import layout, tables
+from lib.run.tables import RESULT_COLUMNS, SWEEP_COLUMNS
+from lib.train.resume import logged_epochs
 
 #: ``(checkpoint path, device) -> model``: how :func:`run_chunks` gets each epoch's model.
 ModelLoader = Callable[[Path, torch.device], torch.nn.Module]
@@ -76,7 +64,7 @@ def trained_epochs(run_dir: str | os.PathLike[str]) -> list[int]:
             "(02_train) stages first, or name an existing run folder with run_dir"
         )
     train = layout.train_dir(run_dir)
-    epochs = layout.logged_epochs(train)
+    epochs = logged_epochs(train)
     if not epochs:
         raise RunFolderError(
             f"{train} holds no checkpoints (epoch_NN.safetensors with a metrics.csv row); "
@@ -112,14 +100,6 @@ def _ranges(values: Sequence[int]) -> str:
     return ", ".join(map(str, values))
 
 
-def read_predictions(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``train/predictions.csv``; RunFolderError naming the training stage if it is missing."""
-    path = layout.train_table(layout.train_dir(run_dir), "predictions")
-    if not path.is_file():
-        raise RunFolderError(f"{path} is missing; run the training stage (02_train) first")
-    return pd.read_csv(path, dtype={"image_id": str})
-
-
 def plan_job(run_dir: str | os.PathLike[str], settings: AttackSettings) -> AttackJob:
     """Plan the job from the run folder's training tables (no images are read):
     :func:`lib.attack.plan.plan_attacks` on ``train/predictions.csv`` and the epochs
@@ -131,7 +111,7 @@ def plan_job(run_dir: str | os.PathLike[str], settings: AttackSettings) -> Attac
             epoch with no correctly classified test image (nothing to attack).
     """
     epochs = resolve_epochs(run_dir, settings.epochs)
-    return plan_attacks(settings, read_predictions(run_dir), epochs=epochs)
+    return plan_attacks(settings, tables.read_predictions(run_dir), epochs=epochs)
 
 def save_plan(job: AttackJob, run_dir: str | os.PathLike[str]) -> None:
     """Write ``job.json``, ``selection.csv`` and ``shortfall.csv``; idempotent.
@@ -141,28 +121,28 @@ def save_plan(job: AttackJob, run_dir: str | os.PathLike[str]) -> None:
             (its chunks must not be mixed with this job's).
     """
     record = plan_record(job)
-    path = layout.attack_file(run_dir, "job")
-    if path.is_file():
-        recorded = io.read_json(path)
+    recorded = tables.read_record(run_dir, "job", missing_ok=True)
+    if recorded is not None:
         if recorded != record:
             diff = [f"  {k}: folder {recorded.get(k)!r}, now {record.get(k)!r}"
                     for k in sorted(set(recorded) | set(record))
                     if recorded.get(k) != record.get(k)]
             raise RunFolderError(
-                f"{path} describes another attack job:\n" + "\n".join(diff)
+                f"{tables.record_path(run_dir, 'job')} describes another attack job:\n"
+                + "\n".join(diff)
                 + "\nIts chunks cannot be continued with these settings: use a new run folder, "
                 "or rerun the stage with overwrite to discard attack/"
             )
         return
-    io.write_csv(layout.attack_file(run_dir, "selection"), job.selection.images)
-    io.write_csv(layout.attack_file(run_dir, "shortfall"), job.selection.shortfall)
-    io.write_json(path, record)
+    tables.write_table(run_dir, "selection", job.selection.images)
+    tables.write_table(run_dir, "shortfall", job.selection.shortfall)
+    tables.write_record(run_dir, "job", record)
 
 
 def pending_chunks(job: AttackJob, run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The rows of ``job.chunks`` whose results are not written yet."""
     keys = zip(job.chunks["part"], job.chunks["chunk"], strict=True)
-    done = [chunk_files(run_dir, part, chunk)[0].is_file() for part, chunk in keys]
+    done = [tables.chunk_done(run_dir, part, chunk) for part, chunk in keys]
     return job.chunks[~np.array(done, dtype=bool)]
 
 
@@ -228,15 +208,17 @@ def run_chunks(
         for part, chunk, epoch, lr0 in work:
             if epoch not in models:
                 models.clear()  # one checkpoint in memory at a time
-                models[epoch] = load_model(checkpoint_path(run_dir, epoch), device)
+                models[epoch] = load_model(layout.checkpoint_path(run_dir, epoch), device)
             rows = job.chunk_rows(part, chunk)
-            _run_chunk(models[epoch], pool, pool_index, rows, job.settings, lr0=lr0,
-                       device=device, files=chunk_files(run_dir, part, chunk), bar=bar)
+            table, arrays = _run_chunk(models[epoch], pool, pool_index, rows, job.settings,
+                                       lr0=lr0, device=device, bar=bar)
+            tables.write_chunk(run_dir, part, chunk, table, arrays)
     return len(todo)
 
 
 def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSettings, *,
-               lr0: float, device, files: tuple[Path, Path], bar) -> None:
+               lr0: float, device, bar) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Attack one chunk's rows: its result rows and its arrays (traces, gallery images)."""
     engine_rows = pd.DataFrame({
         "row_id": rows["row_id"].to_numpy(np.int64),
         "image": pool_index.loc[rows["image_id"]].to_numpy(np.int64),
@@ -265,7 +247,6 @@ def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSett
         bar.update(len(piece))
     result = AttackResult.concat(pieces).sorted()
     table = _result_table(rows, result, settings)
-    csv_path, npz_path = files
     arrays: dict[str, np.ndarray] = {
         "row_id": result.row_id.numpy(),
         "lr": result.lr_trace.float().numpy(),
@@ -280,8 +261,7 @@ def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSett
         image_ids = rows.set_index("row_id").loc[ids[order].numpy(), "image_id"]
         arrays["gallery_original"] = pool[torch.from_numpy(
             pool_index.loc[image_ids].to_numpy(np.int64, copy=True))].numpy()
-    io.write_npz(npz_path, **arrays)
-    io.write_csv(csv_path, table)  # last: its presence marks the chunk done
+    return table, arrays
 
 
 def _result_table(rows: pd.DataFrame, result: AttackResult,
@@ -296,32 +276,23 @@ def _result_table(rows: pd.DataFrame, result: AttackResult,
     return table.sort_values("row_id", kind="stable")[list(RESULT_COLUMNS)]
 
 
-def read_chunk_csv(path: Path) -> pd.DataFrame:
-    # pandas >= 3 parses floats exactly as written, so merged files are byte-stable
-    return pd.read_csv(path, dtype={"image_id": str, "status": str, "schedule": str,
-                                    "mode": str}, keep_default_na=False, na_values=[""])
-
-
 def _read_chunks(job: AttackJob, run_dir: str | os.PathLike[str]) -> tuple[list, list, list, list]:
     """Every finished chunk of ``job``: main tables, sweep tables, traces, gallery pieces."""
     main_tables, sweep_tables, traces, gallery = [], [], [], []
     work = job.chunks[["part", "chunk", "kind", "lr0"]].itertuples(index=False)
     for part, chunk, kind, lr0 in work:
-        csv_path, npz_path = chunk_files(run_dir, part, chunk)
-        table = read_chunk_csv(csv_path)
+        table = tables.read_chunk(run_dir, part, chunk)
         planned = job.chunk_rows(part, chunk)["row_id"].to_numpy()
         if not np.array_equal(table["row_id"].to_numpy(), planned):
             raise RunFolderError(
-                f"{csv_path} holds other rows than the plan; delete attack/chunks and rerun "
-                "the attack stage"
+                f"{layout.chunk_files(run_dir, part, chunk)[0]} holds other rows than the plan; "
+                "delete attack/chunks and rerun the attack stage"
             )
         if kind == "sweep":
             sweep_tables.append(table.assign(lr0=lr0))
             continue
         main_tables.append(table)
-        if not npz_path.is_file():
-            raise RunFolderError(f"{npz_path} is missing; delete {csv_path} and rerun the stage")
-        arrays = io.read_npz(npz_path)
+        arrays = tables.read_chunk_arrays(run_dir, part, chunk)
         epoch = int(table["epoch"].iloc[0])
         traces.append((np.full(len(arrays["row_id"]), epoch), arrays["row_id"],
                        arrays["lr"], arrays["loss"]))
@@ -338,8 +309,8 @@ def _write_gallery(run_dir: str | os.PathLike[str], results: pd.DataFrame,
     epochs = np.concatenate([np.full(len(g[1]), g[0]) for g in gallery])
     row_ids = np.concatenate([g[1] for g in gallery])
     info = keyed.loc[list(zip(epochs.tolist(), row_ids.tolist(), strict=True))]
-    io.write_npz(
-        layout.attack_file(run_dir, "gallery"),
+    return tables.write_arrays(
+        run_dir, "gallery",
         epoch=epochs.astype(np.int64),
         row_id=row_ids.astype(np.int64),
         image_id=info["image_id"].to_numpy(str),
@@ -349,7 +320,6 @@ def _write_gallery(run_dir: str | os.PathLike[str], results: pd.DataFrame,
         original=np.concatenate([g[2] for g in gallery]),
         borderline=np.concatenate([g[3] for g in gallery]),
     )
-    return layout.attack_file(run_dir, "gallery")
 
 
 def _main_rows_in_sweep(job: AttackJob, results: pd.DataFrame) -> list[pd.DataFrame]:
@@ -392,24 +362,21 @@ def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     written: dict[str, Path] = {}
     results = pd.concat(main_tables, ignore_index=True).sort_values(
         ["epoch", "row_id"], kind="stable")[list(RESULT_COLUMNS)]
-    io.write_csv(layout.attack_file(run_dir, "results"), results)
-    written["results"] = layout.attack_file(run_dir, "results")
-    io.write_npz(
-        layout.attack_file(run_dir, "traces"),
+    written["results"] = tables.write_table(run_dir, "results", results)
+    written["traces"] = tables.write_arrays(
+        run_dir, "traces",
         epoch=np.concatenate([t[0] for t in traces]).astype(np.int64),
         row_id=np.concatenate([t[1] for t in traces]).astype(np.int64),
         lr=np.concatenate([t[2] for t in traces]),
         loss=np.concatenate([t[3] for t in traces]),
     )
-    written["traces"] = layout.attack_file(run_dir, "traces")
     if gallery:
         written["gallery"] = _write_gallery(run_dir, results, gallery)
     sweep_tables += _main_rows_in_sweep(job, results)
     if sweep_tables:
         sweep = pd.concat(sweep_tables, ignore_index=True).sort_values(
             ["lr0", "row_id"], kind="stable")[list(SWEEP_COLUMNS)]
-        io.write_csv(layout.attack_file(run_dir, "lr0_sweep"), sweep)
-        written["lr0_sweep"] = layout.attack_file(run_dir, "lr0_sweep")
+        written["lr0_sweep"] = tables.write_table(run_dir, "lr0_sweep", sweep)
     return written
 
 

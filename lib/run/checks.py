@@ -19,7 +19,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib import io
 from lib.errors import (
     BorderlineError,
     CheckpointError,
@@ -27,6 +26,7 @@ from lib.errors import (
     ParameterError,
     RunFolderError,
 )
+from lib.run import tables
 from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
@@ -34,7 +34,6 @@ from lib.run.layout import (
     MINIMALITY_STAGE,
     PREVIOUS_STAGE,
     TRAIN_STAGE,
-    attack_file,
     checkpoint_path,
 )
 from lib.run.manifest import differing_parameters, read_manifest, recorded_parameters
@@ -139,10 +138,8 @@ def _check_attack_inputs(p: Mapping[str, Any]) -> None:
 def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
     from lib.model.checkpoints import check_checkpoint
 
-    job_file = attack_file(p["run_dir"], "job")
-    if not job_file.is_file():
-        raise RunFolderError(f"{job_file} is missing; run the attack stage (03_attack) first")
-    settings = io.read_json(job_file)["settings"]
+    job_file = tables.record_path(p["run_dir"], "job")
+    settings = tables.read_record(p["run_dir"], "job")["settings"]
     if settings["mode"] != "targeted":
         raise RunFolderError(
             f"{job_file}: the attack stage ran with mode {settings['mode']!r}; the minimality "

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from lib.data.cache import cache_folder
@@ -21,8 +20,7 @@ from lib.data.counts import class_counts
 from lib.data.datasets import frames_from_cache, image_folder_split
 from lib.data.frames import INDEX_COLUMNS, FrameSet
 from lib.errors import ParameterError, RunFolderError
-from lib.io import read_json, write_csv, write_json
-from lib.run import layout
+from lib.run import layout, tables
 
 
 def write_run_data(
@@ -45,17 +43,11 @@ def write_run_data(
         dataset_meta = next(iter(splits.values())).meta.get("dataset")
         if dataset_meta is None:
             raise ParameterError("dataset_meta not given and the FrameSets carry none.")
-    write_json(layout.data_file(run_dir, "dataset"), dict(dataset_meta))
+    tables.write_record(run_dir, "dataset", dict(dataset_meta))
     frames = pd.concat([splits[split].index for split in splits], ignore_index=True)
-    write_csv(layout.data_file(run_dir, "frames"), frames[list(INDEX_COLUMNS)])
-    write_csv(layout.data_file(run_dir, "counts"), class_counts(splits))
+    tables.write_table(run_dir, "frames", frames[list(INDEX_COLUMNS)])
+    tables.write_table(run_dir, "counts", class_counts(splits))
     return layout.stage_dir(run_dir, layout.DATA_STAGE)
-
-
-def _require(path: Path) -> Path:
-    if not path.is_file():
-        raise RunFolderError(f"{path}: missing; run the data stage (01_data) first.")
-    return path
 
 
 def load_run_split(run_dir: str | os.PathLike[str], split: str) -> FrameSet:
@@ -65,17 +57,12 @@ def load_run_split(run_dir: str | os.PathLike[str], split: str) -> FrameSet:
         RunFolderError: ``data/dataset.json``, ``data/frames.csv`` or a cache file is missing
             (run the data stage first), or the split has no rows.
     """
-    frames_file = layout.data_file(run_dir, "frames")
-    dataset = read_json(_require(layout.data_file(run_dir, "dataset")))
-    frames = pd.read_csv(
-        _require(frames_file),
-        dtype={"image_id": str, "split": str, "source": str, "frame": np.int64, "label": np.int64},
-        keep_default_na=False,
-    )
+    dataset = tables.read_record(run_dir, "dataset")
+    frames = tables.read_table(run_dir, "frames")
     rows = frames[frames["split"] == split]
     if rows.empty:
         raise RunFolderError(
-            f"{frames_file}: no rows for split {split!r} (splits there: "
+            f"{tables.table_path(run_dir, 'frames')}: no rows for split {split!r} (splits there: "
             f"{sorted(frames['split'].unique())}); run the data stage (01_data) first."
         )
     image_size = int(dataset["image_size"])

@@ -132,26 +132,6 @@ def has_checkpoints(train_folder: str | os.PathLike[str]) -> bool:
     return any(Path(train_folder).glob("epoch_*.safetensors"))
 
 
-def logged_epochs(train_folder: str | os.PathLike[str]) -> list[int]:
-    """Sorted epochs with a ``metrics.csv`` row (written last in an epoch) and a checkpoint."""
-    import pandas as pd
-
-    metrics = train_table(train_folder, "metrics")
-    if not metrics.is_file():
-        return []
-    logged = set(pd.read_csv(metrics)["epoch"].astype(int))
-    return sorted(e for e in logged if checkpoint_file(train_folder, e).is_file())
-
-
-def finished_epochs(train_folder: str | os.PathLike[str]) -> int:
-    """k such that epochs 1..k each have a checkpoint and a metrics row."""
-    logged = set(logged_epochs(train_folder))
-    finished = 0
-    while finished + 1 in logged:
-        finished += 1
-    return finished
-
-
 def attack_dir(run_dir: str | os.PathLike[str]) -> Path:
     return stage_dir(run_dir, ATTACK_STAGE)
 

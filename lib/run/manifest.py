@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lib import io
-from lib.run.layout import STAGES, manifest_file, stage_dir
+from lib.run import tables
+from lib.run.layout import STAGES, stage_dir
 from lib.run.lock import hold_run_folder, remove_leftovers
 from lib.run.parameters import RUNTIME_PARAMETERS
 
@@ -39,8 +39,7 @@ def package_versions() -> dict[str, str]:
 
 def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The run folder's manifest (``{"stages": {}}`` for a new folder)."""
-    path = manifest_file(run_dir)
-    return io.read_json(path) if path.exists() else {"stages": {}}
+    return tables.read_record(run_dir, "manifest", missing_ok=True) or {"stages": {}}
 
 
 def differing_parameters(recorded: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
@@ -98,7 +97,7 @@ def record_start(stage: str, run_dir: str | os.PathLike[str],
             "finished": False,
         }
         remove_leftovers(stage_dir(run_dir, stage))
-        io.write_json(manifest_file(run_dir), manifest)
+        tables.write_record(run_dir, "manifest", manifest)
         out = stage_dir(run_dir, stage)
         out.mkdir(exist_ok=True)
     return out
@@ -109,4 +108,4 @@ def record_finish(stage: str, run_dir: str | os.PathLike[str]) -> None:
     with hold_run_folder(run_dir, stage):
         manifest = read_manifest(run_dir)
         manifest["stages"][stage]["finished"] = True
-        io.write_json(manifest_file(run_dir), manifest)
+        tables.write_record(run_dir, "manifest", manifest)

@@ -19,11 +19,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lib import io
 from lib.attack.reference import REFERENCE_ATTACKS, run_reference_attacks
 from lib.checking import check_choices, check_int, check_ints, check_list
 from lib.errors import ParameterError
-from lib.run import layout
+from lib.run import layout, tables
 
 
 @dataclass(frozen=True)
@@ -104,14 +103,13 @@ def reference_tables(
     from lib.model.checkpoints import load_checkpoint
     from lib.run.data_stage import load_run_split
 
-    results = pd.read_csv(layout.attack_file(run_dir, "results"), dtype={"image_id": str},
-                          keep_default_na=False, na_values=[""])
+    results = tables.read_results(run_dir)
     targeted = results[results["mode"] == "targeted"]
     chosen = [int(e) for e in settings.epochs] or [int(targeted["epoch"].max())]
     ours = targeted[targeted["epoch"].isin(chosen)]
-    path = layout.minimality_file(run_dir, "reference")
-    if path.exists():
-        return ReferenceTables(chosen, ours, pd.read_csv(path))
+    found = tables.read_table(run_dir, "reference", missing_ok=True)
+    if found is not None:
+        return ReferenceTables(chosen, ours, found)
     test_set = load_run_split(run_dir, "test")
     position = {image_id: i for i, image_id in enumerate(test_set.index["image_id"])}
     parts = []
@@ -128,8 +126,8 @@ def reference_tables(
             batch_size=settings.batch_size, seed=settings.seed, progress=progress,
         ))
     reference = pd.concat(parts, ignore_index=True)
-    io.write_csv(layout.minimality_file(run_dir, "timings"),
-                 reference[["epoch", "image_id", "target", "attack", "steps", "seconds"]])
+    tables.write_table(run_dir, "timings",
+                       reference[["epoch", "image_id", "target", "attack", "steps", "seconds"]])
     reference = reference.drop(columns="seconds")
-    io.write_csv(path, reference)
+    tables.write_table(run_dir, "reference", reference)
     return ReferenceTables(chosen, ours, reference)

@@ -43,12 +43,11 @@ from tqdm import tqdm
 
 from lib import NUM_CLASSES
 from lib.errors import ParameterError
-from lib.io import write_csv
 from lib.model import precision as precision_lib
 from lib.model.checkpoints import save_checkpoint
 from lib.model.network import check_image_size, resolve_device
 from lib.run import layout, ranks
-from lib.run.layout import finished_epochs
+from lib.run.tables import TABLES, TRAIN_TABLES, write_train_table
 from lib.train.batches import (
     augment_batch,
     class_weights,
@@ -61,7 +60,7 @@ from lib.train.batches import (
 )
 from lib.train.evaluation import evaluate
 from lib.train.resume import (
-    TABLE_COLUMNS,
+    finished_epochs,
     prepare_run_folder,
     read_tables,
     resumable_epoch,
@@ -360,9 +359,10 @@ def _append_tables(
     out_dir: Path, tables: dict[str, pd.DataFrame | None], epoch_tables: dict[str, pd.DataFrame]
 ) -> None:
     """Add one epoch's rows to every table and rewrite the files, metrics.csv last."""
-    for name, columns in TABLE_COLUMNS.items():
-        tables[name] = pd.concat([tables[name], epoch_tables[name][list(columns)]])
-        write_csv(layout.train_table(out_dir, name), tables[name])
+    for name in TRAIN_TABLES:
+        columns = list(TABLES[name].columns)
+        tables[name] = pd.concat([tables[name], epoch_tables[name][columns]])
+        write_train_table(out_dir, name, tables[name])
 
 
 def _epoch_summary(metrics: pd.Series) -> str:

@@ -20,21 +20,29 @@ import torch
 
 from lib import NUM_CLASSES
 from lib.errors import RunFolderError
-from lib.io import atomic_path, read_json, write_json
+from lib.io import atomic_path
 from lib.model.checkpoints import build_model, load_checkpoint, read_safetensors
 from lib.model.network import ToolClassifier
-from lib.run import layout
+from lib.run import layout, tables
 from lib.train.batches import stream_seed
 
-#: The tables fit writes, with their columns; metrics.csv is written last in every epoch, so an
-#: epoch counts as finished once it has a metrics row.
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "losses": ("epoch", "step", "loss"),
-    "per_class": ("epoch", "tool", "label", "precision", "recall", "f1", "support"),
-    "confusion": ("epoch", "true", "predicted", "count"),
-    "predictions": ("epoch", "image_id", "label", "predicted"),
-    "metrics": ("epoch", "accuracy", "macro_f1", "train_loss", "test_loss"),
-}
+
+def logged_epochs(train_folder: str | os.PathLike[str]) -> list[int]:
+    """Sorted epochs with a ``metrics.csv`` row (written last in an epoch) and a checkpoint."""
+    metrics = tables.read_train_table(train_folder, "metrics")
+    if metrics is None:
+        return []
+    logged = set(metrics["epoch"].astype(int))
+    return sorted(e for e in logged if layout.checkpoint_file(train_folder, e).is_file())
+
+
+def finished_epochs(train_folder: str | os.PathLike[str]) -> int:
+    """k such that epochs 1..k each have a checkpoint and a metrics row."""
+    logged = set(logged_epochs(train_folder))
+    finished = 0
+    while finished + 1 in logged:
+        finished += 1
+    return finished
 
 
 
@@ -95,9 +103,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 def prepare_run_folder(out_dir: Path, params: dict[str, Any]) -> None:
     """Record the run's parameters, or check them against those already recorded."""
     params = json.loads(json.dumps(params))  # as read back from JSON: tuples become lists
-    params_path = layout.train_params_file(out_dir)
-    if params_path.exists():
-        recorded = read_json(params_path)
+    recorded = tables.read_train_params(out_dir)
+    if recorded is not None:
         differing = sorted(
             key for key in set(recorded) | set(params) if recorded.get(key) != params.get(key)
         )
@@ -115,7 +122,7 @@ def prepare_run_folder(out_dir: Path, params: dict[str, Any]) -> None:
             "safely; use a new run folder or remove this one"
         )
     else:
-        write_json(params_path, params)
+        tables.write_train_params(out_dir, params)
 
 
 def resumable_epoch(out_dir: Path, finished: int) -> int:
@@ -128,14 +135,11 @@ def resumable_epoch(out_dir: Path, finished: int) -> int:
 
 def read_tables(out_dir: Path, *, up_to_epoch: int) -> dict[str, pd.DataFrame | None]:
     """The run's tables restricted to epochs 1..up_to_epoch (None when there are none)."""
-    tables = {}
-    for name, columns in TABLE_COLUMNS.items():
-        path = layout.train_table(out_dir, name)
-        if up_to_epoch and path.exists():
-            # pandas >= 3 parses floats exactly (round trip), so a resumed run's files equal an
-            # uninterrupted run's byte for byte (tests/test_training.py checks this)
-            table = pd.read_csv(path, dtype={"image_id": str})
-            tables[name] = table[table["epoch"] <= up_to_epoch][list(columns)]
-        else:
-            tables[name] = None
-    return tables
+    # pandas >= 3 parses floats exactly (round trip), so a resumed run's files equal an
+    # uninterrupted run's byte for byte (tests/test_training.py checks this)
+    read = {}
+    for name in tables.TRAIN_TABLES:
+        table = tables.read_train_table(out_dir, name) if up_to_epoch else None
+        read[name] = (None if table is None
+                      else table[table["epoch"] <= up_to_epoch][list(tables.TABLES[name].columns)])
+    return read
