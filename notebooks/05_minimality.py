@@ -58,7 +58,7 @@ overwrite = False  # discard this stage's results (and those of every later stag
 # %% tags=["remove-input"]
 from myst_nb import glue
 
-from lib.analysis import minimality
+from lib.analysis import figures, minimality
 from lib.run import minimality_stage, pipeline, tables
 from lib.run.layout import MINIMALITY_STAGE
 from lib.run.parameters import from_namespace, stage_settings
@@ -99,12 +99,9 @@ ratios = minimality.l1_ratio_table(ours, best)
 optimality = minimality.optimality_table(ours, best)
 table = ratios.merge(optimality, on=["schedule", "epoch"], suffixes=("", "_opt"))
 tables.write_table(run_dir, "ratios", table)
-pipeline.finish_stage(MINIMALITY_STAGE, run_dir=run_dir)  # after its last file
 table.round(3)
 
 # %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 with its 95 % bootstrap interval, per checkpoint, on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}}
-from lib.analysis import figures, minimality
-
 intervals = minimality.minimality_intervals(ours, best)
 figures.minimality_ratio_chart(intervals)
 
@@ -118,27 +115,12 @@ glue("min_pairs", str(int(best.shape[0])), display=False)
 glue("min_closest", closest, display=False)
 glue("min_closest_ratio", f"{last.loc[closest, 'median_ratio']:.1f}", display=False)
 glue("min_worst_ratio", f"{last['median_ratio'].max():.1f}", display=False)
-# the verdict compares 95 % intervals: "closest" only where loss-adaptive's whole interval lies
-# below every other schedule's, "further" where another schedule's lies wholly below it
-ranked = intervals[intervals["epoch"] == max(chosen)].set_index("schedule")
-if "loss-adaptive" in ranked.index:
-    own, others = ranked.loc["loss-adaptive"], ranked.drop(index="loss-adaptive")
-    glue("min_adaptive_ratio", f"{own['median_ratio']:.1f} [{own['median_ratio_low']:.1f}, "
-         f"{own['median_ratio_high']:.1f}]", display=False)
-    if (own["median_ratio_high"] < others["median_ratio_low"]).all():
-        verdict = "closer to minimal than every other schedule (the 95 % intervals do not overlap)"
-    elif (others["median_ratio_high"] < own["median_ratio_low"]).any():
-        verdict = ("further from minimal than "
-                   + ", ".join(others.index[others["median_ratio_high"] < own["median_ratio_low"]])
-                   + " (the 95 % intervals do not overlap)")
-    else:
-        verdict = ("not distinguishable from the closest schedule on these pairs: the 95 % "
-                   "intervals overlap, so the ranking is inconclusive")
-else:
-    glue("min_adaptive_ratio", "not measured", display=False)
-    verdict = "not part of this run"
-glue("min_adaptive_verdict", verdict, display=False)
+# "closest" only where loss-adaptive's whole 95 % interval lies below every other schedule's
+closeness = minimality.closeness_verdict(intervals, "loss-adaptive", epoch=max(chosen))
+glue("min_adaptive_ratio", closeness["ratio"], display=False)
+glue("min_adaptive_verdict", closeness["verdict"], display=False)
 glue("min_budgets", " and ".join(str(b) for b in steps), display=False)
+pipeline.finish_stage(MINIMALITY_STAGE, run_dir=run_dir)  # after its last output
 
 # %% [markdown]
 # ## What this says

@@ -319,3 +319,53 @@ def test_optimality_table_by_hand():
 def test_robust_accuracy_is_a_right_continuous_step():
     accuracy = minimality.robust_accuracy([0, 1, np.inf], [0, 0.5, 1, 10])
     np.testing.assert_allclose(accuracy, [2 / 3, 2 / 3, 1 / 3, 1 / 3])
+
+
+def test_scored_pairs_define_ratio_and_distance_once():
+    results, best = hand_results()
+    scored = minimality.scored_pairs(results, best, on=["epoch", "image_id", "target"],
+                                     by=["schedule", "epoch"]).set_index(["schedule", "image_id"])
+    # A on p1: l1 2 against best 1; A on p3 failed: no ratio, never flipped (infinite distance)
+    assert (scored.loc[("A", "p1"), "ratio"], scored.loc[("A", "p1"), "distance"]) == (2.0, 2.0)
+    assert math.isnan(scored.loc[("A", "p3"), "ratio"])
+    assert scored.loc[("A", "p3"), "distance"] == np.inf
+    # the intervals' point estimates are the tables' ones
+    intervals = minimality.minimality_intervals(results, best).set_index("schedule")
+    ratios = minimality.l1_ratio_table(results, best).set_index("schedule")
+    optimality = minimality.optimality_table(results, best).set_index("schedule")
+    for name in ("A", "B"):
+        assert intervals.loc[name, "median_ratio"] == ratios.loc[name, "median_ratio"]
+        assert intervals.loc[name, "optimality"] == pytest.approx(optimality.loc[name,
+                                                                                 "optimality"])
+
+
+def interval_rows(**ranges):
+    """A minimality_intervals table at epoch 1: schedule -> (estimate, low, high)."""
+    return pd.DataFrame([{"schedule": name, "epoch": 1, "successful": 10, "median_ratio": e,
+                          "median_ratio_low": lo, "median_ratio_high": hi}
+                         for name, (e, lo, hi) in ranges.items()])
+
+
+@pytest.mark.parametrize(
+    ("ranges", "verdict"),
+    [
+        ({"loss-adaptive": (1.2, 1.1, 1.3), "constant": (2.0, 1.8, 2.2),
+          "step": (1.6, 1.4, 1.8)}, "closer to minimal than every other schedule"),
+        ({"loss-adaptive": (2.0, 1.8, 2.2), "constant": (1.2, 1.1, 1.3),
+          "step": (1.9, 1.7, 2.1)}, "further from minimal than constant (the"),
+        ({"loss-adaptive": (1.5, 1.2, 1.8), "constant": (1.6, 1.3, 1.9)},
+         "the 95 % intervals overlap, so the ranking is inconclusive"),
+    ],
+    ids=["closest", "further", "overlapping"],
+)
+def test_closeness_verdict_reads_the_intervals(ranges, verdict):
+    closeness = minimality.closeness_verdict(interval_rows(**ranges), "loss-adaptive", epoch=1)
+    assert verdict in closeness["verdict"]
+    estimate, low, high = ranges["loss-adaptive"]
+    assert closeness["ratio"] == f"{estimate:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def test_closeness_verdict_of_a_schedule_that_did_not_run():
+    closeness = minimality.closeness_verdict(interval_rows(constant=(1.0, 0.9, 1.1)),
+                                             "loss-adaptive", epoch=1)
+    assert closeness == {"ratio": "not measured", "verdict": "not part of this run"}

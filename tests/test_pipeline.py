@@ -244,3 +244,12 @@ def test_trained_epochs_need_a_metrics_row_and_a_checkpoint(
         layout.checkpoint_file(train, epoch).write_bytes(b"x")
     assert resume.logged_epochs(train) == expected
     assert resume.finished_epochs(train) == finished
+
+
+def test_the_minimality_stage_is_finished_after_its_last_output() -> None:
+    # its figures and verdict are outputs too: a stage that fails drawing them is not finished
+    notebook = jupytext.read(layout.notebook_path(layout.MINIMALITY_STAGE))
+    code = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+    finishing = [k for k, source in enumerate(code) if "finish_stage(" in source]
+    assert finishing == [len(code) - 1]
+    assert code[-1].rstrip().splitlines()[-1].startswith("pipeline.finish_stage(")

@@ -146,6 +146,20 @@ def test_verdict_at_least_reaches_all_three() -> None:
     assert st.verdict_at_least(st.wilson_interval(10, 10), 0.95) == "inconclusive"  # low 0.72
 
 
+def test_verdict_smallest_reads_every_interval() -> None:
+    own = st.Interval(1.0, 0.9, 1.1, 10)
+    assert st.verdict_smallest(own, {"a": st.Interval(2.0, 1.5, 2.5, 10),
+                                     "b": st.Interval(1.3, 1.2, 1.4, 10)}) == ("agrees", [])
+    assert st.verdict_smallest(own, {"a": st.Interval(0.5, 0.4, 0.6, 10),
+                                     "b": st.Interval(1.0, 0.95, 1.2, 10),
+                                     "c": st.Interval(0.7, 0.6, 0.8, 10)}) == (
+        "disagrees", ["a", "c"])
+    assert st.verdict_smallest(own, {"a": st.Interval(1.05, 1.0, 1.2, 10)}) == (
+        "inconclusive", [])
+    assert st.verdict_smallest(own, {"a": st.NAN_INTERVAL}) == ("inconclusive", [])
+    assert st.verdict_smallest(own, {}) == ("agrees", [])
+
+
 def test_all_of() -> None:
     assert st.all_of(["agrees", "agrees"]) == ("agrees", 0)
     assert st.all_of(["agrees", "inconclusive", "disagrees"]) == ("disagrees", 2)

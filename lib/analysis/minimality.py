@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lib.analysis import minimality, statistics
+from lib.analysis import statistics
 from lib.analysis.paired import PAIR_KEYS
 from lib.attack.reference import DEFAULT_ATTACKS, run_reference_attacks
 from lib.errors import ParameterError
@@ -134,6 +134,21 @@ def _with_best(
     return results.merge(best, on=list(on), how="inner")
 
 
+def scored_pairs(results: pd.DataFrame, best: pd.DataFrame, *, on: Sequence[str],
+                 by: Sequence[str]) -> pd.DataFrame:
+    """Our results joined to the best-known L1 of their pair, each with its two scores.
+
+    ``ratio`` is ``l1 / best_l1`` for a successful attack on a pair with a finite, positive
+    best-known L1 (NaN otherwise); ``distance`` is the attack's L1, or ``inf`` where it failed
+    (it never flipped the class). Pairs without a reference drop out.
+    """
+    joined = _with_best(results, best, on, by)
+    hit = joined["success"].astype(bool)
+    usable = hit & np.isfinite(joined["best_l1"]) & (joined["best_l1"] > 0)
+    return joined.assign(ratio=np.where(usable, joined["l1"] / joined["best_l1"], np.nan),
+                         distance=np.where(hit, joined["l1"], np.inf))
+
+
 def l1_ratio_table(
     results: pd.DataFrame,
     best: pd.DataFrame,
@@ -155,11 +170,7 @@ def l1_ratio_table(
         One row per group: ``by`` columns, ``pairs`` (rows with a reference), ``successful``
         (rows in the ratio), ``median_ratio``, ``q25_ratio``, ``q75_ratio`` (NaN when no row).
     """
-    joined = _with_best(results, best, on, by)
-    usable = (
-        joined["success"].astype(bool) & np.isfinite(joined["best_l1"]) & (joined["best_l1"] > 0)
-    )
-    joined = joined.assign(ratio=np.where(usable, joined["l1"] / joined["best_l1"], np.nan))
+    joined = scored_pairs(results, best, on=on, by=by)
     grouped = joined.groupby(list(by), sort=True)["ratio"]
     return pd.DataFrame(
         {
@@ -273,8 +284,7 @@ def optimality_table(
         One row per group: ``by`` columns, ``pairs`` (rows with a reference),
         ``success_rate``, ``optimality`` (see :func:`eval_optimality`).
     """
-    joined = _with_best(results, best, on, by)
-    joined = joined.assign(distance=np.where(joined["success"].astype(bool), joined["l1"], np.inf))
+    joined = scored_pairs(results, best, on=on, by=by)
     rows = []
     for group, part in joined.groupby(list(by), sort=True):
         rows.append(
@@ -305,19 +315,14 @@ def minimality_intervals(results: pd.DataFrame, best: pd.DataFrame, *,
         median_ratio_high, q25_ratio, q75_ratio, optimality, optimality_low,
         optimality_high``.
     """
-    keys = list(PAIR_KEYS)
-    joined = results.merge(best[[*keys, "best_l1"]].drop_duplicates(keys), on=keys, how="inner")
-    hit = joined["success"].astype(bool)
-    ratio_ok = hit & np.isfinite(joined["best_l1"]) & (joined["best_l1"] > 0)
-    joined = joined.assign(ratio=(joined["l1"] / joined["best_l1"]).where(ratio_ok),
-                           distance=joined["l1"].where(hit, np.inf))
+    joined = scored_pairs(results, best, on=PAIR_KEYS, by=("schedule", "epoch"))
     rows = []
     for (name, epoch), part in joined.groupby(["schedule", "epoch"], sort=False):
         median = statistics.bootstrap_interval(part["ratio"], statistic="median",
                                                confidence=confidence)
         score = statistics.bootstrap_statistic(
             (part["distance"].to_numpy(), part["best_l1"].to_numpy()),
-            minimality.eval_optimality, confidence=confidence)
+            eval_optimality, confidence=confidence)
         rows.append({"schedule": name, "epoch": int(epoch), "pairs": len(part),
                      "successful": median.n, "median_ratio": median.estimate,
                      "median_ratio_low": median.low, "median_ratio_high": median.high,
@@ -328,3 +333,32 @@ def minimality_intervals(results: pd.DataFrame, best: pd.DataFrame, *,
                "median_ratio_high", "q25_ratio", "q75_ratio", "optimality", "optimality_low",
                "optimality_high"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def closeness_verdict(intervals: pd.DataFrame, schedule: str, *, epoch: int) -> dict[str, str]:
+    """Whether ``schedule``'s borderline images are the closest to minimal at ``epoch``, in
+    words, read off the 95 % intervals of the median ratio (:func:`minimality_intervals`) by
+    :func:`lib.analysis.statistics.verdict_smallest`.
+
+    Returns:
+        ``ratio``: the schedule's median ratio with its interval (``"not measured"`` when the
+        schedule did not run); ``verdict``: closer to minimal than every other schedule, further
+        than the schedules named, or not distinguishable (the intervals overlap).
+    """
+    ranked = intervals[intervals["epoch"] == epoch].set_index("schedule")
+    if schedule not in ranked.index:
+        return {"ratio": "not measured", "verdict": "not part of this run"}
+    estimates = {name: statistics.Interval(row["median_ratio"], row["median_ratio_low"],
+                                           row["median_ratio_high"], int(row["successful"]))
+                 for name, row in ranked.iterrows()}
+    own = estimates.pop(schedule)
+    verdict, smaller = statistics.verdict_smallest(own, estimates)
+    if verdict == statistics.AGREES:
+        words = "closer to minimal than every other schedule (the 95 % intervals do not overlap)"
+    elif verdict == statistics.DISAGREES:
+        words = (f"further from minimal than {', '.join(smaller)} (the 95 % intervals do not "
+                 "overlap)")
+    else:
+        words = ("not distinguishable from the closest schedule on these pairs: the 95 % "
+                 "intervals overlap, so the ranking is inconclusive")
+    return {"ratio": f"{own.estimate:.1f} [{own.low:.1f}, {own.high:.1f}]", "verdict": words}

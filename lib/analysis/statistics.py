@@ -9,8 +9,9 @@
   :func:`paired_differences` lines the rows up, :func:`paired_comparison` gives the mean
   difference with its bootstrap interval and the Wilcoxon signed-rank p-value.
 - A claim's verdict is read off an interval (:func:`verdict_above`, :func:`verdict_below`,
-  :func:`verdict_within`); several comparisons that must all hold combine with
-  :func:`all_of`. Every verdict is one of ``agrees``, ``disagrees`` or ``inconclusive``.
+  :func:`verdict_within`) or off several (:func:`verdict_smallest`: one estimate below every
+  other); several comparisons that must all hold combine with :func:`all_of`. Every verdict
+  is one of ``agrees``, ``disagrees`` or ``inconclusive``.
 
 All intervals are two-sided at ``confidence`` (default 95 %).
 """
@@ -18,7 +19,7 @@ All intervals are two-sided at ``confidence`` (default 95 %).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -326,6 +327,21 @@ def verdict_within(interval: Interval, margin: float) -> str:
     if -margin <= interval.low and interval.high <= margin:
         return AGREES
     return DISAGREES if interval.low > margin or interval.high < -margin else INCONCLUSIVE
+
+
+def verdict_smallest(own: Interval, others: Mapping[str, Interval]) -> tuple[str, list[str]]:
+    """Claim "``own`` is smaller than every other estimate", read off the intervals.
+
+    Returns:
+        ``(verdict, smaller)``: agrees when ``own``'s whole interval lies below every other
+        interval (``smaller`` empty); disagrees when some other intervals lie wholly below
+        ``own``'s (``smaller`` names them, in the order of ``others``); inconclusive when the
+        intervals overlap (a NaN bound never separates).
+    """
+    if all(own.high < other.low for other in others.values()):
+        return AGREES, []
+    smaller = [name for name, other in others.items() if other.high < own.low]
+    return (DISAGREES, smaller) if smaller else (INCONCLUSIVE, [])
 
 
 def all_of(verdicts: Sequence[str]) -> tuple[str, int]:
