@@ -12,7 +12,7 @@ in this one process in each way below, timed with the process's CPU time and wal
   decoded, one in 25 converted to RGB and resized to 224 x 224.
 
 Printed: frames per second (wall) and per CPU-second, and from the data stage's rate the time
-to decode Cholec80's 80 videos (4.6 million frames, METHOD.md) on 1, 4 and 16 processes, and
+to decode Cholec80's 80 videos (4.6 million frames) on 1, 4 and 16 processes, and
 the frame cache's size at 224 px.
 
     python benchmarks/bench_decode.py [--seconds 20] [--video path.mp4]
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.data import cholec80, synthetic  # noqa: E402
 
 CHOLEC80_FRAMES = 4_600_000  # all frames of the 80 videos at 25 fps (about 51 hours)
-CACHED_FRAMES = 48_713 + 31_477  # single-tool frames of both splits (METHOD.md)
+CACHED_FRAMES = 48_713 + 31_477  # single-tool frames of both splits (the paper's counts)
 BYTES_PER_FRAME = 3 * 224 * 224
 
 

@@ -103,7 +103,7 @@ def main() -> None:
             shutil.copytree(source, target)
             return target
 
-        # warm-up: the first heavy run on a machine is slower (TOOLCHAIN.md)
+        # warm-up: the first heavy run on a machine is slower
         timed([*plain, "--run-dir", str(fresh("warm-up")), "--threads", "2", *params,
                "--param", "max_iter=1"])
         one = fresh("one")

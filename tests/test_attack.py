@@ -58,7 +58,7 @@ def problem():
 
 
 def reference_attack(model, image, *, target, source, schedule, lr0, max_iter, mode):
-    """METHOD.md's pseudo-code, line by line, for one image (model frozen by the caller)."""
+    """The method chapter's loop, line by line, for one image (model frozen by the caller)."""
     lr_of = schedules.bind(schedule, lr0=lr0)
     losses = torch.full((1, max_iter), math.nan, dtype=image.dtype)
     lrs = []

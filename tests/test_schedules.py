@@ -9,7 +9,7 @@ import torch
 from lib.attack import schedules
 from lib.errors import ParameterError
 
-# lr_1 .. lr_10 for lr0 = 0.1, computed by hand from METHOD.md's table.
+# lr_1 .. lr_10 for lr0 = 0.1, computed by hand from the method chapter's table.
 HAND_COMPUTED = {
     "constant": [0.1] * 10,
     # 0.1 / (1 + 0.5 (i - 1)) = 0.1 / 1, / 1.5, / 2, / 2.5, ...

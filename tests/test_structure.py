@@ -281,3 +281,25 @@ def test_lib_reads_no_notebook() -> None:
     assert readers == ["lib.run.pipeline"]
     pipeline = MODULES["lib.run.pipeline"].read_text()
     assert "jupytext.read(" in pipeline and pipeline.count("jupytext.read(") == 1
+
+
+# --------------------------------------------------------------------------- self-contained
+
+#: Documents this repository does not hold; the code and the book cite the book's chapters.
+ABSENT_DOCUMENTS = tuple(f"{name}.md" for name in
+                         ("METHOD", "TOOLCHAIN", "STATISTICS", "ARCHITECTURE", "STYLE"))
+TEXT_SUFFIXES = {".py", ".md", ".yml", ".yaml", ".cfg", ".toml", ".sh", ".txt", ".bib", ".ini"}
+SKIPPED_FOLDERS = {".git", ".venv", "data", "_build", ".pytest_cache", ".ruff_cache",
+                   "__pycache__", "executed"}
+
+
+def test_no_file_names_a_document_the_repository_does_not_hold() -> None:
+    found = []
+    for path in sorted(ROOT.rglob("*")):
+        relative = path.relative_to(ROOT)
+        if (SKIPPED_FOLDERS & set(relative.parts) or not path.is_file()
+                or (path.suffix not in TEXT_SUFFIXES and path.name != "Makefile")):
+            continue
+        text = path.read_text(errors="replace")
+        found += [f"{relative}: {name}" for name in ABSENT_DOCUMENTS if name in text]
+    assert found == []

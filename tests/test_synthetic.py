@@ -1,5 +1,5 @@
 """The synthetic generator: exact Cholec80 layout, determinism, annotations that match the
-pictures, and a default profile whose classes are all learnable."""
+pictures, and a default dataset whose classes are all learnable."""
 
 from pathlib import Path
 

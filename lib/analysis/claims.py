@@ -208,7 +208,8 @@ def claim_accuracy_stable(predictions: pd.DataFrame | None, rules: ClaimRules) -
 
 def paper_claims(results: pd.DataFrame, predictions: pd.DataFrame | None = None, *,
                  rules: ClaimRules = ClaimRules()) -> pd.DataFrame:
-    """The paper's claims (METHOD.md's list), each with its estimate, interval and verdict.
+    """The paper's claims (the results chapter lists them with their verdict rules), each with
+    its estimate, interval and verdict.
 
     Args:
         results: ``attack/results.csv``.

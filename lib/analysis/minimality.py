@@ -34,8 +34,8 @@ def best_per_sample(
     """The best-known L1 of every pair: the smallest successful L1 over every method.
 
     Args:
-        reference: rows of :func:`run_reference_attacks` (key columns, attack, steps, success,
-            l1).
+        reference: rows of :func:`~lib.attack.reference.run_reference_attacks` (key columns,
+            attack, steps, success, l1).
         own: optional rows of our own attacks on the same pairs (key columns, schedule,
             success, l1), e.g. the attack stage's results for this epoch. A best-known
             reference should include every method, so pass them when you have them.
@@ -84,10 +84,11 @@ def best_known_l1(
 ) -> pd.DataFrame:
     """Reference attacks on every pair, with each pair's best-known L1 on every row.
 
-    Runs :func:`run_reference_attacks` (see there for the arguments) and adds the columns of
-    :func:`best_per_sample`: ``best_l1`` and ``best_method`` (the same on every row of a pair),
-    over the reference attacks and, when ``own`` is given, our own schedules' successful rows.
-    Reduce to one row per pair with ``table.drop_duplicates(keys)`` or :func:`best_per_sample`.
+    Runs :func:`~lib.attack.reference.run_reference_attacks` (see there for the arguments) and
+    adds the columns of :func:`best_per_sample`: ``best_l1`` and ``best_method`` (the same on
+    every row of a pair), over the reference attacks and, when ``own`` is given, our own
+    schedules' successful rows. Reduce to one row per pair with
+    ``table.drop_duplicates(keys)`` or :func:`best_per_sample`.
 
     Returns:
         DataFrame, one row per (pair, attack, steps): key columns, attack, steps, success, l1,

@@ -78,8 +78,8 @@ def attack(
         **schedule_constants: the schedule's constants (e.g. ``decay=0.5``).
 
     Returns:
-        :class:`AttackResult` with N rows in input order (``row_id`` = 0 .. N-1) and
-        ``borderline`` images.
+        :class:`~lib.attack.results.AttackResult` with N rows in input order (``row_id`` =
+        0 .. N-1) and ``borderline`` images.
     """
     images = _check_images(images, "images")
     n = images.shape[0]
@@ -156,16 +156,16 @@ def iter_attack_rows(
         pool: the images the rows index, [M, C, H, W], float in [0, 1] or uint8 (0-255).
             It stays where it is; rows' images are copied to ``device`` as they enter.
         rows: a DataFrame with columns ``row_id, image, source, target, schedule`` or a
-            sequence of :class:`AttackRow` (or tuples in that order). ``row_id`` values are
-            unique ints; ``schedule`` names are keys of :data:`lib.attack.schedules.SCHEDULES`.
-            The order of the rows is the order of work.
+            sequence of :class:`~lib.attack.results.AttackRow` (or tuples in that order).
+            ``row_id`` values are unique ints; ``schedule`` names are keys of
+            :data:`lib.attack.schedules.SCHEDULES`. The order of the rows is the order of work.
         lr0, max_iter, mode, batch_size, device, dtype, precision, refine_tolerance: as in
             :func:`attack`.
         schedule_constants: per schedule name, its constants, e.g. ``{"step": {"drop": 0.5}}``.
         keep_images: put the borderline (and refined) images into the results (else None).
 
     Yields:
-        :class:`AttackResult` chunks on the CPU.
+        :class:`~lib.attack.results.AttackResult` chunks on the CPU.
     """
     pool = _check_images(pool, "pool")
     _check_mode(mode)

@@ -1,4 +1,5 @@
-"""The attack engine: batched I-FGSM that stops every sample at its flip (METHOD.md, Attack).
+"""The attack engine: batched I-FGSM that stops every sample at its flip (the method chapter,
+book/method.md, "The attack: targeted, stopped at the flip").
 
 For one image x with target t (``max_iter`` = N), the loop is exactly::
 
@@ -39,7 +40,7 @@ them. Everything is deterministic: the same rows in the same order with the same
 dtype give bit-identical results on the CPU, so a chunk of rows can be re-run from scratch
 (the unit of resume and of sharding). Different batch sizes agree exactly in float64; in float32
 convolutions round differently per batch size and ``sign()`` can turn that into a different
-step on rare rows (TOOLCHAIN.md).
+step on rare rows (the method chapter, "Batched, and exact").
 
 Precision: a success is a float32 success
 -----------------------------------------

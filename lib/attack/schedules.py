@@ -10,7 +10,7 @@ A schedule gives, for every sample of a batch, the step size of the update about
   and a schedule must not read them;
 - the result has the dtype and device of ``losses``; ``lr0 > 0`` is the initial step in pixel
   units ([0, 1] images). Constants (``decay``, ``drop``, ``every``) are keyword parameters with
-  the defaults of the project's METHOD.md.
+  the defaults of the method chapter's table (book/method.md, "The five step-size schedules").
 
 Adding a schedule is one function and one registry line. In this module, define the function
 and add ``"cosine": cosine,`` to :data:`SCHEDULES`; at run time the same works from outside:
@@ -67,7 +67,8 @@ def step_decay(
 ) -> Tensor:
     """Step decay: lr_i = lr0 drop^floor((i - 1) / every) (registry name ``"step"``).
 
-    The paper prints ``lr0*0.5*floor((i-1)/1)``; METHOD.md reads it as this standard decay.
+    The paper prints ``lr0*0.5*floor((i-1)/1)``; the method chapter reads it as this standard
+    decay ("Decisions where the paper is open").
     """
     drops = torch.div(step - 1, every, rounding_mode="floor").to(losses.dtype)
     return lr0 * torch.pow(drop, drops)

@@ -1,4 +1,4 @@
-"""Which test images each checkpoint attacks (METHOD.md, Attack).
+"""Which test images each checkpoint attacks (the method chapter, "Which images are attacked").
 
 The rule: one seeded permutation of the test split, the same for every checkpoint; for each
 checkpoint and each class, the first ``n_per_class`` images in that order that the checkpoint

@@ -1,6 +1,6 @@
 """The Cholec80 layout: find videos, parse tool annotations, decode exactly the annotated frames.
 
-The layout as distributed (METHOD.md, "Data: Cholec80")::
+The layout as distributed (the data chapter, notebooks/01_data.py)::
 
     <root>/videos/videoNN.mp4                 25 fps
     <root>/tool_annotations/videoNN-tool.txt  tab separated, one row every 25 frames

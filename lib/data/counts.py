@@ -16,7 +16,8 @@ from lib.data.datasets import DEFAULT_TEST_VIDEOS, DEFAULT_TRAIN_VIDEOS, SPLITS,
 from lib.data.frames import FrameSet
 
 #: Single-tool frames of real Cholec80 per split and tool, as in Ding & Moeller (2023) and
-#: reproduced by METHOD.md's reading of the annotations ("Data: Cholec80").
+#: reproduced by this package's reading of the annotations (the method chapter, "Decisions where
+#: the paper is open").
 PUBLISHED_COUNTS: Mapping[str, Mapping[str, int]] = {
     "train": {
         "Grasper": 11_728,
@@ -43,7 +44,8 @@ PUBLISHED_COUNTS: Mapping[str, Mapping[str, int]] = {
 PUBLISHED_TOTALS: Mapping[str, int] = {"train": 31_477, "test": 48_713}
 
 
-#: All 80 videos (METHOD.md): annotated frames, and how many show no tool / two or more.
+#: All 80 videos of Cholec80, counted from its annotation files: annotated frames, and how many
+#: show no tool, one tool (the paper's 80,190) or two or more.
 PUBLISHED_TOOLS_PER_FRAME: Mapping[str, int] = {
     "annotated": 184_498,
     "0": 23_101,

@@ -41,7 +41,7 @@ _START_ID = (1, 41)  # first video id of the train half and of the test half
 def video_ids(n_videos: int) -> list[int]:
     """Ids of the synthetic videos: the first ceil(n/2) from 1, the others from 41.
 
-    So METHOD's default split (videos 1-40 train, 41-80 test) splits them in halves.
+    So Cholec80's split by video (videos 1-40 train, 41-80 test) splits them in halves.
     """
     if not 2 <= n_videos <= 80:
         raise ParameterError(

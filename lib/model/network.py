@@ -96,7 +96,7 @@ def check_image_size(size: int) -> None:
         raise ParameterError(
             f"image size {size} px is too small for AlexNet: its feature stack needs at least "
             f"{MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} px; choose image_size >= {MIN_IMAGE_SIZE} "
-            "(the default profile uses 64, the paper 224)"
+            "(the default build uses 64, the paper 224)"
         )
 
 
@@ -138,9 +138,9 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and weights not requiring grad inside the block; both restored afterwards.
 
     Attacks and speed measurements need gradients with respect to the input only: frozen
-    weights skip the weight gradients, several times faster on the CPU (TOOLCHAIN.md). Each
-    parameter's ``requires_grad`` flag and each submodule's train/eval mode is restored as it
-    was, even when the block raises.
+    weights skip the weight gradients, several times faster on the CPU (the attack benchmark,
+    ``make bench``, measures it). Each parameter's ``requires_grad`` flag and each submodule's
+    train/eval mode is restored as it was, even when the block raises.
     """
     requires_grad = [p.requires_grad for p in model.parameters()]
     training = [m.training for m in model.modules()]

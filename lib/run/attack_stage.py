@@ -14,7 +14,7 @@ Files under the run folder's ``attack/``::
     shortfall.csv                 epoch, label, tool, wanted, available
     chunks/<part>/chunk_NNNNN.npz traces (lr, loss per iteration) and gallery images
     chunks/<part>/chunk_NNNNN.csv the chunk's result rows; written last: it marks the chunk done
-    results.csv                   one row per attack (:data:`RESULT_COLUMNS`)
+    results.csv                   one row per attack (:data:`~lib.run.tables.RESULT_COLUMNS`)
     traces.npz                    epoch, row_id [R]; lr, loss float32 [R, max_iter] (NaN after stop)
     gallery.npz                   a few attacks' original, borderline images and keys
     lr0_sweep.csv                 the lr0 sweep: lr0 plus the result columns

@@ -1,26 +1,28 @@
 """The attack and training stages on several processes, GPUs or machines, under torchrun.
 
-One machine with K GPUs: ``torchrun --standalone --nproc_per_node=K -m lib.run.distributed attack
---run-dir data/runs/paper --profile paper``; several machines: the same command on every node
-with ``--nnodes=N --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB`` (see
+One machine with K GPUs: ``torchrun --standalone --nproc_per_node=K -m lib.run.distributed
+attack --run-dir data/runs/paper --profile paper``; several machines: the same command on every
+node with ``--nnodes=N --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB`` (see
 ``examples/slurm_attack.sh``; the run folder must then be on a shared file system). Without
 torchrun (``WORLD_SIZE`` unset or 1) the same command runs as one plain process.
 
 **Attack.** Every rank plans the same job (planning is deterministic); rank 0 records the stage
 in the manifest, saves the plan and lists the pending chunks; every rank attacks its shard
-(:func:`shard_chunks`, balanced by :func:`chunk_costs`) with :func:`lib.run.attack_stage.run_chunks`
-on its own device (``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo). A chunk is one fresh
-engine call, so its results are bit-identical on any rank, and a finished chunk is a file: a
-rerun with any number of processes attacks only what is missing. After every step the ranks
-exchange their outcome (:func:`lib.run.ranks.collective_step`); if one failed, every rank stops
-with an error naming it and nothing is merged; otherwise rank 0 merges the chunks into exactly
-the tables of a one-process run.
+(:func:`shard_chunks`, balanced by :func:`chunk_costs`) with
+:func:`lib.run.attack_stage.run_chunks` on its own device (``cuda:LOCAL_RANK`` with NCCL, or the
+CPU with gloo). A chunk is one fresh engine call, so its results are bit-identical on any rank,
+and a finished chunk is a file: a rerun with any number of processes attacks only what is
+missing. After every step the ranks exchange their outcome
+(:func:`lib.run.ranks.collective_step`); if one failed, every rank stops with an error naming it
+and nothing is merged; otherwise rank 0 merges the chunks into exactly the tables of a
+one-process run.
 
 **Train.** :func:`lib.train.loop.fit`, which trains under DistributedDataParallel when the
-process group has several ranks. **Settings** merge like the stage command's
-(:func:`lib.run.parameters.merged_parameters`: notebook defaults, ``--profile``, ``--param
-name=value``). **The run folder** is held by rank 0 for the whole stage
-(:func:`lib.run.lock.hold_run_folder`); a folder another stage holds stops every rank at once.
+process group has several ranks. **Parameters** merge like the stage command's
+(:func:`launch_parameters`, by :func:`lib.run.parameters.merged_parameters`: the stage's
+defaults, ``--profile``, ``--param name=value``). **The run folder** is held by rank 0 for the
+whole stage (:func:`lib.run.lock.hold_run_folder`); a folder another stage holds stops every
+rank at once.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ Key = TypeVar("Key", bound=Hashable)
 #: Expected iterations of one attack as a share of ``max_iter``, per schedule. Step and
 #: exponential decay have a bounded sum of steps (2 lr0 and about 2.5 lr0), so many of their
 #: attacks never reach the target and run the whole budget; the others usually flip the class
-#: after a small fraction of it (11 of 100 iterations on average in the measurement of
-#: TOOLCHAIN.md). A schedule not listed here is assumed to run the whole budget.
+#: after a small fraction of it (about 11 of 100 iterations on average in the attack benchmark,
+#: make bench). A schedule not listed here is assumed to run the whole budget.
 ITERATION_SHARE: dict[str, float] = {
     "constant": 0.2, "iteration": 0.2, "loss-adaptive": 0.2, "step": 1.0, "exponential": 1.0,
 }
@@ -324,10 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, stage in (("attack", ATTACK_STAGE), ("train", TRAIN_STAGE)):
         sub = commands.add_parser(name, help=f"the {stage} stage")
-        sub.add_argument("--run-dir", help="the run folder (default: the profile's or notebook's)")
+        sub.add_argument("--run-dir",
+                         help="the run folder (default: the profile's, else the stage's default)")
         sub.add_argument("--profile", help="profiles/<name>.yaml: its parameters for the stage")
         sub.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                         help="a stage parameter, as the notebook names it (repeatable)")
+                         help="a stage parameter (repeatable)")
         sub.add_argument("--threads", type=int, default=0,
                          help="torch threads per process (default: torch's choice)")
         sub.add_argument("--timeout-minutes", type=float, default=24 * 60,

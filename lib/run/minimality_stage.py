@@ -78,8 +78,9 @@ class ReferenceTables:
     epochs: list[int]
     #: the attack stage's targeted results on those checkpoints (results.csv rows)
     ours: pd.DataFrame
-    #: one row per (pair, reference attack, budget), as :func:`run_reference_attacks`
-    #: returns it without ``seconds`` (the times are in ``timings.csv``)
+    #: one row per (pair, reference attack, budget), as
+    #: :func:`~lib.attack.reference.run_reference_attacks` returns it without ``seconds`` (the
+    #: times are in ``timings.csv``)
     reference: pd.DataFrame
 
 
