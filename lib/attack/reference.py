@@ -38,10 +38,8 @@ from lib.model.network import frozen
 #: A reference attack: (model, images [B,C,H,W] in [0,1], targets [B], *, steps) -> images.
 ReferenceAttack = Callable[..., Tensor]
 
-
 #: Default key of one attacked pair when the caller gives none: its index in ``images``.
 SAMPLE = "sample"
-
 
 #: A perturbation value counts as changed above half a grey level (it survives uint8 storage).
 CHANGED_THRESHOLD = 0.5 / 255
@@ -95,7 +93,6 @@ REFERENCE_ATTACKS: dict[str, ReferenceAttack] = {
     "pdpgd_l1": pdpgd_l1,
     "fmn_linf": fmn_linf,
 }
-
 
 DEFAULT_ATTACKS: tuple[str, ...] = tuple(REFERENCE_ATTACKS)
 

@@ -28,29 +28,14 @@ from lib import TOOLS
 from lib.errors import DatasetError
 
 FPS: int = 25  #: frames per second of every Cholec80 video
-
-
 ANNOTATION_INTERVAL: int = 25  #: frames between two annotation rows (1 per second)
-
-
 ANNOTATION_COLUMNS: tuple[str, ...] = ("Frame", *TOOLS)
-
-
 HEADER: str = "\t".join(ANNOTATION_COLUMNS)
-
-
 VIDEO_DIR = "videos"
-
-
 ANNOTATION_DIR = "tool_annotations"
 
-
 VIDEO_NAME_PATTERN = re.compile(r"^video(\d+)\.mp4$")
-
-
 ANNOTATION_NAME_PATTERN = re.compile(r"^video(\d+)-tool\.txt$")
-
-
 _DIGITS = re.compile(r"[0-9]+")
 
 

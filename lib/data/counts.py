@@ -38,11 +38,8 @@ PUBLISHED_COUNTS: Mapping[str, Mapping[str, int]] = {
         "SpecimenBag": 841,
     },
 }
-
-
 #: Totals of the same table (single-tool frames per split).
 PUBLISHED_TOTALS: Mapping[str, int] = {"train": 31_477, "test": 48_713}
-
 
 #: All 80 videos of Cholec80, counted from its annotation files: annotated frames, and how many
 #: show no tool, one tool (the paper's 80,190) or two or more.

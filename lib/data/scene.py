@@ -34,19 +34,12 @@ from lib.data.cholec80 import (
 #: to learn from in a small dataset.
 TOOL_DECK: tuple[int, ...] = (18, 9, 22, 4, 9, 10, 9)
 
-
 #: Long-run share of seconds each slot (hand) is busy. Independent slots give about 13% of
 #: seconds with no tool, 55% with one and 32% with two (Cholec80: 13% / 43% / 44%); we keep
 #: more single-tool seconds, the frames the study uses, per second of video rendered.
 SLOT_BUSY: tuple[float, float] = (0.78, 0.41)
-
-
 EPISODE_SECONDS: tuple[int, int] = (2, 8)  # shortest and longest episode, seconds
-
-
 TOOL_UNIT = 0.22  # tool drawing unit (about a shaft's width) as a share of the vignette radius
-
-
 TOOL_REACH = 3.4  # how far (in units) any tool part reaches ahead of the tip base
 
 
@@ -246,8 +239,6 @@ _STEEL: Colour = (178, 180, 186)
 
 
 _STEEL_DARK: Colour = (92, 94, 100)
-
-
 _STEEL_LIGHT: Colour = (236, 236, 240)
 
 

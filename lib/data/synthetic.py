@@ -33,8 +33,6 @@ from lib.errors import DatasetError, ParameterError
 from lib.io import atomic_path, write_text
 
 CRF = 20  # x264 quality; lower is better and larger
-
-
 _START_ID = (1, 41)  # first video id of the train half and of the test half
 
 

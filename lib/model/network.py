@@ -18,17 +18,13 @@ from lib.errors import ParameterError, first_line
 
 #: Per-channel mean and standard deviation of ImageNet (RGB, [0, 1] units), torchvision's values.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-
-
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
 
 #: Smallest square input AlexNet's feature stack accepts. conv 11/4 (pad 2), then three 3x3/2
 #: max-pools with 5x5 and 3x3 same-padded convolutions between: the last pool needs a 3x3 map,
 #: so the second pool needs 7x7, the first 15x15, and the first conv ((S - 7) // 4 + 1 >= 15)
 #: needs S >= 63. Checked in tests/test_model.py against the network itself.
 MIN_IMAGE_SIZE: int = 63
-
 
 #: The ImageNet head that pretrained weights do not share with a 7-class model.
 HEAD_PREFIX = "classifier.6."

@@ -113,6 +113,7 @@ def plan_job(run_dir: str | os.PathLike[str], settings: AttackSettings) -> Attac
     epochs = resolve_epochs(run_dir, settings.epochs)
     return plan_attacks(settings, tables.read_predictions(run_dir), epochs=epochs)
 
+
 def save_plan(job: AttackJob, run_dir: str | os.PathLike[str]) -> None:
     """Write ``job.json``, ``selection.csv`` and ``shortfall.csv``; idempotent.
 

@@ -52,6 +52,7 @@ from lib.run.parameters import (
 # notebook written); the notebooks call it again through
 # :func:`~lib.run.pipeline.start_stage`, for users who run them with papermill directly.
 
+
 def check_stage_parameters(stage: str, parameters: Mapping[str, Any]) -> None:
     """Types and values of a stage's parameters; reads no file of the run.
 

@@ -27,7 +27,6 @@ from lib.run.layout import lock_file
 #: kernel it starts knows that its parent holds the folder.
 LOCK_ENVIRONMENT = "BORDERLINE_HELD_RUN_DIR"
 
-
 #: Run folders this process holds: resolved path -> (open lock file, depth of nesting).
 _held: dict[Path, list[Any]] = {}
 

@@ -25,14 +25,9 @@ from lib.run import ranks
 # Independent random streams per epoch; the numbers only need to differ.
 _STREAMS = {"init": 0, "order": 1, "augment": 2, "dropout": 3, "loader": 4}
 
-
 # Augmentation strengths: small enough that a tool entering from the border stays in view.
 _CROP_AREA = (0.85, 1.0)
-
-
 _CROP_RATIO = (3 / 4, 4 / 3)
-
-
 _JITTER = 0.1  # brightness and contrast factors are drawn from [1 - _JITTER, 1 + _JITTER]
 
 

@@ -45,7 +45,6 @@ def finished_epochs(train_folder: str | os.PathLike[str]) -> int:
     return finished
 
 
-
 def start_or_resume(
     out_dir: Path,
     *,
