@@ -50,6 +50,7 @@ def schedule_order(results: pd.DataFrame) -> list[str]:
 
 
 def ordered(table: pd.DataFrame, order: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
+    """``table`` sorted by ``keys``, the schedules in ``order`` (not alphabetically)."""
     rank = {name: k for k, name in enumerate(order)}
     return (table.assign(_order=table["schedule"].map(rank))
             .sort_values([k if k != "schedule" else "_order" for k in keys], kind="stable")
@@ -87,6 +88,7 @@ def bootstrap_columns(rows: pd.DataFrame, keys: Sequence[str], column: str, name
 
 
 def successful(results: pd.DataFrame) -> pd.DataFrame:
+    """The usable attacks that reached their target."""
     return results[usable(results) & results["success"].astype(bool)]
 
 

@@ -361,6 +361,7 @@ def _check_range(labels: Tensor, num_classes: int, name: str) -> None:
 def predict(
     model: nn.Module, images: Tensor, *, batch_size: int, device: str | torch.device, dtype
 ) -> Tensor:
+    """The model's predicted class of every image: int64 [N] on the CPU (weights frozen)."""
     device = torch.device(device)
     check_model(model, device, dtype)
     with frozen(model), torch.no_grad():

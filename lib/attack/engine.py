@@ -148,6 +148,7 @@ def to_unit(images: Tensor, *, device: torch.device, dtype: torch.dtype) -> Tens
 def count_classes(
     model: nn.Module, probe: Tensor, *, device: torch.device, dtype: torch.dtype
 ) -> int:
+    """The number of outputs K of the model, from one forward of one image."""
     with frozen(model), torch.no_grad():
         logits = model(to_unit(probe, device=device, dtype=dtype))
     if logits.dim() != 2 or logits.shape[0] != 1:
@@ -158,6 +159,7 @@ def count_classes(
 
 
 def check_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """ParameterError unless the model's weights are on ``device`` in ``dtype``."""
     for p in model.parameters():
         if p.device.type != device.type or (
             device.index is not None and p.device.index != device.index
@@ -175,6 +177,7 @@ def check_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
 
 
 def with_progress(stream: Iterator[AttackResult], total: int, progress: bool):
+    """The stream of result chunks, counted on a tqdm bar of ``total`` attacks when asked."""
     if not progress:
         yield from stream
         return

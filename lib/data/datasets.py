@@ -80,6 +80,12 @@ def split_records(
     train_videos: str | Iterable[int],
     test_videos: str | Iterable[int],
 ) -> dict[str, list[cholec80.VideoRecord]]:
+    """The videos of each split (``{"train": [...], "test": [...]}``) among ``records``.
+
+    Raises:
+        ParameterError: the two selections share a video.
+        DatasetError: a split has no video in the folder.
+    """
     wanted = {"train": parse_video_ids(train_videos), "test": parse_video_ids(test_videos)}
     overlap = sorted(set(wanted["train"]) & set(wanted["test"]))
     if overlap:
@@ -298,6 +304,7 @@ def _open_cache(
 
 
 def image_files(root: Path, split: str) -> list[tuple[Path, int]]:
+    """``(path, label)`` of every image of ``root/split/<Tool>/``, in name order."""
     folder = root / split
     if not folder.is_dir():
         raise DatasetError(
@@ -334,6 +341,7 @@ def _read_image(path: Path, image_size: int) -> np.ndarray:
 def image_folder_split(
     root: Path, files: Sequence[tuple[str, int]], *, split: str, image_size: int, meta: dict
 ) -> FrameSet:
+    """A split of an image folder from its files ``(path relative to root, label)``."""
     images = [_read_image(root / source, image_size) for source, _ in files]
     rows = [
         {"image_id": source, "split": split, "source": source, "frame": -1, "label": label}

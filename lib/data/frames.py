@@ -191,6 +191,8 @@ class FrameSet(Dataset):
 def frame_set_from_arrays(
     images: list[np.ndarray], rows: list[dict[str, Any]], image_size: int, meta: dict[str, Any]
 ) -> FrameSet:
+    """A FrameSet of in-memory uint8 images [k, 3, S, S] (one array per source) and their index
+    rows."""
     index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).astype(
         {"image_id": str, "split": str, "source": str, "frame": np.int64, "label": np.int64}
     )

@@ -120,6 +120,7 @@ def _plan_path(
 
 
 def plan_episodes(seconds: int, seed: int, video_id: int) -> list[Episode]:
+    """Every tool episode of one video, planned from ``(seed, video_id)``."""
     rng = _plan_rng(seed, video_id)
     deck = _ToolDeck(rng)
     episodes: list[Episode] = []
@@ -144,6 +145,7 @@ def plan_episodes(seconds: int, seed: int, video_id: int) -> list[Episode]:
 
 
 def annotation_table(episodes: Sequence[Episode], seconds: int) -> pd.DataFrame:
+    """The annotation rows (one per second) that the ``episodes`` of a video make."""
     flags = np.zeros((seconds, len(TOOLS)), dtype=np.int64)
     for episode in episodes:
         flags[episode.first : episode.last + 1, episode.label] = 1

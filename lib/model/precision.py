@@ -10,7 +10,7 @@ autocast is emulated and much slower than float32 (AlexNet at 64 px: about 80x o
 CPU), so "auto" must not choose it there.
 
 Low precision changes rounding, never what counts as a result: the attack engine confirms
-every crossing in float32 (see :mod:`lib.attack`).
+every crossing in float32 (see :mod:`lib.attack.engine`).
 """
 
 from __future__ import annotations

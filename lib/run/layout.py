@@ -42,6 +42,7 @@ STAGE_OUTPUTS: dict[str, str] = {
     ANALYSIS_STAGE: "analysis",
     MINIMALITY_STAGE: "minimality",
 }
+#: The stages in the order data flows through them.
 STAGES: tuple[str, ...] = tuple(STAGE_OUTPUTS)
 #: The stage whose finished run another stage needs; the minimality stage needs the attack
 #: stage's, not the analysis stage's.
@@ -86,6 +87,7 @@ def stage_dir(run_dir: str | os.PathLike[str], stage: str) -> Path:
 
 
 def manifest_file(run_dir: str | os.PathLike[str]) -> Path:
+    """The run folder's manifest."""
     return Path(run_dir) / "manifest.json"
 
 
@@ -100,6 +102,7 @@ def data_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
 
 
 def train_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The training stage's folder of a run folder."""
     return stage_dir(run_dir, TRAIN_STAGE)
 
 
@@ -125,14 +128,17 @@ def train_table(train_folder: str | os.PathLike[str], name: str) -> Path:
 
 
 def train_params_file(train_folder: str | os.PathLike[str]) -> Path:
+    """The parameters that define a training run, in its training folder."""
     return Path(train_folder) / "train_params.json"
 
 
 def has_checkpoints(train_folder: str | os.PathLike[str]) -> bool:
+    """Whether a training folder holds any checkpoint."""
     return any(Path(train_folder).glob("epoch_*.safetensors"))
 
 
 def attack_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The attack stage's folder of a run folder."""
     return stage_dir(run_dir, ATTACK_STAGE)
 
 
@@ -168,4 +174,5 @@ def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:
 
 def lock_file(run_dir: str | os.PathLike[str]) -> Path:
     # not a hidden name: every hidden file in a run folder is an interrupted write's temporary
+    """The run folder's lock file."""
     return Path(run_dir) / "run.lock"

@@ -28,6 +28,7 @@ RECORDED_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", 
 
 
 def package_versions() -> dict[str, str]:
+    """Python's and each recorded package's version ("not installed" when absent)."""
     versions = {"python": platform.python_version()}
     for name in RECORDED_PACKAGES:
         try:

@@ -89,8 +89,9 @@ SWEEP_COLUMNS: tuple[str, ...] = ("lr0", *RESULT_COLUMNS)
 #: The training stage's tables; ``metrics`` is written last in every epoch, so an epoch counts
 #: as finished once it has a metrics row.
 TRAIN_TABLES: tuple[str, ...] = ("losses", "per_class", "confusion", "predictions", "metrics")
-#: The analysis stage's tables, each the output of the aggregate of the same name in
-#: :mod:`lib.analysis` (whose docstring gives its columns); the book offers them for download.
+#: The analysis stage's tables, each the output of an aggregate of :mod:`lib.analysis.aggregates`,
+#: :mod:`lib.analysis.paired` or :mod:`lib.analysis.claims` (whose docstring gives its columns);
+#: the book offers them for download.
 ANALYSIS_TABLES: tuple[str, ...] = (
     "accuracy_f1", "success_rate", "mean_l1", "paired_l1", "iterations_lr", "paired_iterations",
     "class_pair_l1", "l1_histogram", "per_image_l1", "per_image_change", "refined_ranking",

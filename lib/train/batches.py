@@ -72,6 +72,7 @@ def train_loader(
     balance: str,
     num_workers: int,
 ) -> DataLoader:
+    """The batches of one epoch, in the order drawn from ``(seed, epoch)``."""
     order = generator(seed, epoch, "order")
     if balance == "sampler":
         counts = torch.bincount(labels, minlength=NUM_CLASSES).double()
@@ -116,6 +117,7 @@ def rank_stream_seed(seed: int, epoch: int, stream: str, launch: ranks.Launch) -
 
 
 def generator(seed: int, epoch: int, stream: str) -> torch.Generator:
+    """A torch generator seeded for one (seed, epoch, stream)."""
     return torch.Generator().manual_seed(stream_seed(seed, epoch, stream))
 
 
@@ -128,6 +130,11 @@ def fork_kwargs(device: torch.device) -> dict[str, Any]:
 
 
 def dataset_labels(dataset: Dataset, name: str) -> torch.Tensor:
+    """The labels of a dataset, int64 [N] in 0..6.
+
+    Raises:
+        ParameterError: no ``.labels``, empty, or labels outside the classes.
+    """
     labels = getattr(dataset, "labels", None)
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or len(labels) != len(dataset):
         raise ParameterError(
@@ -146,6 +153,7 @@ def dataset_labels(dataset: Dataset, name: str) -> torch.Tensor:
 
 
 def dataset_image_size(dataset: Dataset, name: str) -> int:
+    """The side S of a dataset's square images."""
     size = getattr(dataset, "image_size", None)
     if size is None:
         if len(dataset) == 0:
@@ -155,6 +163,7 @@ def dataset_image_size(dataset: Dataset, name: str) -> int:
 
 
 def dataset_image_ids(dataset: Dataset) -> list[Any]:
+    """The image ids of a dataset (its index's ``image_id``), or the positions."""
     index = getattr(dataset, "index", None)
     if isinstance(index, pd.DataFrame) and "image_id" in index.columns:
         return index["image_id"].astype(str).tolist()

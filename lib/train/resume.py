@@ -56,6 +56,8 @@ def start_or_resume(
     momentum: float,
     weight_decay: float,
 ) -> tuple[ToolClassifier, torch.optim.SGD]:
+    """The model and SGD optimizer to train from: epoch ``done``'s checkpoint and momentum buffers,
+    or a fresh model seeded from ``seed`` (with ImageNet weights when given)."""
     if done:
         model = load_checkpoint(layout.checkpoint_file(out_dir, done), map_location=device)
     else:
