@@ -121,7 +121,7 @@ else:
 
 # %%
 attacked = attack_stage.run_chunks(job, run_dir, device=device, progress=progress)
-attack_stage.merge(job, run_dir)
+written = attack_stage.merge(job, run_dir)  # the paths of the merged tables
 
 # %% tags=["remove-input"]
 pipeline.finish_stage(ATTACK_STAGE, run_dir=run_dir)
