@@ -117,6 +117,8 @@ TABLES: dict[str, Table] = {
     "metrics": Table(TRAIN_STAGE, {
         "epoch": "int64", "accuracy": "float64", "macro_f1": "float64", "train_loss": "float64",
         "test_loss": "float64"}, "training metrics"),
+    "margins": Table(TRAIN_STAGE, {"image": "int64", "margin": "float64", "epoch": "int64",
+                                   "step": "int64"}, "borderline margins of training images"),
     "selection": Table(ATTACK_STAGE, typed(SELECTION_COLUMNS, ("int64", "str", "int64",
                                                                "int64")), "attack selection"),
     "shortfall": Table(ATTACK_STAGE, typed(SHORTFALL_COLUMNS, (
