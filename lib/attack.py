@@ -278,7 +278,7 @@ def attack(
             or ``"auto"`` (:func:`lib.precision.resolve` for ``device``).
         refine_tolerance: None (off) or > 0, in [0, 1] pixel units: bisect each success's last
             step down to this Linf width (module docstring, "Refinement").
-        progress: show a tqdm bar over finished attacks.
+        progress: show a progress bar over finished attacks (:mod:`lib.progress`).
         **schedule_constants: the schedule's constants (e.g. ``decay=0.5``).
 
     Returns:
@@ -659,9 +659,9 @@ def _with_progress(stream: Iterator[AttackResult], total: int, progress: bool):
     if not progress:
         yield from stream
         return
-    from tqdm import tqdm
+    from lib.progress import progress_bar
 
-    with tqdm(total=total, desc="attacks", unit="attack") as bar:
+    with progress_bar(total, desc="attacks", unit="attack") as bar:
         for chunk in stream:
             bar.update(len(chunk))
             yield chunk

@@ -32,11 +32,11 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from lib import NUM_CLASSES, TOOLS, cholec80, stages
 from lib.errors import DatasetError, ParameterError, RunFolderError
 from lib.io import read_json, write_csv, write_json
+from lib.progress import progress_bar, tracked
 
 SPLITS: tuple[str, ...] = ("train", "test")
 INDEX_COLUMNS: tuple[str, ...] = ("image_id", "split", "source", "frame", "label")
@@ -349,7 +349,7 @@ def _decode_all(
     progress: bool,
 ) -> None:
     """Decode each (video, cache file) job; in parallel processes when ``workers`` > 1."""
-    bar = tqdm(total=len(jobs), desc="decoding videos", unit="video", disable=not progress)
+    bar = progress_bar(len(jobs), desc="decoding videos", unit="video", enabled=progress)
     with bar:
         if workers <= 1 or len(jobs) <= 1:
             for record, path in jobs:
@@ -396,7 +396,7 @@ def load_cholec80(
         train_videos, test_videos: video ids, e.g. ``"1-40"`` or ``[1, 2, 5]``. Ids that are
             not in the folder are skipped; each split must keep at least one video.
         workers: decoding processes (1 = decode in this process).
-        progress: show a tqdm bar.
+        progress: show a progress bar (:mod:`lib.progress`).
 
     Returns:
         ``{"train": FrameSet, "test": FrameSet}``. ``image_id`` is ``videoNN-fFFFFFF``,
@@ -653,7 +653,8 @@ def load_image_folder(
     result = {}
     for split in SPLITS:
         files = [(path.relative_to(root).as_posix(), label) for path, label in found[split]]
-        files = list(tqdm(files, desc=f"reading {split} images", disable=not progress))
+        files = list(tracked(files, total=len(files), desc=f"reading {split} images",
+                             unit="image", enabled=progress))
         result[split] = _image_folder_split(
             root, files, split=split, image_size=image_size, meta=meta
         )

@@ -36,6 +36,7 @@ from lib import io
 from lib.book import prepare_book
 from lib.checks import check_stage, check_stage_parameters, complete_parameters, naming_stage
 from lib.errors import BorderlineError, ParameterError
+from lib.progress import relay
 
 # The notebooks' interface to the stage contract, which lib.stages owns.
 from lib.stages import (  # noqa: F401 -- re-exported for the notebooks and the tests
@@ -133,7 +134,8 @@ def execute_stage(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     failed = output_path.with_name(f"{stage}.failed.ipynb")
     failed.unlink(missing_ok=True)
-    with io.atomic_path(output_path, suffix=".tmp.ipynb") as tmp:
+    # the notebook's own progress bars go to this terminal, not into the notebook
+    with io.atomic_path(output_path, suffix=".tmp.ipynb") as tmp, relay(enabled=progress):
         try:
             papermill.execute_notebook(
                 notebook,

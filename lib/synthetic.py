@@ -30,7 +30,6 @@ import av
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
 from lib import TOOLS
 from lib.cholec80 import (
@@ -47,6 +46,7 @@ from lib.cholec80 import (
 )
 from lib.errors import DatasetError, ParameterError
 from lib.io import atomic_path, write_text
+from lib.progress import progress_bar
 
 #: The default profile: 16 videos of 3 min (8 train, ids 1-8; 8 test, ids 41-48), 192 x 108:
 #: about 800 single-tool frames per split; 72,000 frames to render, encode and decode.
@@ -593,7 +593,7 @@ def generate(
         overwrite: re-render videos that are already present and current (a video counts as
             current when its annotation file has the planned bytes and its mp4 the planned
             frame count and size; the renderer's code is not checked).
-        progress: show a tqdm bar.
+        progress: show a progress bar (:mod:`lib.progress`).
 
     Returns:
         ``root`` as a Path. Nothing else is written: the annotation files are the ground truth.
@@ -627,7 +627,7 @@ def generate(
         )
         for video_id in ids
     ]
-    bar = tqdm(total=len(jobs), desc="synthetic videos", unit="video", disable=not progress)
+    bar = progress_bar(len(jobs), desc="synthetic videos", unit="video", enabled=progress)
     with bar:
         if workers <= 1:
             for job in jobs:

@@ -46,7 +46,6 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from lib import NUM_CLASSES, TOOLS, ranks, stages
 from lib import precision as precision_module
@@ -61,6 +60,7 @@ from lib.model import (
     resolve_device,
     save_checkpoint,
 )
+from lib.progress import message, progress_bar, tracked
 from lib.stages import finished_epochs
 
 BALANCE_MODES: tuple[str, ...] = ("none", "weights", "sampler")
@@ -144,7 +144,7 @@ def fit(
             stay float32; the evaluation always runs in float32. The resolved precision is
             part of the run's identity (``train_params.json``); the same seed and precision
             give identical checkpoints on the CPU.
-        progress: show a tqdm bar per epoch.
+        progress: show a progress bar per epoch and evaluation (:mod:`lib.progress`).
 
     Under DistributedDataParallel (a process group with K > 1 ranks is initialised, e.g. by
     ``lib.distributed``) the same loop runs on every rank: ``batch_size`` stays the global
@@ -192,7 +192,7 @@ def fit(
     criterion = nn.CrossEntropyLoss(weight=class_weights(_labels(train_set, "train_set")).to(device)
                                     if balance == "weights" else None)
     if done and progress and launch.is_main:
-        tqdm.write(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
+        message(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
     epoch_plan = EpochPlan(train_set=train_set, seed=seed, batch_size=batch_size,
                            balance=balance, augment=augment, num_workers=num_workers,
                            epochs=epochs, progress=progress and launch.is_main,
@@ -261,7 +261,8 @@ def predict_logits(
     try:
         batches = [
             model(images.to(device)).float().cpu()
-            for images, _ in tqdm(loader, desc="evaluate", disable=not progress, leave=False)
+            for images, _ in tracked(loader, total=len(loader), desc="evaluate", unit="batch",
+                                     enabled=progress, leave=False)
         ]
     finally:
         model.train(was_training)
@@ -400,10 +401,11 @@ def _train_epoch(
     generator = (torch.Generator().manual_seed(_rank_stream_seed(plan.seed, epoch, "augment",
                                                                  launch))
                  if plan.augment else None)
-    batches = tqdm(_epoch_loader(plan, epoch, launch), desc=f"epoch {epoch}/{plan.epochs}",
-                   disable=not plan.progress, leave=True)
+    batches = _epoch_loader(plan, epoch, launch)
+    bar = progress_bar(len(batches), desc=f"epoch {epoch}/{plan.epochs}", unit="batch",
+                       enabled=plan.progress)
     step_losses: list[tuple[float, int]] = []
-    with torch.random.fork_rng(**_fork_kwargs(device)):
+    with torch.random.fork_rng(**_fork_kwargs(device)), bar:
         torch.manual_seed(_rank_stream_seed(plan.seed, epoch, "dropout", launch))
         model.train()
         for images, labels in batches:
@@ -416,7 +418,7 @@ def _train_epoch(
             optimizer.step()
             value = loss.item()
             step_losses.append((value, len(labels)))
-            batches.set_postfix(loss=f"{value:.4f}", refresh=False)
+            bar.update(postfix=f"loss={value:.4f}")
     return step_losses
 
 
@@ -478,7 +480,7 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, test_set: 
     # resuming needs only the newest optimizer state, and each is as large as a checkpoint
     stages.optimizer_file(out_dir, epoch - 1).unlink(missing_ok=True)
     if progress:
-        tqdm.write(_epoch_summary(evaluation["metrics"].iloc[0]))
+        message(_epoch_summary(evaluation["metrics"].iloc[0]))
 
 
 def _run_parameters(train_set: Dataset, test_set: Dataset, **hyper: Any) -> dict[str, Any]:
