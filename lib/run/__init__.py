@@ -1,0 +1,1 @@
+"""The run folder and the commands on top of it: stages, pipeline, book, rerun."""
