@@ -30,8 +30,8 @@
 # ## Prerequisites
 #
 # The training stage (02_train) has written the checkpoints and `train/predictions.csv`. The
-# defaults below keep the whole default build within its time budget on two CPU cores; the
-# comments give the paper's values.
+# table below gives the parameters of this build; the meaning of each names the paper's value
+# where the paper gives one.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # run folder with train/; this stage writes attack/
@@ -44,7 +44,7 @@ mode = "targeted"  # "targeted": every other class as target (paper); "untargete
 seed = 0  # seed of the one test-split permutation all checkpoints share
 batch_size = 128  # attacks in flight per forward/backward pass (larger batches use the CPU better)
 chunk_size = 420  # attacks per chunk (one engine call, written atomically): the unit of resume
-schedule_constants = {}  # per schedule, constants other than METHOD.md's, e.g. {"step": {"drop": 0.5}}
+schedule_constants = {}  # per schedule, constants other than the method chapter's, e.g. {"step": {"drop": 0.5}}
 sweep_lr0 = [0.004, 0.016]  # lr0 values of the sensitivity sweep; [] for no sweep
 sweep_per_class = 1  # images per class in the sweep (taken from the main selection)
 sweep_epoch = 0  # checkpoint of the sweep; 0 for the last attacked one
@@ -52,7 +52,7 @@ gallery_images = 7  # classes whose first image is kept as pictures (all schedul
 precision = "float32"  # model forwards: "float32", "bfloat16" (autocast; successes confirmed in float32) or "auto"
 refine_tolerance = None  # None: off; else bisect each success's last step to this Linf width (pixel units, e.g. 0.0005)
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
-progress = True  # a progress bar over the attacks (stderr)
+progress = True  # a progress bar over the attacks (on the terminal of the stage command)
 overwrite = False  # discard attack/ (and later stages) if made with other parameters
 
 # %% tags=["remove-input"]
@@ -61,14 +61,13 @@ from IPython.display import display
 from myst_nb import glue
 
 from lib import TOOLS, pipeline, robustness
-from lib.precision import resolve as resolve_precision
 
 attack_dir = pipeline.start_stage(
     "03_attack", run_dir=run_dir, overwrite=overwrite,
     parameters=pipeline.stage_parameters("03_attack", globals()),
 )
 
-# %%
+# %% tags=["remove-input"]
 settings = robustness.settings_from_parameters(
     pipeline.stage_parameters("03_attack", globals()))
 job = robustness.plan_job(run_dir, settings)
@@ -76,13 +75,30 @@ robustness.save_plan(job, run_dir)
 main_rows = job.rows[job.rows["kind"] == "main"]
 reused = " (the sweep's lr0 equal to lr0 reuses the main rows)" if lr0 in job.settings.sweep_lr0 else ""
 print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
-      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep{reused}, in {len(job.chunks)} chunks; "
-      f"model forwards in {resolve_precision(precision, device)} (precision {precision!r}), "
-      "every success confirmed in float32")
+      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep, in {len(job.chunks)} chunks"
+      + (f";\n{reused.strip(' ()')}" if reused else ""))
+from lib.metrics import read_training_predictions  # noqa: E402
+from lib.run.chapters import checkpoints_sentence, precision_sentence  # noqa: E402
+
+glue("attack_precision", precision_sentence(run_dir, "03_attack", globals()), display=False)
+glue("attack_checkpoints", checkpoints_sentence(read_training_predictions(run_dir),
+                                                job.settings.epochs), display=False)
 
 # %% [markdown]
 # The stage plans every attack before running one: the checkpoints, the images each of them
-# attacks, and the fixed chunks the rows are cut into.
+# attacks, and the fixed chunks the rows are cut into. The model's forwards compute in
+# {glue:text}`attack_precision`; a crossing is confirmed in float32 whatever the precision
+# (the method chapter says how).
+#
+# ## Which checkpoints are attacked
+#
+# Every attacked checkpoint adds its own attacks to the stage's time, so a build may attack
+# only some of them: the parameter `epochs` lists them. {glue:text}`attack_checkpoints` The
+# default profile attacks the checkpoints of epochs 1, 3, 4 and 5, the first and the last
+# included, and leaves out epoch 2 by choice: in a trial run of the profile the checkpoint of
+# epoch 2 classified only 2 of the 430 Clipper test frames correctly, too few for the four
+# images per tool the stage attacks, while those of epochs 3 to 5 had at least 40 of every
+# tool (`profiles/default.yaml` gives the measurements).
 #
 # ## Which images are attacked
 #
@@ -92,12 +108,14 @@ print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
 # the same image, and differences between epochs come from the model rather than from a new
 # draw of images.
 
-# %%
+# %% tags=["hide-input"]
 images = job.selection.images
 per_class = (images.groupby(["epoch", "label"]).size().unstack(fill_value=0)
              .reindex(columns=range(len(TOOLS)), fill_value=0))
 per_class.columns = list(TOOLS)
-per_class
+from lib.analysis.readable import html  # noqa: E402
+
+html(per_class.rename_axis(index="epoch", columns=None).reset_index())
 
 # %% [markdown]
 # A class with fewer correctly classified test images than asked for is attacked with what
@@ -110,7 +128,8 @@ if shortfall.empty:
     print(f"No shortfall: {n_per_class} correctly classified images of every tool at every "
           "attacked checkpoint.")
 else:
-    display(shortfall)
+    display(html(shortfall.drop(columns="label").rename(columns={
+        "wanted": "images asked for", "available": "correctly classified"})))
 
 # %% [markdown]
 # ## Running the attacks
@@ -119,7 +138,7 @@ else:
 # the batched engine, written to disk atomically when it finishes, so an interrupted stage
 # resumes from its last finished chunk and a rerun gives the same numbers bit for bit.
 
-# %%
+# %% tags=["remove-input"]
 attacked = robustness.run_chunks(job, run_dir, device=device, progress=progress)
 written = robustness.merge(job, run_dir)
 
@@ -145,7 +164,9 @@ overview = (
 )
 glue("attack_total", f"{len(results):,}", display=False)
 glue("attack_epochs", ", ".join(map(str, job.settings.epochs)), display=False)
-overview.round(3)
+html(overview.round(3).rename(columns={
+    "success_rate": "success rate", "mean_iterations": "mean iterations",
+    "mean_l1_255": "mean L1 of successes (x 1/255)", "not_ok": "not finite"}).reset_index())
 
 # %% [markdown]
 # ## Summary
