@@ -109,7 +109,7 @@ class AttackSettings:
         sweep_per_class: images per class in the sweep (ranks 0 .. k-1 of the main selection).
         sweep_epoch: the epoch of the sweep; 0 = the last attacked epoch.
         gallery_images: for the last attacked epoch, the rank-0 images of the first k classes
-            are kept as pictures (every schedule; target ``(source + 1) mod 7``).
+            that have one are kept as pictures (every schedule; target ``(source + 1) mod 7``).
         precision: the engine's forward precision, ``"float32"``, ``"bfloat16"`` or ``"auto"``
             (:mod:`lib.precision`); successes are confirmed in float32 either way.
         refine_tolerance: None (no refinement) or > 0 in [0, 1] pixel units: the Linf width
@@ -400,7 +400,9 @@ def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, epoch: int, ki
 def _mark_gallery(rows: pd.DataFrame, settings: AttackSettings, *, last_epoch: int) -> None:
     """Flag the rows whose borderline images are kept (see ``AttackSettings.gallery_images``)."""
     main = (rows["kind"] == "main") & (rows["epoch"] == last_epoch) & (rows["rank"] == 0)
-    shown = rows["source"] < settings.gallery_images
+    # the first k classes that have an image there (a class the checkpoint never gets right
+    # has none, and the next class takes its place)
+    shown = rows["source"].isin(sorted(rows.loc[main, "source"].unique())[:settings.gallery_images])
     if settings.mode == "targeted":
         aimed = rows["target"] == (rows["source"] + 1) % NUM_CLASSES
     else:
