@@ -3,6 +3,7 @@
 Modules, one job each (an arrow names what a module imports from lib; there is no cycle):
 
 - ``errors``: the error types every check raises
+- ``progress``: progress bars on the terminal that waits, never in a notebook
 - ``io``: atomic file writes and safe reads
 - ``stages``: the stage contract and the run folder: stage list and outputs, notebook
   parameters, profiles and their merge, every path in a run folder, manifests, the lock

@@ -40,8 +40,9 @@
 # ## Prerequisites
 #
 # The attack stage (03_attack) has written `attack/results.csv`. The reference attacks are far
-# more expensive than ours (hundreds of steps each, no early stop), so the default build runs
-# them on a few pairs of one checkpoint; raise `n_pairs` and `steps` for a firmer answer.
+# more expensive than ours (hundreds of steps each, no early stop), so a build runs them on a
+# few pairs of the chosen checkpoints (the parameters of this build, below, say how many);
+# raise `n_pairs` and `steps` for a firmer answer.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # run folder with attack/; this stage writes minimality/
@@ -164,8 +165,7 @@ glue("min_budgets", " and ".join(str(b) for b in steps), display=False)
 # from their clean image as the best-known minimal perturbation. The loss-adaptive schedule's
 # median ratio is {glue:text}`min_adaptive_ratio` (95 % interval in brackets): it is {glue:text}`min_adaptive_verdict`.
 # The best known is the smallest distance any reference attack reached within
-# {glue:text}`min_budgets` steps; a longer budget can only lower it (the stage's own default
-# adds 1,000 steps, which the CPU default profile leaves out for time), so these ratios
+# {glue:text}`min_budgets` steps; a longer budget can only lower it, so these ratios
 # understate, if anything, how far the schedules are from minimal.
 # The sign-gradient attacks find *where along their own path* the boundary lies, which is what
 # the robustness index needs to compare checkpoints; they do not find the nearest boundary

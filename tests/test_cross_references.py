@@ -167,3 +167,14 @@ def test_a_role_that_resolves_nowhere_is_found(sentence: str, problem: str) -> N
 ])
 def test_pointers_that_lead_somewhere_pass(sentence: str) -> None:
     assert prose_problems("method", sentence) == []
+
+
+def test_the_attack_chapter_states_the_default_profile_as_it_is() -> None:
+    # the chapter gives the default profile's attacked checkpoints and the one it leaves out
+    attacked = pipeline.load_profile("default")["03_attack"]["epochs"]
+    trained = pipeline.load_profile("default")["02_train"]["epochs"]
+    left_out = [e for e in range(1, trained + 1) if e not in attacked]
+    text = " ".join(chapters()["executed/03_attack"].split())
+    listed = ", ".join(map(str, attacked[:-1])) + f" and {attacked[-1]}"
+    assert f"The default profile attacks the checkpoints of epochs {listed}" in text
+    assert left_out == [2] and "leaves out epoch 2 by choice" in text

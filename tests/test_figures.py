@@ -181,12 +181,15 @@ def test_accuracy_chart_draws_intervals_when_given() -> None:
 # --------------------------------------------------------------------------- the book's rules
 
 
-def test_the_loss_curve_places_global_steps_inside_their_epochs() -> None:
+def test_the_loss_curve_places_global_steps_inside_their_epochs(tmp_path) -> None:
     # train/losses.csv numbers steps from the start of training: 3 epochs of 4, 4 and 2 steps
     import pandas as pd
 
-    losses = pd.DataFrame({"epoch": [1] * 4 + [2] * 4 + [3] * 2, "step": range(1, 11),
-                           "loss": [2.0] * 10})
+    path = tmp_path / "losses.csv"
+    path.write_text("epoch,step,loss\n" + "".join(
+        f"{epoch},{step},2.0\n" for epoch, step in zip([1] * 4 + [2] * 4 + [3] * 2,
+                                                       range(1, 11), strict=True)))
+    losses = pd.read_csv(path)
     spec = figures.loss_curve_chart(losses).to_dict()
     (rows,) = spec["datasets"].values()
     assert [r["position"] for r in rows] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0,

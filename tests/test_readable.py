@@ -28,7 +28,7 @@ def test_the_paired_table_puts_words_in_its_header_and_a_floor_under_its_p_value
                                    "signed-rank p"]
     assert "< 0.0001" in set(shown["signed-rank p"])
     first = differences.iloc[0]
-    assert shown["95 % interval"].iloc[0] == f"[{first['low']:.3g}, {first['high']:.3g}]"
+    assert shown["95 % interval"].iloc[0] == f"[{first['low']:.3g},\u00a0{first['high']:.3g}]"
     assert not any("_" in column for column in shown.columns)
 
 
@@ -51,4 +51,5 @@ def test_interval_pivot_puts_epochs_down_and_schedules_across() -> None:
     shown = readable.interval_pivot(rates, value="success_rate", order=["step", "constant"],
                                     count="attacks", percent=True)
     assert list(shown.columns) == ["epoch", "step", "constant"]
-    assert shown.loc[0, "constant"].startswith("100.0 % [") and "(n=8)" in shown.loc[0, "constant"]
+    assert shown.loc[0, "constant"].startswith("100.0\u00a0% [")
+    assert shown.loc[0, "constant"].endswith("(n=8)")

@@ -16,6 +16,8 @@ from IPython.display import HTML
 #: p-values below this print as "< P_FLOOR" (a test with thousands of pairs gives p far
 #: below anything a reader compares).
 P_FLOOR = 0.0001
+#: Keeps an interval's two bounds (and a number and its %) on one line in a narrow column.
+_NBSP = "\u00a0"
 
 
 def p_value_text(p: float) -> str:
@@ -37,7 +39,7 @@ def bounds_text(low: float, high: float, *, digits: int = 3) -> str:
     """``"[low, high]"`` with ``digits`` significant digits (``"-"`` without bounds)."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return "-"
-    return f"[{low:.{digits}g}, {high:.{digits}g}]"
+    return f"[{low:.{digits}g},{_NBSP}{high:.{digits}g}]"
 
 
 def interval_text(estimate: float, low: float, high: float, *, digits: int = 3) -> str:
@@ -45,7 +47,7 @@ def interval_text(estimate: float, low: float, high: float, *, digits: int = 3) 
     estimate."""
     if not math.isfinite(estimate):
         return "-"
-    return f"{estimate:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
+    return f"{estimate:.{digits}g} [{low:.{digits}g},{_NBSP}{high:.{digits}g}]"
 
 
 def paired_table(differences: pd.DataFrame, *, unit: str) -> pd.DataFrame:
@@ -111,7 +113,7 @@ def percent_text(estimate: float, low: float, high: float) -> str:
     """A rate and its interval in percent: ``"66.7 % [39.1, 86.2]"`` (``"-"`` without one)."""
     if not math.isfinite(estimate):
         return "-"
-    return f"{100 * estimate:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{100 * estimate:.1f}{_NBSP}% [{100 * low:.1f},{_NBSP}{100 * high:.1f}]"
 
 
 def interval_pivot(table: pd.DataFrame, *, value: str, order: list[str],
@@ -141,4 +143,5 @@ def html(table: pd.DataFrame) -> HTML:
     formatters = {column: "{:,}".format for column in table.columns
                   if pd.api.types.is_integer_dtype(table[column])
                   and column not in ("epoch", "from epoch", "to epoch")}
-    return HTML(table.to_html(index=False, border=0, na_rep="-", formatters=formatters))
+    return HTML(table.to_html(index=False, border=0, na_rep="-", formatters=formatters,
+                              justify="left"))
