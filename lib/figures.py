@@ -501,11 +501,24 @@ def trace_chart(summary: pd.DataFrame) -> alt.VConcatChart:
     return _finish(alt.vconcat(*panels, spacing=8))
 
 
+def spans_a_decade(low: float, high: float) -> bool:
+    """Whether positive values from ``low`` to ``high`` span a factor of 10: the rule for a
+    logarithmic axis (below that, a log axis only spreads its tick labels unevenly)."""
+    return low > 0 and high / low >= 10
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """Ticks at 1, 2 and 5 times the powers of ten from ``low`` to ``high`` (never crowded)."""
+    ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(low))),
+                                          int(np.ceil(np.log10(high))) + 1) for m in (1, 2, 5)]
+    return [t for t in ticks if low <= t <= high]
+
+
 def _step_axis(values: pd.Series, *, title: str) -> alt.X:
     """An x axis of the values tried, labelled at exactly those values; logarithmic only
     where they span a factor of 10 or more."""
     tried = sorted(float(v) for v in values.dropna().unique())
-    spans = len(tried) > 1 and tried[0] > 0 and tried[-1] / tried[0] >= 10
+    spans = len(tried) > 1 and spans_a_decade(tried[0], tried[-1])
     scale = (alt.Scale(type="log", domain=[tried[0] / 1.2, tried[-1] * 1.2], nice=False)
              if spans else alt.Scale(zero=False, padding=20))
     return alt.X(f"{values.name}:Q", title=title, scale=scale,
@@ -681,8 +694,15 @@ def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.LayerChart:
                  _tooltip("median_ratio_high:Q", "95 % high", format=".2f"),
                  _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
                  _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
+    low = float(table["median_ratio_low"].min()) if len(table) else 1.0
+    high = float(table["median_ratio_high"].max()) if len(table) else 1.0
+    if spans_a_decade(low, high):  # ratios from near 1 to far beyond: a log axis
+        scale = alt.Scale(type="log", domain=[low / 1.2, high * 1.2], nice=False)
+        axis = alt.Axis(values=_log_ticks(low / 1.2, high * 1.2), format="~g")
+    else:
+        scale, axis = alt.Scale(zero=False), alt.Axis()
     whiskers = base.mark_rule(strokeWidth=2).encode(
-        x=alt.X("median_ratio_low:Q", title=title, scale=alt.Scale(zero=False)),
+        x=alt.X("median_ratio_low:Q", title=title, scale=scale, axis=axis),
         x2="median_ratio_high:Q")
     points = base.mark_point(filled=True, size=60).encode(
         x=alt.X("median_ratio:Q", title=title))

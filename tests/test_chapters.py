@@ -97,8 +97,8 @@ def predictions(correct: dict[int, dict[int, int]]) -> pd.DataFrame:
 def test_the_checkpoints_sentence_names_what_was_left_out_and_why_it_was_thin() -> None:
     table = predictions({1: {0: 9, 4: 5}, 2: {0: 9, 4: 2}, 3: {0: 10, 4: 9}})
     assert chapters.checkpoints_sentence(table, [1, 3]) == (
-        "This build trained 3 epochs and attacked the checkpoints of epochs 1 and 3; of those "
-        "it left out, epoch 2 classified 2 of 10 Clipper test images correctly, the fewest of "
-        "any tool.")
+        "This build trained 3 epochs and attacked the checkpoints of epochs 1 and 3. Left out: "
+        "epoch 2, whose checkpoint classified 2 of 10 Clipper test images correctly, the fewest "
+        "of any tool.")
     assert chapters.checkpoints_sentence(table, [1, 2, 3]) == (
         "This build attacked the checkpoint of every trained epoch (1, 2 and 3).")

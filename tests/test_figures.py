@@ -303,3 +303,21 @@ def test_the_lr0_axis_is_logarithmic_only_over_a_factor_of_ten(values: list, log
     x = figures._step_axis(pd.Series(values, name="lr0_255"), title="lr0").to_dict()
     assert (x["scale"].get("type") == "log") is log
     assert x["axis"]["values"] == sorted(values)  # ticks at the values tried, no others
+
+
+@pytest.mark.parametrize(("high", "log"), [(3.0, False), (80.0, True)])
+def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float,
+                                                                     log: bool) -> None:
+    import pandas as pd
+
+    ratios = pd.DataFrame({"schedule": ["constant", "step"], "epoch": [1, 1],
+                           "successful": [5, 5], "median_ratio": [2.0, high / 2],
+                           "median_ratio_low": [1.5, high / 3], "median_ratio_high": [2.5, high],
+                           "q25_ratio": [1.8, high / 2.5], "q75_ratio": [2.2, high / 1.5]})
+    spec = figures.minimality_ratio_chart(ratios).to_dict()
+    x = spec["layer"][0]["encoding"]["x"]
+    assert (x.get("scale", {}).get("type") == "log") is log
+    if log:  # ticks at 1, 2, 5 x 10^k inside the domain: never crowded
+        assert x["axis"]["values"] == [2, 5, 10, 20, 50]
+    width, texts = drawn(spec)
+    assert width <= figures.PAGE_WIDTH

@@ -123,7 +123,7 @@ def _draw_example(canvas: Image.Image, draw: ImageDraw.ImageDraw, example: Galle
     line = FONT_SIZE + 6
     amplification = 1 / (2 * example.peak) if example.peak > 0 else 1.0
     draw.text((0, top), f"{TOOLS[example.source]} attacked toward {TOOLS[example.target]}; "
-              f"perturbations below amplified x{amplification:.0f}", fill="black", font=font)
+              f"perturbations below amplified x{amplification:.2g}", fill="black", font=font)
     top += line
     step = tile + _GAP
     canvas.paste(_tile(example.original, tile), (0, top))

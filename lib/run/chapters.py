@@ -139,11 +139,11 @@ def checkpoints_sentence(predictions: pd.DataFrame, attacked: Sequence[int]) -> 
         part = predictions[predictions["epoch"] == epoch]
         correct = (part["label"] == part["predicted"]).groupby(part["label"]).agg(["sum", "size"])
         label = int(correct["sum"].idxmin())
-        details.append(f"epoch {epoch} classified {int(correct.loc[label, 'sum'])} of "
-                       f"{int(correct.loc[label, 'size'])} {TOOLS[label]} test images "
-                       "correctly, the fewest of any tool")
+        details.append(f"epoch {epoch}, whose checkpoint classified "
+                       f"{int(correct.loc[label, 'sum'])} of {int(correct.loc[label, 'size'])} "
+                       f"{TOOLS[label]} test images correctly, the fewest of any tool")
     return (f"This build trained {len(trained)} epochs and attacked the checkpoints of epochs "
-            f"{listed}; of those it left out, {'; '.join(details)}.")
+            f"{listed}. Left out: {'; '.join(details)}.")
 
 
 def _listing(numbers: Sequence[int]) -> str:
