@@ -6,7 +6,8 @@ The package is grouped by layer; data flows down the list. ``lib.data``, ``lib.m
 where a run folder keeps its files. There is no import cycle.
 
 - ``errors``: the error types every check raises; ``io``: atomic file writes and safe reads;
-  ``checking``: the value checks every settings class uses
+  ``checking``: the value checks every settings class uses; ``progress``: progress bars on
+  the terminal that waits, never in a notebook
 - Each stage's parameters have one owner, a settings class beside the code that uses them
   (``data.settings``, ``train.settings``, ``attack.plan``, ``analysis.settings``,
   ``run.minimality_stage``): the only defaults (the default build's) and the only checks.
@@ -55,6 +56,8 @@ where a run folder keeps its files. There is no import cycle.
   - ``claims``: the paper's claims, each with an interval and a verdict
   - ``minimality``: our distances against the best-known minimal ones
   - ``figures``: altair chart builders shared by the notebooks
+  - ``gallery``: the borderline images drawn as one picture that fits the text column
+  - ``readable``: tables as the book shows them (headers in words, intervals in one cell)
   - ``settings``: the analysis stage's settings
 
 - ``run``: the run machinery
@@ -72,6 +75,8 @@ where a run folder keeps its files. There is no import cycle.
   - ``pipeline``: stage commands: papermill execution, ``start_stage``/``finish_stage``, the
     command line (``python -m lib.run.pipeline``)
   - ``book``: the book's generated pages
+  - ``chapters``: what the chapters say about the build (its parameters, precision and
+    attacked checkpoints)
   - ``rerun``: the rerun proof (``python -m lib.run.rerun``)
   - ``distributed``, ``ranks``: the torchrun launcher (``python -m lib.run.distributed``);
     a rank's place and the steps every rank agrees on

@@ -23,10 +23,10 @@
 #
 # ```{admonition} Which data this build used
 # :class: note
-# The parameters below say which dataset this page was built from. The default build uses a
-# **synthetic** dataset written by `lib.data.synthetic` in the exact Cholec80 layout (mp4 videos at
-# 25 fps and `tool_annotations/videoNN-tool.txt` files); it is read by the same Cholec80 reader
-# as the real data, but its frames are drawn, not filmed.
+# The parameters of this build (the table below) say which dataset this page was built from.
+# The default build uses a **synthetic** dataset written by `lib.data.synthetic` in the exact
+# Cholec80 layout (mp4 videos at 25 fps and `tool_annotations/videoNN-tool.txt` files); it is
+# read by the same Cholec80 reader as the real data, but its frames are drawn, not filmed.
 # ```
 #
 # ## Prerequisites
@@ -52,15 +52,21 @@ seed = 0  # synthetic only: the generator's seed
 workers = 2  # processes decoding videos in parallel (1: in this process)
 overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
 
-# %%
+# %% tags=["remove-input"]
 import torch
 from IPython.display import display
 from myst_nb import glue
 
 from lib import TOOLS
 from lib.analysis import figures
+from lib.analysis.readable import html
 from lib.data import datasets, synthetic
-from lib.data.counts import class_counts, compare_with_published, tools_per_frame
+from lib.data.counts import (
+    PUBLISHED_COUNTS,
+    class_counts,
+    compare_with_published,
+    tools_per_frame,
+)
 from lib.run import data_stage, pipeline
 from lib.run.layout import DATA_STAGE
 from lib.run.parameters import from_namespace
@@ -80,7 +86,7 @@ data_stage.write_run_data(run_dir, splits)
 pipeline.finish_stage(DATA_STAGE, run_dir=run_dir)
 decoded = len(splits["train"].meta.get("decoded_videos", []))  # one list for the whole load
 print(f"{len(splits['train'])} training and {len(splits['test'])} test frames of "
-      f"{image_size} px; videos decoded now: {decoded} (the others came from the cache)")
+      f"{image_size} px;\nvideos decoded now: {decoded} (the others came from the cache)")
 
 # %% [markdown]
 # ## Frames per tool
@@ -95,20 +101,30 @@ table = counts.pivot(index="tool", columns="split", values="frames").loc[list(TO
 table.loc["all"] = table.sum()
 glue("data_train_frames", f"{int(table.loc['all', 'train']):,}", display=False)
 glue("data_test_frames", f"{int(table.loc['all', 'test']):,}", display=False)
-table
+published = PUBLISHED_COUNTS["train"]
+for tool in ("Hook", "Scissors"):  # the most and the least frequent tool of Cholec80
+    glue(f"data_{tool.lower()}_share",  # a no-break space keeps number and % on one line
+         f"{100 * table.loc[tool, 'train'] / max(table.loc['all', 'train'], 1):.1f}\u00a0%",
+         display=False)
+    glue(f"cholec80_{tool.lower()}_share",
+         f"{100 * published[tool] / sum(published.values()):.1f}\u00a0%", display=False)
+html(table.rename(columns={"train": "training frames", "test": "test frames"})
+     .rename_axis(index="tool", columns=None).reset_index())
 
-# %% mystnb={"figure": {"caption": "Single-tool frames per tool in the training and test split.", "name": "fig-data-counts"}}
+# %% mystnb={"figure": {"caption": "Single-tool frames per tool in the training and test split.", "name": "fig-data-counts"}} tags=["hide-input"]
 figures.class_counts_chart(counts)
 
 # %% [markdown]
 # The training split has {glue:text}`data_train_frames` single-tool frames and the test split
-# {glue:text}`data_test_frames`. The tools are far from balanced, as in Cholec80, where the
-# hook alone appears in almost half of the single-tool training frames and the scissors in
-# under 2 %. This is why the training chapter reports macro F1 beside accuracy.
+# {glue:text}`data_test_frames`. The tools are far from balanced: in this build the Hook makes
+# up {glue:text}`data_hook_share` of the single-tool training frames and the Scissors
+# {glue:text}`data_scissors_share`; in Cholec80's published counts the Hook makes up
+# {glue:text}`cholec80_hook_share` and the Scissors {glue:text}`cholec80_scissors_share`. This
+# is why the training chapter reports macro F1 beside accuracy.
 #
 # ## How many tools per annotated frame
 
-# %% mystnb={"figure": {"caption": "Share of annotated frames that show no tool, one tool, or two or more.", "name": "fig-data-tools-per-frame"}}
+# %% mystnb={"figure": {"caption": "Share of annotated frames that show no tool, one tool, or two or more.", "name": "fig-data-tools-per-frame"}} tags=["hide-input"]
 if dataset_kind == "imagefolder":
     shares = None
     print("An ImageFolder dataset holds labelled images only: no per-frame annotation to count.")
@@ -128,7 +144,9 @@ else:
 comparison = compare_with_published(counts)
 all_match = bool(comparison["match"].all())
 glue("data_counts_match", "match" if all_match else "do not match", display=False)
-comparison
+html(comparison.assign(match=comparison["match"].map({True: "yes", False: "no"})).rename(
+    columns={"frames": "frames here", "published": "frames in Cholec80 (published)",
+             "match": "equal"}))
 
 # %% [markdown]
 # Our counts {glue:text}`data_counts_match` the published ones.

@@ -22,9 +22,8 @@
 #
 # ## Prerequisites
 #
-# The data stage (01_data) has written the run folder's `data/`. Parameters below; the
-# defaults suit the synthetic data on two CPU cores, and the comments give the paper-scale
-# values for Cholec80.
+# The data stage (01_data) has written the run folder's `data/`. The table below gives the
+# parameters of this build; the meaning of each names its paper-scale value for Cholec80.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
@@ -47,8 +46,10 @@ overwrite = False  # discard this stage's results (and those of every later stag
 from myst_nb import glue
 
 from lib.analysis import figures
+from lib.analysis.readable import html
 from lib.model.precision import resolve as resolve_precision
 from lib.run import data_stage, pipeline, tables
+from lib.run.chapters import precision_sentence
 from lib.run.layout import TRAIN_STAGE
 from lib.run.parameters import from_namespace
 from lib.train.loop import fit
@@ -58,7 +59,8 @@ train_dir = pipeline.start_stage(TRAIN_STAGE, run_dir=run_dir, overwrite=overwri
 train_set = data_stage.load_run_split(run_dir, "train")
 test_set = data_stage.load_run_split(run_dir, "test")
 print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.image_size} px; "
-      f"training forwards in {resolve_precision(precision, device)} (precision {precision!r})")
+      f"forwards in {resolve_precision(precision, device)}")
+glue("train_precision", precision_sentence(run_dir, TRAIN_STAGE, globals()), display=False)
 
 # %% [markdown]
 # ## Training with a checkpoint per epoch
@@ -71,46 +73,52 @@ print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.
 # from its last finished epoch with the same result.
 #
 # **Why the default build trains this way.** The parameters' defaults are the default build's
-# values (the stages' settings classes in `lib` hold them; the parameters above repeat them).
-# The default run trains AlexNet from random weights, and such a network needs a few thousand
-# images before it tells the seven tools apart: in our trials on the synthetic data the test
-# accuracy stayed near chance for the first thousand images and passed 0.5 only after about
-# 3,000 (learning rate 0.01) or 5,000 (0.003); a 15-step warm-up to 0.01 or AdamW at 1e-4 were
-# no faster in the first 2,900 images. The attack stage studies every checkpoint from the first
-# one on, so the first epoch alone must already give a working classifier, with some correctly
-# classified images of every tool. The data stage therefore generates 16 videos of 15 minutes,
-# about 3,900 single-tool training frames (3-minute videos, 812 frames, left the first
-# checkpoint at chance), rather than training many short epochs over a small set; every 3
-# minutes of all 16 videos cost about 40 s to render and decode. The learning rate is AlexNet's
-# 0.01 with momentum 0.9, halved after every epoch: measured with the weighted loss, a constant
-# 0.01 took the test accuracy from 0.60 after epoch 1 down to 0.32 and 0.25 after epochs 2 and
-# 3; multiplied by 0.7 per epoch it fell to 0.42 after epoch 2 and reached 0.81 after epoch 5;
-# halved, 0.87. Batches of 64 were the fastest per image on two cores (32 was no better per
-# image seen). The rarest tool, the scissors (5 % of the frames), decides the balancing. With
-# the weighted loss or with no balancing, the first checkpoint of our trials classified none of
-# the 185 test scissors correctly; with balanced batches it classified 23. No balancing gave the
-# best last checkpoint (0.96 against 0.91 in the same trials), but a first checkpoint with no
-# correct scissors leaves the attack stage nothing to attack for that tool, so the default is the
-# sampler. Five epochs, about 19,500 images in all, bring the last checkpoint to the accuracy in
-# the table below. The attack stage leaves out the checkpoint of epoch 2: in a one-thread trial
-# it classified only 2 of the 430 Clipper test frames correctly (the boundary between Grasper,
-# Clipper and Scissors was still moving), while epochs 3 to 5 had at least 40 correctly
-# classified images of every tool. The paper profile keeps the paper's own scale (10 epochs over
-# Cholec80's 31,477 frames).
+# values (the stages' settings classes in `lib` hold them; the table of this build's parameters
+# above marks any value a build sets otherwise). The default run trains AlexNet from random
+# weights, and such a network needs a few thousand images before it tells the seven tools apart:
+# in our trials on the synthetic data the test accuracy stayed near chance for the first thousand
+# images and passed 0.5 only after about 3,000 (learning rate 0.01) or 5,000 (0.003); a 15-step
+# warm-up to 0.01 or AdamW at 1e-4 were no faster in the first 2,900 images. The attack stage
+# studies every checkpoint from the first one on, so the first epoch alone must already give a
+# working classifier, with some correctly classified images of every tool. The data stage
+# therefore generates 16 videos of 15 minutes, about 3,900 single-tool training frames (3-minute
+# videos, 812 frames, left the first checkpoint at chance), rather than training many short epochs
+# over a small set; every 3 minutes of all 16 videos cost about 40 s to render and decode. The
+# learning rate is AlexNet's 0.01 with momentum 0.9, halved after every epoch: measured with the
+# weighted loss, a constant 0.01 took the test accuracy from 0.60 after epoch 1 down to 0.32 and
+# 0.25 after epochs 2 and 3; multiplied by 0.7 per epoch it fell to 0.42 after epoch 2 and reached
+# 0.81 after epoch 5; halved, 0.87. Batches of 64 were the fastest per image on two cores (32 was
+# no better per image seen). The rarest tool, the scissors (5 % of the frames), decides the
+# balancing. With the weighted loss or with no balancing, the first checkpoint of our trials
+# classified none of the 185 test scissors correctly; with balanced batches it classified 23. No
+# balancing gave the best last checkpoint (0.96 against 0.91 in the same trials), but a first
+# checkpoint with no correct scissors leaves the attack stage nothing to attack for that tool, so
+# the default is the sampler. Five epochs, about 19,500 images in all, brought the last checkpoint
+# of those trials to an accuracy of about 0.9; the table below gives this build's. The attack
+# stage leaves out the checkpoint of epoch 2: in a one-thread trial it classified only 2 of the
+# 430 Clipper test frames correctly (the boundary between Grasper, Clipper and Scissors was still
+# moving), while epochs 3 to 5 had at least 40 correctly classified images of every tool. The
+# paper profile keeps the paper's own scale (10 epochs over Cholec80's 31,477 frames).
 
-# %%
+# %% tags=["remove-input"]
 metrics = fit(
     train_set, test_set, out_dir=train_dir, epochs=epochs, batch_size=batch_size, lr=lr,
     lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
     device=device, weights_path=weights_path or None, num_workers=workers, precision=precision,
 )
 pipeline.finish_stage(TRAIN_STAGE, run_dir=run_dir)
-metrics.round(4)
+html(metrics.round(4).rename(columns={
+    "accuracy": "test accuracy", "macro_f1": "test macro F1",
+    "train_loss": "training loss (mean over the epoch)", "test_loss": "test loss"}))
 
 # %% [markdown]
+# The table gives every checkpoint's test accuracy and macro F1 and the mean cross-entropy
+# over the epoch's training batches and over the test split. The model's forwards computed in
+# {glue:text}`train_precision`.
+#
 # ## Loss
 
-# %% mystnb={"figure": {"caption": "Training loss of every SGD step (grey) and its running mean (black).", "name": "fig-training-loss"}}
+# %% mystnb={"figure": {"caption": "Training loss of every SGD step (grey) and its running mean over 20 steps (black); epoch e ends at e on the horizontal axis.", "name": "fig-training-loss"}} tags=["hide-input"]
 figures.loss_curve_chart(tables.read_train_table(train_dir, "losses"))
 
 # %% [markdown]
@@ -121,7 +129,7 @@ figures.loss_curve_chart(tables.read_train_table(train_dir, "losses"))
 # unweighted mean of the seven per-class F1 scores) is the fairer summary; accuracy is
 # dominated by the frequent tools.
 
-# %% mystnb={"figure": {"caption": "Test accuracy and macro F1 of the checkpoint after every epoch (the paper's Figure 1).", "name": "fig-training-accuracy-f1"}}
+# %% mystnb={"figure": {"caption": "Test accuracy and macro F1 of the checkpoint after every epoch (the paper's Figure 1).", "name": "fig-training-accuracy-f1"}} tags=["hide-input"]
 figures.accuracy_f1_chart(metrics)
 
 # %% tags=["remove-input"]
@@ -136,14 +144,14 @@ glue("train_epochs", int(last["epoch"]), display=False)
 #
 # ## Per-class F1
 
-# %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}}
+# %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}} tags=["hide-input"]
 per_class = tables.read_train_table(train_dir, "per_class")
 figures.per_class_f1_chart(per_class)
 
 # %% [markdown]
 # ## Confusion matrix of the last checkpoint
 
-# %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}}
+# %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}} tags=["hide-input"]
 confusion = tables.read_train_table(train_dir, "confusion")
 figures.confusion_chart(confusion[confusion["epoch"] == confusion["epoch"].max()])
 

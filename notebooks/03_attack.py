@@ -30,8 +30,8 @@
 # ## Prerequisites
 #
 # The training stage (02_train) has written the checkpoints and `train/predictions.csv`. The
-# defaults below keep the whole default build within its time budget on two CPU cores; the
-# comments give the paper's values.
+# table below gives the parameters of this build; the meaning of each names the paper's value
+# where the paper gives one.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
@@ -48,11 +48,11 @@ schedule_constants = {}  # per schedule, constants other than the method chapter
 sweep_lr0 = [0.004, 0.008, 0.016, 0.04]  # lr0 values of the sensitivity sweep, a factor 10 around lr0; [] for no sweep
 sweep_per_class = 1  # images per class in the sweep (ranks 0 .. k-1 of the main selection)
 sweep_epoch = 0  # checkpoint of the sweep; 0 for the last attacked one
-gallery_images = 7  # classes whose first image is kept as pictures, at the last attacked checkpoint (every schedule; target ``(source + 1) mod 7``)
+gallery_images = 7  # the first classes that have an image at the last attacked checkpoint; their first image is kept as pictures (every schedule; target ``(source + 1) mod 7``)
 precision = "auto"  # model forwards: "float32", "bfloat16" (autocast; successes confirmed in float32) or "auto" (bfloat16 where the device computes it natively)
 refine_tolerance = 0.001  # None: off; else bisect each success's last step to this Linf width (pixel units) and report the refined distances beside the path distances
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
-progress = True  # a progress bar over the stage's work (stderr)
+progress = True  # a progress bar over the stage's work (on the terminal of the stage command)
 overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
 
 # %% tags=["remove-input"]
@@ -60,8 +60,9 @@ from IPython.display import display
 from myst_nb import glue
 
 from lib import TOOLS
-from lib.model.precision import resolve as resolve_precision
+from lib.analysis.readable import html
 from lib.run import attack_stage, pipeline, tables
+from lib.run.chapters import checkpoints_sentence, precision_sentence
 from lib.run.layout import ATTACK_STAGE
 from lib.run.parameters import from_namespace, stage_settings
 
@@ -69,20 +70,34 @@ values = from_namespace(ATTACK_STAGE, globals())
 attack_dir = pipeline.start_stage(ATTACK_STAGE, run_dir=run_dir, overwrite=overwrite,
                                   parameters=values)
 
-# %%
+# %% tags=["remove-input"]
 settings = stage_settings(ATTACK_STAGE, values)
 job = attack_stage.plan_job(run_dir, settings)
 attack_stage.save_plan(job, run_dir)
 main_rows = job.rows[job.rows["kind"] == "main"]
 reused = " (the sweep's lr0 equal to lr0 reuses the main rows)" if lr0 in job.settings.sweep_lr0 else ""
 print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
-      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep{reused}, in {len(job.chunks)} chunks; "
-      f"model forwards in {resolve_precision(precision, device)} (precision {precision!r}), "
-      "every success confirmed in float32")
+      f"{len(job.rows) - len(main_rows)} more in the lr0 sweep, in {len(job.chunks)} chunks"
+      + (f";\n{reused.strip(' ()')}" if reused else ""))
+glue("attack_precision", precision_sentence(run_dir, ATTACK_STAGE, values), display=False)
+glue("attack_checkpoints", checkpoints_sentence(tables.read_predictions(run_dir),
+                                                job.settings.epochs), display=False)
 
 # %% [markdown]
 # The stage plans every attack before running one: the checkpoints, the images each of them
-# attacks, and the fixed chunks the rows are cut into.
+# attacks, and the fixed chunks the rows are cut into. The model's forwards compute in
+# {glue:text}`attack_precision`; a crossing is confirmed in float32 whatever the precision
+# (the method chapter says how).
+#
+# ## Which checkpoints are attacked
+#
+# Every attacked checkpoint adds its own attacks to the stage's time, so a build may attack
+# only some of them: the parameter `epochs` lists them. {glue:text}`attack_checkpoints` The
+# default profile attacks the checkpoints of epochs 1, 3, 4 and 5, the first and the last
+# included, and leaves out epoch 2 by choice: in a trial run of the profile the checkpoint of
+# epoch 2 classified only 2 of the 430 Clipper test frames correctly, too few for the four
+# images per tool the stage attacks, while those of epochs 3 to 5 had at least 40 of every
+# tool (the training chapter gives the measurements).
 #
 # ## Which images are attacked
 #
@@ -92,12 +107,12 @@ print(f"checkpoints {list(job.settings.epochs)}: {len(main_rows)} attacks, "
 # the same image, and differences between epochs come from the model rather than from a new
 # draw of images.
 
-# %%
+# %% tags=["hide-input"]
 images = job.selection.images
 per_class = (images.groupby(["epoch", "label"]).size().unstack(fill_value=0)
              .reindex(columns=range(len(TOOLS)), fill_value=0))
 per_class.columns = list(TOOLS)
-per_class
+html(per_class.rename_axis(index="epoch", columns=None).reset_index())
 
 # %% [markdown]
 # A class with fewer correctly classified test images than asked for is attacked with what
@@ -110,7 +125,8 @@ if shortfall.empty:
     print(f"No shortfall: {n_per_class} correctly classified images of every tool at every "
           "attacked checkpoint.")
 else:
-    display(shortfall)
+    display(html(shortfall.drop(columns="label").rename(columns={
+        "wanted": "images asked for", "available": "correctly classified"})))
 
 # %% [markdown]
 # ## Running the attacks
@@ -119,7 +135,7 @@ else:
 # the batched engine, written to disk atomically when it finishes, so an interrupted stage
 # resumes from its last finished chunk and a rerun gives the same numbers bit for bit.
 
-# %%
+# %% tags=["remove-input"]
 attacked = attack_stage.run_chunks(job, run_dir, device=device, progress=progress)
 written = attack_stage.merge(job, run_dir)  # the paths of the merged tables
 
@@ -145,7 +161,9 @@ overview = (
 )
 glue("attack_total", f"{len(results):,}", display=False)
 glue("attack_epochs", ", ".join(map(str, job.settings.epochs)), display=False)
-overview.round(3)
+html(overview.round(3).rename(columns={
+    "success_rate": "success rate", "mean_iterations": "mean iterations",
+    "mean_l1_255": "mean L1 of successes (x 1/255)", "not_ok": "not finite"}).reset_index())
 
 # %% [markdown]
 # ## Summary

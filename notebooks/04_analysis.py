@@ -44,8 +44,9 @@ import pandas as pd
 from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
-from lib.analysis import aggregates, figures, paired, statistics
+from lib.analysis import aggregates, figures, paired, readable, statistics
 from lib.analysis.claims import claims_conclusion, paper_claims, readable_claims
+from lib.analysis.gallery import gallery_examples, gallery_picture, gallery_summary
 from lib.attack import selection
 from lib.run import manifest, pipeline, tables
 from lib.run.layout import ANALYSIS_STAGE, DATA_STAGE
@@ -68,11 +69,6 @@ def save(table: pd.DataFrame, name: str) -> pd.DataFrame:
     """Keep an aggregated table as analysis/<name>.csv (the book offers it for download)."""
     tables.write_analysis_table(run_dir, name, table)
     return table
-
-
-def interval_text(estimate: float, low: float, high: float, *, digits: int = 3) -> str:
-    """'estimate [low, high]' for the prose."""
-    return f"{estimate:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
 
 
 data_kind = manifest.read_manifest(run_dir)["stages"][DATA_STAGE]["parameters"]["dataset_kind"]
@@ -122,7 +118,7 @@ glue("rule_resamples", f"{statistics.RESAMPLES:,}", display=False)
 # classifies the whole test split. It is the baseline against which the robustness of the
 # same checkpoints is read in the following figures.
 
-# %% mystnb={"figure": {"caption": "Accuracy and macro F1 on the test split after every training epoch, with 95 % intervals (Wilson for accuracy, bootstrap over test images for macro F1; the paper's Figure 1).", "name": "fig-accuracy-f1"}}
+# %% mystnb={"figure": {"caption": "Accuracy and macro F1 on the test split after every training epoch, with 95 % intervals (Wilson for accuracy, bootstrap over test images for macro F1; the paper's Figure 1).", "name": "fig-accuracy-f1"}} tags=["hide-input"]
 accuracy = save(aggregates.accuracy_f1_intervals(predictions), "accuracy_f1")
 figures.accuracy_f1_chart(accuracy)
 
@@ -135,9 +131,13 @@ figures.accuracy_f1_chart(accuracy)
 # quickly have a bounded total step length, so some targets stay out of reach however many
 # iterations remain.
 
-# %% mystnb={"figure": {"caption": "Share of attacks that reached their target class within the update budget, per step-size schedule and checkpoint, with 95 % Wilson intervals (the paper's Figure 2).", "name": "fig-success-rate"}}
+# %% mystnb={"figure": {"caption": "Share of attacks that reached their target class within the update budget, per step-size schedule and checkpoint, with 95 % Wilson intervals (the paper's Figure 2).", "name": "fig-success-rate"}} tags=["hide-input"]
 rates = save(aggregates.success_rates(results), "success_rate")
 figures.success_rate_chart(rates)
+
+# %% [markdown]
+# The same rates per checkpoint (rows) and schedule (columns), each with its 95 % Wilson
+# interval and the number of attacks behind it:
 
 # %% tags=["remove-input"]
 at_last = rates[rates["epoch"] == last_epoch].set_index("schedule")
@@ -145,9 +145,8 @@ for name, row in at_last.iterrows():
     glue(f"success_{name.replace('-', '_')}",
          f"{100 * row['success_rate']:.1f} % [{100 * row['success_rate_low']:.1f}, "
          f"{100 * row['success_rate_high']:.1f}]", display=False)
-rates.assign(interval=[interval_text(r.success_rate, r.success_rate_low, r.success_rate_high)
-                       for r in rates.itertuples()]
-             ).pivot(index="epoch", columns="schedule", values="interval")[order]
+readable.html(readable.interval_pivot(rates, value="success_rate", order=order,
+                                      count="attacks", percent=True))
 
 # %% [markdown]
 # ## How far the borderline images lie
@@ -158,14 +157,16 @@ rates.assign(interval=[interval_text(r.success_rate, r.success_rate_low, r.succe
 # the checkpoint needed a larger push before it changed its answer; the bars are 95 %
 # bootstrap intervals of the mean.
 
-# %% mystnb={"figure": {"caption": "Mean L1 distance (grey levels of 1/255 per pixel value) between original and borderline images, successful attacks only, per schedule and checkpoint, with 95 % bootstrap intervals (the paper's Figure 3).", "name": "fig-l1-distance"}}
+# %% mystnb={"figure": {"caption": "Mean L1 distance (grey levels of 1/255 per pixel value) between original and borderline images, successful attacks only, per schedule and checkpoint, with 95 % bootstrap intervals (the paper's Figure 3).", "name": "fig-l1-distance"}} tags=["hide-input"]
 l1 = save(aggregates.mean_l1(results), "mean_l1")
 figures.l1_chart(l1)
 
+# %% [markdown]
+# The same means (x 1/255) per checkpoint and schedule, each with its 95 % bootstrap interval
+# and the number of successful attacks behind it:
+
 # %% tags=["remove-input"]
-l1.assign(interval=[interval_text(r.mean_l1_255, r.mean_l1_255_low, r.mean_l1_255_high)
-                    + f" (n={r.successes})" for r in l1.itertuples()]
-          ).pivot(index="epoch", columns="schedule", values="interval")[order]
+readable.html(readable.interval_pivot(l1, value="mean_l1_255", order=order, count="successes"))
 
 # %% [markdown]
 # ### Schedules compared pair by pair
@@ -178,14 +179,21 @@ l1.assign(interval=[interval_text(r.mean_l1_255, r.mean_l1_255_low, r.mean_l1_25
 # an interval to the left of zero means the schedule finds closer borderline images than the
 # reference.
 
-# %% mystnb={"figure": {"caption": "Mean paired difference of L1 (1/255) between each schedule and the reference schedule on the (image, target) pairs where both succeeded, with 95 % bootstrap intervals, per checkpoint.", "name": "fig-paired-l1"}}
+# %% mystnb={"figure": {"caption": "Mean paired difference of L1 (1/255) between each schedule and the reference schedule on the (image, target) pairs where both succeeded, with 95 % bootstrap intervals, per checkpoint.", "name": "fig-paired-l1"}} tags=["hide-input"]
 paired_l1 = save(paired.paired_schedule_differences(results, reference=reference_schedule),
                  "paired_l1")
 figures.paired_difference_chart(
     paired_l1, title=f"L1 minus {reference_schedule}'s L1 (x 1/255), paired")
 
+# %% [markdown]
+# The same differences in numbers: for each checkpoint and schedule, the reference it is
+# compared with, the pairs where both succeeded, the mean difference of L1 (x 1/255) with its
+# 95 % interval, and the p-value of the Wilcoxon signed-rank test of the differences (a
+# p-value below 0.0001 prints as such; "-" where every difference is zero or there are too
+# few pairs).
+
 # %% tags=["remove-input"]
-paired_l1.round(4)
+readable.html(readable.paired_table(paired_l1, unit="L1, x 1/255"))
 
 # %% [markdown]
 # ## Effort and step size at the last checkpoint
@@ -194,17 +202,19 @@ paired_l1.round(4)
 # {glue:text}`analysis_last_epoch`, the mean number of updates per attack (a failed attack
 # counts the whole budget) and the mean step size actually taken (the paper's Figure 4), with
 # 95 % bootstrap intervals. The table after it compares the iterations paired, against the
-# reference schedule.
+# reference schedule, on every attack of that checkpoint (a failed attack counts the whole
+# budget): mean difference of iterations with its 95 % interval and the signed-rank p-value.
 
-# %% mystnb={"figure": {"caption": "Mean number of iterations (left; failed attacks count the full budget) and mean step size (right, in 1/255) per schedule at the last attacked checkpoint, with 95 % bootstrap intervals (the paper's Figure 4).", "name": "fig-iterations-lr"}}
+# %% mystnb={"figure": {"caption": "Mean number of iterations (left; failed attacks count the full budget) and mean step size (right, in 1/255) per schedule at the last attacked checkpoint, with 95 % bootstrap intervals (the paper's Figure 4).", "name": "fig-iterations-lr"}} tags=["hide-input"]
 effort = save(aggregates.iterations_and_lr(results), "iterations_lr")
 figures.iterations_lr_chart(effort)
 
-# %%
+# %% tags=["remove-input"]
 paired_iterations = paired.paired_schedule_differences(
     results[results["epoch"] == last_epoch], reference=reference_schedule, value="iterations",
     successful_only=False, scale=1.0)
-save(paired_iterations, "paired_iterations").round(3)
+readable.html(readable.paired_table(save(paired_iterations, "paired_iterations"),
+                                    unit="iterations"))
 
 # %% [markdown]
 # ## Beyond the paper
@@ -218,7 +228,7 @@ save(paired_iterations, "paired_iterations").round(3)
 # and, below it, how many successful attacks it averages (`n`): a cell with a handful of
 # attacks is a rough estimate, and an empty cell has no successful attack.
 
-# %% mystnb={"figure": {"caption": "Mean L1 (1/255) of successful attacks per source (rows) and target (columns) tool, one panel per checkpoint, with the number of attacks behind each cell; the selector chooses the schedule.", "name": "fig-class-pairs"}}
+# %% mystnb={"figure": {"caption": "Mean L1 (1/255) of successful attacks per source (rows) and target (columns) tool, one panel per checkpoint, with the number of attacks behind each cell; the selector chooses the schedule.", "name": "fig-class-pairs"}} tags=["hide-input"]
 pairs = save(aggregates.class_pair_l1(results), "class_pair_l1")
 figures.class_pair_chart(pairs)
 
@@ -226,16 +236,25 @@ figures.class_pair_chart(pairs)
 # ### What borderline images look like
 #
 # {numref}`fig-gallery` shows, for the first selected image of several tools at the last
-# checkpoint, the original, the borderline image each schedule found (toward the next tool in
-# label order), and each perturbation amplified so that mid-grey means unchanged. The
-# perturbations are far below what the eye notices in the borderline images themselves.
+# checkpoint, the original and the image each schedule reached toward the next tool in label
+# order, with each perturbation amplified below it so that mid-grey means unchanged.
+# {glue:text}`gallery_summary`
 
-# %% mystnb={"figure": {"caption": "Borderline images at the last checkpoint. Per row: the original, the borderline image of each schedule, then each schedule's perturbation amplified (grey = no change; one amplification per row).", "name": "fig-gallery"}}
+# %% mystnb={"figure": {"caption": "Borderline images at the last attacked checkpoint, one block per attacked image. First row: the original, then each schedule's borderline image with its L1 distance (x 1/255); a red frame and \"failed\" mark an attack that did not reach the target within its budget (its image is the last iterate). Second row: each perturbation, amplified by the factor written above the block (mid-grey: no change).", "name": "fig-gallery"}} tags=["hide-input"]
 gallery = tables.read_arrays(run_dir, "gallery")
 if gallery is not None:
-    display(figures.gallery_picture(gallery, scale=2))
+    shown = gallery_summary(gallery_examples(gallery, results))
+    glue("gallery_summary", (
+        f"Of the {shown['attacks']} attacks shown, {shown['failed']} failed. In the successful "
+        f"ones no pixel value changed by more than {shown['largest_change_255']:.1f} grey "
+        f"levels (of 255), and their mean L1 is {shown['mean_l1_255']:.2f}/255; whether such "
+        "a change is visible depends on the image, so compare each borderline image with its "
+        "original."), display=False)
+    display(gallery_picture(gallery, results, schedules=order))
 else:
-    display(Markdown("*This run kept no borderline images (parameter `gallery_images` of 03_attack).*"))
+    glue("gallery_summary", "This run kept no borderline images.", display=False)
+    display(Markdown("*This run kept no borderline images (parameter `gallery_images` of "
+                     "03_attack).*"))
 
 # %% [markdown]
 # ### Spread of the distances
@@ -243,7 +262,7 @@ else:
 # A mean hides how the distances spread. {numref}`fig-l1-histogram` shows the distribution
 # of the L1 distance of the successful attacks at the last checkpoint for every schedule.
 
-# %% mystnb={"figure": {"caption": "Distribution of the L1 distance (1/255) of successful attacks at the last checkpoint, one row per schedule.", "name": "fig-l1-histogram"}}
+# %% mystnb={"figure": {"caption": "Distribution of the L1 distance (1/255) of successful attacks at the last checkpoint, one row per schedule.", "name": "fig-l1-histogram"}} tags=["hide-input"]
 histogram = save(aggregates.l1_histogram(results, bins=histogram_bins), "l1_histogram")
 figures.l1_histogram_chart(histogram)
 
@@ -255,10 +274,11 @@ figures.l1_histogram_chart(histogram)
 # checkpoint classifies correctly and selects are *followed*: {numref}`fig-per-image` draws
 # each followed image's mean L1 at every epoch (over the same targets at every epoch) beside
 # the mean over each checkpoint's own selection. Lines that rise show images around which
-# training widened the margin; the table gives the mean change per image from the first to the
-# last attacked epoch, paired per image.
+# training widened the margin; the table after the figure gives, per schedule, the mean change
+# of a followed image's L1 from the first to the last attacked epoch, paired per image, with
+# its 95 % interval and the signed-rank p-value.
 
-# %% mystnb={"figure": {"caption": "L1 (1/255) of each followed image at every attacked checkpoint (thin lines, coloured by tool; the same targets at every epoch) and the mean over each checkpoint's own selection with its 95 % interval (black), one panel per schedule.", "name": "fig-per-image"}}
+# %% mystnb={"figure": {"caption": "L1 (1/255) of each followed image at every attacked checkpoint (thin lines, coloured by tool; the same targets at every epoch) and the mean over each checkpoint's own selection with its 95 % interval (black), one panel per schedule.", "name": "fig-per-image"}} tags=["hide-input"]
 attacked = tables.read_table(run_dir, "selection")
 followed = selection.followed_images(attacked)
 per_image = save(aggregates.per_image_l1(results, followed["image_id"]), "per_image_l1")
@@ -272,7 +292,7 @@ else:
 change = save(aggregates.per_image_change(per_image), "per_image_change")
 glue("followed_images", str(len(followed)), display=False)
 glue("followed_of", str(attacked["image_id"].nunique()), display=False)
-change.round(4)
+readable.html(readable.per_image_change_table(change))
 
 # %% [markdown]
 # {glue:text}`followed_images` of the {glue:text}`followed_of` attacked images are followed.
@@ -286,7 +306,7 @@ change.round(4)
 # ranking of the schedules by mean L1 changes once the overshoot is removed, which separates
 # the step size's share of the distance from the schedule's path.
 
-# %% tags=["remove-input"]
+# %% tags=["hide-input"]
 ranking = aggregates.refinement_ranking(results)
 if ranking is None:
     display(Markdown("**No refined distances in this run**: the attack stage ran without "
@@ -299,11 +319,21 @@ else:
     display(Markdown(
         f"Ordered from the smallest mean L1, the schedules rank differently once the overshoot "
         f"is removed at {len(changed)} of {len(changes)} checkpoint(s)"
-        + (f" (epochs {', '.join(map(str, changed))})." if changed else ".")))
+        + (f" (epochs {', '.join(map(str, changed))})." if changed else ".")
+        + " The chart gives each schedule's mean L1 along the path (the first iterate past "
+        "the boundary) and refined (at the boundary), successful attacks only, with 95 % "
+        "bootstrap intervals, one panel per checkpoint:"))
     display(figures.refinement_chart(ranking))
-    display(changes)
-    display(paired.paired_schedule_differences(results, reference=reference_schedule,
-                                                value="refined_l1").round(4))
+    display(Markdown("The schedules ordered by mean L1 at each checkpoint, smallest first, "
+                     "along the path and refined:"))
+    display(readable.html(readable.ranking_table(changes)))
+    display(Markdown(
+        f"The refined distances compared pair by pair, as the path distances were above: each "
+        f"schedule minus {reference_schedule} on the (image, target) pairs where both "
+        "succeeded, mean difference of refined L1 (x 1/255) with its 95 % interval and the "
+        "signed-rank p-value:"))
+    display(readable.html(readable.paired_table(paired.paired_schedule_differences(
+        results, reference=reference_schedule, value="refined_l1"), unit="refined L1, x 1/255")))
 
 # %% [markdown]
 # ### Step sizes and losses while the attacks run
@@ -314,7 +344,7 @@ else:
 # its step by the current loss relative to the largest loss so far, so its steps shrink as
 # the image approaches the target region.
 
-# %% mystnb={"figure": {"caption": "Mean step size (1/255), mean target loss and number of attacks still running over the iterations, at the last checkpoint.", "name": "fig-traces"}}
+# %% mystnb={"figure": {"caption": "Mean step size (1/255), mean target loss and number of attacks still running over the iterations, at the last checkpoint.", "name": "fig-traces"}} tags=["hide-input"]
 traces = tables.read_arrays(run_dir, "traces")
 trace_table = save(aggregates.trace_summary(traces, results), "traces_summary")
 figures.trace_chart(trace_table)
@@ -327,7 +357,7 @@ figures.trace_chart(trace_table)
 # ({numref}`fig-lr0-sensitivity`). Where the intervals of two schedules separate and then
 # cross, the ranking of the schedules depends on this free choice.
 
-# %% mystnb={"figure": {"caption": "Success rate and mean L1 (1/255) of successful attacks against the initial step size lr0, per schedule, on a subset of the images, with 95 % intervals.", "name": "fig-lr0-sensitivity"}}
+# %% mystnb={"figure": {"caption": "Success rate and mean L1 (1/255) of successful attacks against the initial step size lr0, per schedule, on a subset of the images, with 95 % intervals.", "name": "fig-lr0-sensitivity"}} tags=["hide-input"]
 sweep = tables.read_sweep(run_dir)
 if sweep is None:
     print("the attack stage ran without an lr0 sweep (sweep_lr0 = [])")

@@ -40,9 +40,10 @@
 # ## Prerequisites
 #
 # The attack stage (03_attack) has written `attack/results.csv`. The reference attacks are far
-# more expensive than ours (hundreds of steps each, no early stop), so the default build runs
-# them on 30 pairs of the first and of the last attacked checkpoint, with the budget of our own
-# attacks; raise `n_pairs` and `steps` for a firmer answer.
+# more expensive than ours (hundreds of steps each, no early stop), so a build runs them on a
+# few pairs of the chosen checkpoints (the parameters of this build, below, say how many; the
+# default build takes 30 pairs of the first and of the last attacked checkpoint, with the
+# budget of our own attacks); raise `n_pairs` and `steps` for a firmer answer.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
@@ -59,6 +60,7 @@ overwrite = False  # discard this stage's results (and those of every later stag
 from myst_nb import glue
 
 from lib.analysis import figures, minimality
+from lib.analysis.readable import html
 from lib.run import minimality_stage, pipeline, tables
 from lib.run.layout import MINIMALITY_STAGE
 from lib.run.parameters import from_namespace, stage_settings
@@ -75,7 +77,7 @@ print(f"checkpoints {list(epochs) or 'the last attacked'}, {n_pairs} pairs each,
 # attacked again by every reference attack at every step budget. Each returned image is
 # classified again here; only images that really reach the target count.
 
-# %%
+# %% tags=["hide-input"]
 # Attack times differ from run to run, so they go to timings.csv, apart from the results.
 compared = minimality_stage.reference_tables(
     run_dir, stage_settings(MINIMALITY_STAGE, values), device=device)
@@ -84,28 +86,42 @@ summary = (reference.groupby(["attack", "steps"])
            .agg(pairs=("success", "size"), successful=("success", "sum"),
                 median_l1=("l1", "median"), median_changed=("changed_fraction", "median"))
            .reset_index())
-summary
+html(summary.round(3).rename(columns={
+    "attack": "reference attack", "steps": "step budget", "pairs": "pairs",
+    "successful": "reached the target", "median_l1": "median L1 (pixel units)",
+    "median_changed": "median share of values changed"}))
 
 # %% [markdown]
-# `median_changed` is the median share of pixel values an attack changed by more than half a
-# grey level: the L1 attacks change a small fraction, the L-infinity attack nearly all.
+# The table gives, per reference attack and step budget, how many of the pairs it flipped to
+# the target, the median L1 of its images (mean absolute change per value, in [0, 1] units)
+# and the median share of pixel values it changed by more than half a grey level: the L1
+# attacks change a small fraction, the L-infinity attack nearly all.
 #
 # ## Our schedules against the best known
+#
+# Per schedule and checkpoint: the pairs its attack flipped, the median ratio of its L1 to the
+# best-known L1 on those pairs with the quartiles of the ratio, and the optimality score over
+# all pairs (a failed attack counts as never flipping). The two figures after the table give
+# the intervals.
 
-# %%
+# %% tags=["hide-input"]
 ours = compared.ours
 best = minimality.best_per_sample(reference, ours, on=["epoch", "image_id", "target"])
 ratios = minimality.l1_ratio_table(ours, best)
 optimality = minimality.optimality_table(ours, best)
 table = ratios.merge(optimality, on=["schedule", "epoch"], suffixes=("", "_opt"))
 tables.write_table(run_dir, "ratios", table)
-table.round(3)
+html(table.round(3)[["schedule", "epoch", "successful", "median_ratio", "q25_ratio",
+                     "q75_ratio", "optimality"]].rename(columns={
+    "successful": "successful pairs", "median_ratio": "median L1 / best-known L1",
+    "q25_ratio": "first quartile", "q75_ratio": "third quartile",
+    "optimality": "optimality score"}))
 
-# %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 with its 95 % bootstrap interval, per checkpoint, on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}}
+# %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 with its 95 % bootstrap interval, per checkpoint, on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}} tags=["hide-input"]
 intervals = minimality.minimality_intervals(ours, best)
 figures.minimality_ratio_chart(intervals)
 
-# %% mystnb={"figure": {"caption": "AttackBench's optimality score of each schedule against the best-known distances (1: as small as the best known on every pair), with its 95 % bootstrap interval over the pairs.", "name": "fig-minimality-optimality"}}
+# %% mystnb={"figure": {"caption": "AttackBench's optimality score of each schedule against the best-known distances (1: as small as the best known on every pair), with its 95 % bootstrap interval over the pairs.", "name": "fig-minimality-optimality"}} tags=["hide-input"]
 figures.optimality_chart(intervals)
 
 # %% tags=["remove-input"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lib.run import pipeline
+from lib.run import book, pipeline
+from lib.run.layout import REPO
 
 
 def tiny_overrides(root: Path) -> dict[str, object]:
@@ -25,16 +29,37 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pipeline.run("tiny", overrides=tiny_overrides(root), progress=False)
 
 
+@pytest.fixture(scope="session")
+def built_book(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The book built (warnings are errors, nitpicky) from the tiny run, in a temporary
+    folder with our book sources; returns its ``_build/html``."""
+    root = tmp_path_factory.mktemp("book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copyfile(REPO / name, root / name)
+    shutil.copytree(REPO / "book", root / "book",
+                    ignore=shutil.ignore_patterns("executed"))
+    shutil.copytree(REPO / "_static", root / "_static",
+                    ignore=shutil.ignore_patterns("vega-*.js"))
+    book.prepare_book("tiny", run_dir=tiny_run, book_root=root)
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    completed = subprocess.run(
+        [str(jupyter_book), "build", str(root), "-W", "-n", "--keep-going"],
+        capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:]
+    return root / "_build" / "html"
+
+
 #: Test files that run whole stages (papermill notebooks, stage commands, book builds).
 PIPELINE_FILES = frozenset({"test_kill_resume.py", "test_notebooks.py", "test_book_build.py",
-                            "test_book_offline.py"})
+                            "test_book_offline.py", "test_book_pages.py"})
 #: Single tests that run a whole command in a subprocess.
 PIPELINE_TESTS = frozenset({
     "test_bench_attack.py::test_the_command_prints_its_table_and_last_line",
 })
 #: Fixtures that run whole stages (the bad-input cases that need the stages of valid_root are
 #: marked in tests/test_bad_inputs.py).
-PIPELINE_FIXTURES = frozenset({"tiny_run", "valid_root"})
+PIPELINE_FIXTURES = frozenset({"tiny_run", "valid_root", "built_book"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

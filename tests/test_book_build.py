@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from lib.run import book, layout
+from lib.run import layout
 from tests.chromium import console_errors, render_offline
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 PAPER_FIGURES = ("fig-accuracy-f1", "fig-success-rate", "fig-l1-distance", "fig-iterations-lr")
-
-
-@pytest.fixture(scope="module")
-def built_book(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Our book sources in a temporary folder, with the tiny run's executed notebooks."""
-    root = tmp_path_factory.mktemp("book")
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copyfile(layout.REPO / name, root / name)
-    shutil.copytree(layout.REPO / "book", root / "book",
-                    ignore=shutil.ignore_patterns("executed"))
-    book.prepare_book("tiny", run_dir=tiny_run, book_root=root)
-    jupyter_book = Path(sys.executable).parent / "jupyter-book"
-    completed = subprocess.run(
-        [str(jupyter_book), "build", str(root), "-W", "-n", "--keep-going"],
-        capture_output=True, text=True,
-    )
-    assert completed.returncode == 0, completed.stdout[-4000:]
-    return root / "_build" / "html"
 
 
 def test_every_chapter_is_built(built_book: Path) -> None:

@@ -42,6 +42,8 @@ def chart_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                        "language": "python"}
     NotebookClient(notebook, kernel_name="python3", timeout=120).execute()
     nbformat.write(notebook, root / "page.ipynb")
+    shutil.copytree(layout.REPO / "_static", root / "_static",
+                    ignore=shutil.ignore_patterns("vega-*.js"))
     book.write_vega_scripts(root / "_static")
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     subprocess.run([str(jupyter_book), "build", str(root), "-W", "-n", "--keep-going"],

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from lib.analysis import aggregates, figures, minimality, paired
-from tests.test_metrics import AGREEING, SCHEDULES, many_attacks, results_table
+from tests.chart_specs import colours_of, drawn
+from tests.test_metrics import (
+    AGREEING,
+    SCHEDULES,
+    many_attacks,
+    prediction_table,
+    results_table,
+)
 
 RESULTS = results_table()
 
@@ -37,9 +44,25 @@ def test_charts_are_valid_and_carry_only_the_aggregated_rows(build, table) -> No
     assert len(data) < len(RESULTS) or build is figures.class_pair_chart
 
 
-def test_schedule_colours_follow_the_stage_order() -> None:
+def test_schedule_colours_follow_the_stage_order_and_the_palette() -> None:
     spec = figures.success_rate_chart(aggregates.success_rates(RESULTS)).to_dict()
-    assert spec["layer"][0]["encoding"]["color"]["scale"]["domain"] == SCHEDULES
+    scale = spec["layer"][0]["encoding"]["color"]["scale"]
+    assert scale["domain"] == SCHEDULES
+    assert scale["range"] == [figures.SCHEDULE_COLOURS[s] for s in SCHEDULES]
+    # a subset of schedules keeps each one's colour
+    two = figures.colour_scale("schedule", ["step", "constant"]).to_dict()
+    assert two["range"] == [figures.SCHEDULE_COLOURS["step"], figures.SCHEDULE_COLOURS["constant"]]
+
+
+def test_a_new_kind_of_category_gets_its_palette_and_unknown_names_a_stable_colour() -> None:
+    figures.add_palette("arm", {"baseline": "#111111", "borderline": "#222222"})
+    try:
+        assert figures.colour_scale("arm", ["borderline"]).to_dict()["range"] == ["#222222"]
+    finally:
+        figures.PALETTES.pop("arm")
+    first = figures.colour_of("schedule", "a-new-schedule")
+    assert first in figures.SPARE_COLOURS
+    assert figures.colour_of("schedule", "a-new-schedule") == first
 
 
 def layer_marks(spec: dict) -> list:
@@ -87,7 +110,7 @@ def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> N
     spec = figures.class_pair_chart(aggregates.class_pair_l1(RESULTS)).to_dict()
     (param,) = spec["params"]
     assert param["bind"]["options"] == SCHEDULES
-    assert spec["facet"]["column"]["field"] == "epoch"
+    assert spec["facet"]["field"] == "epoch" and spec["columns"] == 2
     # every cell says how many successful attacks its mean holds
     texts = [fields["text"] for mark, fields in layer_marks(spec) if mark == "text"]
     assert texts == ["mean_l1_255", "count_label"]
@@ -102,10 +125,11 @@ def test_per_image_chart() -> None:
     per_image = aggregates.per_image_l1(results, ["img0", "img2"])
     means = aggregates.mean_l1(results)
     spec = figures.per_image_chart(per_image, means).to_dict()
-    assert spec["facet"]["column"]["field"] == "schedule"
+    assert spec["facet"]["field"] == "schedule" and spec["columns"] == 3
     assert inline_rows(spec) == len(per_image) + len(means)
     marks = layer_marks(spec)
-    assert ("errorbar", {"x": "epoch", "y": "mean_l1_255_low", "y2": "mean_l1_255_high"}) in marks
+    assert ("errorbar", {"x": "epoch", "y": "mean_l1_255_low", "y2": "mean_l1_255_high",
+                         "color": None}) in marks  # black: a fixed colour
 
 
 def test_refinement_chart_draws_both_distances() -> None:
@@ -140,42 +164,7 @@ def test_trace_chart() -> None:
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
     summary = aggregates.trace_summary(traces, RESULTS)
     spec = figures.trace_chart(summary).to_dict()
-    assert len(spec["hconcat"]) == 3 and inline_rows(spec) == len(summary) == 4
-
-
-@pytest.mark.parametrize("scale", [1, 2])
-def test_gallery_picture_layout(scale: int) -> None:
-    size, names = 8, ["constant", "step"]
-    rng = np.random.default_rng(0)
-    original = rng.integers(0, 256, (1, 3, size, size), dtype=np.uint8)
-    borderline = np.clip(original / 255 + rng.normal(0, 0.01, (2, 3, size, size)), 0, 1)
-    gallery = {"original": np.repeat(original, 2, axis=0), "borderline": borderline,
-               "image_id": np.array(["a", "a"]), "schedule": np.array(names),
-               "source": np.array([0, 0]), "target": np.array([1, 1])}
-    picture = figures.gallery_picture(gallery, scale=scale)
-    columns = 1 + 2 * len(names)
-    assert picture.width == (columns * (size + 2) + 2) * scale
-    assert picture.height > (size + 4) * scale  # the header line plus one row of images
-    # the original tile is the original image, upscaled
-    pixels = np.asarray(picture)
-    top = picture.height - (size + 2) * scale
-    tile = pixels[top: top + size * scale: scale, 2 * scale: (2 + size) * scale: scale]
-    assert np.array_equal(tile.transpose(2, 0, 1), original[0])
-
-
-def test_gallery_leaves_a_missing_schedule_blank() -> None:
-    size = 8
-    original = np.zeros((1, 3, size, size), dtype=np.uint8)
-    gallery = {"original": original, "borderline": np.full((1, 3, size, size), 0.01),
-               "image_id": np.array(["a"]), "schedule": np.array(["constant"]),
-               "source": np.array([0]), "target": np.array([1])}
-    picture = np.asarray(figures.gallery_picture(gallery, scale=1,
-                                                 schedules=["constant", "step"]))
-    top = picture.shape[0] - (size + 2)
-    step_tile = picture[top: top + size, 2 + 2 * (size + 2): 2 + 2 * (size + 2) + size]
-    assert (step_tile == 255).all()  # white: no image for this schedule
-    constant_tile = picture[top: top + size, 2 + (size + 2): 2 + (size + 2) + size]
-    assert (constant_tile == round(0.01 * 255)).all()
+    assert len(spec["vconcat"]) == 3 and inline_rows(spec) == len(summary) == 4
 
 
 def test_accuracy_chart_draws_intervals_when_given() -> None:
@@ -186,4 +175,150 @@ def test_accuracy_chart_draws_intervals_when_given() -> None:
     bounded = plain.assign(accuracy_low=[0.4, 0.85], accuracy_high=[0.6, 0.95],
                            macro_f1_low=[0.3, 0.7], macro_f1_high=[0.5, 0.9])
     marks = layer_marks(figures.accuracy_f1_chart(bounded).to_dict())
-    assert ("errorbar", {"x": "epoch", "color": "metric", "y": "low", "y2": "high"}) in marks
+    assert ("errorbar", {"x": "epoch", "xOffset": "metric", "color": "metric", "y": "low",
+                         "y2": "high"}) in marks
+
+
+# --------------------------------------------------------------------------- the book's rules
+
+
+def test_the_loss_curve_places_global_steps_inside_their_epochs(tmp_path) -> None:
+    # train/losses.csv numbers steps from the start of training: 3 epochs of 4, 4 and 2 steps
+    import pandas as pd
+
+    path = tmp_path / "losses.csv"
+    path.write_text("epoch,step,loss\n" + "".join(
+        f"{epoch},{step},2.0\n" for epoch, step in zip([1] * 4 + [2] * 4 + [3] * 2,
+                                                       range(1, 11), strict=True)))
+    losses = pd.read_csv(path)
+    spec = figures.loss_curve_chart(losses).to_dict()
+    (rows,) = spec["datasets"].values()
+    assert [r["position"] for r in rows] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0,
+                                             2.5, 3.0]
+    x = spec["layer"][0]["encoding"]["x"]
+    assert x["scale"]["domain"] == [0, 3] and x["axis"]["values"] == [0, 1, 2, 3]
+    # steps numbered within each epoch land on the same places
+    within = losses.assign(step=[0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    assert figures.loss_positions(within).tolist() == [r["position"] for r in rows]
+
+
+def _sample_charts() -> dict:
+    """One chart of every builder, drawn from the hand-made tables."""
+    import pandas as pd
+
+    from tests.test_metrics import with_refinement
+
+    results = many_attacks(AGREEING, images=6)
+    tools = list(figures.TOOLS)
+    counts = pd.DataFrame({"split": ["train"] * 7 + ["test"] * 7, "tool": tools * 2,
+                           "frames": range(14)})
+    shares = pd.DataFrame({"split": ["train"] * 3, "tools_present": ["0", "1", "2+"],
+                           "frames": [5, 80, 15], "share": [0.05, 0.8, 0.15]})
+    metrics_table = pd.DataFrame({"epoch": [1, 2], "accuracy": [0.5, 0.9],
+                                  "macro_f1": [0.4, 0.8]})
+    per_class = pd.DataFrame({"epoch": [1] * 7 + [2] * 7, "tool": tools * 2,
+                              "f1": [0.5] * 14, "support": [10] * 14})
+    confusion = pd.DataFrame([(t, p, 3 if t == p else 1) for t in range(7) for p in range(7)],
+                             columns=["true", "predicted", "count"])
+    losses = pd.DataFrame({"epoch": [1] * 3 + [2] * 3, "step": range(1, 7),
+                           "loss": [2, 1.8, 1.7, 1.5, 1.4, 1.2]})
+    ours = many_attacks(AGREEING, images=10, epochs=(1, 5))
+    best = (ours[ours["success"]].groupby(["epoch", "image_id", "target"])["l1"].min()
+            .rename("best_l1").reset_index())
+    intervals = minimality.minimality_intervals(ours, best)
+    sweep = pd.concat([results.assign(lr0=v) for v in (0.004, 0.008, 0.016, 0.04)])
+    traces = {"epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
+              "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
+    return {
+        "class-counts": figures.class_counts_chart(counts),
+        "tools-per-frame": figures.tool_share_chart(shares),
+        "loss": figures.loss_curve_chart(losses),
+        "accuracy": figures.accuracy_f1_chart(metrics_table),
+        "accuracy-intervals": figures.accuracy_f1_chart(
+            aggregates.accuracy_f1_intervals(prediction_table({1: 50, 2: 80}))),
+        "per-class-f1": figures.per_class_f1_chart(per_class),
+        "confusion": figures.confusion_chart(confusion),
+        "success-rate": figures.success_rate_chart(aggregates.success_rates(results)),
+        "l1": figures.l1_chart(aggregates.mean_l1(results)),
+        "paired": figures.paired_difference_chart(
+            paired.paired_schedule_differences(results)),
+        "iterations-lr": figures.iterations_lr_chart(aggregates.iterations_and_lr(results)),
+        "class-pairs": figures.class_pair_chart(aggregates.class_pair_l1(
+            many_attacks(AGREEING, images=6, epochs=(1, 3, 4, 5)))),
+        "l1-histogram": figures.l1_histogram_chart(aggregates.l1_histogram(results, bins=5)),
+        "per-image": figures.per_image_chart(
+            aggregates.per_image_l1(results, ["img0", "img2"]), aggregates.mean_l1(results)),
+        "refinement": figures.refinement_chart(aggregates.refinement_ranking(
+            with_refinement(many_attacks(AGREEING, epochs=(1, 3, 4, 5)),
+                            dict.fromkeys(SCHEDULES, 0.5)))),
+        "traces": figures.trace_chart(aggregates.trace_summary(traces, RESULTS)),
+        "lr0": figures.lr0_sensitivity_chart(aggregates.lr0_sensitivity(sweep)),
+        "minimality-ratio": figures.minimality_ratio_chart(intervals),
+        "optimality": figures.optimality_chart(intervals),
+    }
+
+
+@pytest.fixture(scope="module")
+def sample_charts() -> dict:
+    return {name: chart.to_dict() for name, chart in _sample_charts().items()}
+
+
+def test_every_chart_fits_the_page_and_draws_no_column_name(sample_charts: dict) -> None:
+    too_wide, named = {}, {}
+    for name, spec in sample_charts.items():
+        width, texts = drawn(spec)
+        if width > figures.PAGE_WIDTH:
+            too_wide[name] = width
+        underscored = [t for t in texts if "_" in t]
+        if underscored:
+            named[name] = underscored
+    assert too_wide == {} and named == {}
+
+
+def test_every_chart_colours_each_schedule_with_its_palette_colour(sample_charts: dict) -> None:
+    coloured = {}
+    for name, spec in sample_charts.items():
+        for schedule, colour in colours_of(spec, "schedule").items():
+            assert colour == figures.SCHEDULE_COLOURS[schedule], (name, schedule)
+            coloured[name] = True
+    assert set(coloured) == {"success-rate", "l1", "paired", "iterations-lr", "l1-histogram",
+                             "traces", "lr0"}
+
+
+def test_the_drawn_text_check_sees_a_column_name() -> None:
+    # the check above would catch an untitled column: vega-lite titles it with its name
+    import altair as alt
+    import pandas as pd
+
+    chart = alt.Chart(pd.DataFrame({"mean_l1_255": [1.0]})).mark_point().encode(
+        y="mean_l1_255:Q")
+    _, texts = drawn(chart.to_dict())
+    assert "mean_l1_255" in texts
+
+
+@pytest.mark.parametrize(("values", "log"), [
+    ([1.02, 2.04, 4.08, 10.2], True), ([1.02, 2.04, 4.08], False), ([2.04], False)])
+def test_the_lr0_axis_is_logarithmic_only_over_a_factor_of_ten(values: list, log: bool) -> None:
+    import pandas as pd
+
+    x = figures._step_axis(pd.Series(values, name="lr0_255"), title="lr0").to_dict()
+    assert (x["scale"].get("type") == "log") is log
+    assert x["axis"]["values"] == sorted(values)  # ticks at the values tried, no others
+
+
+@pytest.mark.parametrize(("high", "log"), [(3.0, False), (80.0, True)])
+def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float,
+                                                                     log: bool) -> None:
+    import pandas as pd
+
+    ratios = pd.DataFrame({"schedule": ["constant", "step"], "epoch": [1, 1],
+                           "successful": [5, 5], "median_ratio": [2.0, high / 2],
+                           "median_ratio_low": [1.5, high / 3], "median_ratio_high": [2.5, high],
+                           "q25_ratio": [1.8, high / 2.5], "q75_ratio": [2.2, high / 1.5]})
+    spec = figures.minimality_ratio_chart(ratios).to_dict()
+    x = spec["layer"][0]["encoding"]["x"]
+    assert (x.get("scale", {}).get("type") == "log") is log
+    if log:  # ticks at 1, 2, 5 x 10^k inside the domain: never crowded
+        assert x["axis"]["values"] == [2, 5, 10, 20, 50]
+    width, texts = drawn(spec)
+    assert width <= figures.PAGE_WIDTH

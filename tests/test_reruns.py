@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 from lib.errors import RunFolderError
+from lib.progress import CHANNEL
 from lib.run import pipeline, rerun
 from tests.conftest import tiny_overrides
 
@@ -36,6 +37,45 @@ def _sanitize(text: str) -> str:
 ])
 def test_sanitize_masks_timings_and_ids(printed: str, compared: str) -> None:
     assert _sanitize(printed) == compared
+
+
+def _compared(text: str) -> str:
+    """What nbval compares of a stderr stream: its own carriage-return handling, then ours."""
+    from nbval.plugin import coalesce_streams
+
+    (stream,) = coalesce_streams([nbformat.v4.new_output("stream", name="stderr", text=text)])
+    return _sanitize(stream.text)
+
+
+# Two executions of one cell whose progress bars were drawn at different moments: other
+# frames, other rates, other padding (the pair that once failed the rerun proof is the last).
+FRAMES = "\r".join(["", "epoch 1/2:   0%|          | 0/3 [00:00<?, ?batch/s]",
+                     "epoch 1/2:  33%|###3      | 1/3 [00:01<00:02,  1.02s/batch, loss=2.1]",
+                     "epoch 1/2: 100%|##########| 3/3 [00:02<00:00,  1.10batch/s, loss=1.9]"])
+REDRAWN = "\r".join(["", "epoch 1/2:   0%|          | 0/3 [00:00<?, ?batch/s]",
+                      "epoch 1/2: 100%|##########| 3/3 [00:12<00:00,  4.10s/batch, loss=1.9]  "])
+CLEARED = "\revaluate:   0%|          | 0/1 [00:00<?, ?batch/s]\r          \r"
+CLEARED_LATER = "\revaluate:   0%|          | 0/1 [00:00<?, ?batch/s]\r                  \r"
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (FRAMES + "\n", REDRAWN + "\n"),
+    (FRAMES + "\nepoch 1: train loss 1.9\n" + CLEARED,
+     REDRAWN + "\nepoch 1: train loss 1.9\n" + CLEARED_LATER),
+    ("          \r", "                  \r"),
+], ids=["frames-and-rates", "cleared-bar", "padding"])
+def test_progress_drawn_at_other_moments_compares_equal(first: str, second: str) -> None:
+    assert _compared(first) == _compared(second)
+    assert "loss=1.9" in _compared(first) or "loss" not in first  # the bar's result is kept
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (FRAMES + "\n", FRAMES.replace("3/3", "2/3") + "\n"),
+    (FRAMES + "\n", FRAMES.replace("loss=1.9", "loss=1.8") + "\n"),
+    ("epoch 1: train loss 1.9\n" + CLEARED, "epoch 1: train loss 1.8\n" + CLEARED),
+], ids=["count", "postfix", "text-before-a-cleared-bar"])
+def test_progress_rules_keep_counts_and_results(first: str, second: str) -> None:
+    assert _compared(first) != _compared(second)
 
 
 @pytest.mark.parametrize("kept", [
@@ -92,3 +132,20 @@ def test_rerun_catches_a_changed_number(tiny_run: Path, tmp_path: Path) -> None:
 def test_a_folder_without_notebooks_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RunFolderError, match="holds no executed stage notebook"):
         rerun.executed_notebooks(tmp_path)
+
+
+@pytest.mark.slow
+def test_rerun_passes_when_the_notebooks_hold_progress_drawn_at_other_moments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The data and training stages with their progress bars written into the notebooks: the
+    # rerun draws them at other moments (other rates, frames and padding) and must still pass.
+    monkeypatch.setenv(CHANNEL, "stderr")
+    run_dir = pipeline.run("tiny", stages=["01_data", "02_train"],
+                           overrides=tiny_overrides(tmp_path), progress=False)
+    stored = "".join(output.get("text", "")
+                     for path in rerun.executed_notebooks(run_dir)
+                     for cell in nbformat.read(path, as_version=4).cells
+                     for output in cell.get("outputs", []) if output.get("name") == "stderr")
+    assert "decoding videos" in stored and "epoch 2/2" in stored and "\r" in stored
+    completed = rerun.rerun_notebooks(run_dir, tmp_path / "rerun")
+    assert completed.returncode == 0, completed.stdout[-4000:]

@@ -1,2 +1,2 @@
 """From tables to findings: intervals and verdicts, aggregates, paired comparisons, claims,
-minimality, charts."""
+minimality, and what the book shows of them (charts, the gallery, readable tables)."""

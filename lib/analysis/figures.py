@@ -1,11 +1,26 @@
-"""Altair chart builders and image grids shared by the notebooks.
+"""Altair chart builders shared by the notebooks, sized and coloured for the book.
 
 Every chart takes a tidy DataFrame (one row per observation, columns named as in the run
-folder's tables) and returns an ``alt.Chart``; the notebooks only choose and arrange them.
-Charts get their data inline, so callers pass aggregated tables, not raw per-attack rows.
+folder's tables) and returns a finished ``alt.Chart`` (or layered, faceted or concatenated
+chart); the notebooks only choose them. Charts get their data inline, so callers pass
+aggregated tables, not raw per-attack rows.
+
+Three rules hold for every chart here (tests check them on every chart of a built book):
+
+- its whole drawing (axes, legend, every panel) is at most :data:`PAGE_WIDTH` pixels wide,
+  the book's text column at an 800 px window, so nothing is cut and no page scrolls sideways:
+  facets wrap or stack instead of growing sideways;
+- every axis and legend title is words with the unit, never a column name. Vega-Lite joins
+  the titles of layered encodings, so interval layers carry the same explicit title;
+- a category has one colour in every chart: :data:`PALETTES` maps each schedule (and each
+  tool) to its colour, and :func:`add_palette` adds the colours of a new kind of category
+  (a model, a training arm) in the same way.
 """
 
 from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Mapping
 
 import altair as alt
 import numpy as np
@@ -16,13 +31,99 @@ from torchvision.utils import make_grid
 
 from lib import TOOLS
 
-#: One colour per tool, fixed across every chart of the book.
-TOOL_SCALE = alt.Scale(domain=list(TOOLS), scheme="tableau10")
+#: The widest drawing, in CSS pixels, of any chart (the text column is 736 px wide at an
+#: 800 px window and 784 px at 1400 px; a margin is left for the chart's action menu).
+PAGE_WIDTH = 700
+
+#: One colour per step-size schedule (Okabe and Ito's colour-blind-safe palette); the
+#: paper's proposal, loss-adaptive, has the most salient one.
+SCHEDULE_COLOURS: dict[str, str] = {
+    "constant": "#0072B2",
+    "iteration": "#E69F00",
+    "exponential": "#009E73",
+    "step": "#CC79A7",
+    "loss-adaptive": "#D55E00",
+}
+#: One colour per tool (Tableau 10), in label order.
+TOOL_COLOURS: dict[str, str] = dict(zip(TOOLS, (
+    "#4E79A7", "#F28E2B", "#E15759", "#76B7B2", "#59A14F", "#EDC948", "#B07AA1"), strict=True))
+#: Colours of names that a palette does not list, each picked by the name itself, so a new
+#: schedule also keeps its colour from chart to chart.
+SPARE_COLOURS: tuple[str, ...] = ("#56B4E9", "#000000", "#999999", "#8C564B", "#BCBD22")
+#: The palettes by kind of category: ``schedule``, ``tool``, and any added by
+#: :func:`add_palette`.
+PALETTES: dict[str, dict[str, str]] = {"schedule": SCHEDULE_COLOURS, "tool": TOOL_COLOURS}
+
+_LABEL_SIZE = 12
+_TITLE_SIZE = 13
 
 
-def _interval_bars(base: alt.Chart, low: str, high: str) -> alt.Chart:
-    """Error bars from the table's ``low`` to ``high`` columns (a 95 % interval)."""
-    return base.mark_errorbar(ticks=True).encode(y=alt.Y(f"{low}:Q"), y2=f"{high}:Q")
+def add_palette(kind: str, colours: Mapping[str, str]) -> None:
+    """Give every name of a new kind of category (e.g. ``"arm"``) its colour in every chart.
+
+    Args:
+        kind: the palette's name, used by :func:`colour_scale`.
+        colours: name -> CSS colour (``"#RRGGBB"``).
+    """
+    PALETTES.setdefault(kind, {}).update(colours)
+
+
+def colour_of(kind: str, name: str) -> str:
+    """The colour of ``name`` in the palette ``kind`` (a spare colour chosen by the name when
+    the palette does not list it)."""
+    palette = PALETTES[kind]
+    if name in palette:
+        return palette[name]
+    return SPARE_COLOURS[zlib.crc32(name.encode("utf-8")) % len(SPARE_COLOURS)]
+
+
+def colour_scale(kind: str, names: Iterable[str]) -> alt.Scale:
+    """A colour scale that maps each of ``names`` (in this order) to its palette colour."""
+    names = [str(n) for n in dict.fromkeys(names)]
+    return alt.Scale(domain=names, range=[colour_of(kind, n) for n in names])
+
+
+def _schedules(table: pd.DataFrame) -> list[str]:
+    """The table's schedules in the order it lists them (the stage's order)."""
+    return [str(s) for s in dict.fromkeys(table["schedule"])]
+
+
+def _schedule_colour(table: pd.DataFrame, *, legend: bool = True) -> alt.Color:
+    order = _schedules(table)
+    return alt.Color("schedule:N", sort=order, scale=colour_scale("schedule", order),
+                     title="schedule", legend=_legend() if legend else None)
+
+
+def _legend(**options: object) -> alt.Legend:
+    """A legend above the plot, so that it takes no width from it."""
+    return alt.Legend(orient="top", direction="horizontal", titleAnchor="start", **options)
+
+
+def _finish(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    """The book's type sizes on a finished chart."""
+    return (chart
+            .configure_axis(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE)
+            .configure_legend(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE,
+                              labelLimit=240, titleLimit=PAGE_WIDTH)
+            .configure_header(labelFontSize=_TITLE_SIZE, titleFontSize=_TITLE_SIZE))
+
+
+def _interval(base: alt.Chart, low: str, high: str, *, title: str,
+              axis: str = "y", **mark: object) -> alt.Chart:
+    """Error bars from the table's ``low`` to ``high`` columns (a 95 % interval), under the
+    same axis title as the estimate they belong to."""
+    channel = alt.Y if axis == "y" else alt.X
+    encoding = {axis: channel(f"{low}:Q", title=title), f"{axis}2": f"{high}:Q"}
+    if "color" in mark:  # a fixed colour wins over the base chart's colour encoding
+        encoding["color"] = alt.value(mark.pop("color"))
+    return base.mark_errorbar(ticks=True, **mark).encode(**encoding)
+
+
+def _tooltip(field: str, title: str, *, format: str | None = None) -> alt.Tooltip:
+    return alt.Tooltip(field, title=title, **({"format": format} if format else {}))
+
+
+# --------------------------------------------------------------------------- data
 
 
 def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
@@ -32,17 +133,18 @@ def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
         counts: columns ``split`` ("train"/"test"), ``tool`` (a name of ``lib.TOOLS``),
             ``frames`` (int >= 0).
     """
-    return (
+    return _finish(
         alt.Chart(counts)
         .mark_bar()
         .encode(
-            x=alt.X("tool:N", sort=list(TOOLS), title=None),
+            x=alt.X("tool:N", sort=list(TOOLS), title=None, axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("split:N", sort=["train", "test"]),
             y=alt.Y("frames:Q", title="single-tool frames"),
-            color=alt.Color("split:N", sort=["train", "test"], title="split"),
-            tooltip=["split", "tool", "frames"],
+            color=alt.Color("split:N", sort=["train", "test"], title="split", legend=_legend()),
+            tooltip=[_tooltip("split", "split"), _tooltip("tool", "tool"),
+                     _tooltip("frames", "frames")],
         )
-        .properties(width=420, height=220)
+        .properties(width=600, height=220)
     )
 
 
@@ -53,18 +155,21 @@ def tool_share_chart(shares: pd.DataFrame) -> alt.Chart:
         shares: columns ``split``, ``tools_present`` ("0", "1", "2+"), ``frames`` (int),
             ``share`` (in [0, 1]).
     """
-    return (
+    return _finish(
         alt.Chart(shares)
         .mark_bar()
         .encode(
             y=alt.Y("split:N", sort=["train", "test"], title=None),
             x=alt.X("share:Q", stack="normalize", axis=alt.Axis(format="%"),
                     title="share of annotated frames"),
-            color=alt.Color("tools_present:N", sort=["0", "1", "2+"], title="tools in frame"),
+            color=alt.Color("tools_present:N", sort=["0", "1", "2+"], title="tools in frame",
+                            legend=_legend()),
             order=alt.Order("tools_present:N"),
-            tooltip=["split", "tools_present", "frames", alt.Tooltip("share:Q", format=".1%")],
+            tooltip=[_tooltip("split", "split"), _tooltip("tools_present", "tools in frame"),
+                     _tooltip("frames", "frames"),
+                     _tooltip("share:Q", "share", format=".1%")],
         )
-        .properties(width=420, height=80)
+        .properties(width=600, height=80)
     )
 
 
@@ -89,23 +194,43 @@ def image_grid(images: torch.Tensor, *, columns: int, scale: int = 2) -> Image.I
     return picture
 
 
-def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.Chart:
+# --------------------------------------------------------------------------- training
+
+
+def loss_positions(losses: pd.DataFrame) -> pd.Series:
+    """Where each SGD step lies on an axis of epochs: step k of an epoch of n steps at
+    ``epoch - 1 + k / n``, so epoch e spans (e - 1, e] whatever the steps' numbering.
+
+    Args:
+        losses: columns ``epoch`` (1-based) and ``step`` (increasing within each epoch; numbered
+            from the start of training, as ``train/losses.csv`` does, or within the epoch).
+    """
+    by_epoch = losses.groupby("epoch")["step"]
+    return (losses["epoch"] - 1) + by_epoch.rank(method="first") / by_epoch.transform("size")
+
+
+def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.LayerChart:
     """Training loss per SGD step (light) and its running mean over ``window`` steps.
 
     Args:
-        losses: columns ``epoch`` (1-based), ``step`` (within the epoch), ``loss`` (>= 0).
+        losses: ``train/losses.csv``: columns ``epoch`` (1-based), ``step`` (numbered from the
+            start of training), ``loss`` (>= 0).
     """
     table = losses.sort_values(["epoch", "step"]).reset_index(drop=True)
-    steps_per_epoch = table.groupby("epoch")["step"].transform("max") + 1
-    table = table.assign(
-        position=(table["epoch"] - 1) + table["step"] / steps_per_epoch,
-        smoothed=table["loss"].rolling(window, min_periods=1).mean(),
-    )
-    base = alt.Chart(table).encode(x=alt.X("position:Q", title="epoch"))
-    raw = base.mark_line(opacity=0.25, color="gray").encode(
-        y=alt.Y("loss:Q", title="training loss"))
-    mean = base.mark_line(color="black").encode(y="smoothed:Q")
-    return (raw + mean).properties(width=480, height=200)
+    table = table.assign(position=loss_positions(table),
+                         smoothed=table["loss"].rolling(window, min_periods=1).mean())
+    epochs = int(table["epoch"].max()) if len(table) else 1
+    base = alt.Chart(table).encode(x=alt.X(
+        "position:Q", title="training progress (epochs)",
+        scale=alt.Scale(domain=[0, epochs], nice=False),
+        axis=alt.Axis(values=list(range(epochs + 1)), format="d")))
+    title = "training loss"
+    raw = base.mark_line(opacity=0.3, color="gray").encode(
+        y=alt.Y("loss:Q", title=title),
+        tooltip=[_tooltip("epoch", "epoch"), _tooltip("step", "step"),
+                 _tooltip("loss:Q", "loss", format=".4f")])
+    mean = base.mark_line(color="black").encode(y=alt.Y("smoothed:Q", title=title))
+    return _finish((raw + mean).properties(width=600, height=220))
 
 
 def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
@@ -126,15 +251,22 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
             part = part.assign(low=metrics[f"{column}_low"], high=metrics[f"{column}_high"])
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
-    base = alt.Chart(table).encode(x=alt.X("epoch:O", title="epoch"),
-                                   color=alt.Color("metric:N", title=None))
-    lines = base.mark_line(point=True).encode(
-        y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title="on the test split"),
-        tooltip=["epoch", "metric", alt.Tooltip("value:Q", format=".3f")],
-    )
-    if "low" not in table.columns:
-        return lines.properties(width=420, height=220)
-    return (_interval_bars(base, "low", "high") + lines).properties(width=420, height=220)
+    bounded = "low" in table.columns
+    title = "test score" + (" (95 % interval)" if bounded else "")
+    color = alt.Color("metric:N", title="score", legend=_legend())
+    tooltip = [_tooltip("epoch", "epoch"), _tooltip("metric", "score"),
+               _tooltip("value:Q", "value", format=".3f")]
+    y = alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title=title)
+    x = alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0))
+    if not bounded:
+        lines = alt.Chart(table).mark_line(point=True).encode(x=x, y=y, color=color,
+                                                              tooltip=tooltip)
+        return _finish(lines.properties(width=560, height=220))
+    # with intervals, the two scores stand side by side at each epoch so the bars never overlap
+    base = alt.Chart(table).encode(x=x, xOffset=alt.XOffset("metric:N"), color=color)
+    points = base.mark_point(filled=True, size=50).encode(y=y, tooltip=tooltip)
+    return _finish((_interval(base, "low", "high", title=title) + points)
+                   .properties(width=560, height=220))
 
 
 def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
@@ -143,20 +275,23 @@ def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
     Args:
         per_class: columns ``epoch``, ``tool``, ``f1`` (in [0, 1]), ``support`` (int).
     """
-    return (
+    return _finish(
         alt.Chart(per_class)
         .mark_line(point=True)
         .encode(
-            x=alt.X("epoch:O"),
-            y=alt.Y("f1:Q", scale=alt.Scale(domain=[0, 1]), title="F1"),
-            color=alt.Color("tool:N", scale=TOOL_SCALE),
-            tooltip=["epoch", "tool", alt.Tooltip("f1:Q", format=".3f"), "support"],
+            x=alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("f1:Q", scale=alt.Scale(domain=[0, 1]), title="test F1"),
+            color=alt.Color("tool:N", sort=list(TOOLS), scale=colour_scale("tool", TOOLS),
+                            title="tool", legend=_legend(columns=4)),
+            tooltip=[_tooltip("epoch", "epoch"), _tooltip("tool", "tool"),
+                     _tooltip("f1:Q", "F1", format=".3f"),
+                     _tooltip("support", "test frames")],
         )
-        .properties(width=420, height=220)
+        .properties(width=600, height=220)
     )
 
 
-def confusion_chart(confusion: pd.DataFrame) -> alt.Chart:
+def confusion_chart(confusion: pd.DataFrame) -> alt.LayerChart:
     """Heatmap of a confusion matrix, rows normalised (each true class sums to 1).
 
     Args:
@@ -166,34 +301,30 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.Chart:
     table = confusion.copy()
     totals = table.groupby("true")["count"].transform("sum")
     table["share"] = (table["count"] / totals.where(totals > 0)).fillna(0.0)
-    table["true tool"] = table["true"].map(dict(enumerate(TOOLS)))
-    table["predicted tool"] = table["predicted"].map(dict(enumerate(TOOLS)))
+    table["true_tool"] = table["true"].map(dict(enumerate(TOOLS)))
+    table["predicted_tool"] = table["predicted"].map(dict(enumerate(TOOLS)))
     base = alt.Chart(table).encode(
-        x=alt.X("predicted tool:N", sort=list(TOOLS)),
-        y=alt.Y("true tool:N", sort=list(TOOLS)),
+        x=alt.X("predicted_tool:N", sort=list(TOOLS), title="predicted tool",
+                axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("true_tool:N", sort=list(TOOLS), title="true tool"),
     )
     cells = base.mark_rect().encode(
         color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
-                        title="share of row"),
-        tooltip=["true tool", "predicted tool", "count", alt.Tooltip("share:Q", format=".1%")],
+                        title="share of the true tool's frames",
+                        legend=_legend(format="%", gradientLength=240)),
+        tooltip=[_tooltip("true_tool", "true tool"), _tooltip("predicted_tool", "predicted"),
+                 _tooltip("count", "frames"), _tooltip("share:Q", "share", format=".1%")],
     )
-    labels = base.mark_text(fontSize=10).encode(
-        text="count:Q",
+    labels = base.mark_text(fontSize=_LABEL_SIZE).encode(
+        text=alt.Text("count:Q"),
         color=alt.condition("datum.share > 0.5", alt.value("white"), alt.value("black")),
     )
-    return (cells + labels).properties(width=300, height=300)
+    return _finish((cells + labels).properties(width=420, height=320))
 
 
 # --------------------------------------------------------------------------- attack results
 # Every chart below takes a table of lib.analysis.aggregates (aggregated, never the per-attack
 # rows).
-
-
-def _schedule_color(table: pd.DataFrame) -> alt.Color:
-    """One colour per schedule, in the order the table lists them (the stage's order)."""
-    order = list(dict.fromkeys(table["schedule"]))
-    return alt.Color("schedule:N", sort=order, scale=alt.Scale(domain=order, scheme="dark2"),
-                     title="schedule")
 
 
 def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
@@ -204,20 +335,23 @@ def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
             success_rate in [0, 1] with its Wilson interval success_rate_low/high, skipped).
             The bars are the 95 % Wilson intervals.
     """
+    title = "success rate (95 % interval)"
     base = alt.Chart(rates).encode(
-        x=alt.X("epoch:O", title="epoch"), xOffset=alt.XOffset("schedule:N", sort=None),
-        color=_schedule_color(rates))
-    points = base.mark_point(filled=True).encode(
-        y=alt.Y("success_rate:Q", title="success rate (95 % interval)",
-                axis=alt.Axis(format="%"), scale=alt.Scale(zero=False)),
-        tooltip=["epoch", "schedule", "attacks", "successes",
-                 alt.Tooltip("success_rate:Q", format=".1%"),
-                 alt.Tooltip("success_rate_low:Q", format=".1%", title="95 % low"),
-                 alt.Tooltip("success_rate_high:Q", format=".1%", title="95 % high"),
-                 "skipped"],
+        x=alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0)),
+        xOffset=alt.XOffset("schedule:N", sort=_schedules(rates)),
+        color=_schedule_colour(rates))
+    points = base.mark_point(filled=True, size=50).encode(
+        y=alt.Y("success_rate:Q", title=title, axis=alt.Axis(format="%"),
+                scale=alt.Scale(zero=False)),
+        tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
+                 _tooltip("attacks", "attacks"), _tooltip("successes", "successes"),
+                 _tooltip("success_rate:Q", "success rate", format=".1%"),
+                 _tooltip("success_rate_low:Q", "95 % low", format=".1%"),
+                 _tooltip("success_rate_high:Q", "95 % high", format=".1%"),
+                 _tooltip("skipped", "not finite (left out)")],
     )
-    return (_interval_bars(base, "success_rate_low", "success_rate_high") + points).properties(
-        width=420, height=240)
+    bars = _interval(base, "success_rate_low", "success_rate_high", title=title)
+    return _finish((bars + points).properties(width=600, height=240))
 
 
 def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
@@ -227,18 +361,20 @@ def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
         l1: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, successes, mean_l1_255
             with its bootstrap interval mean_l1_255_low/high). The bars are the 95 % intervals.
     """
-    base = alt.Chart(l1).encode(x=alt.X("epoch:O", title="epoch"),
-                                xOffset=alt.XOffset("schedule:N", sort=None),
-                                color=_schedule_color(l1))
-    points = base.mark_point(filled=True).encode(
-        y=alt.Y("mean_l1_255:Q", title="mean L1, successful attacks (x 1/255)"),
-        tooltip=["epoch", "schedule", "successes",
-                 alt.Tooltip("mean_l1_255:Q", format=".3f", title="mean L1 (x 1/255)"),
-                 alt.Tooltip("mean_l1_255_low:Q", format=".3f", title="95 % low"),
-                 alt.Tooltip("mean_l1_255_high:Q", format=".3f", title="95 % high")],
+    title = "mean L1 (x 1/255)"
+    base = alt.Chart(l1).encode(
+        x=alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0)),
+        xOffset=alt.XOffset("schedule:N", sort=_schedules(l1)), color=_schedule_colour(l1))
+    points = base.mark_point(filled=True, size=50).encode(
+        y=alt.Y("mean_l1_255:Q", title=title),
+        tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
+                 _tooltip("successes", "successful attacks"),
+                 _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f"),
+                 _tooltip("mean_l1_255_low:Q", "95 % low", format=".3f"),
+                 _tooltip("mean_l1_255_high:Q", "95 % high", format=".3f")],
     )
-    return (_interval_bars(base, "mean_l1_255_low", "mean_l1_255_high") + points).properties(
-        width=420, height=240)
+    bars = _interval(base, "mean_l1_255_low", "mean_l1_255_high", title=title)
+    return _finish((bars + points).properties(width=600, height=240))
 
 
 def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
@@ -249,27 +385,28 @@ def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
             mean_iterations and mean_lr_255, each with its bootstrap interval
             ``_low``/``_high``, success_rate).
     """
-    order = list(dict.fromkeys(summary["schedule"]))
+    order = _schedules(summary)
     base = alt.Chart(summary).encode(
         x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
-        color=alt.Color("schedule:N", sort=order, scale=alt.Scale(domain=order, scheme="dark2"),
-                        legend=None),
-        tooltip=["schedule", "attacks", alt.Tooltip("mean_iterations:Q", format=".1f"),
-                 alt.Tooltip("mean_lr_255:Q", format=".3f", title="mean step (x 1/255)"),
-                 alt.Tooltip("success_rate:Q", format=".1%")],
+        color=_schedule_colour(summary, legend=False),
+        tooltip=[_tooltip("schedule", "schedule"), _tooltip("attacks", "attacks"),
+                 _tooltip("mean_iterations:Q", "mean iterations", format=".1f"),
+                 _tooltip("mean_lr_255:Q", "mean step (x 1/255)", format=".3f"),
+                 _tooltip("success_rate:Q", "success rate", format=".1%")],
     )
     panels = []
-    for column, title in (("mean_iterations", "mean iterations (95 % interval)"),
+    for column, title in (("mean_iterations", "mean iterations per attack"),
                           ("mean_lr_255", "mean step size (x 1/255)")):
         bars = base.mark_bar(opacity=0.7).encode(y=alt.Y(f"{column}:Q", title=title))
-        whiskers = base.mark_errorbar(ticks=True, color="black").encode(
-            y=f"{column}_low:Q", y2=f"{column}_high:Q")
-        panels.append((bars + whiskers).properties(width=200, height=220))
-    return alt.hconcat(*panels)
+        whiskers = _interval(base, f"{column}_low", f"{column}_high", title=title,
+                             color="black")
+        panels.append((bars + whiskers).properties(width=230, height=220))
+    return _finish(alt.hconcat(*panels, spacing=40))
 
 
-def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
-    """Source x target mean L1 per epoch (small multiples), one schedule at a time (a selector).
+def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChart:
+    """Source x target mean L1 per epoch (small multiples, ``columns`` per row), one schedule
+    at a time (a selector).
 
     Each cell shows its mean L1 and, below it, how many successful attacks it averages
     (``n``); the tooltip adds the attacks tried.
@@ -278,8 +415,9 @@ def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
         matrix: :func:`lib.analysis.aggregates.class_pair_l1` (epoch, schedule, source_tool,
             target_tool, attacks, successes, mean_l1_255; NaN where no attack of the pair
             succeeded).
+        columns: panels per row.
     """
-    order = list(dict.fromkeys(matrix["schedule"]))
+    order = _schedules(matrix)
     choice = alt.param(
         name="schedule_choice", value=order[0],
         bind=alt.binding_select(options=order, name="schedule "),
@@ -287,25 +425,29 @@ def class_pair_chart(matrix: pd.DataFrame) -> alt.FacetChart:
     top = float(np.nanmax(matrix["mean_l1_255"])) if matrix["mean_l1_255"].notna().any() else 1.0
     table = matrix.assign(count_label="n=" + matrix["successes"].astype(str))
     base = alt.Chart().encode(
-        x=alt.X("target_tool:N", sort=list(TOOLS), title="target"),
-        y=alt.Y("source_tool:N", sort=list(TOOLS), title="source"),
+        x=alt.X("target_tool:N", sort=list(TOOLS), title="target tool",
+                axis=alt.Axis(labelAngle=-45)),
+        y=alt.Y("source_tool:N", sort=list(TOOLS), title="source tool"),
     )
     cells = base.mark_rect().encode(
         color=alt.Color("mean_l1_255:Q", scale=alt.Scale(scheme="viridis", domain=[0, top]),
-                        title="mean L1 (x 1/255)"),
-        tooltip=["epoch", "schedule", "source_tool", "target_tool", "attacks", "successes",
-                 alt.Tooltip("mean_l1_255:Q", format=".3f")],
+                        title="mean L1 of successful attacks (x 1/255)",
+                        legend=_legend(gradientLength=240)),
+        tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
+                 _tooltip("source_tool", "source tool"), _tooltip("target_tool", "target tool"),
+                 _tooltip("attacks", "attacks"), _tooltip("successes", "successful attacks"),
+                 _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f")],
     )
     shade = alt.condition(f"datum.mean_l1_255 > {top / 2}", alt.value("black"),
                           alt.value("white"))
-    means = base.mark_text(fontSize=8, dy=-5).encode(
+    means = base.mark_text(fontSize=9, dy=-5).encode(
         text=alt.Text("mean_l1_255:Q", format=".1f"), color=shade)
-    counts = base.mark_text(fontSize=7, dy=6).encode(text="count_label:N", color=shade)
-    return (
+    counts = base.mark_text(fontSize=8, dy=6).encode(text="count_label:N", color=shade)
+    return _finish(
         alt.layer(cells, means, counts, data=table)
         .transform_filter(alt.datum.schedule == choice)
-        .properties(width=240, height=240)
-        .facet(column=alt.Column("epoch:O", title="epoch"))
+        .properties(width=230, height=230)
+        .facet(facet=alt.Facet("epoch:O", title="epoch"), columns=columns)
         .add_params(choice)
     )
 
@@ -317,42 +459,75 @@ def l1_histogram_chart(histogram: pd.DataFrame) -> alt.FacetChart:
         histogram: :func:`lib.analysis.aggregates.l1_histogram` (schedule, bin_start_255,
             bin_end_255, count).
     """
-    order = list(dict.fromkeys(histogram["schedule"]))
-    return (
+    order = _schedules(histogram)
+    return _finish(
         alt.Chart(histogram)
         .mark_bar()
         .encode(
             x=alt.X("bin_start_255:Q", title="L1 of successful attacks (x 1/255)"),
             x2="bin_end_255:Q",
-            y=alt.Y("count:Q", title="attacks"),
-            color=alt.Color("schedule:N", sort=order,
-                            scale=alt.Scale(domain=order, scheme="dark2"), legend=None),
-            tooltip=["schedule", alt.Tooltip("bin_start_255:Q", format=".3f"),
-                     alt.Tooltip("bin_end_255:Q", format=".3f"), "count"],
+            y=alt.Y("count:Q", title="attacks", axis=alt.Axis(tickMinStep=1)),
+            color=_schedule_colour(histogram, legend=False),
+            tooltip=[_tooltip("schedule", "schedule"),
+                     _tooltip("bin_start_255:Q", "from (x 1/255)", format=".3f"),
+                     _tooltip("bin_end_255:Q", "to (x 1/255)", format=".3f"),
+                     _tooltip("count", "attacks")],
         )
-        .properties(width=420, height=60)
-        .facet(row=alt.Row("schedule:N", sort=order, title=None))
+        .properties(width=540, height=60)
+        .facet(row=alt.Row("schedule:N", sort=order, title=None,
+                           header=alt.Header(labelAngle=0, labelAlign="left")))
     )
 
 
-def trace_chart(summary: pd.DataFrame) -> alt.HConcatChart:
-    """Step size, loss and attacks still running over the iterations, per schedule.
+def trace_chart(summary: pd.DataFrame) -> alt.VConcatChart:
+    """Step size, loss and attacks still running over the iterations, per schedule (three
+    panels stacked, sharing the iteration axis).
 
     Args:
         summary: :func:`lib.analysis.aggregates.trace_summary` (schedule, iteration, running,
             mean_lr_255, mean_loss).
     """
     base = alt.Chart(summary).encode(
-        x=alt.X("iteration:Q", title="iteration"), color=_schedule_color(summary),
-        tooltip=["schedule", "iteration", "running", alt.Tooltip("mean_lr_255:Q", format=".3f"),
-                 alt.Tooltip("mean_loss:Q", format=".3f")],
+        color=_schedule_colour(summary),
+        tooltip=[_tooltip("schedule", "schedule"), _tooltip("iteration", "iteration"),
+                 _tooltip("running", "attacks running"),
+                 _tooltip("mean_lr_255:Q", "mean step (x 1/255)", format=".3f"),
+                 _tooltip("mean_loss:Q", "mean loss", format=".3f")],
     )
-    panels = [
-        base.mark_line().encode(y=alt.Y("mean_lr_255:Q", title="mean step size (x 1/255)")),
-        base.mark_line().encode(y=alt.Y("mean_loss:Q", title="mean loss (cross-entropy)")),
-        base.mark_line().encode(y=alt.Y("running:Q", title="attacks still running")),
-    ]
-    return alt.hconcat(*[p.properties(width=210, height=200) for p in panels])
+    rows = (("mean_lr_255", "mean step (x 1/255)"), ("mean_loss", "mean target loss"),
+            ("running", "attacks running"))
+    panels = []
+    for k, (column, title) in enumerate(rows):
+        last = k == len(rows) - 1  # the panels share the iteration axis: titled once, below
+        x = alt.X("iteration:Q", title="iteration" if last else None,
+                  axis=alt.Axis(tickMinStep=1, format="d", labels=last))
+        panels.append(base.mark_line().encode(x=x, y=alt.Y(f"{column}:Q", title=title))
+                      .properties(width=600, height=150))
+    return _finish(alt.vconcat(*panels, spacing=8))
+
+
+def spans_a_decade(low: float, high: float) -> bool:
+    """Whether positive values from ``low`` to ``high`` span a factor of 10: the rule for a
+    logarithmic axis (below that, a log axis only spreads its tick labels unevenly)."""
+    return low > 0 and high / low >= 10
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """Ticks at 1, 2 and 5 times the powers of ten from ``low`` to ``high`` (never crowded)."""
+    ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(low))),
+                                          int(np.ceil(np.log10(high))) + 1) for m in (1, 2, 5)]
+    return [t for t in ticks if low <= t <= high]
+
+
+def _step_axis(values: pd.Series, *, title: str) -> alt.X:
+    """An x axis of the values tried, labelled at exactly those values; logarithmic only
+    where they span a factor of 10 or more."""
+    tried = sorted(float(v) for v in values.dropna().unique())
+    spans = len(tried) > 1 and spans_a_decade(tried[0], tried[-1])
+    scale = (alt.Scale(type="log", domain=[tried[0] / 1.2, tried[-1] * 1.2], nice=False)
+             if spans else alt.Scale(zero=False, padding=20))
+    return alt.X(f"{values.name}:Q", title=title, scale=scale,
+                 axis=alt.Axis(values=tried, format=".3~g", labelOverlap=True))
 
 
 def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
@@ -364,27 +539,29 @@ def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
             success_rate(_low, _high), mean_l1_255(_low, _high), mean_iterations).
     """
     base = alt.Chart(sensitivity).encode(
-        x=alt.X("lr0_255:Q", scale=alt.Scale(type="log"), title="lr0 (x 1/255)"),
-        color=_schedule_color(sensitivity),
-        tooltip=["schedule", alt.Tooltip("lr0_255:Q", format=".3g"), "attacks",
-                 alt.Tooltip("success_rate:Q", format=".1%"),
-                 alt.Tooltip("mean_l1_255:Q", format=".3f"),
-                 alt.Tooltip("mean_iterations:Q", format=".1f")],
+        x=_step_axis(sensitivity["lr0_255"], title="initial step size lr0 (x 1/255)"),
+        color=_schedule_colour(sensitivity),
+        tooltip=[_tooltip("schedule", "schedule"),
+                 _tooltip("lr0_255:Q", "lr0 (x 1/255)", format=".3g"),
+                 _tooltip("attacks", "attacks"),
+                 _tooltip("success_rate:Q", "success rate", format=".1%"),
+                 _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f"),
+                 _tooltip("mean_iterations:Q", "mean iterations", format=".1f")],
     )
-    rate = base.mark_line(point=True).encode(
-        y=alt.Y("success_rate:Q", title="success rate", axis=alt.Axis(format="%")))
-    distance = base.mark_line(point=True).encode(
-        y=alt.Y("mean_l1_255:Q", title="mean L1 of successful attacks (x 1/255)"))
-    return alt.hconcat(
-        (_interval_bars(base, "success_rate_low", "success_rate_high") + rate)
-        .properties(width=240, height=220),
-        (_interval_bars(base, "mean_l1_255_low", "mean_l1_255_high") + distance)
-        .properties(width=240, height=220))
+    panels = []
+    for column, title, axis in (
+            ("success_rate", "success rate", alt.Axis(format="%")),
+            ("mean_l1_255", "mean L1 of successes (x 1/255)", alt.Axis())):
+        line = base.mark_line(point=True).encode(y=alt.Y(f"{column}:Q", title=title, axis=axis))
+        bars = _interval(base, f"{column}_low", f"{column}_high", title=title)
+        panels.append((bars + line).properties(width=250, height=220))
+    return _finish(alt.hconcat(*panels, spacing=40))
 
 
 def paired_difference_chart(differences: pd.DataFrame, *,
                             title: str = "L1 minus the reference's L1 (x 1/255)") -> alt.FacetChart:
-    """Paired differences of every schedule against a reference, with 95 % intervals.
+    """Paired differences of every schedule against a reference, with 95 % intervals, one
+    row of panels per epoch (stacked, sharing the difference axis).
 
     Args:
         differences: :func:`lib.analysis.paired.paired_schedule_differences` (epoch, schedule,
@@ -392,34 +569,43 @@ def paired_difference_chart(differences: pd.DataFrame, *,
         title: the axis title (says what was subtracted, in which unit).
     """
     base = alt.Chart().encode(
-        y=alt.Y("schedule:N", sort=None, title=None), color=_schedule_color(differences),
-        tooltip=["epoch", "schedule", "reference", "pairs",
-                 alt.Tooltip("mean_difference:Q", format=".3f"),
-                 alt.Tooltip("low:Q", format=".3f", title="95 % low"),
-                 alt.Tooltip("high:Q", format=".3f", title="95 % high"),
-                 alt.Tooltip("p_signed_rank:Q", format=".2g", title="signed-rank p")],
+        y=alt.Y("schedule:N", sort=_schedules(differences), title=None),
+        color=_schedule_colour(differences, legend=False),
+        tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
+                 _tooltip("reference", "reference"), _tooltip("pairs", "pairs"),
+                 _tooltip("mean_difference:Q", "mean difference", format=".3f"),
+                 _tooltip("low:Q", "95 % low", format=".3f"),
+                 _tooltip("high:Q", "95 % high", format=".3f"),
+                 _tooltip("p_signed_rank:Q", "signed-rank p", format=".2g")],
     )
     zero = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(x=alt.datum(0))
-    whiskers = base.mark_rule().encode(x=alt.X("low:Q", title=title), x2="high:Q")
-    points = base.mark_point(filled=True, size=50).encode(x="mean_difference:Q")
-    return (alt.layer(zero, whiskers, points, data=differences)
-            .properties(width=220, height=110)
-            .facet(column=alt.Column("epoch:O", title="epoch")))
+    whiskers = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title=title), x2="high:Q")
+    points = base.mark_point(filled=True, size=60).encode(x=alt.X("mean_difference:Q",
+                                                                  title=title))
+    return _finish(
+        alt.layer(zero, whiskers, points, data=differences)
+        .properties(width=520, height=alt.Step(18))
+        .facet(row=alt.Row("epoch:O", title="epoch",
+                           header=alt.Header(labelAngle=0, labelAlign="left")))
+    )
 
 
-def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame) -> alt.FacetChart:
+def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
+                    columns: int = 3) -> alt.FacetChart:
     """Robustness over training, image by image, beside the means of each checkpoint.
 
     Thin lines: each followed image's mean L1 at every epoch (the same targets at every
     epoch), coloured by its tool. Black: the mean over each checkpoint's own selection with
-    its 95 % interval (:func:`lib.analysis.aggregates.mean_l1`). One panel per schedule.
+    its 95 % interval (:func:`lib.analysis.aggregates.mean_l1`). One panel per schedule,
+    ``columns`` per row.
 
     Args:
         per_image: :func:`lib.analysis.aggregates.per_image_l1` (image_id, source_tool, schedule,
             epoch, targets, mean_l1_255).
         means: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, mean_l1_255(_low, _high)).
+        columns: panels per row.
     """
-    order = list(dict.fromkeys(means["schedule"]))
+    order = _schedules(means)
     table = pd.concat([
         per_image.assign(kind="image")[["kind", "image_id", "source_tool", "schedule", "epoch",
                                         "targets", "mean_l1_255"]],
@@ -427,31 +613,41 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame) -> alt.FacetCh
             ["kind", "image_id", "source_tool", "schedule", "epoch", "mean_l1_255",
              "mean_l1_255_low", "mean_l1_255_high"]],
     ], ignore_index=True)
-    base = alt.Chart().encode(x=alt.X("epoch:O", title="epoch"))
+    title = "L1 (x 1/255)"
+    base = alt.Chart().encode(x=alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0)))
+    tools = [t for t in TOOLS if t in set(per_image["source_tool"])]
     images = base.transform_filter(alt.datum.kind == "image").mark_line(
-        opacity=0.45, strokeWidth=1, point=alt.OverlayMarkDef(size=12)).encode(
-        y=alt.Y("mean_l1_255:Q", title="L1 of successful attacks (x 1/255)"),
-        detail="image_id:N", color=alt.Color("source_tool:N", scale=TOOL_SCALE, title="tool"),
-        tooltip=["image_id", "source_tool", "epoch", "targets",
-                 alt.Tooltip("mean_l1_255:Q", format=".3f")])
+        opacity=0.5, strokeWidth=1, point=alt.OverlayMarkDef(size=12)).encode(
+        y=alt.Y("mean_l1_255:Q", title=title), detail="image_id:N",
+        color=alt.Color("source_tool:N", sort=tools, scale=colour_scale("tool", tools),
+                        title="tool of the image", legend=_legend(columns=4)),
+        tooltip=[_tooltip("image_id", "image"), _tooltip("source_tool", "tool"),
+                 _tooltip("epoch", "epoch"), _tooltip("targets", "targets"),
+                 _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f")])
     mean = base.transform_filter(alt.datum.kind == "mean")
     mean_line = mean.mark_line(color="black", point=alt.OverlayMarkDef(color="black")).encode(
-        y="mean_l1_255:Q", tooltip=["epoch", alt.Tooltip("mean_l1_255:Q", format=".3f")])
-    mean_bars = mean.mark_errorbar(ticks=True, color="black").encode(
-        y="mean_l1_255_low:Q", y2="mean_l1_255_high:Q")
-    return (alt.layer(images, mean_bars, mean_line, data=table)
-            .properties(width=170, height=220)
-            .facet(column=alt.Column("schedule:N", sort=order, title=None)))
+        y=alt.Y("mean_l1_255:Q", title=title),
+        tooltip=[_tooltip("epoch", "epoch"),
+                 _tooltip("mean_l1_255:Q", "mean of the selection (x 1/255)", format=".3f")])
+    mean_bars = _interval(mean, "mean_l1_255_low", "mean_l1_255_high", title=title,
+                          color="black")
+    return _finish(
+        alt.layer(images, mean_bars, mean_line, data=table)
+        .properties(width=160, height=180)
+        .facet(facet=alt.Facet("schedule:N", sort=order, title=None), columns=columns)
+    )
 
 
-def refinement_chart(ranking: pd.DataFrame) -> alt.FacetChart:
-    """Mean L1 along the path against the refined L1 (overshoot removed), with 95 % intervals.
+def refinement_chart(ranking: pd.DataFrame, *, columns: int = 2) -> alt.FacetChart:
+    """Mean L1 along the path against the refined L1 (overshoot removed), with 95 % intervals,
+    one panel per epoch (``columns`` per row).
 
     Args:
         ranking: :func:`lib.analysis.aggregates.refinement_ranking` (epoch, schedule, successes,
             mean_l1_255(_low, _high), mean_refined_l1_255(_low, _high)).
+        columns: panels per row.
     """
-    order = list(dict.fromkeys(ranking["schedule"]))
+    order = _schedules(ranking)
     parts = []
     for column, kind in (("mean_l1_255", "path (first iterate past)"),
                          ("mean_refined_l1_255", "refined (at the boundary)")):
@@ -460,21 +656,27 @@ def refinement_chart(ranking: pd.DataFrame) -> alt.FacetChart:
             "successes": ranking["successes"], "mean": ranking[column],
             "low": ranking[f"{column}_low"], "high": ranking[f"{column}_high"]}))
     table = pd.concat(parts, ignore_index=True)
+    title = "mean L1 (x 1/255)"
     base = alt.Chart().encode(
         x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("distance:N"),
-        color=alt.Color("distance:N", title="L1 measured"),
-        tooltip=["epoch", "schedule", "distance", "successes",
-                 alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
-                 alt.Tooltip("high:Q", format=".3f")])
-    points = base.mark_point(filled=True).encode(
-        y=alt.Y("mean:Q", title="mean L1, successful attacks (x 1/255)"))
-    bars = base.mark_errorbar(ticks=True).encode(y="low:Q", y2="high:Q")
-    return (alt.layer(bars, points, data=table).properties(width=240, height=220)
-            .facet(column=alt.Column("epoch:O", title="epoch")))
+        color=alt.Color("distance:N", title="L1 measured", legend=_legend()),
+        tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
+                 _tooltip("distance", "L1 measured"), _tooltip("successes", "successes"),
+                 _tooltip("mean:Q", "mean (x 1/255)", format=".3f"),
+                 _tooltip("low:Q", "95 % low", format=".3f"),
+                 _tooltip("high:Q", "95 % high", format=".3f")])
+    points = base.mark_point(filled=True).encode(y=alt.Y("mean:Q", title=title))
+    bars = _interval(base, "low", "high", title=title)
+    return _finish(alt.layer(bars, points, data=table).properties(width=250, height=200)
+                   .facet(facet=alt.Facet("epoch:O", title="epoch"), columns=columns))
 
 
 # --------------------------------------------------------------------------- minimality
+
+
+def _checkpoint_label(table: pd.DataFrame) -> pd.DataFrame:
+    return table.assign(checkpoint="epoch " + table["epoch"].astype(str))
 
 
 def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.LayerChart:
@@ -484,22 +686,32 @@ def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.LayerChart:
         ratios: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, successful,
             median_ratio, median_ratio_low, median_ratio_high, q25_ratio, q75_ratio).
     """
-    table = ratios.assign(epoch_label="epoch " + ratios["epoch"].astype(str))
+    table = _checkpoint_label(ratios)
+    title = "L1 / best-known L1 (median, 95 % interval)"
     base = alt.Chart(table).encode(
-        y=alt.Y("schedule:N", sort=None, title=None),
-        yOffset=alt.YOffset("epoch_label:N"),
-        color=alt.Color("epoch_label:N", title="checkpoint"),
-        tooltip=["schedule", "epoch", "successful",
-                 alt.Tooltip("median_ratio:Q", format=".2f"),
-                 alt.Tooltip("median_ratio_low:Q", format=".2f", title="95 % low"),
-                 alt.Tooltip("median_ratio_high:Q", format=".2f", title="95 % high"),
-                 alt.Tooltip("q25_ratio:Q", format=".2f"),
-                 alt.Tooltip("q75_ratio:Q", format=".2f")])
-    whiskers = base.mark_rule().encode(
-        x=alt.X("median_ratio_low:Q", title="L1 / best-known L1 (median, 95 % interval)",
-                scale=alt.Scale(zero=False)), x2="median_ratio_high:Q")
-    points = base.mark_point(filled=True, size=60).encode(x="median_ratio:Q")
-    return (whiskers + points).properties(width=380, height=200)
+        y=alt.Y("schedule:N", sort=_schedules(table), title=None),
+        yOffset=alt.YOffset("checkpoint:N"),
+        color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
+        tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
+                 _tooltip("successful", "successful pairs"),
+                 _tooltip("median_ratio:Q", "median ratio", format=".2f"),
+                 _tooltip("median_ratio_low:Q", "95 % low", format=".2f"),
+                 _tooltip("median_ratio_high:Q", "95 % high", format=".2f"),
+                 _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
+                 _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
+    low = float(table["median_ratio_low"].min()) if len(table) else 1.0
+    high = float(table["median_ratio_high"].max()) if len(table) else 1.0
+    if spans_a_decade(low, high):  # ratios from near 1 to far beyond: a log axis
+        scale = alt.Scale(type="log", domain=[low / 1.2, high * 1.2], nice=False)
+        axis = alt.Axis(values=_log_ticks(low / 1.2, high * 1.2), format="~g")
+    else:
+        scale, axis = alt.Scale(zero=False), alt.Axis()
+    whiskers = base.mark_rule(strokeWidth=2).encode(
+        x=alt.X("median_ratio_low:Q", title=title, scale=scale, axis=axis),
+        x2="median_ratio_high:Q")
+    points = base.mark_point(filled=True, size=60).encode(
+        x=alt.X("median_ratio:Q", title=title))
+    return _finish((whiskers + points).properties(width=520, height=220))
 
 
 def optimality_chart(optimality: pd.DataFrame) -> alt.LayerChart:
@@ -510,64 +722,19 @@ def optimality_chart(optimality: pd.DataFrame) -> alt.LayerChart:
         optimality: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, pairs,
             optimality, optimality_low, optimality_high).
     """
-    table = optimality.assign(epoch_label="epoch " + optimality["epoch"].astype(str))
+    table = _checkpoint_label(optimality)
+    title = "optimality score (95 % interval)"
     base = alt.Chart(table).encode(
-        y=alt.Y("schedule:N", sort=None, title=None),
-        yOffset=alt.YOffset("epoch_label:N"),
-        color=alt.Color("epoch_label:N", title="checkpoint"),
-        tooltip=["schedule", "epoch", "pairs", alt.Tooltip("optimality:Q", format=".3f"),
-                 alt.Tooltip("optimality_low:Q", format=".3f", title="95 % low"),
-                 alt.Tooltip("optimality_high:Q", format=".3f", title="95 % high")])
+        y=alt.Y("schedule:N", sort=_schedules(table), title=None),
+        yOffset=alt.YOffset("checkpoint:N"),
+        color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
+        tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
+                 _tooltip("pairs", "pairs"),
+                 _tooltip("optimality:Q", "optimality", format=".3f"),
+                 _tooltip("optimality_low:Q", "95 % low", format=".3f"),
+                 _tooltip("optimality_high:Q", "95 % high", format=".3f")])
     bars = base.mark_bar(opacity=0.6).encode(
-        x=alt.X("optimality:Q", scale=alt.Scale(domain=[0, 1]),
-                title="optimality score (95 % interval)"))
-    whiskers = base.mark_rule(color="black").encode(x="optimality_low:Q", x2="optimality_high:Q")
-    return (bars + whiskers).properties(width=380, height=200)
-
-
-def gallery_picture(gallery: dict[str, np.ndarray], *, scale: int = 2,
-                    schedules: list[str] | None = None) -> Image.Image:
-    """Borderline images: per row one attack image; columns the original, then for every
-    schedule the borderline image, then for every schedule the amplified perturbation.
-
-    Perturbations are shown as ``0.5 + delta / (2 max |delta|)``, with the maximum taken over
-    the row, so grey is no change and the schedules of one row share one amplification.
-
-    Args:
-        gallery: ``attack/gallery.npz``: ``original`` uint8 [G, 3, S, S], ``borderline`` float
-            [G, 3, S, S] in [0, 1], ``image_id``, ``schedule``, ``source``, ``target`` [G].
-        scale: integer upscaling of every image.
-        schedules: column order; default the order of first appearance.
-
-    Returns:
-        An RGB PIL image with a header line naming the columns.
-    """
-    from PIL import ImageDraw
-
-    names = schedules or list(dict.fromkeys(gallery["schedule"].tolist()))
-    keys = list(dict.fromkeys(zip(gallery["image_id"].tolist(), gallery["target"].tolist(),
-                                  strict=True)))
-    tiles = []
-    for image_id, target in keys:
-        mask = (gallery["image_id"] == image_id) & (gallery["target"] == target)
-        original = torch.as_tensor(gallery["original"][mask][0]).float() / 255
-        borderline = {s: torch.as_tensor(b).float() for s, b in zip(
-            gallery["schedule"][mask].tolist(), gallery["borderline"][mask], strict=True)}
-        deltas = {s: borderline[s] - original for s in names if s in borderline}
-        peak = max([float(d.abs().max()) for d in deltas.values()] + [1e-12])
-        blank = torch.ones_like(original)
-        tiles.append(original)
-        tiles += [borderline.get(s, blank) for s in names]
-        tiles += [0.5 + deltas[s] / (2 * peak) if s in deltas else blank for s in names]
-    columns = 1 + 2 * len(names)
-    grid = image_grid(torch.stack(tiles), columns=columns, scale=scale)
-    cell = grid.width / columns
-    header = Image.new("RGB", (grid.width, 28), "white")
-    draw = ImageDraw.Draw(header)
-    labels = ["original"] + names + [f"{n} (x)" for n in names]
-    for k, label in enumerate(labels):
-        draw.text((k * cell + 3, 2 + 12 * (k % 2)), label[: int(cell // 6)], fill="black")
-    picture = Image.new("RGB", (grid.width, grid.height + header.height), "white")
-    picture.paste(header, (0, 0))
-    picture.paste(grid, (0, header.height))
-    return picture
+        x=alt.X("optimality:Q", scale=alt.Scale(domain=[0, 1]), title=title))
+    whiskers = base.mark_rule(color="black").encode(
+        x=alt.X("optimality_low:Q", title=title), x2="optimality_high:Q")
+    return _finish((bars + whiskers).properties(width=520, height=220))

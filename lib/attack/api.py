@@ -74,7 +74,7 @@ def attack(
             or ``"auto"`` (:func:`lib.model.precision.resolve` for ``device``).
         refine_tolerance: None (off) or > 0, in [0, 1] pixel units: bisect each success's last
             step down to this Linf width (module docstring, "Refinement").
-        progress: show a tqdm bar over finished attacks.
+        progress: show a progress bar over finished attacks (:mod:`lib.progress`).
         **schedule_constants: the schedule's constants (e.g. ``decay=0.5``).
 
     Returns:

@@ -177,13 +177,14 @@ def check_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
 
 
 def with_progress(stream: Iterator[AttackResult], total: int, progress: bool):
-    """The stream of result chunks, counted on a tqdm bar of ``total`` attacks when asked."""
+    """The stream of result chunks, counted on a progress bar (:mod:`lib.progress`) of
+    ``total`` attacks when asked."""
     if not progress:
         yield from stream
         return
-    from tqdm import tqdm
+    from lib.progress import progress_bar
 
-    with tqdm(total=total, desc="attacks", unit="attack") as bar:
+    with progress_bar(total, desc="attacks", unit="attack") as bar:
         for chunk in stream:
             bar.update(len(chunk))
             yield chunk

@@ -74,8 +74,9 @@ class AttackSettings:
             attack's rows of the same images at ``sweep_epoch``.
         sweep_per_class: images per class in the sweep (ranks 0 .. k-1 of the main selection).
         sweep_epoch: checkpoint of the sweep; 0 for the last attacked one.
-        gallery_images: classes whose first image is kept as pictures, at the last attacked
-            checkpoint (every schedule; target ``(source + 1) mod 7``).
+        gallery_images: the first classes that have an image at the last attacked checkpoint;
+            their first image is kept as pictures (every schedule; target
+            ``(source + 1) mod 7``).
         precision: model forwards: "float32", "bfloat16" (autocast; successes confirmed in
             float32) or "auto" (bfloat16 where the device computes it natively).
         refine_tolerance: None: off; else bisect each success's last step to this Linf width
@@ -280,7 +281,9 @@ def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, epoch: int, ki
 def _mark_gallery(rows: pd.DataFrame, settings: AttackSettings, *, last_epoch: int) -> None:
     """Flag the rows whose borderline images are kept (see ``AttackSettings.gallery_images``)."""
     main = (rows["kind"] == "main") & (rows["epoch"] == last_epoch) & (rows["rank"] == 0)
-    shown = rows["source"] < settings.gallery_images
+    # the first k classes that have an image there (a class the checkpoint never gets right
+    # has none, and the next class takes its place)
+    shown = rows["source"].isin(sorted(rows.loc[main, "source"].unique())[:settings.gallery_images])
     if settings.mode == "targeted":
         aimed = rows["target"] == (rows["source"] + 1) % NUM_CLASSES
     else:

@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from lib.errors import ParameterError
 from lib.model.network import frozen
+from lib.progress import progress_bar
 
 #: A reference attack: (model, images [B,C,H,W] in [0,1], targets [B], *, steps) -> images.
 ReferenceAttack = Callable[..., Tensor]
@@ -189,7 +189,7 @@ def run_reference_attacks(
         batch_size: images per attack call.
         seed: torch is seeded with it before every (attack, steps) run; the caller's RNG state
             is restored afterwards.
-        progress: show a tqdm bar.
+        progress: show a progress bar (:mod:`lib.progress`).
 
     Returns:
         DataFrame: key columns, ``attack``, ``steps``, ``success`` (the returned image is
@@ -202,7 +202,8 @@ def run_reference_attacks(
     runs = [(name, int(budget)) for name in attacks for budget in steps]
     starts = range(0, len(images), batch_size)
     rows: list[pd.DataFrame] = []
-    bar = tqdm(total=len(runs) * len(starts), desc="reference attacks", disable=not progress)
+    bar = progress_bar(len(runs) * len(starts), desc="reference attacks", unit="batch",
+                       enabled=progress)
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]

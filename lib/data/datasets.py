@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from lib import TOOLS
 from lib.checking import check_choice
@@ -32,6 +31,7 @@ from lib.data import cache, cholec80
 from lib.data.cache import cache_folder
 from lib.data.frames import INDEX_COLUMNS, FrameImages, FrameSet, frame_set_from_arrays
 from lib.errors import DatasetError, ParameterError, RunFolderError
+from lib.progress import progress_bar, tracked
 
 SPLITS: tuple[str, ...] = ("train", "test")
 #: The kinds of dataset folder: "synthetic" (generated when missing) and "cholec80" share the
@@ -115,7 +115,7 @@ def _decode_all(
     progress: bool,
 ) -> None:
     """Decode each (video, cache file) job; in parallel processes when ``workers`` > 1."""
-    bar = tqdm(total=len(jobs), desc="decoding videos", unit="video", disable=not progress)
+    bar = progress_bar(len(jobs), desc="decoding videos", unit="video", enabled=progress)
     with bar:
         if workers <= 1 or len(jobs) <= 1:
             for record, path in jobs:
@@ -162,7 +162,7 @@ def load_cholec80(
         train_videos, test_videos: video ids, e.g. ``"1-40"`` or ``[1, 2, 5]``. Ids that are
             not in the folder are skipped; each split must keep at least one video.
         workers: decoding processes (1 = decode in this process).
-        progress: show a tqdm bar.
+        progress: show a progress bar (:mod:`lib.progress`).
 
     Returns:
         ``{"train": FrameSet, "test": FrameSet}``. ``image_id`` is ``videoNN-fFFFFFF``,
@@ -382,7 +382,8 @@ def load_image_folder(
     result = {}
     for split in SPLITS:
         files = [(path.relative_to(root).as_posix(), label) for path, label in found[split]]
-        files = list(tqdm(files, desc=f"reading {split} images", disable=not progress))
+        files = list(tracked(files, total=len(files), desc=f"reading {split} images",
+                             unit="image", enabled=progress))
         result[split] = image_folder_split(
             root, files, split=split, image_size=image_size, meta=meta
         )

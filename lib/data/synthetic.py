@@ -16,7 +16,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import av
-from tqdm import tqdm
 
 from lib.data.cholec80 import (
     ANNOTATION_DIR,
@@ -31,6 +30,7 @@ from lib.data.cholec80 import (
 from lib.data.scene import Scene, annotation_table
 from lib.errors import DatasetError, ParameterError
 from lib.io import atomic_path, write_text
+from lib.progress import progress_bar
 
 CRF = 20  # x264 quality; lower is better and larger
 _START_ID = (1, 41)  # first video id of the train half and of the test half
@@ -114,7 +114,7 @@ def generate(
         overwrite: re-render videos that are already present and current (a video counts as
             current when its annotation file has the planned bytes and its mp4 the planned
             frame count and size; the renderer's code is not checked).
-        progress: show a tqdm bar.
+        progress: show a progress bar (:mod:`lib.progress`).
 
     Returns:
         ``root`` as a Path. Nothing else is written: the annotation files are the ground truth.
@@ -148,7 +148,7 @@ def generate(
         )
         for video_id in ids
     ]
-    bar = tqdm(total=len(jobs), desc="synthetic videos", unit="video", disable=not progress)
+    bar = progress_bar(len(jobs), desc="synthetic videos", unit="video", enabled=progress)
     with bar:
         if workers <= 1:
             for job in jobs:

@@ -43,6 +43,7 @@ from lib.attack import api
 from lib.attack.plan import AttackJob, AttackSettings, plan_attacks, plan_record
 from lib.attack.results import AttackResult
 from lib.errors import ParameterError, RunFolderError
+from lib.progress import progress_bar
 from lib.run import layout, tables
 from lib.run.tables import RESULT_COLUMNS, SWEEP_COLUMNS
 from lib.train.resume import logged_epochs
@@ -164,7 +165,7 @@ def run_chunks(
         chunks: ``(part, chunk)`` keys to consider (e.g. this process's shard); default all.
             Chunks already written are skipped.
         device: "cpu", "cuda" or "cuda:N".
-        progress: a tqdm bar over the attack rows.
+        progress: a progress bar over the attack rows (:mod:`lib.progress`).
         load_model: ``(checkpoint path, device) -> model`` on that device in float32; default
             :func:`lib.model.checkpoints.load_checkpoint` (tests pass a small model here).
 
@@ -200,9 +201,7 @@ def run_chunks(
     pool = test_set.images[torch.from_numpy(position.loc[pool_ids].to_numpy(np.int64, copy=True))]
     pool_index = pd.Series(np.arange(len(pool_ids)), index=pool_ids)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=int(todo["rows"].sum()), desc="attacks", unit="attack", disable=not progress)
+    bar = progress_bar(int(todo["rows"].sum()), desc="attacks", unit="attack", enabled=progress)
     models: dict[int, torch.nn.Module] = {}
     with bar:
         work = todo[["part", "chunk", "epoch", "lr0"]].itertuples(index=False)

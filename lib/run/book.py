@@ -18,6 +18,7 @@ import yaml
 
 from lib import io
 from lib.errors import RunFolderError
+from lib.run.chapters import present_notebook
 from lib.run.layout import (
     ANALYSIS_STAGE,
     REPO,
@@ -156,7 +157,8 @@ def prepare_book(profile: str, *, run_dir: str | Path | None = None,
                 f"no executed notebook {executed}; run the stages first "
                 f"(make stages PROFILE={profile})"
             )
-        shutil.copyfile(executed, target)
+        # the parameters once, as a table, in place of papermill's two code cells
+        nbformat.write(present_notebook(nbformat.read(executed, as_version=4), stage), target)
         # the chapters link the stage's tables as downloads, relative to the notebook
         output = stage_dir(stage_run, stage)
         tables = sorted(output.glob("*.csv")) if stage == ANALYSIS_STAGE else []

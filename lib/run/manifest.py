@@ -55,17 +55,22 @@ def differing_parameters(recorded: Mapping[str, Any], asked: Mapping[str, Any]) 
     return lines
 
 
-def used_precision(parameters: Mapping[str, Any]) -> dict[str, str]:
-    """``{"precision_used": "float32" | "bfloat16"}``, what a stage with a ``precision``
-    parameter computes in on its device ("auto" resolved), or ``{}`` for other stages. The
-    manifest records it beside the package versions: it describes the machine, not a
-    parameter, so it is never compared when a stage runs again."""
+def used_precision(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"precision_used": "float32" | "bfloat16", "bfloat16_native": bool,
+    "bfloat16_cpu_flags": [...]}``: what a stage with a ``precision`` parameter computes in on
+    its device ("auto" resolved), whether the device computes bfloat16 natively and, on a CPU,
+    which of the instructions that do so it has; ``{}`` for other stages. The manifest
+    records it beside the package versions: it describes the machine, not a parameter, so it
+    is never compared when a stage runs again."""
     if "precision" not in parameters:
         return {}
     from lib.model import precision  # torch: only for the stages that have the parameter
 
-    return {"precision_used": precision.resolve(parameters["precision"],
-                                                parameters.get("device", "cpu"))}
+    device = parameters.get("device", "cpu")
+    flags = (sorted(precision.cpu_flags() & set(precision.BF16_CPU_FLAGS))
+             if str(device).startswith("cpu") else [])
+    return {"precision_used": precision.resolve(parameters["precision"], device),
+            "bfloat16_native": precision.bf16_is_fast(device), "bfloat16_cpu_flags": flags}
 
 
 def recorded_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ class RuntimeSettings:
         run_dir: the run folder: this stage reads what the stages before it wrote there and
             writes its own subfolder.
         device: "cpu", "cuda" or "cuda:N".
-        progress: a progress bar over the stage's work (stderr).
+        progress: a progress bar over the stage's work (on the terminal of the stage command).
         overwrite: discard this stage's results (and those of every later stage) if they were
             made with other parameters.
     """

@@ -35,6 +35,7 @@ from typing import Any
 
 from lib import io
 from lib.errors import BorderlineError, ParameterError
+from lib.progress import relay
 from lib.run.book import prepare_book
 from lib.run.checks import check_stage, check_stage_parameters, naming_stage
 from lib.run.layout import REPO, STAGES, executed_notebook, notebook_path
@@ -119,7 +120,8 @@ def execute_stage(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     failed = output_path.with_name(f"{stage}.failed.ipynb")
     failed.unlink(missing_ok=True)
-    with io.atomic_path(output_path, suffix=".tmp.ipynb") as tmp:
+    # the notebook's own progress bars go to this terminal, not into the notebook
+    with io.atomic_path(output_path, suffix=".tmp.ipynb") as tmp, relay(enabled=progress):
         try:
             papermill.execute_notebook(
                 notebook,

@@ -6,7 +6,9 @@ Two checks that a run can be reproduced byte for byte on the same machine:
   parameters at a fresh folder, and lets ``pytest --nbval`` (strict mode) execute them again
   from the first stage: every output of every cell must equal the output papermill stored.
   The sanitize file ``tests/nbval-sanitize.cfg`` masks only what legitimately varies
-  between two executions: chart element ids, progress-bar timings and measured durations.
+  between two executions: chart element ids, progress-bar redraws and timings (a
+  notebook holds progress only when ``BORDERLINE_PROGRESS=stderr`` put it there) and measured
+  durations.
 * :func:`result_digests` hashes every result file of a run folder, so two runs can be
   compared file by file.
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from lib import NUM_CLASSES, TOOLS
 from lib.model.network import resolve_device
+from lib.progress import tracked
 from lib.train.batches import dataset_image_ids, dataset_labels
 
 
@@ -71,7 +71,8 @@ def predict_logits(
     try:
         batches = [
             model(images.to(device)).float().cpu()
-            for images, _ in tqdm(loader, desc="evaluate", disable=not progress, leave=False)
+            for images, _ in tracked(loader, total=len(loader), desc="evaluate", unit="batch",
+                                     enabled=progress, leave=False)
         ]
     finally:
         model.train(was_training)

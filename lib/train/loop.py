@@ -39,13 +39,13 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from lib import NUM_CLASSES
 from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 from lib.model.checkpoints import save_checkpoint
 from lib.model.network import check_image_size, resolve_device
+from lib.progress import message, progress_bar
 from lib.run import layout, ranks
 from lib.run.tables import TABLES, TRAIN_TABLES, write_train_table
 from lib.train.batches import (
@@ -131,7 +131,7 @@ def fit(
             stay float32; the evaluation always runs in float32. The resolved precision is
             part of the run's identity (``train_params.json``); the same seed and precision
             give identical checkpoints on the CPU.
-        progress: show a tqdm bar per epoch.
+        progress: show a progress bar per epoch and evaluation (:mod:`lib.progress`).
 
     Under DistributedDataParallel (a process group with K > 1 ranks is initialised, e.g. by
     ``lib.run.distributed``) the same loop runs on every rank: ``batch_size`` stays the global
@@ -180,7 +180,7 @@ def fit(
                if balance == "weights" else None)
     criterion = nn.CrossEntropyLoss(weight=weights)
     if done and progress and launch.is_main:
-        tqdm.write(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
+        message(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
     epoch_plan = EpochPlan(train_set=train_set, seed=seed, batch_size=batch_size,
                            balance=balance, augment=augment, num_workers=num_workers,
                            epochs=epochs, progress=progress and launch.is_main,
@@ -238,10 +238,11 @@ def _train_epoch(
     generator = (torch.Generator().manual_seed(rank_stream_seed(plan.seed, epoch, "augment",
                                                                  launch))
                  if plan.augment else None)
-    batches = tqdm(_epoch_loader(plan, epoch, launch), desc=f"epoch {epoch}/{plan.epochs}",
-                   disable=not plan.progress, leave=True)
+    batches = _epoch_loader(plan, epoch, launch)
+    bar = progress_bar(len(batches), desc=f"epoch {epoch}/{plan.epochs}", unit="batch",
+                       enabled=plan.progress)
     step_losses: list[tuple[float, int]] = []
-    with torch.random.fork_rng(**fork_kwargs(device)):
+    with torch.random.fork_rng(**fork_kwargs(device)), bar:
         torch.manual_seed(rank_stream_seed(plan.seed, epoch, "dropout", launch))
         model.train()
         for images, labels in batches:
@@ -254,7 +255,7 @@ def _train_epoch(
             optimizer.step()
             value = loss.item()
             step_losses.append((value, len(labels)))
-            batches.set_postfix(loss=f"{value:.4f}", refresh=False)
+            bar.update(postfix=f"loss={value:.4f}")
     return step_losses
 
 
@@ -316,7 +317,7 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, test_set: 
     # resuming needs only the newest optimizer state, and each is as large as a checkpoint
     layout.optimizer_file(out_dir, epoch - 1).unlink(missing_ok=True)
     if progress:
-        tqdm.write(_epoch_summary(evaluation["metrics"].iloc[0]))
+        message(_epoch_summary(evaluation["metrics"].iloc[0]))
 
 
 def _run_parameters(train_set: Dataset, test_set: Dataset, **hyper: Any) -> dict[str, Any]:

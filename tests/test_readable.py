@@ -1,0 +1,54 @@
+"""Tables as the book shows them (lib/analysis/readable.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from lib.analysis import aggregates, paired, readable
+from tests.test_metrics import AGREEING, many_attacks
+
+
+@pytest.mark.parametrize(("p", "text"), [
+    (0.0, "< 0.0001"), (3e-7, "< 0.0001"), (0.0001, "0.0001"), (0.03125, "0.031"),
+    (0.5, "0.5"), (1.0, "1"), (math.nan, "-")])
+def test_p_values_never_print_as_zero(p: float, text: str) -> None:
+    assert readable.p_value_text(p) == text
+
+
+def test_the_paired_table_puts_words_in_its_header_and_a_floor_under_its_p_values() -> None:
+    differences = paired.paired_schedule_differences(many_attacks(AGREEING, images=60))
+    assert (differences["p_signed_rank"] < readable.P_FLOOR).any()  # the case being shown
+    shown = readable.paired_table(differences, unit="L1, x 1/255")
+    assert list(shown.columns) == ["epoch", "schedule", "minus", "pairs",
+                                   "mean difference (L1, x 1/255)", "95 % interval",
+                                   "signed-rank p"]
+    assert "< 0.0001" in set(shown["signed-rank p"])
+    first = differences.iloc[0]
+    assert shown["95 % interval"].iloc[0] == f"[{first['low']:.3g},\u00a0{first['high']:.3g}]"
+    assert not any("_" in column for column in shown.columns)
+
+
+def test_the_ranking_table_shows_every_order_in_full() -> None:
+    order = " < ".join(["loss-adaptive", "exponential", "iteration", "step", "constant"])
+    changes = pd.DataFrame({"epoch": [5], "order_path": [order], "order_refined": [order],
+                            "changed": [False]})
+    html = readable.html(readable.ranking_table(changes)).data
+    assert html.count(order.replace("<", "&lt;")) == 2  # a DataFrame's display would cut it
+    assert "<td>no</td>" in html
+
+
+def test_html_drops_the_index_and_separates_thousands() -> None:
+    html = readable.html(pd.DataFrame({"epoch": [1], "frames": [31477]})).data
+    assert "31,477" in html and "<th></th>" not in html and ">0</th>" not in html
+
+
+def test_interval_pivot_puts_epochs_down_and_schedules_across() -> None:
+    rates = aggregates.success_rates(many_attacks(AGREEING, images=4))
+    shown = readable.interval_pivot(rates, value="success_rate", order=["step", "constant"],
+                                    count="attacks", percent=True)
+    assert list(shown.columns) == ["epoch", "step", "constant"]
+    assert shown.loc[0, "constant"].startswith("100.0\u00a0% [")
+    assert shown.loc[0, "constant"].endswith("(n=8)")
