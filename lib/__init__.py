@@ -51,8 +51,13 @@ where a run folder keeps its files. There is no import cycle.
 
   - ``statistics``: intervals (Wilson, Newcombe, seeded bootstrap), paired differences,
     three-way verdict rules
-  - ``aggregates``: the tables behind the figures, with intervals and counts
+  - ``resampling``: the cluster bootstrap (the image as the unit) and the two-level one
+    (models, then images); ``general_bootstrap``: the same for any statistic of the rows and
+    for thousands of one-row units
+  - ``aggregates``: the tables behind the figures, per model and checkpoint, with intervals
+    and the images and attacks behind them
   - ``paired``: schedules compared pair by pair
+  - ``trends``: over-training trends per model, image by image
   - ``claims``: the paper's claims, each with an interval and a verdict
   - ``minimality``: our distances against the best-known minimal ones
   - ``figures``: altair chart builders shared by the notebooks

@@ -71,7 +71,7 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def _first_checkpoint(root: Path) -> Path:
-    return layout.checkpoint_path(root / "run", 1)
+    return layout.checkpoint_path(root / "run", 1, model=0)
 
 
 def _checkpoint_truncated(root: Path, valid: Path) -> None:

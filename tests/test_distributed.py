@@ -106,8 +106,8 @@ def test_chunk_costs_weight_schedules_that_run_the_whole_budget(tmp_path: Path) 
     assert list(costs) == list(zip(job.chunks["part"], job.chunks["chunk"], strict=True))
     # constant: 0.2 * 10 + 1 = 3 passes, exponential: 10 + 1 = 11; a chunk of 5 rows
     # alternating between them holds 3 of one and 2 of the other
-    assert costs[("epoch_01", 0)] == 3 * 3 + 2 * 11
-    assert costs[("epoch_01", 1)] == 2 * 3 + 3 * 11
+    assert costs[("seed_0_epoch_01", 0)] == 3 * 3 + 2 * 11
+    assert costs[("seed_0_epoch_01", 1)] == 2 * 3 + 3 * 11
     assert sum(costs.values()) == pytest.approx(len(job.rows) / 2 * (3 + 11))
 
 
@@ -323,7 +323,7 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_merged(tmp_path: Path) -
 
 
 TRAIN_PARAMS = ["epochs=1", "batch_size=2", "lr=0.01", "lr_decay=1.0", "augment=false",
-                "balance=none", "seed=3", "precision=float32"]
+                "balance=none", "seeds=[3]", "precision=float32"]
 
 
 @pytest.mark.slow
@@ -332,7 +332,7 @@ def test_two_process_training_writes_what_the_training_stage_continues(tmp_path:
     splits = make_alexnet_data(run_dir)
     argv = ["train", "--run-dir", str(run_dir), "--threads", "1", "--no-progress"]
     start_ranks(_cli_rank, 2, [*argv, *(a for p in TRAIN_PARAMS for a in ("--param", p))])
-    train = run_dir / "train"
+    train = run_dir / "train" / "seed_3"
     assert (train / "epoch_01.safetensors").is_file()
     losses = pd.read_csv(train / "losses.csv")
     assert losses["step"].tolist() == [1, 2, 3, 4]  # 7 images in global batches of 2

@@ -4,9 +4,10 @@ lib/analysis/aggregates.py."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from lib.analysis import aggregates, figures, minimality, paired
+from lib.analysis import aggregates, figures, minimality, paired, trends
 from tests.chart_specs import colours_of, drawn
 from tests.test_metrics import (
     AGREEING,
@@ -14,6 +15,7 @@ from tests.test_metrics import (
     many_attacks,
     prediction_table,
     results_table,
+    selection_of,
 )
 
 RESULTS = results_table()
@@ -122,7 +124,7 @@ def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> N
 
 def test_per_image_chart() -> None:
     results = many_attacks(AGREEING, images=3)
-    per_image = aggregates.per_image_l1(results, ["img0", "img2"])
+    per_image = trends.per_image_l1(results, selection_of(results, ["img0", "img2"]))
     means = aggregates.mean_l1(results)
     spec = figures.per_image_chart(per_image, means).to_dict()
     assert spec["facet"]["field"] == "schedule" and spec["columns"] == 3
@@ -160,7 +162,7 @@ def test_minimality_charts_draw_their_intervals() -> None:
 
 
 def test_trace_chart() -> None:
-    traces = {"epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
+    traces = {"model": np.array([0, 0]), "epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
     summary = aggregates.trace_summary(traces, RESULTS)
     spec = figures.trace_chart(summary).to_dict()
@@ -227,8 +229,9 @@ def _sample_charts() -> dict:
             .rename("best_l1").reset_index())
     intervals = minimality.minimality_intervals(ours, best)
     sweep = pd.concat([results.assign(lr0=v) for v in (0.004, 0.008, 0.016, 0.04)])
-    traces = {"epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
+    traces = {"model": np.array([0, 0]), "epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
+    two_models = pd.concat([results, results.assign(model=1)], ignore_index=True)
     return {
         "class-counts": figures.class_counts_chart(counts),
         "tools-per-frame": figures.tool_share_chart(shares),
@@ -247,7 +250,8 @@ def _sample_charts() -> dict:
             many_attacks(AGREEING, images=6, epochs=(1, 3, 4, 5)))),
         "l1-histogram": figures.l1_histogram_chart(aggregates.l1_histogram(results, bins=5)),
         "per-image": figures.per_image_chart(
-            aggregates.per_image_l1(results, ["img0", "img2"]), aggregates.mean_l1(results)),
+            trends.per_image_l1(results, selection_of(results, ["img0", "img2"])),
+            aggregates.mean_l1(results)),
         "refinement": figures.refinement_chart(aggregates.refinement_ranking(
             with_refinement(many_attacks(AGREEING, epochs=(1, 3, 4, 5)),
                             dict.fromkeys(SCHEDULES, 0.5)))),
@@ -255,6 +259,8 @@ def _sample_charts() -> dict:
         "lr0": figures.lr0_sensitivity_chart(aggregates.lr0_sensitivity(sweep)),
         "minimality-ratio": figures.minimality_ratio_chart(intervals),
         "optimality": figures.optimality_chart(intervals),
+        "per-model": figures.per_model(figures.success_rate_chart,
+                                       aggregates.success_rates(two_models)),
     }
 
 
@@ -282,7 +288,7 @@ def test_every_chart_colours_each_schedule_with_its_palette_colour(sample_charts
             assert colour == figures.SCHEDULE_COLOURS[schedule], (name, schedule)
             coloured[name] = True
     assert set(coloured) == {"success-rate", "l1", "paired", "iterations-lr", "l1-histogram",
-                             "traces", "lr0"}
+                             "traces", "lr0", "per-model"}
 
 
 def test_the_drawn_text_check_sees_a_column_name() -> None:
@@ -322,3 +328,18 @@ def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float
         assert x["axis"]["values"] == [2, 5, 10, 20, 50]
     width, texts = drawn(spec)
     assert width <= figures.PAGE_WIDTH
+
+
+def test_one_panel_per_trained_model() -> None:
+    import pandas as pd
+
+    two = pd.concat([RESULTS, RESULTS.assign(model=1)], ignore_index=True)
+    rates = aggregates.success_rates(two)
+    spec = figures.per_model(figures.success_rate_chart, rates).to_dict()
+    assert [panel["title"] for panel in spec["vconcat"]] == ["model of seed 0",
+                                                           "model of seed 1"]
+    assert inline_rows(spec) == len(rates)
+    assert "config" in spec and all("config" not in panel for panel in spec["vconcat"])
+    # one model: the chart itself
+    alone = figures.per_model(figures.success_rate_chart, aggregates.success_rates(RESULTS))
+    assert "vconcat" not in alone.to_dict()

@@ -212,7 +212,9 @@ def test_parameters_merge_defaults_then_profile_then_overrides() -> None:
 
 def test_run_folder_paths(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert layout.checkpoint_path(run, 3) == run / "train" / "epoch_03.safetensors"
+    assert layout.checkpoint_path(run, 3, model=2) == (
+        run / "train" / "seed_2" / "epoch_03.safetensors")
+    assert layout.model_dir(run, 0) == run / "train" / "seed_0"
     assert layout.optimizer_file(run / "train", 12) == run / "train" / "optimizer_12.safetensors"
     assert layout.attack_file(run, "job") == run / "attack" / "job.json"
     assert layout.attack_file(run, "results.csv") == run / "attack" / "results.csv"

@@ -331,9 +331,9 @@ def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 2: success rate within ``max_iter`` per schedule and epoch.
 
     Args:
-        rates: :func:`lib.analysis.aggregates.success_rates` (epoch, schedule, attacks, successes,
-            success_rate in [0, 1] with its Wilson interval success_rate_low/high, skipped).
-            The bars are the 95 % Wilson intervals.
+        rates: :func:`lib.analysis.aggregates.success_rates` of one model (epoch, schedule,
+            images, attacks, successes, success_rate in [0, 1] with its image-bootstrap
+            interval success_rate_low/high, skipped). The bars are the 95 % intervals.
     """
     title = "success rate (95 % interval)"
     base = alt.Chart(rates).encode(
@@ -344,7 +344,8 @@ def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
         y=alt.Y("success_rate:Q", title=title, axis=alt.Axis(format="%"),
                 scale=alt.Scale(zero=False)),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
-                 _tooltip("attacks", "attacks"), _tooltip("successes", "successes"),
+                 _tooltip("images", "images"), _tooltip("attacks", "attacks"),
+                 _tooltip("successes", "successes"),
                  _tooltip("success_rate:Q", "success rate", format=".1%"),
                  _tooltip("success_rate_low:Q", "95 % low", format=".1%"),
                  _tooltip("success_rate_high:Q", "95 % high", format=".1%"),
@@ -358,8 +359,9 @@ def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 3: mean L1 of the successful attacks per schedule and epoch.
 
     Args:
-        l1: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, successes, mean_l1_255
-            with its bootstrap interval mean_l1_255_low/high). The bars are the 95 % intervals.
+        l1: :func:`lib.analysis.aggregates.mean_l1` of one model (epoch, schedule, images,
+            successes, mean_l1_255 with its image-bootstrap interval mean_l1_255_low/high). The
+            bars are the 95 % intervals.
     """
     title = "mean L1 (x 1/255)"
     base = alt.Chart(l1).encode(
@@ -368,7 +370,7 @@ def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
     points = base.mark_point(filled=True, size=50).encode(
         y=alt.Y("mean_l1_255:Q", title=title),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
-                 _tooltip("successes", "successful attacks"),
+                 _tooltip("images", "images"), _tooltip("successes", "successful attacks"),
                  _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f"),
                  _tooltip("mean_l1_255_low:Q", "95 % low", format=".3f"),
                  _tooltip("mean_l1_255_high:Q", "95 % high", format=".3f")],
@@ -381,15 +383,16 @@ def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
     """The paper's Figure 4: mean iterations and mean step size per schedule at one epoch.
 
     Args:
-        summary: :func:`lib.analysis.aggregates.iterations_and_lr` (schedule, attacks,
-            mean_iterations and mean_lr_255, each with its bootstrap interval
-            ``_low``/``_high``, success_rate).
+        summary: :func:`lib.analysis.aggregates.iterations_and_lr` of one model (schedule,
+            images, attacks, mean_iterations and mean_lr_255, each with its image-bootstrap
+            interval ``_low``/``_high``, success_rate).
     """
     order = _schedules(summary)
     base = alt.Chart(summary).encode(
         x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
         color=_schedule_colour(summary, legend=False),
-        tooltip=[_tooltip("schedule", "schedule"), _tooltip("attacks", "attacks"),
+        tooltip=[_tooltip("schedule", "schedule"), _tooltip("images", "images"),
+                 _tooltip("attacks", "attacks"),
                  _tooltip("mean_iterations:Q", "mean iterations", format=".1f"),
                  _tooltip("mean_lr_255:Q", "mean step (x 1/255)", format=".3f"),
                  _tooltip("success_rate:Q", "success rate", format=".1%")],
@@ -532,7 +535,7 @@ def _step_axis(values: pd.Series, *, title: str) -> alt.X:
 
 def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
     """Success rate and mean L1 against the initial step size lr0, per schedule, with 95 %
-    intervals (Wilson for the rate, bootstrap for the mean).
+    intervals resampling images.
 
     Args:
         sensitivity: :func:`lib.analysis.aggregates.lr0_sensitivity` (lr0_255, schedule, attacks,
@@ -543,7 +546,7 @@ def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
         color=_schedule_colour(sensitivity),
         tooltip=[_tooltip("schedule", "schedule"),
                  _tooltip("lr0_255:Q", "lr0 (x 1/255)", format=".3g"),
-                 _tooltip("attacks", "attacks"),
+                 _tooltip("images", "images"), _tooltip("attacks", "attacks"),
                  _tooltip("success_rate:Q", "success rate", format=".1%"),
                  _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f"),
                  _tooltip("mean_iterations:Q", "mean iterations", format=".1f")],
@@ -564,15 +567,17 @@ def paired_difference_chart(differences: pd.DataFrame, *,
     row of panels per epoch (stacked, sharing the difference axis).
 
     Args:
-        differences: :func:`lib.analysis.paired.paired_schedule_differences` (epoch, schedule,
-            reference, pairs, mean_difference, low, high, p_signed_rank).
+        differences: :func:`lib.analysis.paired.paired_schedule_differences` of one model
+            (epoch, schedule, reference, images, pairs, mean_difference, low, high,
+            p_signed_rank).
         title: the axis title (says what was subtracted, in which unit).
     """
     base = alt.Chart().encode(
         y=alt.Y("schedule:N", sort=_schedules(differences), title=None),
         color=_schedule_colour(differences, legend=False),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
-                 _tooltip("reference", "reference"), _tooltip("pairs", "pairs"),
+                 _tooltip("reference", "reference"), _tooltip("images", "images"),
+                 _tooltip("pairs", "pairs"),
                  _tooltip("mean_difference:Q", "mean difference", format=".3f"),
                  _tooltip("low:Q", "95 % low", format=".3f"),
                  _tooltip("high:Q", "95 % high", format=".3f"),
@@ -738,3 +743,25 @@ def optimality_chart(optimality: pd.DataFrame) -> alt.LayerChart:
     whiskers = base.mark_rule(color="black").encode(
         x=alt.X("optimality_low:Q", title=title), x2="optimality_high:Q")
     return _finish((bars + whiskers).properties(width=520, height=220))
+
+
+# --------------------------------------------------------------------------- several models
+
+
+def per_model(build, table: pd.DataFrame, *, title: str = "model of seed {model}"):
+    """One chart per trained model, one under the other, each ``build`` of that model's rows.
+
+    Args:
+        build: a chart builder of this module (e.g. :func:`success_rate_chart`).
+        table: its table with a ``model`` column (the seed); without one, or with a single
+            model, the chart is ``build(table)`` itself.
+        title: each panel's title; ``{model}`` is replaced by the seed.
+    """
+    if "model" not in table.columns or table["model"].nunique() <= 1:
+        return build(table)
+    charts = []
+    for model, part in table.groupby("model", sort=True):
+        chart = build(part.reset_index(drop=True)).copy()
+        chart.config = alt.Undefined  # the type sizes go on the whole figure, once
+        charts.append(chart.properties(title=title.format(model=model)))
+    return _finish(alt.vconcat(*charts, spacing=30))

@@ -6,7 +6,8 @@ every reference attack, and over our own schedules when the caller passes them, 
 *best-known* L1 (:func:`best_per_sample`). Two measures compare a schedule with it: the median
 ratio of L1 to the best-known L1 (:func:`l1_ratio_table`) and AttackBench's optimality score
 (:func:`eval_optimality`, :func:`optimality_table`); :func:`minimality_intervals` gives both
-with their 95 % bootstrap intervals.
+with their 95 % intervals, resampling images (an image's targets share its distances to the
+class boundaries).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lib.analysis import statistics
-from lib.analysis.paired import PAIR_KEYS
+from lib.analysis import general_bootstrap, resampling, statistics
 from lib.attack.reference import DEFAULT_ATTACKS, run_reference_attacks
 from lib.errors import ParameterError
+
+#: The columns that identify a compared (image, target) pair of one model's checkpoint.
+PAIR_KEYS = ("epoch", "image_id", "target")
 
 
 def best_per_sample(
@@ -304,35 +307,37 @@ def optimality_table(
 def minimality_intervals(results: pd.DataFrame, best: pd.DataFrame, *,
                          confidence: float = statistics.CONFIDENCE) -> pd.DataFrame:
     """Per schedule and epoch: the median ratio L1 / best-known L1 and AttackBench's optimality,
-    each with a 95 % bootstrap interval over the pairs.
+    each with a 95 % bootstrap interval that resamples images with all their pairs.
 
     Args:
-        results: our attacks (attack/results.csv rows of the compared epochs).
+        results: our attacks (attack/results.csv rows of the compared epochs of one model).
         best: best-known L1 per pair (``epoch, image_id, target, best_l1``), e.g.
             :func:`lib.analysis.minimality.best_per_sample`.
 
     Returns:
-        ``schedule, epoch, pairs, successful, median_ratio, median_ratio_low,
+        ``schedule, epoch, images, pairs, successful, median_ratio, median_ratio_low,
         median_ratio_high, q25_ratio, q75_ratio, optimality, optimality_low,
         optimality_high``.
     """
     joined = scored_pairs(results, best, on=PAIR_KEYS, by=("schedule", "epoch"))
     rows = []
     for (name, epoch), part in joined.groupby(["schedule", "epoch"], sort=False):
-        median = statistics.bootstrap_interval(part["ratio"], statistic="median",
-                                               confidence=confidence)
-        score = statistics.bootstrap_statistic(
-            (part["distance"].to_numpy(), part["best_l1"].to_numpy()),
+        clusters = resampling.clusters_of(part)
+        median = resampling.bootstrap_rows(part["ratio"].to_numpy(float), clusters,
+                                           statistic="median", confidence=confidence)
+        score = general_bootstrap.bootstrap_function(
+            (part["distance"].to_numpy(), part["best_l1"].to_numpy()), clusters,
             eval_optimality, confidence=confidence)
-        rows.append({"schedule": name, "epoch": int(epoch), "pairs": len(part),
-                     "successful": median.n, "median_ratio": median.estimate,
-                     "median_ratio_low": median.low, "median_ratio_high": median.high,
+        rows.append({"schedule": name, "epoch": int(epoch), "images": clusters.n_clusters,
+                     "pairs": len(part), "successful": median.n_attacks,
+                     "median_ratio": median.estimate, "median_ratio_low": median.low,
+                     "median_ratio_high": median.high,
                      "q25_ratio": part["ratio"].quantile(0.25),
                      "q75_ratio": part["ratio"].quantile(0.75), "optimality": score.estimate,
                      "optimality_low": score.low, "optimality_high": score.high})
-    columns = ["schedule", "epoch", "pairs", "successful", "median_ratio", "median_ratio_low",
-               "median_ratio_high", "q25_ratio", "q75_ratio", "optimality", "optimality_low",
-               "optimality_high"]
+    columns = ["schedule", "epoch", "images", "pairs", "successful", "median_ratio",
+               "median_ratio_low", "median_ratio_high", "q25_ratio", "q75_ratio", "optimality",
+               "optimality_low", "optimality_high"]
     return pd.DataFrame(rows, columns=columns)
 
 

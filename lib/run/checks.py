@@ -131,9 +131,9 @@ def _check_attack_inputs(p: Mapping[str, Any]) -> None:
     from lib.run import attack_stage
 
     settings = stage_settings(ATTACK_STAGE, p)
-    job = attack_stage.plan_job(p["run_dir"], settings)  # epochs, selection
-    for epoch in job.settings.epochs:
-        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
+    job = attack_stage.plan_job(p["run_dir"], settings)  # models, epochs, selection
+    for model, epoch in job.chunks[["model", "epoch"]].drop_duplicates().itertuples(index=False):
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=model))
 
 
 def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
@@ -146,15 +146,15 @@ def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
             f"{job_file}: the attack stage ran with mode {settings['mode']!r}; the minimality "
             "stage compares targeted attacks, so run 03_attack with -p mode targeted"
         )
-    attacked = list(settings["epochs"])
+    attacked, first = list(settings["epochs"]), settings["models"][0]
     missing = sorted(set(p["epochs"]) - set(attacked))
     if missing:
         raise ParameterError(
-            f"epochs {missing} were not attacked (the attack stage attacked {attacked}); "
-            "choose epochs among those, or [] for the last one"
+            f"epochs {missing} were not attacked (the attack stage attacked {attacked} of the "
+            f"first model, seed {first}); choose epochs among those, or [] for the last one"
         )
     for epoch in p["epochs"] or attacked[-1:]:
-        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=first))
 
 
 #: The checks of each stage's files: the dataset, weights and checkpoints it will read.

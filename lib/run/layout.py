@@ -9,7 +9,8 @@ below is spelt only here; other modules ask the functions of this module for pat
       run.lock                    who holds the folder (:mod:`lib.run.lock`)
       notebooks/<stage>.ipynb     executed notebooks
       data/                       dataset.json, frames.csv, counts.csv    (data_file)
-      train/                      epoch_NN.safetensors, optimizer_NN.safetensors,
+      train/seed_S/               one folder per trained model (its seed S):  (model_dir)
+                                  epoch_NN.safetensors, optimizer_NN.safetensors,
                                   <table>.csv, train_params.json          (checkpoint_file, ...)
       attack/                     job.json, selection.csv, results.csv, traces.npz, ...,
                                   chunks/<part>/chunk_NNNNN.{csv,npz}    (attack_file, chunk_files)
@@ -102,8 +103,29 @@ def data_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
 
 
 def train_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """The training stage's folder of a run folder."""
+    """The training stage's folder of a run folder (one subfolder per model)."""
     return stage_dir(run_dir, TRAIN_STAGE)
+
+
+#: The prefix of a model's folder inside ``train/``; a model is named by its seed.
+MODEL_PREFIX = "seed_"
+
+
+def model_dir(run_dir: str | os.PathLike[str], model: int) -> Path:
+    """The training folder of the model trained with seed ``model``."""
+    return train_dir(run_dir) / f"{MODEL_PREFIX}{int(model)}"
+
+
+def model_dirs(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
+    """The model folders present in ``train/``, by seed, smallest seed first."""
+    found = {}
+    folder = train_dir(run_dir)
+    if folder.is_dir():
+        for path in folder.glob(f"{MODEL_PREFIX}*"):
+            seed = path.name[len(MODEL_PREFIX):]
+            if path.is_dir() and seed.isdigit():
+                found[int(seed)] = path
+    return dict(sorted(found.items()))
 
 
 def checkpoint_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
@@ -111,9 +133,9 @@ def checkpoint_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
     return Path(train_folder) / f"epoch_{epoch:02d}.safetensors"
 
 
-def checkpoint_path(run_dir: str | os.PathLike[str], epoch: int) -> Path:
-    """The model after ``epoch`` in a run folder."""
-    return checkpoint_file(train_dir(run_dir), epoch)
+def checkpoint_path(run_dir: str | os.PathLike[str], epoch: int, *, model: int) -> Path:
+    """The model of seed ``model`` after ``epoch`` in a run folder."""
+    return checkpoint_file(model_dir(run_dir, model), epoch)
 
 
 def optimizer_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:

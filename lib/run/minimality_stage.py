@@ -30,8 +30,8 @@ class MinimalitySettings:
     """The minimality stage's parameters (checked when made).
 
     Attributes:
-        epochs: checkpoints to compare; [] for the last attacked one. The default build
-            compares the first and the last.
+        epochs: checkpoints of the first attacked model to compare; [] for the last attacked
+            one. The default build compares the first and the last.
         n_pairs: (image, target) pairs per checkpoint: the first ones in the attack stage's
             order.
         steps: step budgets of every reference attack (100 matches the attack's max_iter; a
@@ -76,7 +76,8 @@ class ReferenceTables:
 
     #: the attacked checkpoints compared (the ``epochs`` asked, or the last attacked one)
     epochs: list[int]
-    #: the attack stage's targeted results on those checkpoints (results.csv rows)
+    #: the attack stage's targeted results on those checkpoints of the first model
+    #: (results.csv rows)
     ours: pd.DataFrame
     #: one row per (pair, reference attack, budget), as
     #: :func:`~lib.attack.reference.run_reference_attacks` returns it without ``seconds`` (the
@@ -93,7 +94,8 @@ def reference_tables(
 ) -> ReferenceTables:
     """The minimality stage's reference step: pick the pairs, attack them, write the files.
 
-    For each checkpoint of ``settings.epochs`` (empty: the last attacked one) the first
+    The stage compares the first attacked model (the attack stage's first seed). For each of
+    its checkpoints of ``settings.epochs`` (empty: the last attacked one) the first
     ``settings.n_pairs`` distinct (image, target) pairs of the attack stage's targeted results
     are attacked by every reference attack at every budget of ``settings.steps``, on the test
     images of the run
@@ -105,7 +107,8 @@ def reference_tables(
     from lib.run.data_stage import load_run_split
 
     results = tables.read_results(run_dir)
-    targeted = results[results["mode"] == "targeted"]
+    first = int(tables.read_record(run_dir, "job")["settings"]["models"][0])
+    targeted = results[(results["mode"] == "targeted") & (results["model"] == first)]
     chosen = [int(e) for e in settings.epochs] or [int(targeted["epoch"].max())]
     ours = targeted[targeted["epoch"].isin(chosen)]
     found = tables.read_table(run_dir, "reference", missing_ok=True)
@@ -120,7 +123,8 @@ def reference_tables(
                  .head(settings.n_pairs)[["epoch", "image_id", "target"]]
                  .reset_index(drop=True))
         images = test_set.images[[position[i] for i in pairs["image_id"]]].float() / 255
-        model = load_checkpoint(layout.checkpoint_path(run_dir, epoch), map_location=device)
+        model = load_checkpoint(layout.checkpoint_path(run_dir, epoch, model=first),
+                                map_location=device)
         parts.append(run_reference_attacks(
             model, images, torch.tensor(pairs["target"].to_numpy()), keys=pairs,
             steps=list(settings.steps), attacks=list(settings.attacks), device=device,

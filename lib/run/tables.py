@@ -64,10 +64,14 @@ def typed(names: tuple[str, ...], dtypes: tuple[str, ...]) -> dict[str, str]:
     return dict(zip(names, dtypes, strict=True))
 
 
+#: The column naming the trained model (its seed) in every table that pools several models:
+#: the attack stage's tables and the run-wide views of the training tables.
+MODEL_COLUMN: dict[str, str] = {"model": "int64"}
+
 #: The keys of one attack in the attack stage's tables: which job row it is.
 ATTACK_KEYS: dict[str, str] = {
-    "epoch": "int64", "schedule": "str", "mode": "str", "row_id": "int64", "image_id": "str",
-    "source": "int64", "target": "int64",
+    **MODEL_COLUMN, "epoch": "int64", "schedule": "str", "mode": "str", "row_id": "int64",
+    "image_id": "str", "source": "int64", "target": "int64",
 }
 
 
@@ -89,13 +93,14 @@ SWEEP_COLUMNS: tuple[str, ...] = ("lr0", *RESULT_COLUMNS)
 #: The training stage's tables; ``metrics`` is written last in every epoch, so an epoch counts
 #: as finished once it has a metrics row.
 TRAIN_TABLES: tuple[str, ...] = ("losses", "per_class", "confusion", "predictions", "metrics")
-#: The analysis stage's tables, each the output of an aggregate of :mod:`lib.analysis.aggregates`,
-#: :mod:`lib.analysis.paired` or :mod:`lib.analysis.claims` (whose docstring gives its columns);
-#: the book offers them for download.
+#: The analysis stage's tables, each the output of a function of :mod:`lib.analysis.aggregates`,
+#: :mod:`lib.analysis.paired`, :mod:`lib.analysis.trends` or :mod:`lib.analysis.claim_table`
+#: (whose docstring gives its columns); the book offers them for download.
 ANALYSIS_TABLES: tuple[str, ...] = (
     "accuracy_f1", "success_rate", "mean_l1", "paired_l1", "iterations_lr", "paired_iterations",
     "class_pair_l1", "l1_histogram", "per_image_l1", "per_image_change", "refined_ranking",
-    "ranking_changes", "traces_summary", "lr0_sensitivity", "paper_claims", "skipped",
+    "ranking_changes", "traces_summary", "lr0_sensitivity", "paper_claims", "claims_lr0",
+    "skipped",
 )
 
 _TRAINING = "training predictions"
@@ -119,10 +124,10 @@ TABLES: dict[str, Table] = {
         "test_loss": "float64"}, "training metrics"),
     "margins": Table(TRAIN_STAGE, {"image": "int64", "margin": "float64", "epoch": "int64",
                                    "step": "int64"}, "borderline margins of training images"),
-    "selection": Table(ATTACK_STAGE, typed(SELECTION_COLUMNS, ("int64", "str", "int64",
-                                                               "int64")), "attack selection"),
-    "shortfall": Table(ATTACK_STAGE, typed(SHORTFALL_COLUMNS, (
-        "int64", "int64", "str", "int64", "int64")), "attack shortfall"),
+    "selection": Table(ATTACK_STAGE, {**MODEL_COLUMN, **typed(SELECTION_COLUMNS, (
+        "int64", "str", "int64", "int64"))}, "attack selection"),
+    "shortfall": Table(ATTACK_STAGE, {**MODEL_COLUMN, **typed(SHORTFALL_COLUMNS, (
+        "int64", "int64", "str", "int64", "int64"))}, "attack shortfall"),
     "results": Table(ATTACK_STAGE, attack_result_columns(), "attack results"),
     "lr0_sweep": Table(ATTACK_STAGE, {"lr0": "float64", **attack_result_columns()},
                        "lr0 sweep"),
@@ -153,7 +158,8 @@ def table_path(run_dir: str | os.PathLike[str], name: str) -> Path:
     if stage == DATA_STAGE:
         return layout.data_file(run_dir, name)
     if stage == TRAIN_STAGE:
-        return layout.train_table(layout.train_dir(run_dir), name)
+        raise ValueError(f"{name!r} is a training table, one per model: read it with "
+                         "read_model_tables (every model) or read_train_table (one folder)")
     if stage == ATTACK_STAGE:
         return layout.attack_file(run_dir, name)
     return layout.minimality_file(run_dir, name)
@@ -229,15 +235,45 @@ def read_sweep(run_dir: str | os.PathLike[str]) -> pd.DataFrame | None:
     return read_table(run_dir, "lr0_sweep", missing_ok=True)
 
 
+def read_model_tables(run_dir: str | os.PathLike[str], name: str) -> pd.DataFrame:
+    """Training table ``name`` of every trained model, one under the other, with the
+    :data:`MODEL_COLUMN` (the model's seed) first; smallest seed first.
+
+    Raises:
+        RunFolderError: no model folder of ``train/`` holds the table (run 02_train).
+    """
+    parts = []
+    for model, folder in layout.model_dirs(run_dir).items():
+        table = read_train_table(folder, name)
+        if table is not None:
+            parts.append(table.assign(model=model)[[*MODEL_COLUMN, *TABLES[name].columns]])
+    if not parts:
+        raise missing_table(layout.train_table(layout.model_dir(run_dir, 0), name), TABLES[name])
+    return pd.concat(parts, ignore_index=True).astype(MODEL_COLUMN)
+
+
 def read_predictions(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``train/predictions.csv`` (epoch, image_id, label, predicted); RunFolderError naming
-    02_train if absent."""
-    return read_table(run_dir, "predictions")
+    """Every model's ``predictions.csv`` (model, epoch, image_id, label, predicted);
+    RunFolderError naming 02_train if absent."""
+    return read_model_tables(run_dir, "predictions")
 
 
 def read_training_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``train/metrics.csv``; RunFolderError naming 02_train if absent."""
-    return read_table(run_dir, "metrics")
+    """Every model's ``metrics.csv``, with the model column; RunFolderError naming 02_train
+    if absent."""
+    return read_model_tables(run_dir, "metrics")
+
+
+def read_analysis_table(run_dir: str | os.PathLike[str], name: str) -> pd.DataFrame:
+    """``analysis/<name>.csv`` (one of :data:`ANALYSIS_TABLES`), its types as pandas reads
+    them; RunFolderError naming 04_analysis if absent."""
+    path = layout.analysis_file(run_dir, name)
+    if name not in ANALYSIS_TABLES:
+        raise ValueError(f"the analysis stage writes no table {name!r}; its tables are "
+                         f"{', '.join(ANALYSIS_TABLES)}")
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing; run the analysis stage ({ANALYSIS_STAGE})")
+    return pd.read_csv(path)
 
 
 def write_analysis_table(run_dir: str | os.PathLike[str], name: str,

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lib import NUM_CLASSES
+from lib.checking import check_int
 from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 from lib.model.checkpoints import save_checkpoint
@@ -83,7 +84,7 @@ def fit(
     weight_decay: float = TrainSettings.weight_decay,
     augment: bool = TrainSettings.augment,
     balance: str = TrainSettings.balance,
-    seed: int = TrainSettings.seed,
+    seed: int = TrainSettings.seeds[0],
     device: str | torch.device = "cpu",
     weights_path: str | os.PathLike[str] | None = None,
     num_workers: int = TrainSettings.workers,
@@ -120,7 +121,9 @@ def fit(
         balance: class balancing: "none", "weights" (cross-entropy weighted by inverse class
             frequency in the train split) or "sampler" (batches drawn with replacement, every
             class equally likely).
-        seed: non-negative integer; fixes initialisation, order, augmentation and dropout.
+        seed: non-negative integer; fixes initialisation, order, augmentation and dropout
+            (the training stage trains one model per seed of ``TrainSettings.seeds``, each
+            into its own folder).
         device: "cpu", "cuda" or "cuda:N"; only the CPU is bit-for-bit reproducible.
         weights_path: optional local ImageNet AlexNet weights (see
             :func:`lib.model.checkpoints.build_model`).
@@ -143,9 +146,10 @@ def fit(
         ``metrics.csv`` as a DataFrame: one row per epoch 1..epochs (None on ranks other
         than 0).
     """
-    TrainSettings(  # checks every value
+    check_int(seed, "seed", low=0)
+    TrainSettings(  # checks every other value
         epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, momentum=momentum,
-        weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
+        weight_decay=weight_decay, augment=augment, balance=balance, seeds=(seed,),
         precision=precision, weights_path=str(weights_path or ""), workers=num_workers,
     )  # fmt: skip
     launch = ranks.current_launch()
