@@ -161,11 +161,12 @@ rates = save(aggregates.success_rates(results), "success_rate")
 figures.per_model(figures.success_rate_chart, rates)
 
 # %% [markdown]
-# The same rates per checkpoint (rows) and schedule (columns), each with its 95 % Wilson
-# interval and the number of attacks behind it:
+# The same rates per model and checkpoint (rows) and schedule (columns), each with its 95 %
+# interval and the images and attacks behind it:
 
 # %% tags=["remove-input"]
-at_last = rates[(rates["model"] == first_model) & (rates["epoch"] == last_epoch)].set_index("schedule")
+at_last = rates[(rates["model"] == first_model)
+                & (rates["epoch"] == last_epoch)].set_index("schedule")
 for name, row in at_last.iterrows():
     glue(f"success_{name.replace('-', '_')}",
          f"{100 * row['success_rate']:.1f} % [{100 * row['success_rate_low']:.1f}, "
@@ -187,8 +188,8 @@ l1 = save(aggregates.mean_l1(results), "mean_l1")
 figures.per_model(figures.l1_chart, l1)
 
 # %% [markdown]
-# The same means (x 1/255) per checkpoint and schedule, each with its 95 % bootstrap interval
-# and the number of successful attacks behind it:
+# The same means (x 1/255) per model, checkpoint and schedule, each with its 95 % interval and
+# the images and successful attacks behind it:
 
 # %% tags=["remove-input"]
 readable.html(readable.interval_pivot(l1, value="mean_l1_255", order=order, count="successes"))
@@ -211,11 +212,11 @@ figures.per_model(lambda part: figures.paired_difference_chart(
     part, title=f"L1 minus {reference_schedule}'s L1 (x 1/255), paired"), paired_l1)
 
 # %% [markdown]
-# The same differences in numbers: for each checkpoint and schedule, the reference it is
-# compared with, the pairs where both succeeded, the mean difference of L1 (x 1/255) with its
-# 95 % interval, and the p-value of the Wilcoxon signed-rank test of the differences (a
-# p-value below 0.0001 prints as such; "-" where every difference is zero or there are too
-# few pairs).
+# The same differences in numbers: for each model, checkpoint and schedule, the reference it
+# is compared with, the images and the pairs where both succeeded, the mean difference of L1
+# (x 1/255) with its 95 % interval, and the p-value of the Wilcoxon signed-rank test of the
+# images' mean differences (a p-value below 0.0001 prints as such; "-" where every difference
+# is zero or there are too few images).
 
 # %% tags=["remove-input"]
 readable.html(readable.paired_table(paired_l1, unit="L1, x 1/255"))

@@ -40,17 +40,12 @@
 # ## Prerequisites
 #
 # The attack stage (03_attack) has written `attack/results.csv`. The reference attacks are far
-<<<<<<< HEAD
 # more expensive than ours (hundreds of steps each, no early stop), so a build runs them on a
-# few pairs of the chosen checkpoints (the parameters of this build, below, say how many; the
-# default build takes 30 pairs of the first and of the last attacked checkpoint, with the
-# budget of our own attacks); raise `n_pairs` and `steps` for a firmer answer.
-=======
-# more expensive than ours (hundreds of steps each, no early stop), so the default build runs
-# them on 30 pairs of the first and of the last attacked checkpoint of the first trained model,
-# with the budget of our own attacks; raise `n_pairs` and `steps` for a firmer answer. The
-# pairs come six to an image (its targets), so the intervals below resample images, not pairs.
->>>>>>> 495d357 (Verdicts a reviewer would sign: the image as the unit of every interval, three trained models with pooled and per-model verdicts, the claims as the paper states them)
+# few pairs of the chosen checkpoints of the first trained model (the parameters of this build,
+# below, say how many; the default build takes 30 pairs of the first and of the last attacked
+# checkpoint, with the budget of our own attacks); raise `n_pairs` and `steps` for a firmer
+# answer. The pairs come six to an image (its targets), so the intervals below resample
+# images, not pairs.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
@@ -124,19 +119,11 @@ html(table.round(3)[["schedule", "epoch", "successful", "median_ratio", "q25_rat
     "q25_ratio": "first quartile", "q75_ratio": "third quartile",
     "optimality": "optimality score"}))
 
-<<<<<<< HEAD
-# %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 with its 95 % bootstrap interval, per checkpoint, on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 with its 95 % interval resampling images, per checkpoint, on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}} tags=["hide-input"]
 intervals = minimality.minimality_intervals(ours, best)
 figures.minimality_ratio_chart(intervals)
 
-# %% mystnb={"figure": {"caption": "AttackBench's optimality score of each schedule against the best-known distances (1: as small as the best known on every pair), with its 95 % bootstrap interval over the pairs.", "name": "fig-minimality-optimality"}} tags=["hide-input"]
-=======
-# %% mystnb={"figure": {"caption": "Median ratio of each schedule's L1 to the best-known minimal L1 with its 95 % interval resampling images, per checkpoint, on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}}
-intervals = minimality.minimality_intervals(ours, best)
-figures.minimality_ratio_chart(intervals)
-
-# %% mystnb={"figure": {"caption": "AttackBench's optimality score of each schedule against the best-known distances (1: as small as the best known on every pair), with its 95 % interval resampling images.", "name": "fig-minimality-optimality"}}
->>>>>>> 495d357 (Verdicts a reviewer would sign: the image as the unit of every interval, three trained models with pooled and per-model verdicts, the claims as the paper states them)
+# %% mystnb={"figure": {"caption": "AttackBench's optimality score of each schedule against the best-known distances (1: as small as the best known on every pair), with its 95 % interval resampling images.", "name": "fig-minimality-optimality"}} tags=["hide-input"]
 figures.optimality_chart(intervals)
 
 # %% tags=["remove-input"]

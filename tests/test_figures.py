@@ -170,7 +170,6 @@ def test_trace_chart() -> None:
 
 
 def test_accuracy_chart_draws_intervals_when_given() -> None:
-    import pandas as pd
 
     plain = pd.DataFrame({"epoch": [1, 2], "accuracy": [0.5, 0.9], "macro_f1": [0.4, 0.8]})
     assert "layer" not in figures.accuracy_f1_chart(plain).to_dict()
@@ -186,7 +185,6 @@ def test_accuracy_chart_draws_intervals_when_given() -> None:
 
 def test_the_loss_curve_places_global_steps_inside_their_epochs(tmp_path) -> None:
     # train/losses.csv numbers steps from the start of training: 3 epochs of 4, 4 and 2 steps
-    import pandas as pd
 
     path = tmp_path / "losses.csv"
     path.write_text("epoch,step,loss\n" + "".join(
@@ -206,7 +204,6 @@ def test_the_loss_curve_places_global_steps_inside_their_epochs(tmp_path) -> Non
 
 def _sample_charts() -> dict:
     """One chart of every builder, drawn from the hand-made tables."""
-    import pandas as pd
 
     from tests.test_metrics import with_refinement
 
@@ -294,7 +291,6 @@ def test_every_chart_colours_each_schedule_with_its_palette_colour(sample_charts
 def test_the_drawn_text_check_sees_a_column_name() -> None:
     # the check above would catch an untitled column: vega-lite titles it with its name
     import altair as alt
-    import pandas as pd
 
     chart = alt.Chart(pd.DataFrame({"mean_l1_255": [1.0]})).mark_point().encode(
         y="mean_l1_255:Q")
@@ -305,7 +301,6 @@ def test_the_drawn_text_check_sees_a_column_name() -> None:
 @pytest.mark.parametrize(("values", "log"), [
     ([1.02, 2.04, 4.08, 10.2], True), ([1.02, 2.04, 4.08], False), ([2.04], False)])
 def test_the_lr0_axis_is_logarithmic_only_over_a_factor_of_ten(values: list, log: bool) -> None:
-    import pandas as pd
 
     x = figures._step_axis(pd.Series(values, name="lr0_255"), title="lr0").to_dict()
     assert (x["scale"].get("type") == "log") is log
@@ -315,7 +310,6 @@ def test_the_lr0_axis_is_logarithmic_only_over_a_factor_of_ten(values: list, log
 @pytest.mark.parametrize(("high", "log"), [(3.0, False), (80.0, True)])
 def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float,
                                                                      log: bool) -> None:
-    import pandas as pd
 
     ratios = pd.DataFrame({"schedule": ["constant", "step"], "epoch": [1, 1],
                            "successful": [5, 5], "median_ratio": [2.0, high / 2],
@@ -331,7 +325,6 @@ def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float
 
 
 def test_one_panel_per_trained_model() -> None:
-    import pandas as pd
 
     two = pd.concat([RESULTS, RESULTS.assign(model=1)], ignore_index=True)
     rates = aggregates.success_rates(two)
