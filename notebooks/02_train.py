@@ -165,14 +165,14 @@ glue("train_final_range", f"{finals['accuracy'].min():.3f} to {finals['accuracy'
 #
 # ## Per-class F1
 
-# %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch, the first model.", "name": "fig-training-per-class-f1"}} tags=["hide-input"]
 per_class = tables.read_train_table(first_dir, "per_class")
 figures.per_class_f1_chart(per_class)
 
 # %% [markdown]
 # ## Confusion matrix of the last checkpoint
 
-# %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Confusion matrix of the first model's last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}} tags=["hide-input"]
 confusion = tables.read_train_table(first_dir, "confusion")
 figures.confusion_chart(confusion[confusion["epoch"] == confusion["epoch"].max()])
 
