@@ -51,6 +51,7 @@ sweep_epoch = 0  # checkpoint of the sweep; 0 for the last attacked one
 gallery_images = 7  # classes whose first image is kept as pictures, at the last attacked checkpoint (every schedule; target ``(source + 1) mod 7``)
 precision = "auto"  # model forwards: "float32", "bfloat16" (autocast; successes confirmed in float32) or "auto" (bfloat16 where the device computes it natively)
 refine_tolerance = 0.001  # None: off; else bisect each success's last step to this Linf width (pixel units) and report the refined distances beside the path distances
+certify = True  # finish attacks that interval bounds prove cannot succeed before their budget ends (lib.attack.stop); outcomes stay those of the full loop; False: the paper's loop to the end
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
 progress = True  # a progress bar over the stage's work (stderr)
 overwrite = False  # discard this stage's results (and those of every later stage) if they were made with other parameters
