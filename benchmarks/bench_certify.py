@@ -388,7 +388,16 @@ def time_part(model, images, rows, settings: AttackSettings, *, lr0: float,
             results[certify] = api.attack_rows(model, images, rows, certify=certify, **options)
             seconds[certify].append(time.perf_counter() - start)
     full, stopped = results[False], results[True]
+    order = rows.set_index("row_id").loc[full.row_id.numpy(), "schedule"].to_numpy()
+    certified = (stopped.certified_at >= 0).numpy()
+    failed = ~full.success.numpy()
+    at = stopped.certified_at.numpy()[certified]
+    per_schedule = {name: f"{int((certified & (order == name)).sum())}/"
+                          f"{int((failed & (order == name)).sum())}"
+                    for name in dict.fromkeys(order)}
     return {
+        "stopped_of_failed": per_schedule,
+        "certified_at": np.percentile(at, [0, 25, 50, 75, 100]) if len(at) else [],
         "rows": len(rows), "precision": options["precision"],
         "passes_off": row_passes(full), "passes_on": row_passes(stopped),
         "checks": int(stopped.certify_checks.sum()),
@@ -443,6 +452,10 @@ def print_part(record: dict, settings: AttackSettings) -> None:
     print(f"  passes saved {1 - on / off:.1%} ({1 - net / off:.1%} net of the checks at "
           f"{record['check_over_pass']:.2f} passes each); time saved "
           f"{1 - record['seconds_on'] / record['seconds_off']:.1%}")
+    stops = ", ".join(f"{k} {v}" for k, v in record["stopped_of_failed"].items())
+    quartiles = "/".join(f"{q:.0f}" for q in record["certified_at"])
+    print(f"  attacks stopped of the failed ones: {stops}; certified_at min/q1/median/q3/max "
+          f"{quartiles}")
     print(f"  outcomes: success equal on {record['success_equal']}/{record['rows']} rows, "
           f"iterations on {record['iterations_equal']}/{record['rows']}")
     print(f"  machine: float32 AlexNet forward + backward to the input at batch "

@@ -190,6 +190,23 @@ def test_trace_summary_averages_over_running_attacks() -> None:
     assert np.allclose(summary["mean_loss"], [3.0, 2.0, 2.0])
 
 
+def test_trace_summary_averages_losses_over_the_attacks_that_have_them() -> None:
+    # row 1 was finished by the certified stop after update 1: its step sizes go on to the end
+    # of the budget (as in the full loop), its losses end at its last iterate
+    results = results_table({("step", 1): [(True, 2, 1, 1), (False, 3, 1, 1)]}, nonfinite=False)
+    nan = np.nan
+    traces = {
+        "epoch": np.array([1, 1]),
+        "row_id": np.array([0, 1]),
+        "lr": np.array([[1.0, 1.0, nan], [1.0, 0.5, 0.25]]) / 255,
+        "loss": np.array([[2.0, 1.0, nan], [4.0, nan, nan]]),
+    }
+    summary = aggregates.trace_summary(traces, results)
+    assert summary["running"].tolist() == [2, 2, 1]
+    assert np.allclose(summary["mean_lr_255"], [1.0, 0.75, 0.25])
+    assert np.allclose(summary["mean_loss"], [3.0, 1.0, nan], equal_nan=True)
+
+
 def test_lr0_sensitivity() -> None:
     sweep = pd.concat(
         [results_table(nonfinite=False).assign(lr0=value) for value in (1 / 255, 2 / 255)],
