@@ -39,8 +39,12 @@ where a run folder keeps its files. There is no import cycle.
 - ``attack``: the attack
 
   - ``results``: attack rows in, per-attack results out (the result tables' columns)
-  - ``engine``: the batched stop-at-flip loop (float32-confirmed low precision, refinement)
-  - ``api``: the engine's entry points, every input checked
+  - ``engine``: the batched stop-at-flip loop (float32-confirmed low precision)
+  - ``api``: the engine's entry points, called as the field calls attacks; every input checked
+  - ``boundary``: the crossing test and the refinement of a success's last step
+  - ``stop``: the certified early stop: attacks proven unable to succeed finish at once
+  - ``bounds``, ``step_bounds``: interval bounds of the logits over a box; bounds of each
+    schedule's remaining steps
   - ``schedules``: the step-size registry
   - ``selection``: which test images each checkpoint attacks
   - ``plan``: the attack stage's settings; the attack job's rows and chunks, planned from

@@ -51,11 +51,12 @@ REPO = Path(__file__).resolve().parent.parent
 SEED = 8061
 #: Kills of the attack child: one before any chunk is finished, the others spread over the run.
 ATTACK_KILLS = 6
-#: The many-chunk attack job on the template run: about 60 chunks of 12 attacks.
+#: The many-chunk attack job on the template run: about 60 chunks of 12 attacks, with the
+#: certified stop on: step decay's rows that fail are finished after update 16 of 24.
 TEMPLATE_SETTINGS = plan.AttackSettings(
-    epochs=[], schedules=["constant", "step", "loss-adaptive"], lr0=0.1, max_iter=10,
+    epochs=[], schedules=["constant", "step", "loss-adaptive"], lr0=0.1, max_iter=24,
     n_per_class=2, batch_size=8, chunk_size=12, sweep_lr0=[0.05, 0.2], sweep_per_class=1,
-    gallery_images=3, precision="float32", refine_tolerance=None,
+    gallery_images=3, precision="float32", refine_tolerance=None, certify=True,
 )
 #: The tiny profile's training, 3 epochs of 7 SGD steps (its 52 train images in batches of 8),
 #: one model (the seeds' loop resumes through each model's own folder).
@@ -364,6 +365,8 @@ def test_attack_stage_killed_six_times_equals_an_uninterrupted_run(tmp_path: Pat
     job = attack_stage.plan_job(reference, TEMPLATE_SETTINGS)
     count = len(job.chunks)
     assert count >= 40
+    certified = tables.read_results(reference)["certified_at"].notna()
+    assert certified.sum() >= 20  # the stop finished rows in many chunks
     rng = random.Random(SEED)
     chunk_time = chunk_seconds(reference)
     waits = [0, *sorted(rng.sample(range(1, count - 2), ATTACK_KILLS - 1))]

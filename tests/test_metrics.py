@@ -74,6 +74,8 @@ def results_table(attacks=ATTACKS, *, nonfinite: bool = True) -> pd.DataFrame:
                         "refined_l2": 0.1,
                         "refined_linf": 0.01,
                         "refine_forwards": 0,
+                        "certified_at": pd.NA,  # the full loop's row
+                        "certify_checks": 0,
                     }
                 )
                 row_id += 1
@@ -188,6 +190,24 @@ def test_trace_summary_averages_over_running_attacks() -> None:
     assert np.allclose(summary["mean_loss"], [3.0, 2.0, 2.0])
 
 
+def test_trace_summary_averages_losses_over_the_attacks_that_have_them() -> None:
+    # row 1 was finished by the certified stop after update 1: its step sizes go on to the end
+    # of the budget (as in the full loop), its losses end at its last iterate
+    results = results_table({("step", 1): [(True, 2, 1, 1), (False, 3, 1, 1)]}, nonfinite=False)
+    nan = np.nan
+    traces = {
+        "model": np.array([0, 0]),
+        "epoch": np.array([1, 1]),
+        "row_id": np.array([0, 1]),
+        "lr": np.array([[1.0, 1.0, nan], [1.0, 0.5, 0.25]]) / 255,
+        "loss": np.array([[2.0, 1.0, nan], [4.0, nan, nan]]),
+    }
+    summary = aggregates.trace_summary(traces, results)
+    assert summary["running"].tolist() == [2, 2, 1]
+    assert np.allclose(summary["mean_lr_255"], [1.0, 0.75, 0.25])
+    assert np.allclose(summary["mean_loss"], [3.0, 1.0, nan], equal_nan=True)
+
+
 def test_lr0_sensitivity() -> None:
     sweep = pd.concat(
         [results_table(nonfinite=False).assign(lr0=value) for value in (1 / 255, 2 / 255)],
@@ -237,7 +257,8 @@ def many_attacks(spec: dict, *, images: int = 30, epochs=(1, 2), model: int = 0,
                              "final_class": target if success else source, "status": "ok",
                              # what the engine writes when the refinement is off
                              "refined_l1": l1_255 / 255, "refined_l2": 0.1,
-                             "refined_linf": 0.01, "refine_forwards": 0})
+                             "refined_linf": 0.01, "refine_forwards": 0,
+                             "certified_at": pd.NA, "certify_checks": 0})
                 row_id += 1
     return pd.DataFrame(rows)[list(RESULT_COLUMNS)]
 

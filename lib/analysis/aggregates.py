@@ -303,7 +303,10 @@ def trace_summary(traces: dict[str, np.ndarray], results: pd.DataFrame, *,
     """Mean step size and loss over the iterations per schedule at one epoch (default last) of
     one model.
 
-    At iteration i the means are over the attacks still running (those that applied update i).
+    At iteration i the means are over the attacks still running (those that applied update i):
+    the step size over every attack with a step size there, the loss over every attack with a
+    loss there (an attack the certified stop finished after update k has the full loop's step
+    sizes to the end of its budget and its losses up to k).
 
     Args:
         traces: ``attack/traces.npz``: ``model``, ``epoch``, ``row_id`` [R], ``lr``, ``loss``
@@ -328,11 +331,12 @@ def trace_summary(traces: dict[str, np.ndarray], results: pd.DataFrame, *,
         if not pick.any():
             continue
         running = np.isfinite(lr[pick]).sum(axis=0)
+        with_loss = np.isfinite(loss[pick]).sum(axis=0)
         lr_sum = np.nansum(lr[pick], axis=0)
         loss_sum = np.nansum(loss[pick], axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_lr = np.where(running > 0, lr_sum / running, np.nan)
-            mean_loss = np.where(running > 0, loss_sum / running, np.nan)
+            mean_loss = np.where(with_loss > 0, loss_sum / with_loss, np.nan)
         steps = np.arange(1, lr.shape[1] + 1)
         keep = running > 0
         rows.append(pd.DataFrame({"epoch": epoch, "schedule": name, "iteration": steps[keep],

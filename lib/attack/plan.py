@@ -96,6 +96,9 @@ class AttackSettings:
             float32) or "auto" (bfloat16 where the device computes it natively).
         refine_tolerance: None: off; else bisect each success's last step to this Linf width
             (pixel units) and report the refined distances beside the path distances.
+        certify: finish attacks that interval bounds prove cannot succeed before their budget
+            ends (lib.attack.stop); outcomes stay those of the full loop; false: the paper's
+            loop to the end.
     """
 
     epochs: tuple[int, ...] = (1, 3, 4, 5)
@@ -117,6 +120,7 @@ class AttackSettings:
     gallery_images: int = 7
     precision: str = "auto"
     refine_tolerance: float | None = 0.001
+    certify: bool = True
 
     def __post_init__(self) -> None:
         # lists from notebooks and JSON become tuples, so settings compare and hash as values
@@ -180,6 +184,8 @@ class AttackSettings:
                 f"{self.n_per_class}: the sweep attacks a subset of the main selection"
             )
         check_choice(self.mode, MODES, "mode")
+        if not isinstance(self.certify, bool):
+            raise ParameterError(f"certify must be true or false, got {self.certify!r}")
         precision_lib.check(self.precision)
         if self.refine_tolerance is not None:
             check_positive(self.refine_tolerance, "refine_tolerance (None for no refinement)",

@@ -261,13 +261,13 @@ def run_chunks(
                     layout.checkpoint_path(run_dir, epoch, model=model), device)
             rows = job.chunk_rows(part, chunk)
             table, arrays = _run_chunk(loaded[model, epoch], pool, pool_index, rows,
-                                       job.settings, lr0=lr0, device=device, bar=bar)
+                                       job.settings, lr0=lr0, bar=bar)
             tables.write_chunk(run_dir, part, chunk, table, arrays)
     return len(todo)
 
 
 def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSettings, *,
-               lr0: float, device, bar) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+               lr0: float, bar) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Attack one chunk's rows: its result rows and its arrays (traces, gallery images)."""
     engine_rows = pd.DataFrame({
         "row_id": rows["row_id"].to_numpy(np.int64),
@@ -282,10 +282,11 @@ def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSett
     gallery_ids = torch.from_numpy(kept)
     pieces, gallery = [], []
     stream = api.iter_attack_rows(
-        model, pool, engine_rows, lr0=float(lr0), max_iter=settings.max_iter, mode=settings.mode,
-        batch_size=settings.batch_size, device=device, dtype=torch.float32,
-        schedule_constants=constants, keep_images=len(gallery_ids) > 0,
+        model, pool, engine_rows, targeted=settings.mode == "targeted", lr0=float(lr0),
+        max_iter=settings.max_iter, batch_size=settings.batch_size,
         precision=settings.precision, refine_tolerance=settings.refine_tolerance,
+        certify=settings.certify, schedule_constants=constants,
+        keep_images=len(gallery_ids) > 0,
     )
     for piece in stream:
         if piece.borderline is not None:

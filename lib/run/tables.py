@@ -48,7 +48,8 @@ class Table:
 
     Attributes:
         stage: the stage that writes it (its folder holds the file).
-        columns: column name -> dtype ("str", "int64", "float64" or "bool"), in file order.
+        columns: column name -> dtype ("str", "int64", "float64", "bool" or "Int64", an
+            integer that may be missing: an empty field), in file order.
         holds: what the table holds, for the message when it is missing.
     """
 

@@ -405,11 +405,9 @@ def borderline_images(model: nn.Module, images: Tensor, labels: Tensor, attacked
                          "source": sources.numpy(), "target": targets.numpy(),
                          "schedule": settings.schedule})
     result = engine.attack_rows(
-        model, images, rows, lr0=settings.lr0, max_iter=settings.max_updates,
-        mode="targeted" if settings.target == "random" else "untargeted",
-        batch_size=len(rows), device=images.device, dtype=images.dtype,
-        precision=settings.precision, refine_tolerance=settings.refine_tolerance,
-        keep_images=True,
+        model, images, rows, targeted=settings.target == "random", lr0=settings.lr0,
+        max_iter=settings.max_updates, batch_size=len(rows), precision=settings.precision,
+        refine_tolerance=settings.refine_tolerance, certify=False, keep_images=True,
     )  # fmt: skip
     margin = torch.where(result.success, result.refined_linf.double(), math.inf)
     return FoundImages(
