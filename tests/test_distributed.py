@@ -28,7 +28,7 @@ from lib.attack import plan
 from lib.data import datasets, frames
 from lib.errors import ParameterError
 from lib.model.checkpoints import build_model, save_checkpoint
-from lib.run import attack_stage, data_stage, distributed, ranks
+from lib.run import attack_stage, data_stage, distributed, layout, ranks
 from lib.run.parameters import stage_settings
 from lib.train.loop import fit
 from tests.test_robustness import load_template_net, make_run
@@ -200,7 +200,7 @@ def make_alexnet_run(run_dir: Path) -> Path:
     """data/ and train/: one AlexNet checkpoint; predictions.csv calls every test image
     correct, so each class is attacked."""
     splits = make_alexnet_data(run_dir)
-    train = run_dir / "train"
+    train = layout.model_dir(run_dir, 0)  # the model of seed 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         save_checkpoint(build_model(num_classes=NUM_CLASSES), train / "epoch_01.safetensors")
@@ -260,7 +260,7 @@ def test_two_processes_write_the_one_process_tables(tmp_path: Path,
     assert len(job.chunks) == 4 and len(job.rows) == 84  # 7 images x 6 targets x 2 schedules
 
     # a plain process finished one chunk before: the two ranks attack only the other three
-    attack_stage.run_chunks(job, two, chunks=[("epoch_01", 1)], progress=False)
+    attack_stage.run_chunks(job, two, chunks=[("seed_0_epoch_01", 1)], progress=False)
     start_ranks(_cli_rank, 2, ["attack", "--run-dir", str(two), "--threads", "1",
                                "--no-progress", *cli_params()])
     # the costlier chunk alone on one rank, the other two on the other
