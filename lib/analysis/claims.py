@@ -4,8 +4,9 @@ Every claim is one small function of the attack results (and, for clean accuracy
 stage's predictions) that returns a :class:`Finding`: the quantity estimated, its estimate with
 its 95 % interval, the images, models and attacks (or pairs) behind it, and the verdict read
 off the interval (:mod:`lib.analysis.statistics`): ``agrees``, ``disagrees`` or
-``inconclusive``. :data:`CLAIMS` lists them in the order of the paper's figures;
-:mod:`lib.analysis.claim_table` runs each on the pooled models and on every model alone.
+``inconclusive``. :data:`lib.analysis.claim_table.CLAIMS` lists them in the order of the
+paper's figures; :mod:`lib.analysis.claim_table` runs each on the pooled models and on every
+model alone.
 
 The unit is the image (:mod:`lib.analysis.resampling`): rates, means and paired differences
 resample images with all their attacks, within models resampled first where the rows hold

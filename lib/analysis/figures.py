@@ -605,7 +605,7 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
     ``columns`` per row.
 
     Args:
-        per_image: :func:`lib.analysis.aggregates.per_image_l1` (image_id, source_tool, schedule,
+        per_image: :func:`lib.analysis.trends.per_image_l1` (image_id, source_tool, schedule,
             epoch, targets, mean_l1_255).
         means: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, mean_l1_255(_low, _high)).
         columns: panels per row.

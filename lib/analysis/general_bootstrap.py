@@ -35,16 +35,17 @@ def bootstrap_unit_values(values: np.ndarray, models: np.ndarray, *,
                           seed: int = SEED) -> Bootstrap:
     """The two-level bootstrap of a mean with one row per unit and few distinct values.
 
-    The same draw as :func:`bootstrap_rows` with ``two_level=True`` when every row is its own
-    unit, computed for thousands of units (every test image of several models): drawing a
+    The same draw as :func:`~lib.analysis.resampling.bootstrap_rows` with ``two_level=True``
+    when every row is its own unit, computed for thousands of units (every test image of several
+    models): drawing a
     model's n units with replacement draws each distinct value a multinomial number of times,
     so a resample costs the distinct values, not the units. The draws differ from
-    :func:`resample_counts`'s, not their distribution.
+    :func:`~lib.analysis.resampling.resample_counts`'s, not their distribution.
 
     Args:
         values: float [N], one per unit (e.g. a paired 0/1 difference in {-1, 0, 1}).
         models: [N], the model of each unit.
-        confidence, resamples, seed: as in :func:`bootstrap_rows`.
+        confidence, resamples, seed: as in :func:`~lib.analysis.resampling.bootstrap_rows`.
 
     Returns:
         :class:`Bootstrap` with ``n_images = n_attacks = N``; NaN bounds for a single unit.
@@ -85,7 +86,7 @@ def bootstrap_function(arrays: Sequence[np.ndarray], clusters: Clusters, statist
         arrays: arrays [N] of equal length, one value per row each (``inf`` allowed).
         clusters: the rows' clusters.
         statistic: ``statistic(*arrays) -> float`` of the rows as drawn.
-        confidence, resamples, seed: as in :func:`bootstrap_rows`.
+        confidence, resamples, seed: as in :func:`~lib.analysis.resampling.bootstrap_rows`.
 
     Returns:
         :class:`Bootstrap`; NaN bounds for a single cluster, or when the statistic is not

@@ -369,8 +369,8 @@ def paired_log_ratios(margins: pd.DataFrame, *, norm: str = "linf",
 
 def direction(interval: statistics.Interval) -> str:
     """"grows" when the interval of a log ratio lies above 0, "shrinks" when below, else
-    "inconclusive": the rules of :func:`lib.statistics.verdict_above` and
-    :func:`lib.statistics.verdict_below`, except that an infinite bound counts (a bound of
+    "inconclusive": the rules of :func:`lib.analysis.statistics.verdict_above` and
+    :func:`lib.analysis.statistics.verdict_below`, except that an infinite bound counts (a bound of
     ``+inf`` comes from images whose margin was found only at the start)."""
     low, high = interval.low, interval.high
     if interval.n == 0 or np.isnan([interval.estimate, low, high]).any():

@@ -197,7 +197,7 @@ def distance_at_success(sweep: pd.DataFrame, *, levels: Sequence[float], norm: s
 def closer_verdict(estimate: float, low: float, high: float) -> str:
     """Three-way verdict on "the difference is below 0" where bounds may be infinite.
 
-    The rule of :func:`lib.statistics.verdict_below` (agrees: ``high < 0``; disagrees:
+    The rule of :func:`lib.analysis.statistics.verdict_below` (agrees: ``high < 0``; disagrees:
     ``low >= 0``; else inconclusive), except that an infinite bound counts: a schedule that
     reaches a success level while the other never does needs a smaller distance (``-inf``).
     NaN anywhere (neither reaches the level, or too few resamples) is inconclusive.

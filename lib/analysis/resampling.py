@@ -37,7 +37,7 @@ the same bounds bit for bit. Degenerate cases: no row gives NaN everywhere and n
 cluster (one image of one model) gives the estimate with NaN bounds, since one unit says
 nothing about the variation between units; a statistic that is NaN on more than half of the
 resamples gives NaN bounds. NaN bounds read as "inconclusive" in every verdict of
-:mod:`lib.statistics`.
+:mod:`lib.analysis.statistics`.
 
 Every tidy result carries :data:`INTERVAL_COLUMNS`: ``estimate, low, high`` and the numbers
 behind them, ``n_images`` (clusters), ``n_models`` and ``n_attacks`` (rows).
@@ -111,7 +111,7 @@ class Bootstrap:
     n_attacks: int
 
     def interval(self) -> statistics.Interval:
-        """As :class:`lib.statistics.Interval` (``n`` = images), for the verdict rules."""
+        """As :class:`lib.analysis.statistics.Interval` (``n`` = images), for the verdict rules."""
         return statistics.Interval(self.estimate, self.low, self.high, self.n_images)
 
     def as_dict(self) -> dict[str, float | int]:
