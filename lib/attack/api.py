@@ -40,10 +40,11 @@ from lib.attack.engine import (
     to_unit,
     with_progress,
 )
+from lib.attack.losses import LOSSES
 from lib.attack.results import ROW_COLUMNS, AttackResult, AttackRow
 from lib.attack.schedules import SCHEDULES, Schedule, bind, get_schedule
 from lib.attack.stop import prepare_stop
-from lib.checking import check_int, check_positive
+from lib.checking import check_choice, check_int, check_positive
 from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 from lib.model.network import frozen
@@ -183,6 +184,7 @@ def iter_attack_rows(
     certify: bool = True,
     schedule_constants: Mapping[str, Mapping[str, float]] | None = None,
     keep_images: bool = False,
+    loss: str = LOSSES[0],
 ) -> Iterator[AttackResult]:
     """Run a job of rows through one batched loop; yield results as attacks finish.
 
@@ -205,6 +207,8 @@ def iter_attack_rows(
             :func:`attack`.
         schedule_constants: per schedule name, its constants, e.g. ``{"step": {"drop": 0.5}}``.
         keep_images: put the borderline (and refined) images into the results (else None).
+        loss: the loss the steps follow, one of :data:`lib.attack.losses.LOSSES`: the paper's
+            ``"cross_entropy"`` (default) or the ``"logit_margin"`` of Carlini and Wagner.
 
     Yields:
         :class:`~lib.attack.results.AttackResult` chunks on the CPU.
@@ -215,6 +219,7 @@ def iter_attack_rows(
         model, pool, table, list(table.names), lr0=lr0, max_iter=max_iter, targeted=targeted,
         batch_size=batch_size, precision=precision, refine_tolerance=refine_tolerance,
         certify=certify, schedule_constants=schedule_constants or {}, keep_images=keep_images,
+        loss=loss,
     )
 
 
@@ -345,8 +350,10 @@ def _start(
     certify: bool,
     schedule_constants: Mapping[str, Mapping[str, float]],
     keep_images: bool,
+    loss: str = LOSSES[0],
 ) -> Iterator[AttackResult]:
     """Check everything that can be checked before work, then return the running generator."""
+    check_choice(loss, LOSSES, "loss")
     check_int(max_iter, "max_iter", low=1)
     check_int(batch_size, "batch_size", low=1)
     for flag, value in (("targeted", targeted), ("certify", certify)):
@@ -368,6 +375,7 @@ def _start(
     options = LoopOptions(
         max_iter=max_iter, targeted=targeted, precision=_check_precision(precision, device, dtype),
         refine_tolerance=_check_tolerance(refine_tolerance), keep_images=keep_images, stop=stop,
+        loss=loss,
     )
     return run_rows(model, pool, rows, rates, options, batch_size=batch_size, device=device,
                     dtype=dtype)

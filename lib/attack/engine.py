@@ -12,7 +12,8 @@ For one image x with target t (``max_iter`` = N), the loop is exactly::
 
 Untargeted mode stops as soon as ``argmax f != source`` and ascends CE(f(x), source)
 (``x_i = clip(x_{i-1} + lr_i sign(grad), 0, 1)``). The returned image is the first iterate that
-crossed: a borderline image.
+crossed: a borderline image. With ``loss="logit_margin"`` the loop follows the logit margin
+instead of CE, the same way (:mod:`lib.attack.losses`).
 
 How the engine runs many attacks
 --------------------------------
@@ -93,10 +94,10 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lib.attack.boundary import crossed, distances, gap, refine
+from lib.attack.losses import attacked_loss
 from lib.attack.results import STATUS_NONFINITE, STATUS_OK, AttackResult
 from lib.attack.stop import CertifiedStop
 from lib.errors import ParameterError
@@ -135,6 +136,7 @@ class LoopOptions:
     refine_tolerance: float | None
     keep_images: bool
     stop: CertifiedStop | None = None  # the certified stop (lib.attack.stop), None when off
+    loss: str = "cross_entropy"  # the loss followed (lib.attack.losses.LOSSES)
 
 
 def to_unit(images: Tensor, *, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -336,7 +338,7 @@ def _iterate(
         finite = torch.isfinite(logits).all(1)
         logits = torch.where(finite[:, None], logits, 0)
         aim = slots.target if options.targeted else slots.source
-        loss = F.cross_entropy(logits, aim, reduction="none")
+        loss = attacked_loss(logits, aim, kind=options.loss)
         finite = finite & torch.isfinite(loss)
         hit, checked = _check_crossing(model, x.detach(), logits.detach(), slots, options)
         finite = finite & torch.isfinite(checked).all(1)
