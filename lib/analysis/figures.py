@@ -684,65 +684,95 @@ def _checkpoint_label(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(checkpoint="epoch " + table["epoch"].astype(str))
 
 
-def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.LayerChart:
-    """Median ratio of each schedule's L1 to the best-known L1, with its 95 % interval.
+#: How the charts name a norm.
+NORM_TITLES = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+
+
+def _by_norm(table: pd.DataFrame, panel) -> alt.TopLevelMixin:
+    """One panel per norm of ``table`` (Linf, L2, L1 in this order), stacked, each with its own
+    axis; a table without a ``norm`` column is one panel."""
+    if "norm" not in table.columns:
+        return panel(table, "")
+    norms = [n for n in NORM_TITLES if n in set(table["norm"])]
+    panels = [panel(table[table["norm"] == n], NORM_TITLES[n]) for n in norms]
+    return alt.vconcat(*panels).resolve_scale(x="independent")
+
+
+def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.TopLevelMixin:
+    """Median ratio of each schedule's distance to the best-known distance, with its 95 %
+    interval; one panel per norm.
 
     Args:
-        ratios: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, successful,
-            median_ratio, median_ratio_low, median_ratio_high, q25_ratio, q75_ratio).
+        ratios: :func:`lib.analysis.minimality_norms.minimality_by_norm` (schedule, epoch,
+            norm, successful, median_ratio, median_ratio_low, median_ratio_high, q25_ratio,
+            q75_ratio).
     """
-    table = _checkpoint_label(ratios)
-    title = "L1 / best-known L1 (median, 95 % interval)"
-    base = alt.Chart(table).encode(
-        y=alt.Y("schedule:N", sort=_schedules(table), title=None),
-        yOffset=alt.YOffset("checkpoint:N"),
-        color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
-        tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
-                 _tooltip("successful", "successful pairs"),
-                 _tooltip("median_ratio:Q", "median ratio", format=".2f"),
-                 _tooltip("median_ratio_low:Q", "95 % low", format=".2f"),
-                 _tooltip("median_ratio_high:Q", "95 % high", format=".2f"),
-                 _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
-                 _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
-    low = float(table["median_ratio_low"].min()) if len(table) else 1.0
-    high = float(table["median_ratio_high"].max()) if len(table) else 1.0
-    if spans_a_decade(low, high):  # ratios from near 1 to far beyond: a log axis
-        scale = alt.Scale(type="log", domain=[low / 1.2, high * 1.2], nice=False)
-        axis = alt.Axis(values=_log_ticks(low / 1.2, high * 1.2), format="~g")
-    else:
-        scale, axis = alt.Scale(zero=False), alt.Axis()
-    whiskers = base.mark_rule(strokeWidth=2).encode(
-        x=alt.X("median_ratio_low:Q", title=title, scale=scale, axis=axis),
-        x2="median_ratio_high:Q")
-    points = base.mark_point(filled=True, size=60).encode(
-        x=alt.X("median_ratio:Q", title=title))
-    return _finish((whiskers + points).properties(width=520, height=220))
+    def panel(part: pd.DataFrame, norm: str) -> alt.LayerChart:
+        table = _checkpoint_label(part)
+        title = f"{norm} distance / best known (median, 95 % interval)".strip()
+        base = alt.Chart(table).encode(
+            y=alt.Y("schedule:N", sort=_schedules(table), title=None),
+            yOffset=alt.YOffset("checkpoint:N"),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
+            tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
+                     _tooltip("successful", "successful pairs"),
+                     _tooltip("median_ratio:Q", "median ratio", format=".2f"),
+                     _tooltip("median_ratio_low:Q", "95 % low", format=".2f"),
+                     _tooltip("median_ratio_high:Q", "95 % high", format=".2f"),
+                     _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
+                     _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
+        low = float(table["median_ratio_low"].min()) if len(table) else 1.0
+        high = float(table["median_ratio_high"].max()) if len(table) else 1.0
+        if spans_a_decade(low, high):  # ratios from near 1 to far beyond: a log axis
+            scale = alt.Scale(type="log", domain=[low / 1.2, high * 1.2], nice=False)
+            axis = alt.Axis(values=_log_ticks(low / 1.2, high * 1.2), format="~g")
+        else:
+            scale, axis = alt.Scale(zero=False), alt.Axis()
+        whiskers = base.mark_rule(strokeWidth=2).encode(
+            x=alt.X("median_ratio_low:Q", title=title, scale=scale, axis=axis),
+            x2="median_ratio_high:Q")
+        points = base.mark_point(filled=True, size=60).encode(
+            x=alt.X("median_ratio:Q", title=title))
+        return (whiskers + points).properties(width=520, height=170)
+
+    return _finish(_by_norm(ratios, panel))
 
 
-def optimality_chart(optimality: pd.DataFrame) -> alt.LayerChart:
-    """AttackBench's optimality score per schedule (1: the best known on every pair), with its
-    95 % bootstrap interval over the pairs.
+def optimality_chart(optimality: pd.DataFrame) -> alt.TopLevelMixin:
+    """Closeness (bars: the mean of best-known / own distance, a failure counting 0) and
+    AttackBench's optimality score (diamonds, only where no single pair sets its window) per
+    schedule, with the closeness's 95 % interval; one panel per norm.
 
     Args:
-        optimality: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, pairs,
-            optimality, optimality_low, optimality_high).
+        optimality: :func:`lib.analysis.minimality_norms.minimality_by_norm` (schedule, epoch,
+            norm, pairs, closeness with closeness_low/high, optimality with
+            optimality_low/high, optimality_robust).
     """
-    table = _checkpoint_label(optimality)
-    title = "optimality score (95 % interval)"
-    base = alt.Chart(table).encode(
-        y=alt.Y("schedule:N", sort=_schedules(table), title=None),
-        yOffset=alt.YOffset("checkpoint:N"),
-        color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
-        tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
-                 _tooltip("pairs", "pairs"),
-                 _tooltip("optimality:Q", "optimality", format=".3f"),
-                 _tooltip("optimality_low:Q", "95 % low", format=".3f"),
-                 _tooltip("optimality_high:Q", "95 % high", format=".3f")])
-    bars = base.mark_bar(opacity=0.6).encode(
-        x=alt.X("optimality:Q", scale=alt.Scale(domain=[0, 1]), title=title))
-    whiskers = base.mark_rule(color="black").encode(
-        x=alt.X("optimality_low:Q", title=title), x2="optimality_high:Q")
-    return _finish((bars + whiskers).properties(width=520, height=220))
+    def panel(part: pd.DataFrame, norm: str) -> alt.LayerChart:
+        robust = part["optimality_robust"].astype(bool)
+        table = _checkpoint_label(part).assign(shown=part["optimality"].where(robust))
+        title = f"{norm} closeness (95 % interval); optimality as diamonds".strip()
+        base = alt.Chart(table).encode(
+            y=alt.Y("schedule:N", sort=_schedules(table), title=None),
+            yOffset=alt.YOffset("checkpoint:N"),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
+            tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
+                     _tooltip("pairs", "pairs"),
+                     _tooltip("closeness:Q", "closeness", format=".3f"),
+                     _tooltip("closeness_low:Q", "95 % low", format=".3f"),
+                     _tooltip("closeness_high:Q", "95 % high", format=".3f"),
+                     _tooltip("optimality:Q", "optimality", format=".3f"),
+                     _tooltip("optimality_robust:N", "no single pair sets it")])
+        bars = base.mark_bar(opacity=0.6).encode(
+            x=alt.X("closeness:Q", scale=alt.Scale(domain=[0, 1]), title=title))
+        whiskers = base.mark_rule(color="black").encode(
+            x=alt.X("closeness_low:Q", title=title), x2="closeness_high:Q")
+        diamonds = base.transform_filter("isValid(datum.shown)").mark_point(
+            shape="diamond", filled=True, color="black", size=50).encode(
+            x=alt.X("shown:Q", title=title))
+        return (bars + whiskers + diamonds).properties(width=520, height=170)
+
+    return _finish(_by_norm(optimality, panel))
 
 
 # --------------------------------------------------------------------------- several models

@@ -4,8 +4,9 @@ them, keep the tables).
 :class:`MinimalitySettings` holds the only defaults of the stage's parameters (those of the
 default build) and their only value checks.
 
-:func:`reference_tables` picks, for each compared checkpoint, the first (image, target) pairs of
-the attack stage's targeted results, runs every reference attack of
+:func:`reference_tables` picks, for each compared checkpoint, (image, target) pairs of the
+attack stage's targeted results that span every tool (:func:`spread_pairs`), runs every
+reference attack of
 :mod:`lib.attack.reference` on them with that checkpoint, and writes ``reference.csv`` and
 ``timings.csv`` into the stage's folder; a finished step is read back, never repeated.
 """
@@ -32,8 +33,8 @@ class MinimalitySettings:
     Attributes:
         epochs: checkpoints of the first attacked model to compare; [] for the last attacked
             one. The default build compares the first and the last.
-        n_pairs: (image, target) pairs per checkpoint: the first ones in the attack stage's
-            order.
+        n_pairs: (image, target) pairs per checkpoint, taken in turn from every tool (each
+            tool's first attacked images, their targets rotated so every tool is a target too).
         steps: step budgets of every reference attack (100 matches the attack's max_iter; a
             1,000-step budget lowers the best known further at ten times the cost).
         attacks: reference attacks (lib.attack.reference).
@@ -68,6 +69,29 @@ class MinimalitySettings:
         them."""
         return {name: list(value) if isinstance(value, tuple) else value
                 for name, value in asdict(self).items()}
+
+
+def spread_pairs(results: pd.DataFrame, n_pairs: int) -> pd.DataFrame:
+    """``n_pairs`` distinct (image, target) pairs of one checkpoint's targeted results, spread
+    over the tools.
+
+    The pairs are dealt in rounds: every round takes one pair of every source tool that has one
+    left, tools in label order. Within a tool, the images come in the attack stage's order and
+    an image's targets in the order source + 1, source + 2, ... (mod the number of classes), so
+    the first rounds use every tool as a source and, across tools, every tool as a target.
+
+    Returns:
+        ``epoch, image_id, target`` (and ``source``), ``n_pairs`` rows at most.
+    """
+    pairs = results.drop_duplicates(["image_id", "target"])
+    classes = int(max(pairs["source"].max(), pairs["target"].max())) + 1
+    order = pairs.assign(image_rank=pairs.groupby("source", sort=False)["image_id"]
+                         .transform(lambda ids: pd.factorize(ids)[0]),
+                         turn=(pairs["target"] - pairs["source"]) % classes)
+    order = order.sort_values(["source", "image_rank", "turn"], kind="stable")
+    order = order.assign(round=order.groupby("source").cumcount())
+    order = order.sort_values(["round", "source"], kind="stable").head(n_pairs)
+    return order[["epoch", "image_id", "source", "target"]].reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -118,15 +142,13 @@ def reference_tables(
     position = {image_id: i for i, image_id in enumerate(test_set.index["image_id"])}
     parts = []
     for epoch in chosen:
-        pairs = (targeted[targeted["epoch"] == epoch]
-                 .drop_duplicates(["image_id", "target"])
-                 .head(settings.n_pairs)[["epoch", "image_id", "target"]]
-                 .reset_index(drop=True))
+        pairs = spread_pairs(targeted[targeted["epoch"] == epoch], settings.n_pairs)
         images = test_set.images[[position[i] for i in pairs["image_id"]]].float() / 255
         model = load_checkpoint(layout.checkpoint_path(run_dir, epoch, model=first),
                                 map_location=device)
         parts.append(run_reference_attacks(
-            model, images, torch.tensor(pairs["target"].to_numpy()), keys=pairs,
+            model, images, torch.tensor(pairs["target"].to_numpy()),
+            keys=pairs[["epoch", "image_id", "target"]],
             steps=list(settings.steps), attacks=list(settings.attacks), device=device,
             batch_size=settings.batch_size, seed=settings.seed, progress=progress,
         ))

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from lib import io
+from lib.analysis.minimality_norms import NORM_COLUMNS
 from lib.attack.results import result_columns
 from lib.attack.selection import PREDICTION_COLUMNS, SELECTION_COLUMNS, SHORTFALL_COLUMNS
 from lib.data.frames import INDEX_COLUMNS
@@ -134,16 +135,14 @@ TABLES: dict[str, Table] = {
                        "lr0 sweep"),
     "reference": Table(MINIMALITY_STAGE, {
         "epoch": "int64", "image_id": "str", "target": "int64", "attack": "str",
-        "steps": "int64", "success": "bool", "l1": "float64", "linf": "float64",
-        "changed_fraction": "float64"}, "reference attacks"),
+        "steps": "int64", "success": "bool", "l1": "float64", "l2": "float64",
+        "linf": "float64", "changed_fraction": "float64"}, "reference attacks"),
     "timings": Table(MINIMALITY_STAGE, {
         "epoch": "int64", "image_id": "str", "target": "int64", "attack": "str",
         "steps": "int64", "seconds": "float64"}, "reference attack timings"),
-    "ratios": Table(MINIMALITY_STAGE, {
-        "schedule": "str", "epoch": "int64", "pairs": "int64", "successful": "int64",
-        "median_ratio": "float64", "q25_ratio": "float64", "q75_ratio": "float64",
-        "pairs_opt": "int64", "success_rate": "float64", "optimality": "float64"},
-        "minimality ratios"),
+    "ratios": Table(MINIMALITY_STAGE, typed(NORM_COLUMNS, (
+        "str", "int64", "str", "int64", "int64", "int64", *["float64"] * 11, "bool")),
+        "minimality ratios per norm"),
 }
 #: The stage names the messages use.
 STAGE_WORDS = {DATA_STAGE: "data", TRAIN_STAGE: "training", ATTACK_STAGE: "attack",
