@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lib.analysis import statistics
 from lib.analysis.margins import attack_distances
 from lib.attack.reference import DEFAULT_ATTACKS, run_reference_attacks
 from lib.errors import ParameterError

@@ -109,8 +109,8 @@ def perturbation_sizes(original: Tensor, perturbed: Tensor) -> dict[str, Tensor]
     """Sizes of ``perturbed - original`` per sample ([N,C,H,W] -> [N] each), in [0, 1] units.
 
     ``l1`` is the project's L1, mean ``|x* - x|`` over the C*H*W values; ``l2`` the Euclidean
-    norm; ``linf`` the largest absolute change; ``changed_fraction`` the share of values changed by more than half a grey
-    level (how sparse the perturbation is).
+    norm; ``linf`` the largest absolute change; ``changed_fraction`` the share of values
+    changed by more than half a grey level (how sparse the perturbation is).
     """
     delta = (perturbed - original).flatten(1).abs()
     return {

@@ -31,6 +31,7 @@ from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
     DATA_STAGE,
+    MARGINS_STAGE,
     MINIMALITY_STAGE,
     PREVIOUS_STAGE,
     TRAIN_STAGE,
@@ -157,6 +158,16 @@ def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
         check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=first))
 
 
+def _check_margins_inputs(p: Mapping[str, Any]) -> None:
+    from lib.model.checkpoints import check_checkpoint
+    from lib.run import margins_stage
+
+    results = margins_stage.rerun_model_rows(tables.read_results(p["run_dir"]))
+    settings = stage_settings(MARGINS_STAGE, p)
+    for epoch in margins_stage.compared_epochs(results, settings):
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
+
+
 #: The checks of each stage's files: the dataset, weights and checkpoints it will read.
 INPUT_CHECKS = {
     DATA_STAGE: _check_data_inputs,
@@ -164,6 +175,7 @@ INPUT_CHECKS = {
     ATTACK_STAGE: _check_attack_inputs,
     ANALYSIS_STAGE: lambda p: None,  # its inputs are the finished attack stage's tables
     MINIMALITY_STAGE: _check_minimality_inputs,
+    MARGINS_STAGE: _check_margins_inputs,
 }
 
 

@@ -16,6 +16,7 @@ below is spelt only here; other modules ask the functions of this module for pat
                                   chunks/<part>/chunk_NNNNN.{csv,npz}    (attack_file, chunk_files)
       analysis/                   the analysis tables                    (analysis_file)
       minimality/                 reference.csv, timings.csv, ratios.csv (minimality_file)
+      margins/                    the margins stage's tables             (margins_file)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ TRAIN_STAGE = "02_train"
 ATTACK_STAGE = "03_attack"
 ANALYSIS_STAGE = "04_analysis"
 MINIMALITY_STAGE = "05_minimality"
+MARGINS_STAGE = "07_margins"
 #: The run-folder subfolder each stage writes, which an overwrite clears.
 STAGE_OUTPUTS: dict[str, str] = {
     DATA_STAGE: "data",
@@ -42,16 +44,19 @@ STAGE_OUTPUTS: dict[str, str] = {
     ATTACK_STAGE: "attack",
     ANALYSIS_STAGE: "analysis",
     MINIMALITY_STAGE: "minimality",
+    MARGINS_STAGE: "margins",
 }
 #: The stages in the order data flows through them.
 STAGES: tuple[str, ...] = tuple(STAGE_OUTPUTS)
-#: The stage whose finished run another stage needs; the minimality stage needs the attack
-#: stage's, not the analysis stage's.
+#: The stage whose finished run another stage needs; the minimality and margins stages need the
+#: attack stage's, not the analysis stage's (the margins stage also reads the minimality
+#: stage's reference attacks where that stage ran).
 PREVIOUS_STAGE: dict[str, str] = {
     TRAIN_STAGE: DATA_STAGE,
     ATTACK_STAGE: TRAIN_STAGE,
     ANALYSIS_STAGE: ATTACK_STAGE,
     MINIMALITY_STAGE: ATTACK_STAGE,
+    MARGINS_STAGE: ATTACK_STAGE,
 }
 
 #: The files of the data, attack and minimality stages, by kind.
@@ -183,6 +188,11 @@ def analysis_file(run_dir: str | os.PathLike[str], table: str) -> Path:
 def minimality_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
     """A file of the minimality stage by kind (see ``MINIMALITY_FILES``)."""
     return stage_dir(run_dir, MINIMALITY_STAGE) / _file_name(MINIMALITY_FILES, kind, "minimality")
+
+
+def margins_file(run_dir: str | os.PathLike[str], table: str) -> Path:
+    """A table of the margins stage (``<table>.csv``)."""
+    return stage_dir(run_dir, MARGINS_STAGE) / f"{table}.csv"
 
 
 def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:

@@ -36,12 +36,14 @@ from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
     DATA_STAGE,
+    MARGINS_STAGE,
     MINIMALITY_STAGE,
     REPO,
     STAGES,
     TRAIN_STAGE,
     check_stage,
 )
+from lib.run.margins_stage import MarginSettings
 from lib.run.minimality_stage import MinimalitySettings
 from lib.train.settings import TrainSettings
 
@@ -81,6 +83,7 @@ STAGE_SETTINGS: dict[str, type] = {
     ATTACK_STAGE: AttackSettings,
     ANALYSIS_STAGE: AnalysisSettings,
     MINIMALITY_STAGE: MinimalitySettings,
+    MARGINS_STAGE: MarginSettings,
 }
 #: The runtime parameters each stage takes (a stage that trains or attacks needs a device).
 STAGE_RUNTIME: dict[str, tuple[str, ...]] = {
@@ -89,6 +92,7 @@ STAGE_RUNTIME: dict[str, tuple[str, ...]] = {
     ATTACK_STAGE: ("run_dir", "device", "progress", "overwrite"),
     ANALYSIS_STAGE: ("run_dir", "overwrite"),
     MINIMALITY_STAGE: ("run_dir", "device", "overwrite"),
+    MARGINS_STAGE: ("run_dir", "device", "progress", "overwrite"),
 }
 #: Parameters that change how a stage runs but not what it computes: the runtime settings and
 #: the settings fields marked runtime (``workers``). They are neither recorded in the manifest

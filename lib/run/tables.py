@@ -38,6 +38,7 @@ from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
     DATA_STAGE,
+    MARGINS_STAGE,
     MINIMALITY_STAGE,
     TRAIN_STAGE,
 )
@@ -106,6 +107,59 @@ ANALYSIS_TABLES: tuple[str, ...] = (
 )
 
 _TRAINING = "training predictions"
+#: The columns of every interval row (:data:`lib.analysis.resampling.INTERVAL_COLUMNS`).
+INTERVAL_DTYPES = {"estimate": "float64", "low": "float64", "high": "float64",
+                   "n_images": "int64", "n_models": "int64", "n_attacks": "int64"}
+#: The margins stage's tables: the outputs of :mod:`lib.analysis.margins`,
+#: :mod:`lib.analysis.pareto`, :mod:`lib.analysis.failures` and
+#: :mod:`lib.analysis.loss_comparison` (whose docstrings give the columns' meanings), and its
+#: own attacks (:mod:`lib.run.margins_stage`). ``model`` is "0" for a run with one model,
+#: "pooled" for a row over several.
+MARGIN_TABLES: dict[str, Table] = {
+    "untargeted": Table(MARGINS_STAGE, attack_result_columns(), "untargeted attacks"),
+    "margin_loss": Table(MARGINS_STAGE, {**attack_result_columns(), "outcome": "str"},
+                         "logit-margin reruns"),
+    "image_margins": Table(MARGINS_STAGE, {
+        "model": "str", "epoch": "int64", "image_id": "str", "source": "int64", "mode": "str",
+        "method": "str", "norm": "str", "margin": "float64", "closest_target": "int64",
+        "attacks": "int64", "successes": "int64"}, "per-image margins"),
+    "robust_accuracy": Table(MARGINS_STAGE, {
+        "model": "str", "epoch": "int64", "method": "str", "mode": "str", "norm": "str",
+        "epsilon": "float64", **INTERVAL_DTYPES}, "robust-accuracy curves"),
+    "robust_accuracy_area": Table(MARGINS_STAGE, {
+        "model": "str", "epoch": "int64", "method": "str", "mode": "str", "norm": "str",
+        "eps_max": "float64", **INTERVAL_DTYPES}, "robust-accuracy areas"),
+    "margin_change": Table(MARGINS_STAGE, {
+        "model": "str", "mode": "str", "norm": "str", "method": "str", "first_epoch": "float64",
+        "last_epoch": "float64", "median_first": "float64", "median_last": "float64",
+        **INTERVAL_DTYPES, "factor": "float64", "factor_low": "float64",
+        "factor_high": "float64", "grew": "int64", "shrank": "int64", "unresolved": "int64",
+        "direction": "str"}, "margin changes over training"),
+    "sweep_points": Table(MARGINS_STAGE, {
+        "model": "str", "schedule": "str", "lr0": "float64", "lr0_255": "float64",
+        "norm": "str", "quantity": "str", **INTERVAL_DTYPES}, "lr0 sweep points"),
+    "pareto_front": Table(MARGINS_STAGE, {
+        "model": "str", "norm": "str", "schedule": "str", "lr0": "float64",
+        "lr0_255": "float64", "success_rate": "float64", "distance": "float64",
+        "pareto_optimal": "bool"}, "Pareto fronts of the lr0 sweep"),
+    "matched_success": Table(MARGINS_STAGE, {
+        "model": "str", "first": "str", "second": "str", "level": "float64", "norm": "str",
+        "first_distance": "float64", "second_distance": "float64", **INTERVAL_DTYPES,
+        "verdict": "str", "claim_verdict": "str", "decisive": "bool"},
+        "distances at matched success"),
+    "failure_outcomes": Table(MARGINS_STAGE, {
+        "epoch": "int64", "schedule": "str", "outcome": "str", "failures": "int64",
+        **INTERVAL_DTYPES}, "outcome classes of failed attacks"),
+    "frozen_failures": Table(MARGINS_STAGE, {
+        "epoch": "int64", "schedule": "str", "source": "int64", "failures": "int64",
+        "frozen": "int64"}, "failed attacks whose loss froze"),
+    "loss_comparison": Table(MARGINS_STAGE, {
+        "epoch": "int64", "schedule": "str", "quantity": "str", "norm": "str",
+        **INTERVAL_DTYPES}, "the two losses compared"),
+    "rescued_by_outcome": Table(MARGINS_STAGE, {
+        "outcome": "str", "rerun": "int64", "solved": "int64", "share": "float64"},
+        "failures the logit margin solves, per outcome class"),
+}
 #: Every CSV table of the run folder but the analysis tables.
 TABLES: dict[str, Table] = {
     "frames": Table(DATA_STAGE, typed(INDEX_COLUMNS, ("str", "str", "str", "int64", "int64")),
@@ -143,10 +197,12 @@ TABLES: dict[str, Table] = {
     "ratios": Table(MINIMALITY_STAGE, typed(NORM_COLUMNS, (
         "str", "int64", "str", "int64", "int64", "int64", *["float64"] * 11, "bool")),
         "minimality ratios per norm"),
+    **MARGIN_TABLES,
 }
 #: The stage names the messages use.
 STAGE_WORDS = {DATA_STAGE: "data", TRAIN_STAGE: "training", ATTACK_STAGE: "attack",
-               ANALYSIS_STAGE: "analysis", MINIMALITY_STAGE: "minimality"}
+               ANALYSIS_STAGE: "analysis", MINIMALITY_STAGE: "minimality",
+               MARGINS_STAGE: "margins"}
 
 
 # --------------------------------------------------------------------------- CSV tables
@@ -162,6 +218,8 @@ def table_path(run_dir: str | os.PathLike[str], name: str) -> Path:
                          "read_model_tables (every model) or read_train_table (one folder)")
     if stage == ATTACK_STAGE:
         return layout.attack_file(run_dir, name)
+    if stage == MARGINS_STAGE:
+        return layout.margins_file(run_dir, name)
     return layout.minimality_file(run_dir, name)
 
 
@@ -285,6 +343,30 @@ def write_analysis_table(run_dir: str | os.PathLike[str], name: str,
     path = layout.analysis_file(run_dir, name)
     io.write_csv(path, frame)
     return path
+
+
+def read_analysis_table(run_dir: str | os.PathLike[str], name: str) -> pd.DataFrame | None:
+    """An analysis table (``analysis/<name>.csv``, one of :data:`ANALYSIS_TABLES`), or None
+    when the analysis stage has not written it. Its columns are those of the aggregate that
+    made it; text columns stay text."""
+    if name not in ANALYSIS_TABLES:
+        raise ValueError(f"the analysis stage writes no table {name!r}; its tables are "
+                         f"{', '.join(ANALYSIS_TABLES)}")
+    path = layout.analysis_file(run_dir, name)
+    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
+
+
+def claim_tables(run_dir: str | os.PathLike[str]) -> dict[tuple[str, str], pd.DataFrame]:
+    """Every claims table in the stages' folders of ``run_dir``: a CSV whose name contains
+    "claims" and which has the columns ``claim`` and ``verdict`` (the analysis stage's
+    ``paper_claims``, and those other stages add), keyed by (folder, table name)."""
+    found = {}
+    for stage in layout.STAGES:
+        for path in sorted(layout.stage_dir(run_dir, stage).glob("*claims*.csv")):
+            table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            if {"claim", "verdict"} <= set(table.columns):
+                found[(layout.STAGE_OUTPUTS[stage], path.stem)] = table
+    return found
 
 
 # --------------------------------------------------------------------------- training folders
