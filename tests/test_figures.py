@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.analysis import aggregates, figures, minimality, paired, trends
+from lib.analysis import aggregates, figures, minimality_norms, paired, trends
 from tests.chart_specs import colours_of, drawn
 from tests.test_metrics import (
     AGREEING,
@@ -150,15 +150,22 @@ def test_minimality_charts_draw_their_intervals() -> None:
     ours = many_attacks(AGREEING, images=10, epochs=(1,))
     best = (ours[ours["success"]].groupby(["epoch", "image_id", "target"])["l1"].min()
             .rename("best_l1").reset_index())
-    table = minimality.minimality_intervals(ours, best)
+    table = minimality_norms.norm_intervals(ours, best, norm="l1", resamples=200)
     assert set(table["schedule"]) == set(SCHEDULES)
     row = table.set_index("schedule").loc["exponential"]  # always the smallest when it succeeds
     assert row["median_ratio"] == pytest.approx(1.0) and row["successful"] == 10
     assert row["optimality_low"] <= row["optimality"] <= row["optimality_high"]
+    assert row["closeness_low"] <= row["closeness"] <= row["closeness_high"]
     for build, low in ((figures.minimality_ratio_chart, "median_ratio_low"),
-                       (figures.optimality_chart, "optimality_low")):
+                       (figures.optimality_chart, "closeness_low")):
         marks = layer_marks(build(table).to_dict())
         assert any(fields.get("x") == low for mark, fields in marks if mark == "rule")
+    # several norms: one panel each, Linf first
+    spec = figures.minimality_ratio_chart(pd.concat([table, table.assign(norm="linf")])
+                                          ).to_dict()
+    assert [panel["layer"][0]["encoding"]["x"]["title"] for panel in spec["vconcat"]] == [
+        "Linf distance / best known (median, 95 % interval)",
+        "L1 distance / best known (median, 95 % interval)"]
 
 
 def test_trace_chart() -> None:
@@ -224,7 +231,8 @@ def _sample_charts() -> dict:
     ours = many_attacks(AGREEING, images=10, epochs=(1, 5))
     best = (ours[ours["success"]].groupby(["epoch", "image_id", "target"])["l1"].min()
             .rename("best_l1").reset_index())
-    intervals = minimality.minimality_intervals(ours, best)
+    intervals = minimality_norms.norm_intervals(ours, best, norm="l1", resamples=200)
+    intervals = pd.concat([intervals.assign(norm="linf"), intervals], ignore_index=True)
     sweep = pd.concat([results.assign(lr0=v) for v in (0.004, 0.008, 0.016, 0.04)])
     traces = {"model": np.array([0, 0]), "epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}

@@ -1,0 +1,58 @@
+"""The margins chapter's charts (lib/analysis/margin_figures.py) built from their tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from lib.analysis import failures, margin_figures, margins, pareto
+from tests.test_figures import inline_rows, layer_marks
+from tests.test_pareto import LR0S, sweep_rows
+
+
+def test_robust_accuracy_chart_is_a_step_line_per_attack_with_its_band() -> None:
+    table = pd.DataFrame({"model": 0, "epoch": [1, 1, 5, 5], "image_id": ["a", "b", "a", "b"],
+                          "source": 0, "mode": "targeted", "method": margins.BEST_OF_SCHEDULES,
+                          "norm": "linf", "margin": [0.01, 0.02, 0.005, math.inf],
+                          "closest_target": 1, "attacks": 6, "successes": 6})
+    accuracy = pd.DataFrame({"model": 0, "epoch": [1, 5], "source": 0, "test_images": 10,
+                             "correct": [9, 8]})
+    curves = margins.robust_accuracy(table, accuracy, epsilons=[0, 0.01, 0.03], resamples=200)
+    spec = margin_figures.robust_accuracy_chart(curves, norm="linf").to_dict()
+    assert spec["facet"]["column"]["field"] == "epoch"
+    marks = dict(layer_marks(spec))
+    assert marks["area"]["y"] == "low" and marks["line"]["y"] == "estimate"
+    rows = next(iter(spec["datasets"].values()))
+    assert [r["eps"] for r in rows[:3]] == [0, 0.01 * 255, 0.03 * 255]
+
+
+def test_margin_change_chart_has_a_panel_per_norm() -> None:
+    pairs = pd.DataFrame({"model": 0, "image_id": ["a", "b", "c"], "first_epoch": 1,
+                          "last_epoch": 5, "first": [0.01, 0.02, math.inf],
+                          "last": [0.02, 0.01, 0.03], "log_ratio": [0.7, -0.7, -np.inf],
+                          "attacks": 12})
+    table = pd.concat([pairs.assign(norm="linf"), pairs.assign(norm="l2")])
+    spec = margin_figures.margin_change_chart(table).to_dict()
+    assert len(spec["hconcat"]) == 2
+    assert inline_rows(spec) == 2 * (2 + 2)  # two finite images and the diagonal's two ends
+
+
+def test_pareto_outcome_and_loss_charts() -> None:
+    rng = np.random.default_rng(0)
+    sweep = pd.DataFrame([row for k, lr0 in enumerate(LR0S)
+                          for row in sweep_rows("fast", lr0, 0.9, 0.01 * (k + 1), rng)])
+    front = pareto.pareto_front(pareto.sweep_points(sweep, resamples=200))
+    spec = margin_figures.pareto_chart(front, norm="linf").to_dict()
+    assert inline_rows(spec) == len(front)
+    shares = pd.DataFrame({"epoch": 1, "schedule": "constant", "outcome": failures.OUTCOMES,
+                           "failures": [3, 0, 0, 1, 0, 0], "estimate": 0.5, "low": 0.2,
+                           "high": 0.8, "n_images": 2, "n_models": 1, "n_attacks": 4})
+    spec = margin_figures.outcome_chart(shares).to_dict()
+    assert inline_rows(spec) == 2  # classes without a failure are not drawn
+    comparison = pd.DataFrame({"epoch": [1, 5], "schedule": "constant", "quantity": "x",
+                               "norm": "linf", "estimate": [0.5, np.nan], "low": 0.2,
+                               "high": 0.8, "n_images": [3, 0], "n_models": 1,
+                               "n_attacks": [4, 0]})
+    assert inline_rows(margin_figures.loss_chart(comparison).to_dict()) == 1
