@@ -10,7 +10,7 @@ where a run folder keeps its files. There is no import cycle.
   the terminal that waits, never in a notebook
 - Each stage's parameters have one owner, a settings class beside the code that uses them
   (``data.settings``, ``train.settings``, ``attack.plan``, ``analysis.settings``,
-  ``run.minimality_stage``): the only defaults (the default build's) and the only checks.
+  ``run.minimality_stage``, ``run.margins_stage``): the only defaults (the default build's) and the only checks.
 - ``data``: reading the data
 
   - ``cholec80``: the Cholec80 layout (annotation parsing, video decoding, exact frame pairing)
@@ -50,6 +50,7 @@ where a run folder keeps its files. There is no import cycle.
   - ``plan``: the attack stage's settings; the attack job's rows and chunks, planned from
     tables
   - ``reference``: minimum-norm reference attacks (adv-lib)
+  - ``losses``: the loss an attack follows (cross-entropy or the logit margin)
 
 - ``analysis``: from tables to findings
 
@@ -63,8 +64,16 @@ where a run folder keeps its files. There is no import cycle.
   - ``paired``: schedules compared pair by pair
   - ``trends``: over-training trends per model, image by image
   - ``claims``: the paper's claims, each with an interval and a verdict
-  - ``minimality``: our distances against the best-known minimal ones
-  - ``figures``: altair chart builders shared by the notebooks
+  - ``minimality``: our distances against the best-known minimal ones; ``minimality_norms``:
+    per norm, with image-bootstrap intervals and the verdict
+  - ``resampling``: cluster and two-level bootstrap (the image, and the model, as the unit)
+  - ``margins``: per-image margins, robust accuracy against epsilon, the margin over training
+  - ``pareto``: the schedules at matched success across the lr0 sweep
+  - ``failures``: an outcome class for every failed attack
+  - ``loss_comparison``: the same attacks under two losses
+  - ``conclusions``: conclusions in words, written from the tables
+  - ``figures``: altair chart builders shared by the notebooks; ``margin_figures``: those of
+    the margins chapter
   - ``gallery``: the borderline images drawn as one picture that fits the text column
   - ``readable``: tables as the book shows them (headers in words, intervals in one cell)
   - ``settings``: the analysis stage's settings
@@ -79,8 +88,10 @@ where a run folder keeps its files. There is no import cycle.
   - ``tables``: every table and record of the run folder: its columns and dtypes, its one
     reader and writer (the result columns derive from ``attack.results``)
   - ``checks``: the checks before a stage (parameters, run folder, input files)
-  - ``data_stage``, ``attack_stage``, ``minimality_stage``: the stages' work on the run folder
-    (``minimality_stage`` also holds the minimality stage's settings)
+  - ``data_stage``, ``attack_stage``, ``minimality_stage``, ``margins_stage``: the stages' work
+    on the run folder (``minimality_stage`` and ``margins_stage`` also hold their stage's
+    settings)
+  - ``findings``: the book's page of conclusions, written from the run folder
   - ``pipeline``: stage commands: papermill execution, ``start_stage``/``finish_stage``, the
     command line (``python -m lib.run.pipeline``)
   - ``book``: the book's generated pages

@@ -80,3 +80,12 @@ def test_the_reruns_can_only_lower_a_margin() -> None:
     assert linf.loc["a", "cross_entropy"] == pytest.approx(0.04)
     assert linf.loc["a", "both_losses"] == pytest.approx(0.03)
     assert (table["both_losses"] <= table["cross_entropy"]).all()
+
+
+def test_no_rerun_gives_empty_tables() -> None:
+    original = original_rows()
+    empty = original.iloc[:0]
+    assert lc.margins_with_rerun(original, empty).empty
+    assert lc.loss_comparison(original, empty, resamples=200).empty
+    assert (lc.rescued_by_outcome(pd.DataFrame({"epoch": [], "row_id": [], "outcome": []}),
+                                  empty)["rerun"] == 0).all()

@@ -150,12 +150,14 @@ def margins_with_rerun(original: pd.DataFrame, rerun: pd.DataFrame) -> pd.DataFr
         ``model, epoch, image_id, norm, cross_entropy, both_losses`` (``both_losses <=
         cross_entropy``; ``inf`` where no attack found a boundary), images of the rerun only.
     """
+    keys = ["model", "epoch", "image_id", "norm"]
+    if rerun.empty:
+        return pd.DataFrame(columns=[*keys, "cross_entropy", "both_losses"])
     epochs = rerun["epoch"].unique()
     images = set(rerun["image_id"])
     base = original[original["epoch"].isin(epochs) & original["image_id"].isin(images)]
     before = image_margins(base)
     after = image_margins(pd.concat([base, rerun], ignore_index=True))
-    keys = ["model", "epoch", "image_id", "norm"]
     pick = [*keys, "margin"]
     chosen = (before["method"] == BEST_OF_SCHEDULES) & (before["mode"] == "targeted")
     table = before.loc[chosen, pick].merge(
