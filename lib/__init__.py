@@ -10,7 +10,8 @@ where a run folder keeps its files. There is no import cycle.
   the terminal that waits, never in a notebook
 - Each stage's parameters have one owner, a settings class beside the code that uses them
   (``data.settings``, ``train.settings``, ``attack.plan``, ``analysis.settings``,
-  ``run.minimality_stage``, ``run.margins_stage``): the only defaults (the default build's) and the only checks.
+  ``run.minimality_stage``, ``run.margins_stage``): the only defaults (the default build's)
+  and the only checks.
 - ``data``: reading the data
 
   - ``cholec80``: the Cholec80 layout (annotation parsing, video decoding, exact frame pairing)

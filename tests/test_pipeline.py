@@ -248,9 +248,10 @@ def test_trained_epochs_need_a_metrics_row_and_a_checkpoint(
     assert resume.finished_epochs(train) == finished
 
 
-def test_the_minimality_stage_is_finished_after_its_last_output() -> None:
+@pytest.mark.parametrize("stage", [layout.MINIMALITY_STAGE, layout.MARGINS_STAGE])
+def test_the_stage_is_finished_after_its_last_output(stage: str) -> None:
     # its figures and verdict are outputs too: a stage that fails drawing them is not finished
-    notebook = jupytext.read(layout.notebook_path(layout.MINIMALITY_STAGE))
+    notebook = jupytext.read(layout.notebook_path(stage))
     code = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
     finishing = [k for k, source in enumerate(code) if "finish_stage(" in source]
     assert finishing == [len(code) - 1]

@@ -78,8 +78,8 @@ def margin_paragraph(change: pd.DataFrame | None) -> str:
     """The answer to "does the margin grow or shrink while the network learns?".
 
     Args:
-        change: the margins stage's ``margin_change`` table (:func:`lib.analysis.margins.
-            margin_change` rows with a ``mode`` column), or None.
+        change: the margins stage's ``margin_change`` table
+            (:func:`lib.analysis.margins.margin_change` rows with a ``mode`` column), or None.
     """
     if change is None or change.empty:
         return ("The margins stage did not run in this build, so the margin over training is "

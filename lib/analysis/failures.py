@@ -53,6 +53,7 @@ from lib import NUM_CLASSES
 from lib.analysis import resampling
 from lib.errors import ParameterError
 
+#: The outcome classes, in the order they are checked (the first that holds wins).
 OUTCOMES = ("third class", "stuck", "oscillating", "saturated", "progressing", "other")
 #: The last updates looked at.
 WINDOW = 10

@@ -25,9 +25,11 @@ from lib.analysis.failures import OUTCOMES
 from lib.analysis.margins import BEST_OF_SCHEDULES, attack_distances, image_margins
 from lib.checking import check_int
 
-#: Quantities of :func:`loss_comparison`.
+#: ``quantity`` of :func:`loss_comparison`: the share of failures the logit margin solves.
 RESCUED = "failures solved by the logit margin"
+#: ``quantity``: the share of successes the logit margin solves too.
 KEPT = "successes kept by the logit margin"
+#: ``quantity``: the median log ratio of the two losses' distances where both succeeded.
 LOG_RATIO = "log distance ratio, logit margin / cross-entropy"
 #: The keys that tie a rerun row to its original row.
 ROW_KEYS = ("epoch", "row_id")

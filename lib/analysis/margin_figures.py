@@ -28,7 +28,7 @@ def shown(values: pd.Series | np.ndarray, norm: str) -> np.ndarray:
 def _method_color(table: pd.DataFrame) -> alt.Color:
     order = list(dict.fromkeys(table["method"]))
     return alt.Color("method:N", sort=order, scale=alt.Scale(domain=order, scheme="dark2"),
-                     title="attack")
+                     title="attack", legend=alt.Legend(labelLimit=260, symbolOpacity=1))
 
 
 def robust_accuracy_chart(curves: pd.DataFrame, *, norm: str) -> alt.FacetChart:

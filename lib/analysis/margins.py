@@ -50,6 +50,7 @@ ONE_MODEL = 0
 #: ``model`` of a row pooled over several models (two-level bootstrap).
 POOLED = "pooled"
 
+#: The columns of :func:`image_margins`.
 MARGIN_COLUMNS = ("model", "epoch", "image_id", "source", "mode", "method", "norm", "margin",
                   "closest_target", "attacks", "successes")
 

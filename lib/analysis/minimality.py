@@ -1,13 +1,13 @@
 """How minimal are the borderline images? Our distances against the best-known minimal ones.
 
 The reference attacks of :mod:`lib.attack.reference` search the smallest perturbation of the
-same (image, target) pairs our schedules attacked. The smallest successful L1 of a pair over
-every reference attack, and over our own schedules when the caller passes them, is its
-*best-known* L1 (:func:`best_per_sample`). Two measures compare a schedule with it: the median
-ratio of L1 to the best-known L1 (:func:`l1_ratio_table`) and AttackBench's optimality score
-(:func:`eval_optimality`, :func:`optimality_table`); :func:`minimality_intervals` gives both
-with their 95 % intervals, resampling images (an image's targets share its distances to the
-class boundaries).
+same (image, target) pairs our schedules attacked. The smallest successful distance of a pair
+in a norm (Linf, L2 or L1) over every reference attack, and over our own schedules when the
+caller passes them, is its *best-known* distance (:func:`best_per_sample`). Two measures
+compare a schedule with it: the median ratio of its distance to the best-known one
+(:func:`ratio_table`) and AttackBench's optimality score (:func:`eval_optimality`,
+:func:`optimality_table`); :func:`lib.analysis.minimality_norms.norm_intervals` gives them with
+the closeness and their image-bootstrap intervals, per norm.
 """
 
 from __future__ import annotations

@@ -39,8 +39,11 @@ from lib.analysis import resampling, statistics
 from lib.analysis.margins import attack_distances
 from lib.errors import ParameterError
 
+#: ``quantity`` of a point's success rate.
 SUCCESS_RATE = "success rate"
+#: ``quantity`` of a point's median distance over all attacks, a failure counting ``inf``.
 MEDIAN_ALL = "median distance, failures as inf"
+#: ``quantity`` of a point's median distance over its successful attacks.
 MEDIAN_SUCCESSES = "median distance, successes"
 #: The distance axes of the Pareto view and matched success.
 DISTANCES = {"all": MEDIAN_ALL, "successes": MEDIAN_SUCCESSES}

@@ -31,6 +31,7 @@ import torch
 from lib.analysis import failures
 from lib.analysis.loss_comparison import rerun_sample
 from lib.attack import api
+from lib.attack.engine import with_progress
 from lib.attack.results import AttackResult
 from lib.attack.schedules import SCHEDULES
 from lib.checking import check_choices, check_int, check_ints, check_list, check_share
@@ -168,8 +169,6 @@ def _attack(run_dir: str | os.PathLike[str], epoch: int, rows: pd.DataFrame, *, 
     model = load_checkpoint(layout.checkpoint_path(run_dir, epoch), map_location=device)
     stream = api.iter_attack_rows(model, pool, engine_rows, mode=mode, loss=loss,
                                   device=device, schedule_constants=constants, **context)
-    from lib.attack.engine import with_progress
-
     return AttackResult.concat(list(with_progress(stream, len(rows), progress))).sorted()
 
 
