@@ -302,6 +302,23 @@ frozen[frozen["frozen"] > 0].pivot_table(index=["schedule", "source"], columns="
                                          values="frozen", aggfunc="sum", fill_value=0)
 
 # %% [markdown]
+# Why does the loss freeze? Those failures (at the compared checkpoints) ran again unchanged,
+# keeping their final images, and the gradient of the target's cross-entropy was taken there:
+# a gradient that is exactly 0 in every pixel value makes every sign step 0, so the image stops
+# moving however large the step size. The table counts, per checkpoint and schedule, the
+# frozen failures run again, how many failed again, and how many have an exactly zero
+# gradient everywhere.
+
+# %% tags=["remove-input"]
+gradients = margins_stage.frozen_gradients(run_dir, failed, settings, device=device,
+                                           progress=progress)
+(gradients.assign(failed_again=~gradients["success"].astype(bool),
+                  zero_gradient=gradients["zero_share"] == 1)
+ .groupby(["epoch", "schedule"]).agg(rerun=("row_id", "size"),
+                                     failed_again=("failed_again", "sum"),
+                                     zero_gradient=("zero_gradient", "sum")))
+
+# %% [markdown]
 # ## The same attacks with the logit-margin loss
 #
 # Cross-entropy toward the target can sit on a plateau while another wrong class dominates;
@@ -338,7 +355,7 @@ display(lowered.assign(lower=lowered["both_losses"] < lowered["cross_entropy"])
 # %% tags=["remove-input"]
 display(Markdown("\n\n".join([
     conclusions.margin_paragraph(change), conclusions.fair_paragraph(matched),
-    conclusions.failure_paragraph(outcomes, rescued)])))
+    conclusions.failure_paragraph(outcomes, rescued, gradients)])))
 
 # %% [markdown]
 # ## Downloads

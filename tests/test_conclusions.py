@@ -124,6 +124,10 @@ def test_claims_failures_minimality_and_limitations() -> None:
     text = cc.failure_paragraph(outcomes, rescued)
     assert "Of 8 failed attacks, by outcome: third class 6 (75 %), saturated 2 (25 %)." in text
     assert "3 of 6 sampled failures succeed (third class 3 of 4, saturated 0 of 2)" in text
+    gradients = pd.DataFrame({"zero_share": [1.0, 1.0, 0.4]})
+    text = cc.failure_paragraph(outcomes, rescued, gradients)
+    assert ("Of 3 saturated failures whose loss froze, run again, 2 end on an image where the "
+            "input gradient is exactly 0 in every value") in text
     ratios = pd.DataFrame({"epoch": 5, "norm": ["linf", "linf", "l1", "l1"],
                            "schedule": ["a", "b", "a", "b"], "pairs": 30,
                            "median_ratio": [1.2, 1.5, 17.0, 27.0]})

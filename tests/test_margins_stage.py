@@ -15,8 +15,6 @@ from lib.run import findings, margins_stage, parameters, tables
 from lib.run.layout import MARGINS_STAGE
 from lib.run.manifest import read_manifest
 
-pytestmark = pytest.mark.slow
-
 
 def test_the_stage_finished_and_kept_its_tables(tiny_run: Path) -> None:
     assert read_manifest(tiny_run)["stages"][MARGINS_STAGE]["finished"]
@@ -88,3 +86,20 @@ def test_the_findings_page_reads_the_tiny_run(tiny_run: Path) -> None:
     assert f"multiplied by {main['factor']:.3g}" in page
     assert "## Why attacks fail" in page and "## What these numbers cannot say" in page
     assert "synthetic dataset" in page
+
+
+@pytest.mark.parametrize(("bias", "zero"), [(-100.0, 1.0), (0.5, 0.0)], ids=["dead", "alive"])
+def test_the_input_gradient_of_a_network_whose_units_are_all_inactive_is_zero(
+        bias: float, zero: float) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[1].bias.fill_(bias)  # -100: every hidden unit inactive on images in [0, 1]
+        model[1].weight.abs_()
+    images = torch.rand(2, 3, 2, 2)
+    gradient = margins_stage.input_gradient(model, images, pd.Series([1, 2]), device="cpu")
+    assert gradient.shape == (2, 12)
+    assert float((gradient == 0).double().mean()) == zero

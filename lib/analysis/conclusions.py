@@ -212,7 +212,8 @@ def minimality_paragraph(ratios: pd.DataFrame | None, verdicts: dict[str, dict[s
             "schedules come closest to minimal in Linf.")
 
 
-def failure_paragraph(outcomes: pd.DataFrame | None, rescued: pd.DataFrame | None) -> str:
+def failure_paragraph(outcomes: pd.DataFrame | None, rescued: pd.DataFrame | None,
+                      gradients: pd.DataFrame | None = None) -> str:
     """Why attacks fail, and whether the logit margin solves them.
 
     Args:
@@ -220,6 +221,8 @@ def failure_paragraph(outcomes: pd.DataFrame | None, rescued: pd.DataFrame | Non
             (:func:`lib.analysis.failures.outcome_shares`), or None.
         rescued: the margins stage's ``rescued_by_outcome``
             (:func:`lib.analysis.loss_comparison.rescued_by_outcome`), or None.
+        gradients: the margins stage's ``frozen_gradients``
+            (:func:`lib.run.margins_stage.frozen_gradients`), or None.
     """
     if outcomes is None or outcomes.empty:
         return "The outcome classes of failed attacks were not computed in this build."
@@ -238,6 +241,11 @@ def failure_paragraph(outcomes: pd.DataFrame | None, rescued: pd.DataFrame | Non
                  f"{int(run['rerun'].sum())} sampled failures succeed ({by_class}). A failure "
                  "the other loss solves was the attack's; one that neither solves is out of "
                  "reach of this budget and these step sizes.")
+    if gradients is not None and len(gradients):
+        zero = int((gradients["zero_share"] == 1).sum())
+        text += (f" Of {counted(len(gradients), 'saturated failure')} whose loss froze, run "
+                 f"again, {zero} end on an image where the input gradient is exactly 0 in "
+                 "every value, so no sign step can move it.")
     return text
 
 

@@ -101,7 +101,8 @@ def findings_markdown(run_dir: str | os.PathLike[str]) -> str:
         "## Why attacks fail",
         conclusions.failure_paragraph(
             tables.read_table(run_dir, "failure_outcomes", missing_ok=True),
-            tables.read_table(run_dir, "rescued_by_outcome", missing_ok=True)),
+            tables.read_table(run_dir, "rescued_by_outcome", missing_ok=True),
+            tables.read_table(run_dir, "frozen_gradients", missing_ok=True)),
         "## What these numbers cannot say",
         _limitations(run_dir, manifest),
     ]

@@ -152,11 +152,10 @@ def _pool(run_dir: str | os.PathLike[str], image_ids: list[str]) -> tuple[torch.
     return pool, pd.Series(np.arange(len(ids)), index=ids)
 
 
-def _attack(run_dir: str | os.PathLike[str], epoch: int, rows: pd.DataFrame, *, mode: str,
-            loss: str, device: str | torch.device, progress: bool) -> AttackResult:
-    """Run ``rows`` (keys image_id, source, target, schedule, row_id) on ``epoch``'s model."""
-    from lib.model.checkpoints import load_checkpoint
-
+def _attack(run_dir: str | os.PathLike[str], model: torch.nn.Module, rows: pd.DataFrame, *,
+            mode: str, loss: str, device: str | torch.device, progress: bool,
+            keep_images: bool = False) -> AttackResult:
+    """Run ``rows`` (keys image_id, source, target, schedule, row_id) on ``model``."""
     context = _context(run_dir)
     pool, index = _pool(run_dir, rows["image_id"].tolist())
     engine_rows = pd.DataFrame({
@@ -166,10 +165,17 @@ def _attack(run_dir: str | os.PathLike[str], epoch: int, rows: pd.DataFrame, *, 
         "schedule": rows["schedule"].to_numpy()})
     present = set(engine_rows["schedule"])
     constants = {k: v for k, v in context.pop("schedule_constants").items() if k in present}
-    model = load_checkpoint(layout.checkpoint_path(run_dir, epoch), map_location=device)
     stream = api.iter_attack_rows(model, pool, engine_rows, mode=mode, loss=loss,
-                                  device=device, schedule_constants=constants, **context)
+                                  device=device, schedule_constants=constants,
+                                  keep_images=keep_images, **context)
     return AttackResult.concat(list(with_progress(stream, len(rows), progress))).sorted()
+
+
+def _model(run_dir: str | os.PathLike[str], epoch: int,
+           device: str | torch.device) -> torch.nn.Module:
+    from lib.model.checkpoints import load_checkpoint
+
+    return load_checkpoint(layout.checkpoint_path(run_dir, epoch), map_location=device)
 
 
 def _result_table(rows: pd.DataFrame, result: AttackResult, mode: str) -> pd.DataFrame:
@@ -202,8 +208,8 @@ def untargeted_results(run_dir: str | os.PathLike[str], settings: MarginSettings
                              for name in settings.untargeted_schedules],
                             columns=["epoch", "image_id", "source", "target", "schedule"])
         rows["row_id"] = np.arange(len(rows), dtype=np.int64)
-        result = _attack(run_dir, epoch, rows, mode="untargeted", loss="cross_entropy",
-                         device=device, progress=progress)
+        result = _attack(run_dir, _model(run_dir, epoch, device), rows, mode="untargeted",
+                         loss="cross_entropy", device=device, progress=progress)
         parts.append(_result_table(rows, result, "untargeted"))
     table = (pd.concat(parts, ignore_index=True) if parts
              else pd.DataFrame(columns=list(tables.RESULT_COLUMNS)))
@@ -233,8 +239,8 @@ def margin_loss_results(run_dir: str | os.PathLike[str], settings: MarginSetting
                           seed=settings.seed)
     parts = []
     for epoch, rows in chosen.groupby("epoch", sort=True):
-        result = _attack(run_dir, int(epoch), rows, mode="targeted", loss=RERUN_LOSS,
-                         device=device, progress=progress)
+        result = _attack(run_dir, _model(run_dir, int(epoch), device), rows, mode="targeted",
+                         loss=RERUN_LOSS, device=device, progress=progress)
         table = _result_table(rows, result, "targeted")
         outcome = failures.classify_failures(
             result.loss_trace.double().numpy(), result.lr_trace.double().numpy(),
@@ -246,3 +252,64 @@ def margin_loss_results(run_dir: str | os.PathLike[str], settings: MarginSetting
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     tables.write_table(run_dir, "margin_loss", table)
     return table
+
+
+def frozen_gradients(run_dir: str | os.PathLike[str], failed: pd.DataFrame,
+                     settings: MarginSettings, *, device: str | torch.device = "cpu",
+                     progress: bool = True) -> pd.DataFrame:
+    """Why a saturated loss froze: the input gradient at the end of those failed attacks;
+    ``margins/frozen_gradients.csv`` (read back when it exists).
+
+    The failed attacks of the compared checkpoints whose loss stayed exactly constant over the
+    last updates while it sat on a plateau (``frozen`` and ``saturated`` in ``failed``, at most
+    ``settings.rerun_failures`` per checkpoint and schedule) are run again unchanged, keeping
+    their final images, and the gradient of the target's cross-entropy with respect to the
+    final image is taken. A gradient that is exactly 0 everywhere makes every sign step 0: the
+    image stops moving however large the step size.
+
+    Args:
+        failed: :func:`lib.analysis.failures.failed_attacks` of the attack stage's results.
+
+    Returns:
+        ``epoch, row_id, schedule, image_id, source, target, success`` (of the rerun, which
+        repeats the original in float32 up to rare batch-order differences),
+        ``gradient_linf`` (the largest absolute gradient value) and ``zero_share`` (the share
+        of the image's values whose gradient is exactly 0, in [0, 1]).
+    """
+    found = tables.read_table(run_dir, "frozen_gradients", missing_ok=True)
+    if found is not None:
+        return found
+    results = rerun_model_rows(tables.read_results(run_dir))
+    chosen = failed[failed["frozen"] & (failed["outcome"] == "saturated")
+                    & failed["epoch"].isin(compared_epochs(results, settings))]
+    chosen = chosen.groupby(["epoch", "schedule"], sort=True).head(settings.rerun_failures)
+    keyed = results.set_index(["epoch", "row_id"])
+    parts = []
+    for epoch, keys in chosen.groupby("epoch", sort=True):
+        rows = keyed.loc[[(epoch, r) for r in keys["row_id"]]].reset_index()
+        model = _model(run_dir, int(epoch), device)
+        result = _attack(run_dir, model, rows, mode="targeted", loss="cross_entropy",
+                         device=device, progress=progress, keep_images=True)
+        gradient = input_gradient(model, result.borderline, rows["target"], device=device)
+        parts.append(rows[["epoch", "row_id", "schedule", "image_id", "source", "target"]]
+                     .assign(success=result.success.numpy(),
+                             gradient_linf=gradient.abs().amax(1).double().numpy(),
+                             zero_share=(gradient == 0).double().mean(1).numpy()))
+    columns = list(tables.TABLES["frozen_gradients"].columns)
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    tables.write_table(run_dir, "frozen_gradients", table)
+    return table
+
+
+def input_gradient(model: torch.nn.Module, images: torch.Tensor, targets: pd.Series, *,
+                   device: str | torch.device) -> torch.Tensor:
+    """The gradient of each target's cross-entropy with respect to ``images`` [N, C, H, W] in
+    [0, 1] (the model frozen in eval mode), flattened: [N, C*H*W] on the CPU."""
+    from lib.model.network import frozen
+
+    with frozen(model), torch.enable_grad():
+        x = images.to(device).requires_grad_(True)
+        target = torch.tensor(targets.to_numpy(np.int64), device=device)
+        loss = torch.nn.functional.cross_entropy(model(x), target, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, x)
+    return gradient.flatten(1).cpu()

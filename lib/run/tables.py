@@ -153,6 +153,10 @@ MARGIN_TABLES: dict[str, Table] = {
     "frozen_failures": Table(MARGINS_STAGE, {
         "epoch": "int64", "schedule": "str", "source": "int64", "failures": "int64",
         "frozen": "int64"}, "failed attacks whose loss froze"),
+    "frozen_gradients": Table(MARGINS_STAGE, {
+        "epoch": "int64", "row_id": "int64", "schedule": "str", "image_id": "str",
+        "source": "int64", "target": "int64", "success": "bool", "gradient_linf": "float64",
+        "zero_share": "float64"}, "input gradients where a failed attack's loss froze"),
     "loss_comparison": Table(MARGINS_STAGE, {
         "epoch": "int64", "schedule": "str", "quantity": "str", "norm": "str",
         **INTERVAL_DTYPES}, "the two losses compared"),
