@@ -66,7 +66,7 @@ overwrite = False  # discard this stage's results (and those of every later stag
 # %% tags=["remove-input"]
 from myst_nb import glue
 
-from lib.analysis import figures, minimality_norms
+from lib.analysis import figures, margins, minimality_norms
 from lib.analysis.readable import html
 from lib.run import minimality_stage, pipeline, tables
 from lib.run.layout import MINIMALITY_STAGE
@@ -137,7 +137,7 @@ closest = last["median_ratio"].idxmin()
 pairs = reference.drop_duplicates(["epoch", "image_id", "target"])
 glue("min_pairs", str(len(pairs)), display=False)
 glue("min_images", str(int(pairs.groupby("epoch")["image_id"].nunique().sum())), display=False)
-glue("min_norm", figures.NORM_TITLES[first_norm], display=False)
+glue("min_norm", margins.NORM_NAMES[first_norm], display=False)
 glue("min_closest", closest, display=False)
 glue("min_closest_ratio", f"{last.loc[closest, 'median_ratio']:.1f}", display=False)
 glue("min_worst_ratio", f"{last['median_ratio'].max():.1f}", display=False)
@@ -145,7 +145,7 @@ glue("min_worst_ratio", f"{last['median_ratio'].max():.1f}", display=False)
 verdicts = {norm: minimality_norms.closeness_verdict(intervals, "loss-adaptive",
                                                      epoch=max(chosen), norm=norm)
             for norm in intervals["norm"].unique()}
-glue("min_adaptive_by_norm", "; ".join(f"{figures.NORM_TITLES[norm]}: {v['ratio']}, "
+glue("min_adaptive_by_norm", "; ".join(f"{margins.NORM_NAMES[norm]}: {v['ratio']}, "
                                        f"{v['verdict']}" for norm, v in verdicts.items()),
      display=False)
 glue("min_budgets", " and ".join(str(b) for b in steps), display=False)

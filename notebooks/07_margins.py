@@ -66,7 +66,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+from lib import TOOLS
 from lib.analysis import conclusions, failures, loss_comparison, margin_figures, margins, pareto
+from lib.analysis.readable import html
 from lib.run import margins_stage, pipeline, tables
 from lib.run.layout import MARGINS_STAGE
 from lib.run.parameters import from_namespace, stage_settings
@@ -79,6 +81,7 @@ predictions = tables.read_predictions(run_dir)
 reference = tables.read_table(run_dir, "reference", missing_ok=True)
 sweep = tables.read_sweep(run_dir)
 compared = margins_stage.compared_epochs(results, settings)
+several = "model" in results.columns and results["model"].nunique() > 1
 
 
 def save(frame: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -87,36 +90,45 @@ def save(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     return frame
 
 
+def norm_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its norms named as the book names them, Linf first."""
+    names = [margins.NORM_NAMES[n] for n in margins.NORMS]
+    return frame.assign(norm=pd.Categorical(frame["norm"].map(margins.NORM_NAMES),
+                                            categories=names))
+
+
+glue("margins_epochs", " and ".join(map(str, compared)), display=False)
+
 # %% [markdown]
 # ## The stage's own attacks
 #
-# The untargeted attack leaves the image's true class toward whichever class is nearest; its
-# distance is the margin the attack itself finds, beside the targeted margin (the smallest
-# over the six targeted attacks). The reruns repeat a seeded sample of the attack stage's
-# failed and successful attacks with the logit-margin loss.
+# At the checkpoints of epochs {glue:text}`margins_epochs`, the untargeted attack leaves each
+# selected image's true class toward whichever class is nearest; its distance is the margin the
+# attack itself finds, beside the targeted margin (the smallest over the targeted attacks). The
+# reruns repeat a seeded sample of the attack stage's failed and successful attacks with the
+# logit-margin loss.
 
-# %%
+# %% tags=["hide-input"]
 untargeted = margins_stage.untargeted_results(run_dir, settings, device=device,
                                               progress=progress)
 margin_loss = margins_stage.margin_loss_results(run_dir, settings, device=device,
                                                 progress=progress)
 rerun_rows = margins_stage.rerun_model_rows(results)
-print(f"checkpoints {compared}: {len(untargeted)} untargeted attacks "
-      f"({untargeted['success'].sum()} successful), {len(margin_loss)} logit-margin reruns "
-      f"({margin_loss['success'].sum()} successful)")
+print(f"{len(untargeted)} untargeted attacks ({untargeted['success'].sum()} successful), "
+      f"{len(margin_loss)} logit-margin reruns ({margin_loss['success'].sum()} successful)")
 
 # %% [markdown]
 # ## Every image's margin
 #
 # The margin of an image at a checkpoint is its smallest distance to the boundary over every
 # target (and, for "best of schedules", over every schedule; "best known" adds the untargeted
-# attacks and the minimality stage's reference attacks where they ran). The distance is taken
+# attacks and the minimality chapter's reference attacks where they ran). The distance is taken
 # at the boundary where the attack stage refined the crossing. An image none of whose attacks
 # succeeded has margin infinity: no boundary was found within the budget. The table gives the
 # median margin over the attacked images per checkpoint, Linf and L1 in grey levels (x 1/255),
 # L2 in [0, 1] pixel units.
 
-# %%
+# %% tags=["hide-input"]
 own = margins_stage.as_rerun_model(untargeted, results)
 everything = pd.concat([results, own], ignore_index=True) if len(own) else results
 known = None if reference is None else margins_stage.as_rerun_model(reference, results)
@@ -125,11 +137,12 @@ summary = (margin_table[margin_table["method"].isin([margins.BEST_OF_SCHEDULES,
                                                      margins.BEST_KNOWN])]
            .groupby(["norm", "mode", "method", "epoch"], sort=False)["margin"].median()
            .reset_index())
-summary = summary.assign(
-    margin=[conclusions.distance_text(r.margin, r.norm) for r in summary.itertuples()],
-    norm=pd.Categorical(summary["norm"], categories=margins.NORMS))
-summary.pivot_table(index=["norm", "mode", "method"], columns="epoch", values="margin",
-                    aggfunc="first", observed=True)
+summary = norm_order(summary.assign(
+    margin=[conclusions.distance_text(r.margin, r.norm) for r in summary.itertuples()]))
+html(summary.pivot_table(index=["norm", "mode", "method"], columns="epoch", values="margin",
+                         aggfunc="first", observed=True)
+     .rename(columns=lambda e: f"epoch {e}").reset_index()
+     .rename(columns={"mode": "attack mode", "method": "over"}))
 
 # %% [markdown]
 # ## Robust accuracy against epsilon
@@ -139,12 +152,12 @@ summary.pivot_table(index=["norm", "mode", "method"], columns="epoch", values="m
 # a sample of the correctly classified images is attacked, so each tool's attacked images
 # stand for that tool's correctly classified ones. At epsilon 0 the curve is the clean
 # accuracy; the band is the 95 % image-bootstrap band (with the clean accuracy's own
-# uncertainty). A curve per schedule, for the best of the schedules, and for the untargeted
-# attacks where they ran; a lower curve is a stronger attack on the same network.
+# uncertainty). There is a curve per schedule, one for the best of the schedules, and one for
+# the untargeted attacks where they ran; a lower curve is a stronger attack on the same
+# network.
 
-# %%
+# %% tags=["hide-input"]
 accuracy = margins.clean_accuracy(predictions)
-several = "model" in results.columns and results["model"].nunique() > 1
 methods = [(name, "targeted") for name in dict.fromkeys(results["schedule"])]
 methods += [(margins.BEST_OF_SCHEDULES, "targeted"), (margins.BEST_OF_SCHEDULES, "untargeted")]
 curves, areas = [], []
@@ -163,28 +176,29 @@ for norm in ("linf", "l2"):
                 mode=mode, pool_models=pooled))
 curves = save(pd.concat(curves, ignore_index=True), "robust_accuracy")
 areas = save(pd.concat(areas, ignore_index=True), "robust_accuracy_area")
+shown_model = str(curves["model"].iloc[0])
 
-# %% mystnb={"figure": {"caption": "Robust accuracy against the Linf budget epsilon (x 1/255) per checkpoint, one line per schedule, for the best of the schedules and for the untargeted attacks, with 95 % image-bootstrap bands.", "name": "fig-robust-accuracy-linf"}}
-first_model = curves["model"].astype(str).iloc[0]
+# %% mystnb={"figure": {"caption": "Robust accuracy against the Linf budget epsilon (x 1/255) per checkpoint, one line per schedule, for the best of the schedules and for the untargeted attacks, with 95 % image-bootstrap bands.", "name": "fig-robust-accuracy-linf"}} tags=["hide-input"]
 margin_figures.robust_accuracy_chart(
-    curves[(curves["norm"] == "linf") & (curves["model"].astype(str) == first_model)],
+    curves[(curves["norm"] == "linf") & (curves["model"].astype(str) == shown_model)],
     norm="linf")
 
-# %% mystnb={"figure": {"caption": "Robust accuracy against the L2 budget epsilon ([0, 1] pixel units) per checkpoint, as in the Linf figure.", "name": "fig-robust-accuracy-l2"}}
+# %% mystnb={"figure": {"caption": "Robust accuracy against the L2 budget epsilon ([0, 1] pixel units) per checkpoint, as in the Linf figure.", "name": "fig-robust-accuracy-l2"}} tags=["hide-input"]
 margin_figures.robust_accuracy_chart(
-    curves[(curves["norm"] == "l2") & (curves["model"].astype(str) == first_model)], norm="l2")
+    curves[(curves["norm"] == "l2") & (curves["model"].astype(str) == shown_model)], norm="l2")
 
 # %% [markdown]
 # The curves' mean height over the whole epsilon range (their area divided by the range), per
-# checkpoint and attack, with its 95 % interval:
+# checkpoint, for the best of the schedules, with its 95 % interval:
 
-# %% tags=["remove-input"]
-best = areas[areas["method"] == margins.BEST_OF_SCHEDULES]
-best.assign(area=[conclusions.interval_text(r.estimate, r.low, r.high)
-                  for r in best.itertuples()],
-            norm=pd.Categorical(best["norm"], categories=margins.NORMS)
-            ).pivot_table(index=["model", "norm", "mode"], columns="epoch", values="area",
-                          aggfunc="first", observed=True)
+# %% tags=["hide-input"]
+best = norm_order(areas[areas["method"] == margins.BEST_OF_SCHEDULES])
+html(best.assign(area=[conclusions.interval_text(r.estimate, r.low, r.high)
+                       for r in best.itertuples()])
+     .pivot_table(index=["model", "norm", "mode"], columns="epoch", values="area",
+                  aggfunc="first", observed=True)
+     .rename(columns=lambda e: f"epoch {e}").reset_index()
+     .rename(columns={"mode": "attack mode"}))
 
 # %% [markdown]
 # ## Does the margin grow or shrink over training?
@@ -195,9 +209,9 @@ best.assign(area=[conclusions.interval_text(r.estimate, r.low, r.high)
 # factor the median image's margin is multiplied by) with its 95 % image-bootstrap interval,
 # and the verdict: "grows" when the whole interval lies above 1, "shrinks" when below,
 # otherwise inconclusive. An image whose margin was found at one end only counts in its
-# direction; one found at neither end is left out (`unresolved`).
+# direction; one found at neither end is left out.
 
-# %%
+# %% tags=["hide-input"]
 changes, pairs = [], []
 choices = [("targeted", margins.BEST_OF_SCHEDULES), ("untargeted", margins.BEST_OF_SCHEDULES),
            ("any", margins.BEST_KNOWN)]
@@ -211,11 +225,18 @@ for norm in margins.NORMS:
                                              mode=mode).assign(mode=mode))
     pairs.append(margins.paired_log_ratios(margin_table, norm=norm).assign(norm=norm))
 change = save(pd.concat(changes, ignore_index=True), "margin_change")
-shown = change[change["method"].isin([margins.BEST_OF_SCHEDULES, margins.BEST_KNOWN])]
-shown[["model", "norm", "mode", "method", "first_epoch", "last_epoch", "factor", "factor_low",
-       "factor_high", "n_images", "grew", "shrank", "unresolved", "direction"]].round(3)
+shown = norm_order(change[change["method"].isin([margins.BEST_OF_SCHEDULES,
+                                                 margins.BEST_KNOWN])])
+html(shown.assign(factor=[conclusions.interval_text(r.factor, r.factor_low, r.factor_high)
+                          for r in shown.itertuples()])
+     [["model", "norm", "mode", "method", "factor", "n_images", "grew", "shrank", "unresolved",
+       "direction"]].sort_values(["model", "norm"], kind="stable")
+     .rename(columns={"mode": "attack mode", "method": "over",
+                      "factor": "median factor, last / first (95 % interval)",
+                      "n_images": "images", "grew": "grew", "shrank": "shrank",
+                      "unresolved": "found at neither end", "direction": "verdict"}))
 
-# %% mystnb={"figure": {"caption": "Each image's margin (best of the schedules) at the first and the last attacked checkpoint, per norm, log scales; above the dashed diagonal the margin grew.", "name": "fig-margin-change"}}
+# %% mystnb={"figure": {"caption": "Each image's margin (best of the schedules) at the first and the last attacked checkpoint, per norm, log scales; above the dashed diagonal the margin grew.", "name": "fig-margin-change"}} tags=["hide-input"]
 margin_figures.margin_change_chart(pd.concat(pairs, ignore_index=True))
 
 # %% tags=["remove-input"]
@@ -228,9 +249,9 @@ display(Markdown(conclusions.margin_paragraph(change)))
 # (schedule, lr0) is a point: its success rate and the median distance of its successful
 # attacks. A point is *Pareto-optimal* when no other point has at least its success and at
 # most its distance, one of them strictly. The figure draws the points of each schedule joined
-# in lr0 order, Pareto-optimal points filled.
+# in lr0 order.
 
-# %%
+# %% tags=["hide-input"]
 if sweep is None or sweep.empty:
     fronts, matched = None, None
     display(Markdown("*The attack stage ran without an lr0 sweep (`sweep_lr0 = []`): "
@@ -251,7 +272,6 @@ else:
     save(pd.concat(points, ignore_index=True), "sweep_points")
     fronts = save(pd.concat(fronts, ignore_index=True), "pareto_front")
     matched = save(pd.concat(matched, ignore_index=True), "matched_success")
-    glue("sweep_images", str(sweep["image_id"].nunique()), display=False)
     display(margin_figures.pareto_chart(
         fronts[(fronts["norm"] == "linf") & (fronts["model"] == groups[0][0])], norm="linf"))
 
@@ -261,14 +281,22 @@ else:
 # says that loss-adaptive finds closer borderline images; here that is the claim that its
 # distance at matched success is below that of constant and of iteration at every level, each
 # difference paired by image and decided by its 95 % interval (an interval wholly below zero
-# agrees, wholly at or above zero disagrees). With few images in the sweep most comparisons
-# are inconclusive, and that is the result.
+# agrees, wholly at or above zero disagrees). The sweep has few images, so many comparisons
+# can be inconclusive; the table says which.
 
-# %% tags=["remove-input"]
+# %% tags=["hide-input"]
 if matched is not None and not matched.empty:
-    display(matched[["model", "second", "level", "norm", "first_distance", "second_distance",
-                     "estimate", "low", "high", "n_images", "verdict", "claim_verdict"]]
-            .round(4))
+    rows = norm_order(matched)
+    scale = np.where(rows["norm"].astype(str) == "L2", 1.0, 255.0)
+    html(rows.assign(
+        difference=[conclusions.interval_text(e, lo, hi, scale=k) for e, lo, hi, k in zip(
+            rows["estimate"], rows["low"], rows["high"], scale, strict=True)],
+        level=(100 * rows["level"]).map("{:.0f} %".format))
+        [["model", "norm", "second", "level", "difference", "n_images", "verdict",
+          "claim_verdict"]].rename(columns={
+            "second": "against", "level": "success level",
+            "difference": "loss-adaptive minus it (95 % interval; Linf, L1 x 1/255)",
+            "n_images": "images", "verdict": "comparison", "claim_verdict": "claim"}))
 display(Markdown(conclusions.fair_paragraph(matched)))
 
 # %% [markdown]
@@ -280,9 +308,9 @@ display(Markdown(conclusions.fair_paragraph(matched)))
 # (**oscillating**), the loss sat on a high plateau (**saturated**: the target less likely
 # than a uniform guess while steps are still taken), or the loss was still falling
 # (**progressing**: more updates would likely have succeeded). The figure counts the failures
-# per class; the table's interval is the class's share of the group's failures.
+# per class.
 
-# %% mystnb={"figure": {"caption": "Failed attacks per outcome class, per checkpoint (x) and schedule (panels).", "name": "fig-failure-outcomes"}}
+# %% mystnb={"figure": {"caption": "Failed attacks per outcome class, per checkpoint (x) and schedule (panels).", "name": "fig-failure-outcomes"}} tags=["hide-input"]
 traces = tables.read_arrays(run_dir, "traces")
 failed = failures.failed_attacks(results, traces)
 outcomes = save(failures.outcome_shares(failed), "failure_outcomes")
@@ -290,16 +318,19 @@ margin_figures.outcome_chart(outcomes)
 
 # %% [markdown]
 # A saturated loss whose value does not change at all over the last updates is *frozen*: the
-# model's output no longer responds to the sign step. The table counts the frozen failures
-# among the saturated ones per tool of the attacked image.
+# model's output no longer responds to the sign step. The table counts the frozen failures per
+# schedule, tool of the attacked image and checkpoint.
 
-# %% tags=["remove-input"]
+# %% tags=["hide-input"]
 frozen = (failed.assign(frozen_saturated=failed["frozen"] & (failed["outcome"] == "saturated"))
           .groupby(["epoch", "schedule", "source"], sort=True)
           .agg(failures=("outcome", "size"), frozen=("frozen_saturated", "sum")).reset_index())
 frozen = save(frozen.astype({"frozen": np.int64}), "frozen_failures")
-frozen[frozen["frozen"] > 0].pivot_table(index=["schedule", "source"], columns="epoch",
-                                         values="frozen", aggfunc="sum", fill_value=0)
+shown = frozen[frozen["frozen"] > 0]
+html(shown.assign(tool=shown["source"].map(dict(enumerate(TOOLS))))
+     .pivot_table(index=["schedule", "tool"], columns="epoch", values="frozen",
+                  aggfunc="sum", fill_value=0)
+     .rename(columns=lambda e: f"epoch {e}").reset_index())
 
 # %% [markdown]
 # Why does the loss freeze? Those failures (at the compared checkpoints) ran again unchanged,
@@ -309,14 +340,17 @@ frozen[frozen["frozen"] > 0].pivot_table(index=["schedule", "source"], columns="
 # frozen failures run again, how many failed again, and how many have an exactly zero
 # gradient everywhere.
 
-# %% tags=["remove-input"]
+# %% tags=["hide-input"]
 gradients = margins_stage.frozen_gradients(run_dir, failed, settings, device=device,
                                            progress=progress)
-(gradients.assign(failed_again=~gradients["success"].astype(bool),
-                  zero_gradient=gradients["zero_share"] == 1)
- .groupby(["epoch", "schedule"]).agg(rerun=("row_id", "size"),
-                                     failed_again=("failed_again", "sum"),
-                                     zero_gradient=("zero_gradient", "sum")))
+html(gradients.assign(failed_again=~gradients["success"].astype(bool),
+                      zero_gradient=gradients["zero_share"] == 1)
+     .groupby(["epoch", "schedule"]).agg(rerun=("row_id", "size"),
+                                         failed_again=("failed_again", "sum"),
+                                         zero_gradient=("zero_gradient", "sum"))
+     .reset_index().rename(columns={
+         "rerun": "run again", "failed_again": "failed again",
+         "zero_gradient": "input gradient 0 everywhere"}))
 
 # %% [markdown]
 # ## The same attacks with the logit-margin loss
@@ -325,27 +359,34 @@ gradients = margins_stage.frozen_gradients(run_dir, failed, settings, device=dev
 # the logit margin, the strongest other logit minus the target's, pushes only the target
 # against its strongest competitor. The sampled attacks ran again with it, unchanged
 # otherwise. The figure gives the share of the cross-entropy failures it solves; the tables
-# give that share and the distances of both losses where both succeeded (the median of the
-# log ratio, below 0: the margin loss stops closer) per schedule and checkpoint, the failures
-# it solves per outcome class, and how much the reruns lower the per-image margins.
+# give, per schedule and checkpoint, that share, the share of successes it keeps and the
+# distances of both losses where both succeeded (the median of the log ratio; below 0 the
+# margin loss stops closer), then the failures it solves per outcome class, and how often the
+# reruns lower an image's margin.
 
-# %% mystnb={"figure": {"caption": "Share of the sampled cross-entropy failures that the logit-margin loss solves, per schedule and checkpoint, with 95 % image-bootstrap intervals.", "name": "fig-margin-loss"}}
+# %% mystnb={"figure": {"caption": "Share of the sampled cross-entropy failures that the logit-margin loss solves, per schedule and checkpoint, with 95 % image-bootstrap intervals.", "name": "fig-margin-loss"}} tags=["hide-input"]
 compared_losses = save(loss_comparison.loss_comparison(rerun_rows, margin_loss),
                        "loss_comparison")
 rescued = save(loss_comparison.rescued_by_outcome(failed, margin_loss), "rescued_by_outcome")
 margin_figures.loss_chart(compared_losses[compared_losses["quantity"] ==
                                           loss_comparison.RESCUED])
 
-# %% tags=["remove-input"]
-display(compared_losses.assign(
+# %% tags=["hide-input"]
+html(compared_losses.assign(
     value=[conclusions.interval_text(r.estimate, r.low, r.high) for r in
            compared_losses.itertuples()]).pivot_table(
-    index=["schedule", "epoch"], columns="quantity", values="value", aggfunc="first"))
-display(rescued)
+    index=["schedule", "epoch"], columns="quantity", values="value", aggfunc="first")
+    .reset_index())
+
+# %% tags=["hide-input"]
 lowered = loss_comparison.margins_with_rerun(rerun_rows, margin_loss)
-display(lowered.assign(lower=lowered["both_losses"] < lowered["cross_entropy"])
-        .groupby(["norm", "epoch"], sort=False)
-        .agg(images=("image_id", "size"), margin_lowered=("lower", "sum")))
+display(html(rescued.rename(columns={"rerun": "failures run again",
+                                     "solved": "solved by the logit margin",
+                                     "share": "share solved"})))
+html(norm_order(lowered.assign(lower=lowered["both_losses"] < lowered["cross_entropy"]))
+     .groupby(["norm", "epoch"], observed=True)
+     .agg(images=("image_id", "size"), lowered=("lower", "sum")).reset_index()
+     .rename(columns={"lowered": "margin lowered by the reruns"}))
 
 # %% [markdown]
 # ## What this chapter finds

@@ -17,10 +17,8 @@ import numpy as np
 import pandas as pd
 
 from lib.analysis import statistics
-from lib.analysis.margins import BEST_KNOWN, BEST_OF_SCHEDULES, NORMS, POOLED
+from lib.analysis.margins import BEST_KNOWN, BEST_OF_SCHEDULES, NORM_NAMES, NORMS, POOLED
 
-#: How each norm is named in a sentence.
-NORM_NAMES = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 #: Grey levels: Linf and L1 are written x 255 ("3.2/255"), L2 in [0, 1] pixel units.
 GREY_NORMS = ("linf", "l1")
 

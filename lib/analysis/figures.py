@@ -30,6 +30,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from lib import TOOLS
+from lib.analysis.margins import NORM_NAMES
 
 #: The widest drawing, in CSS pixels, of any chart (the text column is 736 px wide at an
 #: 800 px window and 784 px at 1400 px; a margin is left for the chart's action menu).
@@ -91,19 +92,19 @@ def _schedules(table: pd.DataFrame) -> list[str]:
 def _schedule_colour(table: pd.DataFrame, *, legend: bool = True) -> alt.Color:
     order = _schedules(table)
     return alt.Color("schedule:N", sort=order, scale=colour_scale("schedule", order),
-                     title="schedule", legend=_legend() if legend else None)
+                     title="schedule", legend=toptop_legend() if legend else None)
 
 
-def _legend(**options: object) -> alt.Legend:
+def toptop_legend(**options: object) -> alt.Legend:
     """A legend above the plot, so that it takes no width from it."""
     return alt.Legend(orient="top", direction="horizontal", titleAnchor="start", **options)
 
 
-def _finish(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+def finish(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
     """The book's type sizes on a finished chart."""
     return (chart
             .configure_axis(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE)
-            .configure_legend(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE,
+            .configuretop_legend(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE,
                               labelLimit=240, titleLimit=PAGE_WIDTH)
             .configure_header(labelFontSize=_TITLE_SIZE, titleFontSize=_TITLE_SIZE))
 
@@ -133,14 +134,14 @@ def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
         counts: columns ``split`` ("train"/"test"), ``tool`` (a name of ``lib.TOOLS``),
             ``frames`` (int >= 0).
     """
-    return _finish(
+    return finish(
         alt.Chart(counts)
         .mark_bar()
         .encode(
             x=alt.X("tool:N", sort=list(TOOLS), title=None, axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("split:N", sort=["train", "test"]),
             y=alt.Y("frames:Q", title="single-tool frames"),
-            color=alt.Color("split:N", sort=["train", "test"], title="split", legend=_legend()),
+            color=alt.Color("split:N", sort=["train", "test"], title="split", legend=toptop_legend()),
             tooltip=[_tooltip("split", "split"), _tooltip("tool", "tool"),
                      _tooltip("frames", "frames")],
         )
@@ -155,7 +156,7 @@ def tool_share_chart(shares: pd.DataFrame) -> alt.Chart:
         shares: columns ``split``, ``tools_present`` ("0", "1", "2+"), ``frames`` (int),
             ``share`` (in [0, 1]).
     """
-    return _finish(
+    return finish(
         alt.Chart(shares)
         .mark_bar()
         .encode(
@@ -163,7 +164,7 @@ def tool_share_chart(shares: pd.DataFrame) -> alt.Chart:
             x=alt.X("share:Q", stack="normalize", axis=alt.Axis(format="%"),
                     title="share of annotated frames"),
             color=alt.Color("tools_present:N", sort=["0", "1", "2+"], title="tools in frame",
-                            legend=_legend()),
+                            legend=toptop_legend()),
             order=alt.Order("tools_present:N"),
             tooltip=[_tooltip("split", "split"), _tooltip("tools_present", "tools in frame"),
                      _tooltip("frames", "frames"),
@@ -230,7 +231,7 @@ def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.LayerChar
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("step", "step"),
                  _tooltip("loss:Q", "loss", format=".4f")])
     mean = base.mark_line(color="black").encode(y=alt.Y("smoothed:Q", title=title))
-    return _finish((raw + mean).properties(width=600, height=220))
+    return finish((raw + mean).properties(width=600, height=220))
 
 
 def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
@@ -253,7 +254,7 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     table = pd.concat(parts, ignore_index=True)
     bounded = "low" in table.columns
     title = "test score" + (" (95 % interval)" if bounded else "")
-    color = alt.Color("metric:N", title="score", legend=_legend())
+    color = alt.Color("metric:N", title="score", legend=toptop_legend())
     tooltip = [_tooltip("epoch", "epoch"), _tooltip("metric", "score"),
                _tooltip("value:Q", "value", format=".3f")]
     y = alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title=title)
@@ -261,11 +262,11 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     if not bounded:
         lines = alt.Chart(table).mark_line(point=True).encode(x=x, y=y, color=color,
                                                               tooltip=tooltip)
-        return _finish(lines.properties(width=560, height=220))
+        return finish(lines.properties(width=560, height=220))
     # with intervals, the two scores stand side by side at each epoch so the bars never overlap
     base = alt.Chart(table).encode(x=x, xOffset=alt.XOffset("metric:N"), color=color)
     points = base.mark_point(filled=True, size=50).encode(y=y, tooltip=tooltip)
-    return _finish((_interval(base, "low", "high", title=title) + points)
+    return finish((_interval(base, "low", "high", title=title) + points)
                    .properties(width=560, height=220))
 
 
@@ -275,14 +276,14 @@ def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
     Args:
         per_class: columns ``epoch``, ``tool``, ``f1`` (in [0, 1]), ``support`` (int).
     """
-    return _finish(
+    return finish(
         alt.Chart(per_class)
         .mark_line(point=True)
         .encode(
             x=alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("f1:Q", scale=alt.Scale(domain=[0, 1]), title="test F1"),
             color=alt.Color("tool:N", sort=list(TOOLS), scale=colour_scale("tool", TOOLS),
-                            title="tool", legend=_legend(columns=4)),
+                            title="tool", legend=toptop_legend(columns=4)),
             tooltip=[_tooltip("epoch", "epoch"), _tooltip("tool", "tool"),
                      _tooltip("f1:Q", "F1", format=".3f"),
                      _tooltip("support", "test frames")],
@@ -311,7 +312,7 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.LayerChart:
     cells = base.mark_rect().encode(
         color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
                         title="share of the true tool's frames",
-                        legend=_legend(format="%", gradientLength=240)),
+                        legend=toptop_legend(format="%", gradientLength=240)),
         tooltip=[_tooltip("true_tool", "true tool"), _tooltip("predicted_tool", "predicted"),
                  _tooltip("count", "frames"), _tooltip("share:Q", "share", format=".1%")],
     )
@@ -319,7 +320,7 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.LayerChart:
         text=alt.Text("count:Q"),
         color=alt.condition("datum.share > 0.5", alt.value("white"), alt.value("black")),
     )
-    return _finish((cells + labels).properties(width=420, height=320))
+    return finish((cells + labels).properties(width=420, height=320))
 
 
 # --------------------------------------------------------------------------- attack results
@@ -352,7 +353,7 @@ def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
                  _tooltip("skipped", "not finite (left out)")],
     )
     bars = _interval(base, "success_rate_low", "success_rate_high", title=title)
-    return _finish((bars + points).properties(width=600, height=240))
+    return finish((bars + points).properties(width=600, height=240))
 
 
 def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
@@ -376,7 +377,7 @@ def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
                  _tooltip("mean_l1_255_high:Q", "95 % high", format=".3f")],
     )
     bars = _interval(base, "mean_l1_255_low", "mean_l1_255_high", title=title)
-    return _finish((bars + points).properties(width=600, height=240))
+    return finish((bars + points).properties(width=600, height=240))
 
 
 def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
@@ -404,7 +405,7 @@ def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
         whiskers = _interval(base, f"{column}_low", f"{column}_high", title=title,
                              color="black")
         panels.append((bars + whiskers).properties(width=230, height=220))
-    return _finish(alt.hconcat(*panels, spacing=40))
+    return finish(alt.hconcat(*panels, spacing=40))
 
 
 def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChart:
@@ -435,7 +436,7 @@ def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChar
     cells = base.mark_rect().encode(
         color=alt.Color("mean_l1_255:Q", scale=alt.Scale(scheme="viridis", domain=[0, top]),
                         title="mean L1 of successful attacks (x 1/255)",
-                        legend=_legend(gradientLength=240)),
+                        legend=toptop_legend(gradientLength=240)),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
                  _tooltip("source_tool", "source tool"), _tooltip("target_tool", "target tool"),
                  _tooltip("attacks", "attacks"), _tooltip("successes", "successful attacks"),
@@ -446,7 +447,7 @@ def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChar
     means = base.mark_text(fontSize=9, dy=-5).encode(
         text=alt.Text("mean_l1_255:Q", format=".1f"), color=shade)
     counts = base.mark_text(fontSize=8, dy=6).encode(text="count_label:N", color=shade)
-    return _finish(
+    return finish(
         alt.layer(cells, means, counts, data=table)
         .transform_filter(alt.datum.schedule == choice)
         .properties(width=230, height=230)
@@ -463,7 +464,7 @@ def l1_histogram_chart(histogram: pd.DataFrame) -> alt.FacetChart:
             bin_end_255, count).
     """
     order = _schedules(histogram)
-    return _finish(
+    return finish(
         alt.Chart(histogram)
         .mark_bar()
         .encode(
@@ -506,7 +507,7 @@ def trace_chart(summary: pd.DataFrame) -> alt.VConcatChart:
                   axis=alt.Axis(tickMinStep=1, format="d", labels=last))
         panels.append(base.mark_line().encode(x=x, y=alt.Y(f"{column}:Q", title=title))
                       .properties(width=600, height=150))
-    return _finish(alt.vconcat(*panels, spacing=8))
+    return finish(alt.vconcat(*panels, spacing=8))
 
 
 def spans_a_decade(low: float, high: float) -> bool:
@@ -558,7 +559,7 @@ def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
         line = base.mark_line(point=True).encode(y=alt.Y(f"{column}:Q", title=title, axis=axis))
         bars = _interval(base, f"{column}_low", f"{column}_high", title=title)
         panels.append((bars + line).properties(width=250, height=220))
-    return _finish(alt.hconcat(*panels, spacing=40))
+    return finish(alt.hconcat(*panels, spacing=40))
 
 
 def paired_difference_chart(differences: pd.DataFrame, *,
@@ -587,7 +588,7 @@ def paired_difference_chart(differences: pd.DataFrame, *,
     whiskers = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title=title), x2="high:Q")
     points = base.mark_point(filled=True, size=60).encode(x=alt.X("mean_difference:Q",
                                                                   title=title))
-    return _finish(
+    return finish(
         alt.layer(zero, whiskers, points, data=differences)
         .properties(width=520, height=alt.Step(18))
         .facet(row=alt.Row("epoch:O", title="epoch",
@@ -625,7 +626,7 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
         opacity=0.5, strokeWidth=1, point=alt.OverlayMarkDef(size=12)).encode(
         y=alt.Y("mean_l1_255:Q", title=title), detail="image_id:N",
         color=alt.Color("source_tool:N", sort=tools, scale=colour_scale("tool", tools),
-                        title="tool of the image", legend=_legend(columns=4)),
+                        title="tool of the image", legend=toptop_legend(columns=4)),
         tooltip=[_tooltip("image_id", "image"), _tooltip("source_tool", "tool"),
                  _tooltip("epoch", "epoch"), _tooltip("targets", "targets"),
                  _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f")])
@@ -636,7 +637,7 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
                  _tooltip("mean_l1_255:Q", "mean of the selection (x 1/255)", format=".3f")])
     mean_bars = _interval(mean, "mean_l1_255_low", "mean_l1_255_high", title=title,
                           color="black")
-    return _finish(
+    return finish(
         alt.layer(images, mean_bars, mean_line, data=table)
         .properties(width=160, height=180)
         .facet(facet=alt.Facet("schedule:N", sort=order, title=None), columns=columns)
@@ -665,7 +666,7 @@ def refinement_chart(ranking: pd.DataFrame, *, columns: int = 2) -> alt.FacetCha
     base = alt.Chart().encode(
         x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("distance:N"),
-        color=alt.Color("distance:N", title="L1 measured", legend=_legend()),
+        color=alt.Color("distance:N", title="L1 measured", legend=toptop_legend()),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
                  _tooltip("distance", "L1 measured"), _tooltip("successes", "successes"),
                  _tooltip("mean:Q", "mean (x 1/255)", format=".3f"),
@@ -673,7 +674,7 @@ def refinement_chart(ranking: pd.DataFrame, *, columns: int = 2) -> alt.FacetCha
                  _tooltip("high:Q", "95 % high", format=".3f")])
     points = base.mark_point(filled=True).encode(y=alt.Y("mean:Q", title=title))
     bars = _interval(base, "low", "high", title=title)
-    return _finish(alt.layer(bars, points, data=table).properties(width=250, height=200)
+    return finish(alt.layer(bars, points, data=table).properties(width=250, height=200)
                    .facet(facet=alt.Facet("epoch:O", title="epoch"), columns=columns))
 
 
@@ -684,17 +685,13 @@ def _checkpoint_label(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(checkpoint="epoch " + table["epoch"].astype(str))
 
 
-#: How the charts name a norm.
-NORM_TITLES = {"linf": "Linf", "l2": "L2", "l1": "L1"}
-
-
 def _by_norm(table: pd.DataFrame, panel) -> alt.TopLevelMixin:
     """One panel per norm of ``table`` (Linf, L2, L1 in this order), stacked, each with its own
     axis; a table without a ``norm`` column is one panel."""
     if "norm" not in table.columns:
         return panel(table, "")
-    norms = [n for n in NORM_TITLES if n in set(table["norm"])]
-    panels = [panel(table[table["norm"] == n], NORM_TITLES[n]) for n in norms]
+    norms = [n for n in NORM_NAMES if n in set(table["norm"])]
+    panels = [panel(table[table["norm"] == n], NORM_NAMES[n]) for n in norms]
     return alt.vconcat(*panels).resolve_scale(x="independent")
 
 
@@ -713,7 +710,7 @@ def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.TopLevelMixin:
         base = alt.Chart(table).encode(
             y=alt.Y("schedule:N", sort=_schedules(table), title=None),
             yOffset=alt.YOffset("checkpoint:N"),
-            color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=toptop_legend()),
             tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
                      _tooltip("successful", "successful pairs"),
                      _tooltip("median_ratio:Q", "median ratio", format=".2f"),
@@ -735,7 +732,7 @@ def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.TopLevelMixin:
             x=alt.X("median_ratio:Q", title=title))
         return (whiskers + points).properties(width=520, height=170)
 
-    return _finish(_by_norm(ratios, panel))
+    return finish(_by_norm(ratios, panel))
 
 
 def optimality_chart(optimality: pd.DataFrame) -> alt.TopLevelMixin:
@@ -755,7 +752,7 @@ def optimality_chart(optimality: pd.DataFrame) -> alt.TopLevelMixin:
         base = alt.Chart(table).encode(
             y=alt.Y("schedule:N", sort=_schedules(table), title=None),
             yOffset=alt.YOffset("checkpoint:N"),
-            color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=toptop_legend()),
             tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
                      _tooltip("pairs", "pairs"),
                      _tooltip("closeness:Q", "closeness", format=".3f"),
@@ -772,7 +769,7 @@ def optimality_chart(optimality: pd.DataFrame) -> alt.TopLevelMixin:
             x=alt.X("shown:Q", title=title))
         return (bars + whiskers + diamonds).properties(width=520, height=170)
 
-    return _finish(_by_norm(optimality, panel))
+    return finish(_by_norm(optimality, panel))
 
 
 # --------------------------------------------------------------------------- several models
@@ -794,4 +791,4 @@ def per_model(build, table: pd.DataFrame, *, title: str = "model of seed {model}
         chart = build(part.reset_index(drop=True)).copy()
         chart.config = alt.Undefined  # the type sizes go on the whole figure, once
         charts.append(chart.properties(title=title.format(model=model)))
-    return _finish(alt.vconcat(*charts, spacing=30))
+    return finish(alt.vconcat(*charts, spacing=30))

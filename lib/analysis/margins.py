@@ -39,6 +39,8 @@ from lib.errors import ParameterError
 
 #: The norms of a margin, Linf first (the geometry of sign steps).
 NORMS = ("linf", "l2", "l1")
+#: How the book names each norm.
+NORM_NAMES = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 #: ``method`` of the smallest distance over every schedule of a mode.
 BEST_OF_SCHEDULES = "best of schedules"
 #: ``method`` of the smallest distance over every reference (minimum-norm) attack.
