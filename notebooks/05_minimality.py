@@ -55,7 +55,7 @@
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
 epochs = [1, 5]  # checkpoints of the first attacked model to compare; [] for the last attacked one
-n_pairs = 30  # (image, target) pairs per checkpoint, taken in turn from every tool (each tool's first attacked images, their targets rotated so every tool is a target too)
+n_pairs = 30  # (image, target) pairs per checkpoint, taken in turn from every tool, its images and targets (every image once before any twice; every tool a target too)
 steps = [100]  # step budgets of every reference attack (100 matches the attack's max_iter; a 1,000-step budget lowers the best known further at ten times the cost)
 attacks = ["fmn_l1", "alma_l1", "pdpgd_l1", "fmn_l2", "fmn_linf"]  # reference attacks (lib.attack.reference)
 batch_size = 64  # pairs per reference-attack batch

@@ -445,7 +445,7 @@ def test_a_score_set_by_one_pair_is_not_robust() -> None:
     assert minimality_norms.window_robust(spread * 1.1, spread)
 
 
-def test_pairs_span_every_tool() -> None:
+def test_pairs_span_every_tool_image_and_target() -> None:
     from lib.run.minimality_stage import spread_pairs
 
     rows = pd.DataFrame([(1, f"img{s}_{k}", s, t) for s in range(7) for k in range(2)
@@ -454,7 +454,11 @@ def test_pairs_span_every_tool() -> None:
     pairs = spread_pairs(rows, 14)
     assert len(pairs) == 14 and not pairs.duplicated(["image_id", "target"]).any()
     assert sorted(pairs["source"].value_counts()) == [2] * 7
+    assert pairs["image_id"].nunique() == 14, "every image once before any image twice"
     assert set(pairs["target"]) == set(range(7))
-    # each tool's first image, its targets from source + 1 on
-    assert pairs.loc[pairs["source"] == 6, "target"].tolist() == [0, 1]
-    assert set(pairs["image_id"].str.endswith("_0")) == {True}
+    # tool 6: its first image toward 6 + 1 = 0, its second toward 6 + 2 = 1
+    assert pairs.loc[pairs["source"] == 6, ["image_id", "target"]].values.tolist() == [
+        ["img6_0", 0], ["img6_1", 1]]
+    more = spread_pairs(rows, 30)
+    assert len(more) == 30 and not more.duplicated(["image_id", "target"]).any()
+    assert more["image_id"].nunique() == 14

@@ -92,10 +92,10 @@ def _schedules(table: pd.DataFrame) -> list[str]:
 def _schedule_colour(table: pd.DataFrame, *, legend: bool = True) -> alt.Color:
     order = _schedules(table)
     return alt.Color("schedule:N", sort=order, scale=colour_scale("schedule", order),
-                     title="schedule", legend=toptop_legend() if legend else None)
+                     title="schedule", legend=top_legend() if legend else None)
 
 
-def toptop_legend(**options: object) -> alt.Legend:
+def top_legend(**options: object) -> alt.Legend:
     """A legend above the plot, so that it takes no width from it."""
     return alt.Legend(orient="top", direction="horizontal", titleAnchor="start", **options)
 
@@ -104,7 +104,7 @@ def finish(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
     """The book's type sizes on a finished chart."""
     return (chart
             .configure_axis(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE)
-            .configuretop_legend(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE,
+            .configure_legend(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE,
                               labelLimit=240, titleLimit=PAGE_WIDTH)
             .configure_header(labelFontSize=_TITLE_SIZE, titleFontSize=_TITLE_SIZE))
 
@@ -141,7 +141,7 @@ def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
             x=alt.X("tool:N", sort=list(TOOLS), title=None, axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("split:N", sort=["train", "test"]),
             y=alt.Y("frames:Q", title="single-tool frames"),
-            color=alt.Color("split:N", sort=["train", "test"], title="split", legend=toptop_legend()),
+            color=alt.Color("split:N", sort=["train", "test"], title="split", legend=top_legend()),
             tooltip=[_tooltip("split", "split"), _tooltip("tool", "tool"),
                      _tooltip("frames", "frames")],
         )
@@ -164,7 +164,7 @@ def tool_share_chart(shares: pd.DataFrame) -> alt.Chart:
             x=alt.X("share:Q", stack="normalize", axis=alt.Axis(format="%"),
                     title="share of annotated frames"),
             color=alt.Color("tools_present:N", sort=["0", "1", "2+"], title="tools in frame",
-                            legend=toptop_legend()),
+                            legend=top_legend()),
             order=alt.Order("tools_present:N"),
             tooltip=[_tooltip("split", "split"), _tooltip("tools_present", "tools in frame"),
                      _tooltip("frames", "frames"),
@@ -254,7 +254,7 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     table = pd.concat(parts, ignore_index=True)
     bounded = "low" in table.columns
     title = "test score" + (" (95 % interval)" if bounded else "")
-    color = alt.Color("metric:N", title="score", legend=toptop_legend())
+    color = alt.Color("metric:N", title="score", legend=top_legend())
     tooltip = [_tooltip("epoch", "epoch"), _tooltip("metric", "score"),
                _tooltip("value:Q", "value", format=".3f")]
     y = alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title=title)
@@ -283,7 +283,7 @@ def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
             x=alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("f1:Q", scale=alt.Scale(domain=[0, 1]), title="test F1"),
             color=alt.Color("tool:N", sort=list(TOOLS), scale=colour_scale("tool", TOOLS),
-                            title="tool", legend=toptop_legend(columns=4)),
+                            title="tool", legend=top_legend(columns=4)),
             tooltip=[_tooltip("epoch", "epoch"), _tooltip("tool", "tool"),
                      _tooltip("f1:Q", "F1", format=".3f"),
                      _tooltip("support", "test frames")],
@@ -312,7 +312,7 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.LayerChart:
     cells = base.mark_rect().encode(
         color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
                         title="share of the true tool's frames",
-                        legend=toptop_legend(format="%", gradientLength=240)),
+                        legend=top_legend(format="%", gradientLength=240)),
         tooltip=[_tooltip("true_tool", "true tool"), _tooltip("predicted_tool", "predicted"),
                  _tooltip("count", "frames"), _tooltip("share:Q", "share", format=".1%")],
     )
@@ -436,7 +436,7 @@ def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChar
     cells = base.mark_rect().encode(
         color=alt.Color("mean_l1_255:Q", scale=alt.Scale(scheme="viridis", domain=[0, top]),
                         title="mean L1 of successful attacks (x 1/255)",
-                        legend=toptop_legend(gradientLength=240)),
+                        legend=top_legend(gradientLength=240)),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
                  _tooltip("source_tool", "source tool"), _tooltip("target_tool", "target tool"),
                  _tooltip("attacks", "attacks"), _tooltip("successes", "successful attacks"),
@@ -626,7 +626,7 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
         opacity=0.5, strokeWidth=1, point=alt.OverlayMarkDef(size=12)).encode(
         y=alt.Y("mean_l1_255:Q", title=title), detail="image_id:N",
         color=alt.Color("source_tool:N", sort=tools, scale=colour_scale("tool", tools),
-                        title="tool of the image", legend=toptop_legend(columns=4)),
+                        title="tool of the image", legend=top_legend(columns=4)),
         tooltip=[_tooltip("image_id", "image"), _tooltip("source_tool", "tool"),
                  _tooltip("epoch", "epoch"), _tooltip("targets", "targets"),
                  _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f")])
@@ -666,7 +666,7 @@ def refinement_chart(ranking: pd.DataFrame, *, columns: int = 2) -> alt.FacetCha
     base = alt.Chart().encode(
         x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("distance:N"),
-        color=alt.Color("distance:N", title="L1 measured", legend=toptop_legend()),
+        color=alt.Color("distance:N", title="L1 measured", legend=top_legend()),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
                  _tooltip("distance", "L1 measured"), _tooltip("successes", "successes"),
                  _tooltip("mean:Q", "mean (x 1/255)", format=".3f"),
@@ -710,7 +710,7 @@ def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.TopLevelMixin:
         base = alt.Chart(table).encode(
             y=alt.Y("schedule:N", sort=_schedules(table), title=None),
             yOffset=alt.YOffset("checkpoint:N"),
-            color=alt.Color("checkpoint:N", title="checkpoint", legend=toptop_legend()),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=top_legend()),
             tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
                      _tooltip("successful", "successful pairs"),
                      _tooltip("median_ratio:Q", "median ratio", format=".2f"),
@@ -752,7 +752,7 @@ def optimality_chart(optimality: pd.DataFrame) -> alt.TopLevelMixin:
         base = alt.Chart(table).encode(
             y=alt.Y("schedule:N", sort=_schedules(table), title=None),
             yOffset=alt.YOffset("checkpoint:N"),
-            color=alt.Color("checkpoint:N", title="checkpoint", legend=toptop_legend()),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=top_legend()),
             tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
                      _tooltip("pairs", "pairs"),
                      _tooltip("closeness:Q", "closeness", format=".3f"),

@@ -33,8 +33,8 @@ class MinimalitySettings:
     Attributes:
         epochs: checkpoints of the first attacked model to compare; [] for the last attacked
             one. The default build compares the first and the last.
-        n_pairs: (image, target) pairs per checkpoint, taken in turn from every tool (each
-            tool's first attacked images, their targets rotated so every tool is a target too).
+        n_pairs: (image, target) pairs per checkpoint, taken in turn from every tool, its images
+            and targets (every image once before any twice; every tool a target too).
         steps: step budgets of every reference attack (100 matches the attack's max_iter; a
             1,000-step budget lowers the best known further at ten times the cost).
         attacks: reference attacks (lib.attack.reference).
@@ -73,22 +73,24 @@ class MinimalitySettings:
 
 def spread_pairs(results: pd.DataFrame, n_pairs: int) -> pd.DataFrame:
     """``n_pairs`` distinct (image, target) pairs of one checkpoint's targeted results, spread
-    over the tools.
+    over the tools, the images and the targets.
 
     The pairs are dealt in rounds: every round takes one pair of every source tool that has one
-    left, tools in label order. Within a tool, the images come in the attack stage's order and
-    an image's targets in the order source + 1, source + 2, ... (mod the number of classes), so
-    the first rounds use every tool as a source and, across tools, every tool as a target.
+    left, tools in label order. Within a tool the attack stage's images take turns (every image
+    once before any image twice), and image ``r`` of a tool starts at target ``source + 1 + r``
+    (mod the number of classes, skipping the source), so the first rounds use every tool as a
+    source and as a target, and as many images as there are pairs to give.
 
     Returns:
-        ``epoch, image_id, target`` (and ``source``), ``n_pairs`` rows at most.
+        ``epoch, image_id, source, target``, ``n_pairs`` rows at most.
     """
     pairs = results.drop_duplicates(["image_id", "target"])
     classes = int(max(pairs["source"].max(), pairs["target"].max())) + 1
-    order = pairs.assign(image_rank=pairs.groupby("source", sort=False)["image_id"]
-                         .transform(lambda ids: pd.factorize(ids)[0]),
-                         turn=(pairs["target"] - pairs["source"]) % classes)
-    order = order.sort_values(["source", "image_rank", "turn"], kind="stable")
+    rank = pairs.groupby("source", sort=False)["image_id"].transform(
+        lambda ids: pd.factorize(ids)[0])
+    turn = (pairs["target"] - pairs["source"]) % classes  # 1 .. classes - 1
+    order = pairs.assign(image_rank=rank, lap=(turn - 1 - rank) % (classes - 1))
+    order = order.sort_values(["source", "lap", "image_rank"], kind="stable")
     order = order.assign(round=order.groupby("source").cumcount())
     order = order.sort_values(["round", "source"], kind="stable").head(n_pairs)
     return order[["epoch", "image_id", "source", "target"]].reset_index(drop=True)
