@@ -333,7 +333,7 @@ html(shown.assign(tool=shown["source"].map(dict(enumerate(TOOLS))))
      .rename(columns=lambda e: f"epoch {e}").reset_index())
 
 # %% [markdown]
-# Why does the loss freeze? Those failures (at the compared checkpoints) ran again unchanged,
+# Why does the loss freeze? Those failures (at the last compared checkpoint) ran again unchanged,
 # keeping their final images, and the gradient of the target's cross-entropy was taken there:
 # a gradient that is exactly 0 in every pixel value makes every sign step 0, so the image stops
 # moving however large the step size. The table counts, per checkpoint and schedule, the

@@ -134,6 +134,9 @@ def test_claims_failures_minimality_and_limitations() -> None:
     text = cc.minimality_paragraph(ratios, {"linf": {"outcome": "agrees"}})
     assert "Linf 1.2 to 1.5 times the best known (loss-adaptive closest: agrees)" in text
     assert "L1 17 to 27 times the best known (loss-adaptive closest: inconclusive)" in text
+    assert text.endswith("They come closest to minimal in Linf (the geometry of a sign step).")
+    text = cc.minimality_paragraph(ratios.assign(median_ratio=[3.0, 4.0, 1.5, 2.0]), {})
+    assert text.endswith("They come closest to minimal in L1.")
     text = cc.limitations_paragraph(data_kind="synthetic", image_size=64, models=1, per_class=4,
                                     epochs=[1, 3, 4, 5], max_iter=100, lr0=0.008,
                                     sweep_images=7, pairs=60)

@@ -205,9 +205,11 @@ def minimality_paragraph(ratios: pd.DataFrame | None, verdicts: dict[str, dict[s
                      f"{part['median_ratio'].max():.2g} times the best known (loss-adaptive "
                      f"closest: {verdict})")
     pairs = int(last["pairs"].max())
+    closest = last.loc[last["median_ratio"].idxmin(), "norm"]
+    why = " (the geometry of a sign step)" if closest == "linf" else ""
     return (f"At epoch {int(last['epoch'].iloc[0])}, on {pairs} pairs, the schedules' median "
-            "distances are " + "; ".join(parts) + ". Sign steps are Linf steps: the "
-            "schedules come closest to minimal in Linf.")
+            "distances are " + "; ".join(parts) + f". They come closest to minimal in "
+            f"{NORM_NAMES[closest]}{why}.")
 
 
 def failure_paragraph(outcomes: pd.DataFrame | None, rescued: pd.DataFrame | None,

@@ -260,9 +260,9 @@ def frozen_gradients(run_dir: str | os.PathLike[str], failed: pd.DataFrame,
     """Why a saturated loss froze: the input gradient at the end of those failed attacks;
     ``margins/frozen_gradients.csv`` (read back when it exists).
 
-    The failed attacks of the compared checkpoints whose loss stayed exactly constant over the
-    last updates while it sat on a plateau (``frozen`` and ``saturated`` in ``failed``, at most
-    ``settings.rerun_failures`` per checkpoint and schedule) are run again unchanged, keeping
+    The failed attacks of the last compared checkpoint whose loss stayed exactly constant over
+    the last updates while it sat on a plateau (``frozen`` and ``saturated`` in ``failed``, at
+    most ``settings.rerun_failures`` per schedule) are run again unchanged, keeping
     their final images, and the gradient of the target's cross-entropy with respect to the
     final image is taken. A gradient that is exactly 0 everywhere makes every sign step 0: the
     image stops moving however large the step size.
@@ -281,7 +281,7 @@ def frozen_gradients(run_dir: str | os.PathLike[str], failed: pd.DataFrame,
         return found
     results = rerun_model_rows(tables.read_results(run_dir))
     chosen = failed[failed["frozen"] & (failed["outcome"] == "saturated")
-                    & failed["epoch"].isin(compared_epochs(results, settings))]
+                    & (failed["epoch"] == compared_epochs(results, settings)[-1])]
     chosen = chosen.groupby(["epoch", "schedule"], sort=True).head(settings.rerun_failures)
     keyed = results.set_index(["epoch", "row_id"])
     parts = []
