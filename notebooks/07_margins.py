@@ -154,7 +154,8 @@ html(summary.pivot_table(index=["norm", "mode", "method"], columns="epoch", valu
 # accuracy; the band is the 95 % image-bootstrap band (with the clean accuracy's own
 # uncertainty). There is a curve per schedule, one for the best of the schedules, and one for
 # the untargeted attacks where they ran; a lower curve is a stronger attack on the same
-# network.
+# network. The figures show the first trained model; the table after them gives every model
+# (and, with several, the curve pooled over them: models, then images resampled).
 
 # %% tags=["hide-input"]
 accuracy = margins.clean_accuracy(predictions)
@@ -257,8 +258,9 @@ if sweep is None or sweep.empty:
     display(Markdown("*The attack stage ran without an lr0 sweep (`sweep_lr0 = []`): "
                      "no comparison at equal success.*"))
 else:
-    groups = [("pooled" if several else "0", sweep)]
-    if several:
+    swept = sorted(sweep["model"].unique())  # the sweep attacks the first model
+    groups = [(str(swept[0]) if len(swept) == 1 else "pooled", sweep)]
+    if len(swept) > 1:
         groups += [(str(m), part) for m, part in sweep.groupby("model", sort=True)]
     points, fronts, matched = [], [], []
     for model, part in groups:
@@ -312,7 +314,8 @@ display(Markdown(conclusions.fair_paragraph(matched)))
 
 # %% mystnb={"figure": {"caption": "Failed attacks per outcome class, per checkpoint (x) and schedule (panels).", "name": "fig-failure-outcomes"}} tags=["hide-input"]
 traces = tables.read_arrays(run_dir, "traces")
-failed = failures.failed_attacks(results, traces)
+failed = failures.failed_attacks(
+    results, traces, keys=[k for k in ("model", "epoch", "row_id") if k in traces])
 outcomes = save(failures.outcome_shares(failed), "failure_outcomes")
 margin_figures.outcome_chart(outcomes)
 
@@ -323,12 +326,12 @@ margin_figures.outcome_chart(outcomes)
 
 # %% tags=["hide-input"]
 frozen = (failed.assign(frozen_saturated=failed["frozen"] & (failed["outcome"] == "saturated"))
-          .groupby(["epoch", "schedule", "source"], sort=True)
+          .groupby(["model", "epoch", "schedule", "source"], sort=True)
           .agg(failures=("outcome", "size"), frozen=("frozen_saturated", "sum")).reset_index())
 frozen = save(frozen.astype({"frozen": np.int64}), "frozen_failures")
 shown = frozen[frozen["frozen"] > 0]
 html(shown.assign(tool=shown["source"].map(dict(enumerate(TOOLS))))
-     .pivot_table(index=["schedule", "tool"], columns="epoch", values="frozen",
+     .pivot_table(index=["model", "schedule", "tool"], columns="epoch", values="frozen",
                   aggfunc="sum", fill_value=0)
      .rename(columns=lambda e: f"epoch {e}").reset_index())
 

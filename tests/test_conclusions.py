@@ -116,6 +116,17 @@ def test_claims_failures_minimality_and_limitations() -> None:
         'Read as the paper reads it, over successful attacks only, "b" gets the verdict '
         "**disagrees**: q = 0.5 [0.25, 0.75] (9 pairs).")
     assert cc.claim_sentence(table, ["z"]) == "" and cc.claim_sentence(None, ["b"]) == ""
+    pooled = claims.assign(quantity="q", estimate=0.5, low=0.25, high=0.75, images=40,
+                           models=3, attacks=600, counted="pairs", models_agreeing=2)
+    assert cc.claim_sentence(pooled, ["b"]).endswith(
+        "q = 0.5 [0.25, 0.75] (40 images, 3 models, 600 pairs); 2 of 3 models agree on their "
+        "own.")
+    sweep = pd.DataFrame({"claim": ["b", "b", "a"], "lr0": [0.016, 0.004, 0.004],
+                          "lr0_255": [4.08, 1.02, 1.02],
+                          "verdict": ["agrees", "inconclusive", "disagrees"]})
+    assert cc.sweep_claim_sentence(sweep, ["b"]) == (
+        'Checked the same way at every lr0 of the sweep, "b" reads: lr0 1/255: inconclusive; '
+        "lr0 4.1/255: agrees.")
     outcomes = pd.DataFrame({"epoch": 1, "schedule": "constant",
                              "outcome": ["third class", "stuck", "saturated"],
                              "failures": [6, 0, 2]})

@@ -25,12 +25,14 @@ def test_the_stage_finished_and_kept_its_tables(tiny_run: Path) -> None:
 def test_every_selected_image_is_attacked_untargeted(tiny_run: Path) -> None:
     settings = parameters.stage_settings(
         MARGINS_STAGE, parameters.load_profile("tiny")[MARGINS_STAGE])
-    results = tables.read_results(tiny_run)
+    results = margins_stage.rerun_model_rows(tables.read_results(tiny_run))
+    first = margins_stage.rerun_model(results)
     selection = tables.read_table(tiny_run, "selection")
     untargeted = tables.read_table(tiny_run, "untargeted")
     compared = margins_stage.compared_epochs(results, settings)
     assert compared == sorted({int(results["epoch"].min()), int(results["epoch"].max())})
-    chosen = selection[selection["epoch"].isin(compared)]
+    chosen = selection[selection["epoch"].isin(compared) & (selection["model"] == first)]
+    assert (untargeted["model"] == first).all()
     assert len(untargeted) == len(chosen) * len(settings.untargeted_schedules)
     assert (untargeted["mode"] == "untargeted").all() and (untargeted["target"] == -1).all()
     solved = untargeted[untargeted["success"]]
@@ -40,7 +42,7 @@ def test_every_selected_image_is_attacked_untargeted(tiny_run: Path) -> None:
 def test_the_reruns_repeat_sampled_rows_with_the_margin_loss(tiny_run: Path) -> None:
     settings = parameters.stage_settings(
         MARGINS_STAGE, parameters.load_profile("tiny")[MARGINS_STAGE])
-    results = tables.read_results(tiny_run)
+    results = margins_stage.rerun_model_rows(tables.read_results(tiny_run))
     rerun = tables.read_table(tiny_run, "margin_loss").fillna({"outcome": ""})
     original = results.set_index(["epoch", "row_id"]).loc[
         pd.MultiIndex.from_frame(rerun[["epoch", "row_id"]])]
@@ -58,11 +60,13 @@ def test_the_reruns_repeat_sampled_rows_with_the_margin_loss(tiny_run: Path) -> 
 def test_the_margin_is_the_smallest_distance_in_the_attack_rows(tiny_run: Path) -> None:
     results = tables.read_results(tiny_run)
     table = tables.read_table(tiny_run, "image_margins")
+    keys = ["model", "epoch", "image_id"]
     best = table[(table["method"] == margins.BEST_OF_SCHEDULES) & (table["mode"] == "targeted")
-                 & (table["norm"] == "linf")].set_index(["epoch", "image_id"])["margin"]
+                 & (table["norm"] == "linf")].astype({"model": int}).set_index(keys)["margin"]
+    assert results["model"].nunique() == 2, "the tiny chain trains two models"
     solved = results["success"] & (results["status"] == "ok")
     distance = np.where(solved, results["refined_linf"], np.inf)
-    expected = results.assign(distance=distance).groupby(["epoch", "image_id"])["distance"].min()
+    expected = results.assign(distance=distance).groupby(keys)["distance"].min()
     assert len(best) == len(expected)
     np.testing.assert_allclose(best.loc[expected.index].to_numpy(), expected.to_numpy())
 
@@ -71,11 +75,14 @@ def test_robust_accuracy_starts_at_the_clean_accuracy_and_falls(tiny_run: Path) 
     curves = tables.read_table(tiny_run, "robust_accuracy")
     predictions = tables.read_predictions(tiny_run)
     clean = (predictions["label"] == predictions["predicted"]).groupby(
-        predictions["epoch"]).mean()
-    for (epoch, method, norm), curve in curves.groupby(["epoch", "method", "norm"]):
+        [predictions["model"].astype(str), predictions["epoch"]]).mean()
+    assert set(curves["model"]) >= {"pooled"}
+    for (model, epoch, method, norm), curve in curves.groupby(["model", "epoch", "method",
+                                                              "norm"]):
         curve = curve.sort_values("epsilon")
-        assert curve["estimate"].iloc[0] == pytest.approx(clean.loc[epoch]), (epoch, method)
-        assert curve["estimate"].is_monotonic_decreasing, (epoch, method, norm)
+        assert curve["estimate"].is_monotonic_decreasing, (model, epoch, method, norm)
+        if model != "pooled":
+            assert curve["estimate"].iloc[0] == pytest.approx(clean.loc[(model, epoch)])
 
 
 def test_the_findings_page_reads_the_tiny_run(tiny_run: Path) -> None:

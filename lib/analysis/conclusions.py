@@ -171,17 +171,52 @@ def claims_paragraph(claims: pd.DataFrame | None, *, source: str = "the results 
     return text
 
 
+def _units(row: pd.Series) -> str:
+    """The units behind a claims-table row: images and models (with the attacks) where the
+    table gives them, else its ``n`` of what it ``counted``."""
+    if "images" in row.index and pd.notna(row.get("images")):
+        text = f"{counted(int(row['images']), 'image')}"
+        if pd.notna(row.get("models")):
+            text += f", {counted(int(row['models']), 'model')}"
+        if pd.notna(row.get("attacks")):
+            text += f", {int(row['attacks'])} {row.get('counted', 'attacks')}"
+        return text
+    return f"{row['n']} {row['counted']}"
+
+
 def claim_sentence(claims: pd.DataFrame | None, words: Sequence[str]) -> str:
     """The claims of a claims table whose text holds every one of ``words``, each in a
-    sentence: its verdict, quantity, interval and count; "" when there is none."""
+    sentence: its verdict, quantity, interval and units (and, where several models were
+    compared, how many agree on their own); "" when there is none."""
     if claims is None or claims.empty:
         return ""
     chosen = claims[[all(w in str(c) for w in words) for c in claims["claim"]]]
-    return " ".join(
-        f"Read as the paper reads it, over successful attacks only, \"{row['claim']}\" gets "
-        f"the verdict **{row['verdict']}**: {row['quantity']} = "
-        f"{interval_text(row['estimate'], row['low'], row['high'])} "
-        f"({row['n']} {row['counted']})." for _, row in chosen.iterrows())
+    sentences = []
+    for _, row in chosen.iterrows():
+        text = (f"Read as the paper reads it, over successful attacks only, \"{row['claim']}\" "
+                f"gets the verdict **{row['verdict']}**: {row['quantity']} = "
+                f"{interval_text(row['estimate'], row['low'], row['high'])} ({_units(row)})")
+        models = row.get("models")
+        if pd.notna(models) and int(models) > 1 and pd.notna(row.get("models_agreeing")):
+            text += (f"; {int(row['models_agreeing'])} of {int(models)} models agree on their "
+                     "own")
+        sentences.append(text + ".")
+    return " ".join(sentences)
+
+
+def sweep_claim_sentence(claims: pd.DataFrame | None, words: Sequence[str]) -> str:
+    """The verdicts of the claims holding every one of ``words`` at each lr0 of the sweep
+    (the analysis stage's ``claims_lr0``); "" when there is none."""
+    if claims is None or claims.empty:
+        return ""
+    chosen = claims[[all(w in str(c) for w in words) for c in claims["claim"]]]
+    sentences = []
+    for claim, part in chosen.groupby("claim", sort=False):
+        at = "; ".join(f"lr0 {r.lr0_255:.2g}/255: {r.verdict}"
+                       for r in part.sort_values("lr0").itertuples())
+        sentences.append(f"Checked the same way at every lr0 of the sweep, \"{claim}\" reads: "
+                         f"{at}.")
+    return " ".join(sentences)
 
 
 def minimality_paragraph(ratios: pd.DataFrame | None, verdicts: dict[str, dict[str, str]]

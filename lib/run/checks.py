@@ -164,8 +164,9 @@ def _check_margins_inputs(p: Mapping[str, Any]) -> None:
 
     results = margins_stage.rerun_model_rows(tables.read_results(p["run_dir"]))
     settings = stage_settings(MARGINS_STAGE, p)
+    model = margins_stage.rerun_model(results)
     for epoch in margins_stage.compared_epochs(results, settings):
-        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=model))
 
 
 #: The checks of each stage's files: the dataset, weights and checkpoints it will read.

@@ -19,7 +19,7 @@ from typing import Any
 from lib import io
 from lib.analysis import conclusions
 from lib.analysis.minimality_norms import closeness_verdict
-from lib.run import tables
+from lib.run import layout, tables
 from lib.run.layout import ATTACK_STAGE, DATA_STAGE
 from lib.run.manifest import read_manifest
 
@@ -65,8 +65,10 @@ def _minimality(run_dir: str | os.PathLike[str]) -> str:
 
 
 def _other_claims(run_dir: str | os.PathLike[str]) -> list[str]:
-    found = tables.claim_tables(run_dir)
-    found.pop(("analysis", "paper_claims"), None)
+    """A paragraph per claims table of a stage other than the analysis stage (whose claims the
+    sections above state)."""
+    found = {key: table for key, table in tables.claim_tables(run_dir).items()
+             if key[0] != layout.STAGE_OUTPUTS[layout.ANALYSIS_STAGE]}
     return [conclusions.claims_paragraph(table, source=f"`{folder}/{name}.csv`")
             for (folder, name), table in sorted(found.items())]
 
@@ -76,7 +78,7 @@ def findings_markdown(run_dir: str | os.PathLike[str]) -> str:
     manifest = read_manifest(run_dir)
     change = tables.read_table(run_dir, "margin_change", missing_ok=True)
     matched = tables.read_table(run_dir, "matched_success", missing_ok=True)
-    claims = tables.read_analysis_table(run_dir, "paper_claims")
+    claims = tables.read_analysis_table(run_dir, "paper_claims", missing_ok=True)
     ran = sorted(manifest.get("stages", {}))
     sections = [
         "# What this build found",
@@ -92,6 +94,8 @@ def findings_markdown(run_dir: str | os.PathLike[str]) -> str:
         "## Does the loss-adaptive schedule do what the paper says?",
         conclusions.fair_paragraph(matched),
         conclusions.claim_sentence(claims, ADAPTIVE_CLAIM),
+        conclusions.sweep_claim_sentence(
+            tables.read_analysis_table(run_dir, "claims_lr0", missing_ok=True), ADAPTIVE_CLAIM),
         conclusions.claims_paragraph(claims, source="the results chapter (the paper's claims,"
                                                     " on successful attacks)"),
         _minimality(run_dir),

@@ -15,7 +15,8 @@ gives the same rows):
   with the logit margin instead of cross-entropy; each failure gets its outcome class.
 
 Both run with the attack stage's lr0, budget, batch size, precision and refinement
-(``job.json``), on the checkpoints of the model the attack stage's results name first.
+(``job.json``), on the checkpoints of the first trained model (:func:`rerun_model`), the one
+the attack stage attacks at every checkpoint it chose.
 """
 
 from __future__ import annotations
@@ -115,20 +116,23 @@ def compared_epochs(results: pd.DataFrame, settings: MarginSettings) -> list[int
     return sorted(settings.epochs)
 
 
+def rerun_model(results: pd.DataFrame) -> int:
+    """The model (seed) whose checkpoints the stage attacks again: the first (smallest seed)
+    the attack stage attacked, the one it attacked at every checkpoint it chose."""
+    return int(results["model"].min())
+
+
 def rerun_model_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the model whose checkpoints the stage attacks again: all rows of a run with
-    one model; the first model's rows where a ``model`` column names several."""
-    if "model" not in results.columns:
-        return results
-    return results[results["model"] == sorted(results["model"].unique())[0]]
+    """The attack stage's rows of :func:`rerun_model`."""
+    return results[results["model"] == rerun_model(results)]
 
 
 def as_rerun_model(table: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """``table`` (rows of the stage's own attacks, or the reference attacks) with the ``model``
-    of :func:`rerun_model_rows` where ``results`` names models; unchanged otherwise."""
-    if "model" not in results.columns or "model" in table.columns:
+    """``table`` (rows of the minimality stage's reference attacks, which name no model) with
+    the ``model`` of :func:`rerun_model`; a table that names its model is returned as it is."""
+    if "model" in table.columns:
         return table
-    return table.assign(model=rerun_model_rows(results)["model"].iloc[0])
+    return table.assign(model=rerun_model(results))
 
 
 def _context(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -171,16 +175,17 @@ def _attack(run_dir: str | os.PathLike[str], model: torch.nn.Module, rows: pd.Da
     return AttackResult.concat(list(with_progress(stream, len(rows), progress))).sorted()
 
 
-def _model(run_dir: str | os.PathLike[str], epoch: int,
+def _model(run_dir: str | os.PathLike[str], epoch: int, model: int,
            device: str | torch.device) -> torch.nn.Module:
     from lib.model.checkpoints import load_checkpoint
 
-    return load_checkpoint(layout.checkpoint_path(run_dir, epoch), map_location=device)
+    return load_checkpoint(layout.checkpoint_path(run_dir, epoch, model=model),
+                           map_location=device)
 
 
 def _result_table(rows: pd.DataFrame, result: AttackResult, mode: str) -> pd.DataFrame:
     """The attack stage's result columns for ``rows`` and their results."""
-    keys = rows[["row_id", "epoch", "schedule", "image_id", "source", "target"]]
+    keys = rows[["row_id", "model", "epoch", "schedule", "image_id", "source", "target"]]
     table = keys.merge(result.to_frame(), on="row_id", how="left", validate="one_to_one")
     return table.assign(mode=mode, l1_255=table["l1"] * 255)[list(tables.RESULT_COLUMNS)]
 
@@ -192,24 +197,29 @@ def untargeted_results(run_dir: str | os.PathLike[str], settings: MarginSettings
 
     Returns:
         The attack stage's result columns, ``mode`` "untargeted" and ``target`` -1; one row
-        per (epoch, image, schedule), ``row_id`` numbering an epoch's rows.
+        per (epoch, image, schedule) of :func:`rerun_model`, ``row_id`` numbering an epoch's
+        rows.
     """
     found = tables.read_table(run_dir, "untargeted", missing_ok=True)
     if found is not None:
         return found
     results = rerun_model_rows(tables.read_results(run_dir))
+    model = rerun_model(results)
     selection = tables.read_table(run_dir, "selection")
+    selection = selection[selection["model"] == model]
     parts = []
     for epoch in compared_epochs(results, settings) if settings.untargeted_schedules else []:
         images = selection[selection["epoch"] == epoch].sort_values("rank", kind="stable")
-        rows = pd.DataFrame([(epoch, image, label, -1, name)
+        rows = pd.DataFrame([(model, epoch, image, label, -1, name)
                              for image, label in zip(images["image_id"], images["label"],
                                                      strict=True)
                              for name in settings.untargeted_schedules],
-                            columns=["epoch", "image_id", "source", "target", "schedule"])
+                            columns=["model", "epoch", "image_id", "source", "target",
+                                     "schedule"])
         rows["row_id"] = np.arange(len(rows), dtype=np.int64)
-        result = _attack(run_dir, _model(run_dir, epoch, device), rows, mode="untargeted",
-                         loss="cross_entropy", device=device, progress=progress)
+        result = _attack(run_dir, _model(run_dir, epoch, model, device), rows,
+                         mode="untargeted", loss="cross_entropy", device=device,
+                         progress=progress)
         parts.append(_result_table(rows, result, "untargeted"))
     table = (pd.concat(parts, ignore_index=True) if parts
              else pd.DataFrame(columns=list(tables.RESULT_COLUMNS)))
@@ -239,8 +249,9 @@ def margin_loss_results(run_dir: str | os.PathLike[str], settings: MarginSetting
                           seed=settings.seed)
     parts = []
     for epoch, rows in chosen.groupby("epoch", sort=True):
-        result = _attack(run_dir, _model(run_dir, int(epoch), device), rows, mode="targeted",
-                         loss=RERUN_LOSS, device=device, progress=progress)
+        result = _attack(run_dir, _model(run_dir, int(epoch), rerun_model(results), device),
+                         rows, mode="targeted", loss=RERUN_LOSS, device=device,
+                         progress=progress)
         table = _result_table(rows, result, "targeted")
         outcome = failures.classify_failures(
             result.loss_trace.double().numpy(), result.lr_trace.double().numpy(),
@@ -280,17 +291,19 @@ def frozen_gradients(run_dir: str | os.PathLike[str], failed: pd.DataFrame,
     if found is not None:
         return found
     results = rerun_model_rows(tables.read_results(run_dir))
+    model = rerun_model(results)
     chosen = failed[failed["frozen"] & (failed["outcome"] == "saturated")
+                    & (failed["model"] == model)
                     & (failed["epoch"] == compared_epochs(results, settings)[-1])]
     chosen = chosen.groupby(["epoch", "schedule"], sort=True).head(settings.rerun_failures)
     keyed = results.set_index(["epoch", "row_id"])
     parts = []
     for epoch, keys in chosen.groupby("epoch", sort=True):
         rows = keyed.loc[[(epoch, r) for r in keys["row_id"]]].reset_index()
-        model = _model(run_dir, int(epoch), device)
-        result = _attack(run_dir, model, rows, mode="targeted", loss="cross_entropy",
+        network = _model(run_dir, int(epoch), model, device)
+        result = _attack(run_dir, network, rows, mode="targeted", loss="cross_entropy",
                          device=device, progress=progress, keep_images=True)
-        gradient = input_gradient(model, result.borderline, rows["target"], device=device)
+        gradient = input_gradient(network, result.borderline, rows["target"], device=device)
         parts.append(rows[["epoch", "row_id", "schedule", "image_id", "source", "target"]]
                      .assign(success=result.success.numpy(),
                              gradient_linf=gradient.abs().amax(1).double().numpy(),

@@ -151,7 +151,7 @@ MARGIN_TABLES: dict[str, Table] = {
         "epoch": "int64", "schedule": "str", "outcome": "str", "failures": "int64",
         **INTERVAL_DTYPES}, "outcome classes of failed attacks"),
     "frozen_failures": Table(MARGINS_STAGE, {
-        "epoch": "int64", "schedule": "str", "source": "int64", "failures": "int64",
+        "model": "int64", "epoch": "int64", "schedule": "str", "source": "int64", "failures": "int64",
         "frozen": "int64"}, "failed attacks whose loss froze"),
     "frozen_gradients": Table(MARGINS_STAGE, {
         "epoch": "int64", "row_id": "int64", "schedule": "str", "image_id": "str",
@@ -326,14 +326,17 @@ def read_training_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     return read_model_tables(run_dir, "metrics")
 
 
-def read_analysis_table(run_dir: str | os.PathLike[str], name: str) -> pd.DataFrame:
+def read_analysis_table(run_dir: str | os.PathLike[str], name: str, *,
+                        missing_ok: bool = False) -> pd.DataFrame | None:
     """``analysis/<name>.csv`` (one of :data:`ANALYSIS_TABLES`), its types as pandas reads
-    them; RunFolderError naming 04_analysis if absent."""
+    them; RunFolderError naming 04_analysis if absent (None instead with ``missing_ok``)."""
     path = layout.analysis_file(run_dir, name)
     if name not in ANALYSIS_TABLES:
         raise ValueError(f"the analysis stage writes no table {name!r}; its tables are "
                          f"{', '.join(ANALYSIS_TABLES)}")
     if not path.is_file():
+        if missing_ok:
+            return None
         raise RunFolderError(f"{path} is missing; run the analysis stage ({ANALYSIS_STAGE})")
     return pd.read_csv(path)
 
@@ -347,17 +350,6 @@ def write_analysis_table(run_dir: str | os.PathLike[str], name: str,
     path = layout.analysis_file(run_dir, name)
     io.write_csv(path, frame)
     return path
-
-
-def read_analysis_table(run_dir: str | os.PathLike[str], name: str) -> pd.DataFrame | None:
-    """An analysis table (``analysis/<name>.csv``, one of :data:`ANALYSIS_TABLES`), or None
-    when the analysis stage has not written it. Its columns are those of the aggregate that
-    made it; text columns stay text."""
-    if name not in ANALYSIS_TABLES:
-        raise ValueError(f"the analysis stage writes no table {name!r}; its tables are "
-                         f"{', '.join(ANALYSIS_TABLES)}")
-    path = layout.analysis_file(run_dir, name)
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
 
 
 def claim_tables(run_dir: str | os.PathLike[str]) -> dict[tuple[str, str], pd.DataFrame]:
