@@ -151,8 +151,8 @@ MARGIN_TABLES: dict[str, Table] = {
         "epoch": "int64", "schedule": "str", "outcome": "str", "failures": "int64",
         **INTERVAL_DTYPES}, "outcome classes of failed attacks"),
     "frozen_failures": Table(MARGINS_STAGE, {
-        "model": "int64", "epoch": "int64", "schedule": "str", "source": "int64", "failures": "int64",
-        "frozen": "int64"}, "failed attacks whose loss froze"),
+        "model": "int64", "epoch": "int64", "schedule": "str", "source": "int64",
+        "failures": "int64", "frozen": "int64"}, "failed attacks whose loss froze"),
     "frozen_gradients": Table(MARGINS_STAGE, {
         "epoch": "int64", "row_id": "int64", "schedule": "str", "image_id": "str",
         "source": "int64", "target": "int64", "success": "bool", "gradient_linf": "float64",
