@@ -116,11 +116,14 @@ html(summary.round(3).rename(columns={
 ours = compared.ours
 intervals = minimality_norms.minimality_by_norm(ours, reference)
 tables.write_table(run_dir, "ratios", intervals)
-shown = intervals.assign(optimality=intervals["optimality"].where(intervals["optimality_robust"]))
-html(shown.round(3)[["schedule", "epoch", "norm", "successful", "median_ratio", "q25_ratio",
-                     "q75_ratio", "closeness", "optimality"]].rename(columns={
-    "successful": "successful pairs", "median_ratio": "median distance / best known",
-    "q25_ratio": "first quartile", "q75_ratio": "third quartile",
+shown = intervals.assign(
+    ratio=[f"{r.median_ratio:.3g} [{r.q25_ratio:.3g}, {r.q75_ratio:.3g}]"
+           for r in intervals.itertuples()],
+    optimality=intervals["optimality"].where(intervals["optimality_robust"]),
+    norm=intervals["norm"].map(margins.NORM_NAMES))
+html(shown.round(3)[["schedule", "epoch", "norm", "successful", "ratio", "closeness",
+                     "optimality"]].rename(columns={
+    "successful": "successful pairs", "ratio": "median distance / best known [quartiles]",
     "closeness": "closeness", "optimality": "optimality score (where no pair sets it)"}))
 
 # %% mystnb={"figure": {"caption": "Median ratio of each schedule's distance to the best-known minimal distance with its 95 % interval resampling images, per checkpoint and norm (Linf first), on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}} tags=["hide-input"]

@@ -228,14 +228,16 @@ for norm in margins.NORMS:
 change = save(pd.concat(changes, ignore_index=True), "margin_change")
 shown = norm_order(change[change["method"].isin([margins.BEST_OF_SCHEDULES,
                                                  margins.BEST_KNOWN])])
-html(shown.assign(factor=[conclusions.interval_text(r.factor, r.factor_low, r.factor_high)
-                          for r in shown.itertuples()])
-     [["model", "norm", "mode", "method", "factor", "n_images", "grew", "shrank", "unresolved",
-       "direction"]].sort_values(["model", "norm"], kind="stable")
-     .rename(columns={"mode": "attack mode", "method": "over",
-                      "factor": "median factor, last / first (95 % interval)",
-                      "n_images": "images", "grew": "grew", "shrank": "shrank",
-                      "unresolved": "found at neither end", "direction": "verdict"}))
+html(shown.assign(
+    factor=[conclusions.interval_text(r.factor, r.factor_low, r.factor_high)
+            for r in shown.itertuples()],
+    over=shown["mode"] + ", " + shown["method"],
+    counts=[f"{r.grew} / {r.shrank} / {r.unresolved}" for r in shown.itertuples()])
+    [["model", "norm", "over", "factor", "n_images", "counts", "direction"]]
+    .sort_values(["model", "norm"], kind="stable")
+    .rename(columns={"over": "attacks, margin over", "n_images": "images",
+                     "factor": "median factor last / first (95 % interval)",
+                     "counts": "grew / shrank / neither end", "direction": "verdict"}))
 
 # %% mystnb={"figure": {"caption": "Each image's margin (best of the schedules) at the first and the last attacked checkpoint, per norm, log scales; above the dashed diagonal the margin grew.", "name": "fig-margin-change"}} tags=["hide-input"]
 margin_figures.margin_change_chart(pd.concat(pairs, ignore_index=True))
