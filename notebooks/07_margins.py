@@ -114,8 +114,8 @@ untargeted = margins_stage.untargeted_results(run_dir, settings, device=device,
 margin_loss = margins_stage.margin_loss_results(run_dir, settings, device=device,
                                                 progress=progress)
 rerun_rows = margins_stage.rerun_model_rows(results)
-print(f"{len(untargeted)} untargeted attacks ({untargeted['success'].sum()} successful), "
-      f"{len(margin_loss)} logit-margin reruns ({margin_loss['success'].sum()} successful)")
+print(f"{len(untargeted)} untargeted attacks, {untargeted['success'].sum()} successful")
+print(f"{len(margin_loss)} logit-margin reruns, {margin_loss['success'].sum()} successful")
 
 # %% [markdown]
 # ## Every image's margin
@@ -141,7 +141,7 @@ summary = norm_order(summary.assign(
     margin=[conclusions.distance_text(r.margin, r.norm) for r in summary.itertuples()]))
 html(summary.pivot_table(index=["norm", "mode", "method"], columns="epoch", values="margin",
                          aggfunc="first", observed=True)
-     .rename(columns=lambda e: f"epoch {e}").reset_index()
+     .rename(columns=lambda e: f"epoch {e}").rename_axis(columns=None).reset_index()
      .rename(columns={"mode": "attack mode", "method": "over"}))
 
 # %% [markdown]
@@ -198,7 +198,7 @@ html(best.assign(area=[conclusions.interval_text(r.estimate, r.low, r.high)
                        for r in best.itertuples()])
      .pivot_table(index=["model", "norm", "mode"], columns="epoch", values="area",
                   aggfunc="first", observed=True)
-     .rename(columns=lambda e: f"epoch {e}").reset_index()
+     .rename(columns=lambda e: f"epoch {e}").rename_axis(columns=None).reset_index()
      .rename(columns={"mode": "attack mode"}))
 
 # %% [markdown]
@@ -335,7 +335,7 @@ shown = frozen[frozen["frozen"] > 0]
 html(shown.assign(tool=shown["source"].map(dict(enumerate(TOOLS))))
      .pivot_table(index=["model", "schedule", "tool"], columns="epoch", values="frozen",
                   aggfunc="sum", fill_value=0)
-     .rename(columns=lambda e: f"epoch {e}").reset_index())
+     .rename(columns=lambda e: f"epoch {e}").rename_axis(columns=None).reset_index())
 
 # %% [markdown]
 # Why does the loss freeze? Those failures (at the last compared checkpoint) ran again unchanged,
@@ -381,7 +381,7 @@ html(compared_losses.assign(
     value=[conclusions.interval_text(r.estimate, r.low, r.high) for r in
            compared_losses.itertuples()]).pivot_table(
     index=["schedule", "epoch"], columns="quantity", values="value", aggfunc="first")
-    .reset_index())
+    .rename_axis(columns=None).reset_index())
 
 # %% tags=["hide-input"]
 lowered = loss_comparison.margins_with_rerun(rerun_rows, margin_loss)

@@ -38,7 +38,11 @@ def counted(n: int, noun: str) -> str:
 
 def interval_text(estimate: float, low: float, high: float, *, digits: int = 3,
                   scale: float = 1.0, unit: str = "") -> str:
-    """"estimate [low, high]" with ``digits`` significant digits (``scale`` applied first)."""
+    """"estimate [low, high]" with ``digits`` significant digits (``scale`` applied first);
+    "-" without an estimate."""
+    if np.isnan(estimate):
+        return "-"
+
     def one(value: float) -> str:
         if np.isnan(value):
             return "?"

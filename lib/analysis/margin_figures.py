@@ -91,15 +91,16 @@ def margin_change_chart(pairs: pd.DataFrame) -> alt.VConcatChart:
         ends = [min(part["x"].min(), part["y"].min()), max(part["x"].max(), part["y"].max())]
         diagonal = alt.Chart(pd.DataFrame({"v": ends})).mark_line(
             color="#999999", strokeDash=[4, 4]).encode(x="v:Q", y="v:Q")
+        axis = alt.Axis(format="~g", tickCount=4)
         points = alt.Chart(part).mark_point(filled=True, opacity=0.7, color="#0072B2").encode(
-            x=alt.X("x:Q", scale=alt.Scale(type="log"),
+            x=alt.X("x:Q", scale=alt.Scale(type="log"), axis=axis,
                     title=axis_title("first checkpoint", norm)),
-            y=alt.Y("y:Q", scale=alt.Scale(type="log"), title="last checkpoint"),
+            y=alt.Y("y:Q", scale=alt.Scale(type="log"), axis=axis, title="last checkpoint"),
             tooltip=[alt.Tooltip("image_id:N", title="image"),
                      alt.Tooltip("trained:N", title="model"),
                      alt.Tooltip("x:Q", format=".3g", title="first"),
                      alt.Tooltip("y:Q", format=".3g", title="last")])
-        panels.append(alt.layer(diagonal, points).properties(width=260, height=200))
+        panels.append(alt.layer(diagonal, points).properties(width=240, height=190))
     return finish(alt.hconcat(*panels[:2]) if len(panels) <= 2 else alt.vconcat(
         alt.hconcat(*panels[:2]), alt.hconcat(*panels[2:])))
 
