@@ -63,8 +63,8 @@ def test_the_engine_steps_along_the_sign_of_the_chosen_loss(loss: str) -> None:
     rows = pd.DataFrame({"row_id": [0], "image": [0], "source": [source], "target": [target],
                          "schedule": ["constant"]})
     lr0 = 0.01
-    result = api.attack_rows(model, image, rows, lr0=lr0, max_iter=1, dtype=torch.float64,
-                             keep_images=True, loss=loss)
+    result = api.attack_rows(model, image, rows, targeted=True, lr0=lr0, max_iter=1,
+                             certify=False, keep_images=True, loss=loss)
     x = image.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(attacked_loss(model(x), torch.tensor([target]), kind=loss).sum(),
                                   x)
@@ -81,6 +81,6 @@ def test_an_unknown_loss_is_named() -> None:
     rows = pd.DataFrame({"row_id": [0], "image": [0], "source": [0], "target": [1],
                          "schedule": ["constant"]})
     with pytest.raises(ParameterError, match="loss must be one of 'cross_entropy'"):
-        api.attack_rows(model, image, rows, lr0=0.01, dtype=torch.float64, loss="hinge")
+        api.attack_rows(model, image, rows, targeted=True, lr0=0.01, loss="hinge")
     with pytest.raises(ParameterError, match="got 'hinge'"):
         attacked_loss(torch.zeros(1, 2), torch.tensor([0]), kind="hinge")

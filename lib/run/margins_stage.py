@@ -136,11 +136,13 @@ def as_rerun_model(table: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _context(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The attack stage's settings the stage's own attacks repeat."""
+    """The attack stage's settings the stage's own attacks repeat (a job made before the
+    certified stop existed did not certify)."""
     job = tables.read_record(run_dir, "job")["settings"]
     return {"lr0": float(job["lr0"]), "max_iter": int(job["max_iter"]),
             "batch_size": int(job["batch_size"]), "precision": job["precision"],
             "refine_tolerance": job["refine_tolerance"],
+            "certify": bool(job.get("certify", False)),
             "schedule_constants": job["schedule_constants"]}
 
 
@@ -157,9 +159,9 @@ def _pool(run_dir: str | os.PathLike[str], image_ids: list[str]) -> tuple[torch.
 
 
 def _attack(run_dir: str | os.PathLike[str], model: torch.nn.Module, rows: pd.DataFrame, *,
-            mode: str, loss: str, device: str | torch.device, progress: bool,
-            keep_images: bool = False) -> AttackResult:
-    """Run ``rows`` (keys image_id, source, target, schedule, row_id) on ``model``."""
+            mode: str, loss: str, progress: bool, keep_images: bool = False) -> AttackResult:
+    """Run ``rows`` (keys image_id, source, target, schedule, row_id) on ``model`` (on its
+    device) with the attack stage's settings."""
     context = _context(run_dir)
     pool, index = _pool(run_dir, rows["image_id"].tolist())
     engine_rows = pd.DataFrame({
@@ -169,8 +171,8 @@ def _attack(run_dir: str | os.PathLike[str], model: torch.nn.Module, rows: pd.Da
         "schedule": rows["schedule"].to_numpy()})
     present = set(engine_rows["schedule"])
     constants = {k: v for k, v in context.pop("schedule_constants").items() if k in present}
-    stream = api.iter_attack_rows(model, pool, engine_rows, mode=mode, loss=loss,
-                                  device=device, schedule_constants=constants,
+    stream = api.iter_attack_rows(model, pool, engine_rows, targeted=mode == "targeted",
+                                  loss=loss, schedule_constants=constants,
                                   keep_images=keep_images, **context)
     return AttackResult.concat(list(with_progress(stream, len(rows), progress))).sorted()
 
@@ -218,8 +220,7 @@ def untargeted_results(run_dir: str | os.PathLike[str], settings: MarginSettings
                                      "schedule"])
         rows["row_id"] = np.arange(len(rows), dtype=np.int64)
         result = _attack(run_dir, _model(run_dir, epoch, model, device), rows,
-                         mode="untargeted", loss="cross_entropy", device=device,
-                         progress=progress)
+                         mode="untargeted", loss="cross_entropy", progress=progress)
         parts.append(_result_table(rows, result, "untargeted"))
     table = (pd.concat(parts, ignore_index=True) if parts
              else pd.DataFrame(columns=list(tables.RESULT_COLUMNS)))
@@ -250,8 +251,7 @@ def margin_loss_results(run_dir: str | os.PathLike[str], settings: MarginSetting
     parts = []
     for epoch, rows in chosen.groupby("epoch", sort=True):
         result = _attack(run_dir, _model(run_dir, int(epoch), rerun_model(results), device),
-                         rows, mode="targeted", loss=RERUN_LOSS, device=device,
-                         progress=progress)
+                         rows, mode="targeted", loss=RERUN_LOSS, progress=progress)
         table = _result_table(rows, result, "targeted")
         outcome = failures.classify_failures(
             result.loss_trace.double().numpy(), result.lr_trace.double().numpy(),
@@ -302,7 +302,7 @@ def frozen_gradients(run_dir: str | os.PathLike[str], failed: pd.DataFrame,
         rows = keyed.loc[[(epoch, r) for r in keys["row_id"]]].reset_index()
         network = _model(run_dir, int(epoch), model, device)
         result = _attack(run_dir, network, rows, mode="targeted", loss="cross_entropy",
-                         device=device, progress=progress, keep_images=True)
+                         progress=progress, keep_images=True)
         gradient = input_gradient(network, result.borderline, rows["target"], device=device)
         parts.append(rows[["epoch", "row_id", "schedule", "image_id", "source", "target"]]
                      .assign(success=result.success.numpy(),
