@@ -16,6 +16,9 @@ below is spelt only here; other modules ask the functions of this module for pat
                                   chunks/<part>/chunk_NNNNN.{csv,npz}    (attack_file, chunk_files)
       analysis/                   the analysis tables                    (analysis_file)
       minimality/                 reference.csv, timings.csv, ratios.csv (minimality_file)
+      borderline/                 fmn_margins.csv, claims.csv, ...       (borderline_file)
+        arms/<arm>/               a training folder per arm: epoch_NN.safetensors, the training
+                                  tables, steps.csv, margins_NN.csv      (arm_dir, margins_file)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ TRAIN_STAGE = "02_train"
 ATTACK_STAGE = "03_attack"
 ANALYSIS_STAGE = "04_analysis"
 MINIMALITY_STAGE = "05_minimality"
+BORDERLINE_STAGE = "06_borderline"
 #: The run-folder subfolder each stage writes, which an overwrite clears.
 STAGE_OUTPUTS: dict[str, str] = {
     DATA_STAGE: "data",
@@ -42,16 +46,19 @@ STAGE_OUTPUTS: dict[str, str] = {
     ATTACK_STAGE: "attack",
     ANALYSIS_STAGE: "analysis",
     MINIMALITY_STAGE: "minimality",
+    BORDERLINE_STAGE: "borderline",
 }
 #: The stages in the order data flows through them.
 STAGES: tuple[str, ...] = tuple(STAGE_OUTPUTS)
 #: The stage whose finished run another stage needs; the minimality stage needs the attack
-#: stage's, not the analysis stage's.
+#: stage's, not the analysis stage's; the borderline-training stage needs a trained
+#: checkpoint (and reads the attack stage's margins only when it takes its PGD radius there).
 PREVIOUS_STAGE: dict[str, str] = {
     TRAIN_STAGE: DATA_STAGE,
     ATTACK_STAGE: TRAIN_STAGE,
     ANALYSIS_STAGE: ATTACK_STAGE,
     MINIMALITY_STAGE: ATTACK_STAGE,
+    BORDERLINE_STAGE: TRAIN_STAGE,
 }
 
 #: The files of the data, attack and minimality stages, by kind.
@@ -66,6 +73,15 @@ ATTACK_FILES: dict[str, str] = {
 MINIMALITY_FILES: dict[str, str] = {
     "reference": "reference.csv", "timings": "timings.csv", "ratios": "ratios.csv",
 }
+BORDERLINE_FILES: dict[str, str] = {
+    "fmn_margins": "fmn_margins.csv", "fixed_epsilon": "fixed_epsilon.csv",
+    "gradients": "gradients.csv", "transfer": "transfer.csv", "held_out": "held_out.csv",
+    "attack_modes": "attack_modes.csv", "comparisons": "comparisons.csv",
+    "claims": "claims.csv", "arm_timings": "timings.csv",
+    "transfer_images": "transfer_images.npz",
+}
+#: The folder of the borderline-training stage's training folders (one per arm).
+ARM_DIR = "arms"
 #: The folder of the attack stage's finished chunks, inside ``attack/``.
 CHUNK_DIR = "chunks"
 
@@ -183,6 +199,21 @@ def analysis_file(run_dir: str | os.PathLike[str], table: str) -> Path:
 def minimality_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
     """A file of the minimality stage by kind (see ``MINIMALITY_FILES``)."""
     return stage_dir(run_dir, MINIMALITY_STAGE) / _file_name(MINIMALITY_FILES, kind, "minimality")
+
+
+def borderline_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    """A file of the borderline-training stage by kind (see ``BORDERLINE_FILES``)."""
+    return stage_dir(run_dir, BORDERLINE_STAGE) / _file_name(BORDERLINE_FILES, kind, "borderline")
+
+
+def arm_dir(run_dir: str | os.PathLike[str], arm: str) -> Path:
+    """The training folder of one arm of the borderline-training stage."""
+    return stage_dir(run_dir, BORDERLINE_STAGE) / ARM_DIR / arm
+
+
+def margins_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
+    """The training images' margins after ``epoch`` in a training folder (borderline arm)."""
+    return Path(train_folder) / f"margins_{epoch:02d}.csv"
 
 
 def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:
