@@ -391,7 +391,8 @@ FILE_PARAMETERS = {("01_data", "dataset_root"): "dataset folder",
 #: Flags whose only bad value is a wrong type, which one shared check refuses for every stage
 #: (the case "01_data: overwrite" shows it).
 TYPE_ONLY = {("03_attack", "overwrite"),
-             ("04_analysis", "overwrite"), ("05_minimality", "overwrite")}
+             ("04_analysis", "overwrite"), ("05_minimality", "overwrite"),
+             ("06_borderline", "overwrite")}
 
 
 def test_every_notebook_parameter_has_a_case() -> None:

@@ -765,3 +765,70 @@ def per_model(build, table: pd.DataFrame, *, title: str = "model of seed {model}
         chart.config = alt.Undefined  # the type sizes go on the whole figure, once
         charts.append(chart.properties(title=title.format(model=model)))
     return _finish(alt.vconcat(*charts, spacing=30))
+
+
+# --------------------------------------------------------------------------- training arms
+
+#: The models of the borderline-training chapter, each with its colour in every chart.
+add_palette("arm", {"start": "#999999", "control": "#0072B2", "borderline": "#D55E00",
+                    "pgd": "#009E73"})
+#: The norms as the charts name them.
+_NORM_NAMES = {"linf": "L-infinity (x 255)", "l2": "L2"}
+
+
+def arm_robustness_chart(curves: pd.DataFrame) -> alt.VConcatChart:
+    """Robust accuracy against epsilon per model (line) with its 95 % band, one panel per
+    norm (L-infinity in grey levels, x 255; L2 in pixel units).
+
+    Args:
+        curves: :func:`lib.analysis.arms.robust_accuracy_curves` of both norms (model, norm,
+            epsilon, estimate, low, high).
+    """
+    models = list(dict.fromkeys(curves["model"]))
+    panels = []
+    for norm, part in curves.groupby("norm", sort=False):
+        shown = part.assign(size=part["epsilon"] * (255 if norm == "linf" else 1))
+        base = alt.Chart(shown).encode(
+            x=alt.X("size:Q", title=f"perturbation size epsilon, {_NORM_NAMES[norm]}"),
+            color=alt.Color("model:N", sort=models, scale=colour_scale("arm", models),
+                            title="model", legend=_legend()))
+        band = base.mark_area(opacity=0.15).encode(
+            y=alt.Y("low:Q", title="robust accuracy (95 % band)"), y2="high:Q")
+        line = base.mark_line().encode(
+            y=alt.Y("estimate:Q", title="robust accuracy", scale=alt.Scale(domain=[0, 1])),
+            tooltip=[_tooltip("model", "model"), _tooltip("size:Q", "epsilon", format=".3g"),
+                     _tooltip("estimate:Q", "robust accuracy", format=".2f")])
+        panels.append((band + line).properties(width=PAGE_WIDTH - 180, height=180))
+    return _finish(alt.vconcat(*panels, spacing=20))
+
+
+def arm_margin_chart(margins: pd.DataFrame, *, model: str, against: str) -> alt.HConcatChart:
+    """Per test image: its margin under ``model`` against its margin under ``against`` (log
+    axes; points above the dashed diagonal grew), one panel per norm. Misclassified images
+    (margin 0) and images with no boundary found are left out of the picture.
+
+    Args:
+        margins: the stage's per-image margins (model, image_id, norm, margin).
+    """
+    panels = []
+    for norm in ("linf", "l2"):
+        chosen = margins[(margins["norm"] == norm) & margins["model"].isin([model, against])]
+        wide = chosen.pivot_table(index="image_id", columns="model", values="margin")
+        scale = 255 if norm == "linf" else 1
+        pairs = pd.DataFrame({"image": wide.index, "x": wide[against] * scale,
+                              "y": wide[model] * scale})
+        pairs = pairs[(pairs["x"] > 0) & (pairs["y"] > 0)
+                      & np.isfinite(pairs["x"]) & np.isfinite(pairs["y"])]
+        ends = [float(pairs[["x", "y"]].min().min()), float(pairs[["x", "y"]].max().max())] \
+            if len(pairs) else [1.0, 2.0]
+        axis = alt.Scale(type="log", domain=ends, nice=False)
+        points = alt.Chart(pairs).mark_circle(size=40, opacity=0.7,
+                                              color=colour_of("arm", model)).encode(
+            x=alt.X("x:Q", scale=axis, title=f"margin under {against}, {_NORM_NAMES[norm]}"),
+            y=alt.Y("y:Q", scale=axis, title=f"margin under {model}, {_NORM_NAMES[norm]}"),
+            tooltip=[_tooltip("image", "test image"), _tooltip("x:Q", against, format=".3g"),
+                     _tooltip("y:Q", model, format=".3g")])
+        diagonal = alt.Chart(pd.DataFrame({"x": ends, "y": ends})).mark_line(
+            color="grey", strokeDash=[4, 4]).encode(x="x:Q", y="y:Q")
+        panels.append((diagonal + points).properties(width=300, height=300))
+    return _finish(alt.hconcat(*panels, spacing=30))

@@ -30,6 +30,7 @@ from lib.run import tables
 from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
+    BORDERLINE_STAGE,
     DATA_STAGE,
     MINIMALITY_STAGE,
     PREVIOUS_STAGE,
@@ -157,6 +158,16 @@ def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
         check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=first))
 
 
+def _check_borderline_inputs(p: Mapping[str, Any]) -> None:
+    from lib.model.checkpoints import check_checkpoint
+    from lib.run import borderline_stage
+
+    settings = stage_settings(BORDERLINE_STAGE, p)
+    start = borderline_stage.start_epoch(p["run_dir"], settings)  # trained?
+    check_checkpoint(checkpoint_path(p["run_dir"], start))
+    borderline_stage.pgd_radius(p["run_dir"], settings, epoch=start)  # attacked, if needed
+
+
 #: The checks of each stage's files: the dataset, weights and checkpoints it will read.
 INPUT_CHECKS = {
     DATA_STAGE: _check_data_inputs,
@@ -164,6 +175,7 @@ INPUT_CHECKS = {
     ATTACK_STAGE: _check_attack_inputs,
     ANALYSIS_STAGE: lambda p: None,  # its inputs are the finished attack stage's tables
     MINIMALITY_STAGE: _check_minimality_inputs,
+    BORDERLINE_STAGE: _check_borderline_inputs,
 }
 
 
