@@ -49,7 +49,7 @@
 # The training stage (02_train) has written its checkpoints. Unless `pgd_epsilon` is given, the
 # attack stage (03_attack) has attacked the start checkpoint: the PGD arm's radius is the
 # median of its images' Linf margins there. The defaults fit a small budget: one epoch per arm
-# on 1,024 of the training images, 35 measured test images, FMN with 50 steps (the default
+# on 1,024 of the training images, 35 measured test images, FMN with 40 steps (the default
 # build gives this chapter about six minutes of two CPU cores); the paper profile holds the
 # full-scale values.
 
@@ -67,9 +67,9 @@ border_weight = 0.6666666666666666  # the borderline term's weight in the loss, 
 margin_cap = None  # only images whose borderline image lies closer than this (Linf, pixel units, > 0) enter the borderline term; None for no cap
 pgd_epsilon = None  # the PGD arm's Linf radius (pixel units, > 0); None for the start checkpoint's median Linf margin from the attack stage
 eval_per_class = 5  # test images per tool measured with the independent attacks, the same images for every model
-fmn_steps = 50  # the budget of the minimum-norm attack (FMN) per image and norm (at least 2)
-apgd_steps = 20  # APGD's iterations per loss at the fixed epsilon (at least 2)
-held_out = 64  # other test images whose PGD robust accuracy is checked after every epoch (catastrophic overfitting), at least 1
+fmn_steps = 40  # the budget of the minimum-norm attack (FMN) per image and norm (at least 2)
+apgd_steps = 10  # APGD's iterations per loss at the fixed epsilon (at least 2)
+held_out = 32  # other test images whose PGD robust accuracy is checked after every epoch (catastrophic overfitting), at least 1
 accuracy_cost = 2.0  # the clean-accuracy cost (percentage points, 0 or more) that the claim "borderline training costs at most this" allows
 seed = 0  # seeds the training subset, the arms' draws, the measured images and the attacks
 device = "cpu"  # "cpu", "cuda" or "cuda:N"
@@ -115,7 +115,7 @@ trained = borderline_stage.train_arms(run_dir, settings, train_set=train_set,
                                       test_set=test_set, device=device, progress=progress)
 subset_size = len(borderline_stage.training_subset(train_set, settings))
 print(f"start: epoch {trained.start_epoch} of the clean run; arms trained to epoch "
-      f"{trained.last_epoch} on {subset_size} training images; PGD radius "
+      f"{trained.last_epoch} on {subset_size:,} training images; PGD radius "
       f"{trained.pgd_epsilon * 255:.2f}/255 (Linf), {trained.pgd_steps} PGD steps")
 
 # %% [markdown]
@@ -243,7 +243,7 @@ for name, sentence in found.items():
     glue(f"bl_found_{name}", sentence, display=False)
 data_kind = manifest.read_manifest(run_dir)["stages"][DATA_STAGE]["parameters"]["dataset_kind"]
 glue("bl_limits", f"{'Synthetic' if data_kind == 'synthetic' else 'Real'} data, one trained "
-     f"model, {settings.epochs} fine-tuning epoch(s) per arm on {subset_size} training "
+     f"model, {settings.epochs} fine-tuning epoch(s) per arm on {subset_size:,} training "
      f"images, {int(summary['images'].iloc[0])} measured test images and an "
      f"FMN budget of {settings.fmn_steps} steps per image and norm: every verdict is this "
      "build's, and a small budget leaves many of them inconclusive.", display=False)

@@ -69,8 +69,8 @@ def test_the_chapter_opens_with_sentences_from_the_verdicts(tiny_run: Path) -> N
                 text = output["data"][record["mime_prefix"] + "text/plain"]
                 glued[record["name"]] = text.strip("'\"")
     claims = tables.read_table(tiny_run, "claims")
-    assert f"widens the margin is {claims.loc[0, 'verdict']}" in glued["bl_found_linf"]
-    assert claims.loc[1, "verdict"] in glued["bl_found_accuracy"]
+    assert f"(verdict: {claims.loc[0, 'verdict']})" in glued["bl_found_linf"]
+    assert f"(verdict: {claims.loc[1, 'verdict']})" in glued["bl_found_accuracy"]
     assert {"bl_found_l2", "bl_found_pgd", "bl_found_guards", "bl_limits"} <= set(glued)
 
 

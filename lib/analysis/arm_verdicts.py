@@ -26,10 +26,10 @@ CLAIM_COLUMNS = ("claim", "quantity", "estimate", "low", "high", "n", "counted",
                  "detail")
 #: The columns of the guards table.
 GUARD_COLUMNS = ("model", "guard", "passed", "value", "threshold", "images", "detail")
-#: A verdict in words.
-VERDICT_WORDS = {statistics.AGREES: "the data support it",
-                 statistics.DISAGREES: "the data contradict it",
-                 statistics.INCONCLUSIVE: "the data cannot decide it"}
+#: What a verdict says of its claim, in words.
+VERDICT_WORDS = {statistics.AGREES: "holds (verdict: agrees)",
+                 statistics.DISAGREES: "is contradicted (verdict: disagrees)",
+                 statistics.INCONCLUSIVE: "is left undecided (verdict: inconclusive)"}
 
 
 def _checked(name: str, guard: Callable[[], GuardOutcome]) -> GuardOutcome:
@@ -197,23 +197,23 @@ def findings(claims: pd.DataFrame, comparisons: pd.DataFrame, guards: pd.DataFra
     Returns:
         ``{"linf", "l2", "accuracy", "pgd", "guards"}``: one sentence (or two) each.
     """
-    verdict = claims["verdict"].tolist()
+    said = [VERDICT_WORDS[verdict] for verdict in claims["verdict"]]
     cost = claims.iloc[1]
     failed = guards[~guards["passed"].astype(bool)]
+    allowed = cost["claim"].removeprefix("at a clean-accuracy cost of ")
     return {
         "linf": (f"Against the control arm, borderline training changed the median test "
                  f"image's Linf margin {_factor(comparisons, 'borderline', 'control', 'linf')}: "
-                 f"the claim that it widens the margin is {verdict[0]} "
-                 f"({VERDICT_WORDS[verdict[0]]})."),
+                 f"the claim that it widens the margin {said[0]}."),
         "l2": (f"In L2 the margin changed {_factor(comparisons, 'borderline', 'control', 'l2')}"
-               f"; that the gain holds in L2 is {verdict[3]}."),
+               f"; the claim that the gain holds in L2 {said[3]}."),
         "accuracy": (f"Clean accuracy on the whole test split fell by {cost['estimate']:.1f} "
-                     f"points (95 % interval {cost['low']:.1f} to {cost['high']:.1f}); "
-                     f"{cost['claim'].replace('at a', 'a')}: {verdict[1]}."),
+                     f"points (95 % interval {cost['low']:.1f} to {cost['high']:.1f}); the "
+                     f"claim that it costs {allowed} {said[1]}."),
         "pgd": (f"Against PGD training, whose passes per image differ by {pgd_mismatch:.0%}, "
                 f"the borderline arm's Linf margins differ "
-                f"{_factor(comparisons, 'borderline', 'pgd', 'linf')}; that borderline "
-                f"training widens the margin at least as much is {verdict[2]}."),
+                f"{_factor(comparisons, 'borderline', 'pgd', 'linf')}; the claim that borderline "
+                f"training widens the margin at least as much {said[2]}."),
         "guards": ("Every guard against a masked gradient or a collapse passed." if failed.empty
                    else f"{len(failed)} of {len(guards)} guard checks failed ("
                    + "; ".join(f"{r.model}: {r.guard}" for r in failed.itertuples())

@@ -20,6 +20,7 @@ same file:
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -49,7 +50,7 @@ BATCH_SIZE = 128
 #: PGD steps of the held-out check after every epoch.
 HELD_OUT_STEPS = 10
 #: Scales tried along a transferred perturbation, then bisections between the last two.
-TRANSFER_GRID, TRANSFER_BISECTIONS = 16, 8
+TRANSFER_GRID, TRANSFER_BISECTIONS = 8, 6
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,16 @@ def _per_model(run_dir: str | os.PathLike[str], name: str,
     return table
 
 
+@functools.lru_cache(maxsize=len(MODELS))
+def _cached(path: Path, device: str) -> nn.Module:
+    return load_checkpoint(path, map_location=device)
+
+
 def _load(run_dir: str | os.PathLike[str], model: str, arms: ArmsRun,
           device: str | torch.device) -> nn.Module:
-    return load_checkpoint(model_file(run_dir, model, arms=arms), map_location=device)
+    """The model's last checkpoint, read once per stage run (each measurement asks again;
+    every attack leaves the weights and the modes as they were)."""
+    return _cached(model_file(run_dir, model, arms=arms), str(device))
 
 
 def fmn_margins(run_dir: str | os.PathLike[str], arms: ArmsRun, measured: MeasuredImages,
@@ -282,4 +290,5 @@ def measure_all(run_dir: str | os.PathLike[str], arms: ArmsRun, test_set: FrameS
     found["gradients"] = gradients(run_dir, arms, measured, device=device)
     found["held_out"] = held_out(run_dir, arms, measured, settings, device=device)
     found["attack_modes"] = tables.read_table(run_dir, "attack_modes")
+    _cached.cache_clear()
     return found

@@ -83,9 +83,9 @@ class BorderlineStageSettings:
     margin_cap: float | None = None
     pgd_epsilon: float | None = None
     eval_per_class: int = 5
-    fmn_steps: int = 50
-    apgd_steps: int = 20
-    held_out: int = 64
+    fmn_steps: int = 40
+    apgd_steps: int = 10
+    held_out: int = 32
     accuracy_cost: float = 2.0
     seed: int = 0
 
