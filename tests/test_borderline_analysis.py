@@ -80,6 +80,15 @@ def test_robust_accuracy_is_the_share_correct_with_a_margin_above_epsilon() -> N
     assert (curve["n_images"] == 4).all()
 
 
+def test_the_best_known_margin_is_the_smallest_any_attack_found() -> None:
+    fmn = margins_table({"control": [0.0, 0.1, 0.2], "borderline": [0.05, 0.3, math.inf]})
+    transfer = margins_table({"borderline": [0.0, 0.2, 0.4]}).rename(
+        columns={"margin": "distance"})
+    best = arms.best_known(fmn, transfer)
+    assert list(best["margin"]) == pytest.approx([0.0, 0.1, 0.2, 0.0, 0.2, 0.4])
+    assert list(best.columns) == list(fmn.columns)
+
+
 def test_the_margin_summary_counts_found_boundaries() -> None:
     fmn = margins_table({"control": [0.0, 0.1, 0.2, math.inf]})
     row = arms.margin_summary(fmn).iloc[0]

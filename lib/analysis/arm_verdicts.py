@@ -47,11 +47,12 @@ def _model_guards(measured: dict[str, pd.DataFrame], model: str) -> list[GuardOu
     fmn = mine["fmn_margins"]
     outcomes = [_checked("reference success", lambda norm=norm: evaluation.success_guard(
         fmn[fmn["norm"] == norm])) for norm in ("linf", "l2")]
-    if len(mine["transfer"]):
+    transferred = mine["transfer"][mine["transfer"]["norm"] == "linf"]
+    if len(transferred):
         white_box = fmn[fmn["norm"] == "linf"]
         outcomes.append(_checked("transfer not stronger", lambda: evaluation.transfer_guard(
             white_box.assign(sample=white_box["image_id"]),
-            mine["transfer"].assign(sample=mine["transfer"]["image_id"]))))
+            transferred.assign(sample=transferred["image_id"]))))
     outcomes.append(_checked("gradient not vanishing",
                              lambda: evaluation.gradient_guard(mine["gradients"])))
     if model != "start":

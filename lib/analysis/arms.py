@@ -15,8 +15,11 @@ misclassified by both says nothing and is counted as ``unresolved``). ``factor``
 ``exp(median)``: the median image's margin is multiplied by it. Clean accuracy is compared on
 the whole test split, paired by image (Newcombe's interval for paired rates).
 
-The measured images are the same number per tool, so the robust accuracy here is the
-class-balanced one: the mean over images of "correct and margin above epsilon".
+The margins compared are the best known (:func:`best_known`): the smallest perturbation that
+any attack of the stage found for the image, FMN in either norm or control's FMN perturbation
+carried over to the model. The measured images are the same number per tool, so the robust
+accuracy here is the class-balanced one: the mean over images of "correct and margin above
+epsilon".
 """
 
 from __future__ import annotations
@@ -41,6 +44,26 @@ COMPARED: tuple[tuple[str, str], ...] = (
 def _by_image(fmn: pd.DataFrame, model: str, norm: str) -> pd.Series:
     rows = fmn[(fmn["model"] == model) & (fmn["norm"] == norm)]
     return rows.set_index("image_id")["margin"].astype(float)
+
+
+def best_known(fmn: pd.DataFrame, transfer: pd.DataFrame) -> pd.DataFrame:
+    """Each image's margin as the smallest perturbation any attack found: FMN's (in either
+    norm) or the transferred one (:func:`lib.attack.evaluation.transfer_distances`), per
+    model and norm.
+
+    Args:
+        fmn: the stage's ``fmn_margins`` table (``model, image_id, norm, correct, margin``...).
+        transfer: the stage's ``transfer`` table (``model, image_id, norm, distance``); a
+            model without rows (the source of the transferred perturbations) keeps its FMN
+            margins.
+
+    Returns:
+        ``fmn`` with ``margin`` replaced by the smaller of the two (0 stays 0).
+    """
+    keys = ["model", "image_id", "norm"]
+    joined = fmn.merge(transfer[[*keys, "distance"]], on=keys, how="left", validate="one_to_one")
+    smaller = np.fmin(joined["margin"].to_numpy(float), joined["distance"].to_numpy(float))
+    return joined.drop(columns="distance").assign(margin=smaller)
 
 
 def margin_summary(fmn: pd.DataFrame, *, confidence: float = statistics.CONFIDENCE,

@@ -11,7 +11,7 @@ same file:
   (:func:`lib.attack.evaluation.minimum_norm_attack`), with ``attack_modes.csv``, the modes
   every FMN forward ran in; control's Linf images are kept for the transfer guard;
 - ``transfer.csv``: how far along control's FMN perturbations every other model changes
-  class (forwards only);
+  class (forwards only), in Linf and L2;
 - ``fixed_epsilon.csv``: APGD with its two losses at the PGD arm's radius;
 - ``gradients.csv``: the input gradient of the logit gap (is it vanishing?);
 - ``held_out.csv``: the PGD robust accuracy of every epoch's checkpoint on ``held_out`` other
@@ -184,21 +184,25 @@ def _append(run_dir: str | os.PathLike[str], name: str, rows: pd.DataFrame) -> N
 def transfer(run_dir: str | os.PathLike[str], arms: ArmsRun, measured: MeasuredImages, *,
              device: str | torch.device = "cpu") -> pd.DataFrame:
     """``transfer.csv``: for every model but control, how far along control's Linf FMN
-    perturbations it changes class (:func:`lib.attack.evaluation.transfer_distances`)."""
+    perturbations it changes class (:func:`lib.attack.evaluation.transfer_distances`), the
+    distance in Linf and in L2."""
     perturbed = torch.from_numpy(tables.read_arrays(run_dir, "transfer_images")["images"])
 
     def compute(model_name: str) -> pd.DataFrame:
         if model_name == TRANSFER_SOURCE:
             return pd.DataFrame()
         model = _load(run_dir, model_name, arms, device)
-        table = evaluation.transfer_distances(model, measured.images, measured.labels,
-                                              perturbed, norm="linf", grid=TRANSFER_GRID,
-                                              bisections=TRANSFER_BISECTIONS,
-                                              batch_size=BATCH_SIZE, device=device)
-        return pd.DataFrame({"model": model_name, "image_id": measured.image_ids,
-                             "norm": "linf", "correct": table["correct"],
-                             "success": table["success"], "scale": table["scale"],
-                             "distance": table["distance"]})
+        parts = []
+        for norm in evaluation.NORMS:
+            table = evaluation.transfer_distances(
+                model, measured.images, measured.labels, perturbed, norm=norm,
+                grid=TRANSFER_GRID, bisections=TRANSFER_BISECTIONS, batch_size=BATCH_SIZE,
+                device=device)
+            parts.append(pd.DataFrame({
+                "model": model_name, "image_id": measured.image_ids, "norm": norm,
+                "correct": table["correct"], "success": table["success"],
+                "scale": table["scale"], "distance": table["distance"]}))  # fmt: skip
+        return pd.concat(parts, ignore_index=True)
 
     return _per_model(run_dir, "transfer", compute)
 
