@@ -46,9 +46,9 @@
 #
 # ## Prerequisites
 #
-# The training stage (02_train) has written its checkpoints. Unless `pgd_epsilon` is given, the
-# attack stage (03_attack) has attacked the start checkpoint: the PGD arm's radius is the
-# median of its images' Linf margins there. The defaults fit a small budget: one epoch per arm
+# The training stage (02_train) has written its checkpoints; the arms continue its first model
+# (the smallest seed). Unless `pgd_epsilon` is given, the attack stage (03_attack) has attacked
+# the start checkpoint: the PGD arm's radius is the median of its images' Linf margins there. The defaults fit a small budget: one epoch per arm
 # on 1,024 of the training images, 35 measured test images, FMN with 40 steps (the default
 # build gives this chapter about six minutes of two CPU cores); the paper profile holds the
 # full-scale values.
@@ -82,6 +82,7 @@ from myst_nb import glue
 
 from lib.analysis import arm_verdicts, figures
 from lib.analysis import arms as arm_analysis
+from lib.analysis.readable import html, interval_text
 from lib.run import (
     borderline_measures,
     borderline_stage,
@@ -99,6 +100,8 @@ pipeline.start_stage(BORDERLINE_STAGE, run_dir=run_dir, overwrite=overwrite, par
 settings = stage_settings(BORDERLINE_STAGE, values)
 train_set = data_stage.load_run_split(run_dir, "train")
 test_set = data_stage.load_run_split(run_dir, "test")
+MODEL_WORDS = {"start": "start checkpoint", "control": "control", "borderline": "borderline",
+               "pgd": "PGD"}
 
 # %% [markdown]
 # ## Three arms from one checkpoint
@@ -110,12 +113,12 @@ test_set = data_stage.load_run_split(run_dir, "test")
 # mode and its weights frozen; only the update runs in train mode. After every epoch each arm
 # keeps a checkpoint and is evaluated on the whole test split, as the training stage does.
 
-# %%
+# %% tags=["hide-input"]
 trained = borderline_stage.train_arms(run_dir, settings, train_set=train_set,
                                       test_set=test_set, device=device, progress=progress)
 subset_size = len(borderline_stage.training_subset(train_set, settings))
-print(f"start: epoch {trained.start_epoch} of the clean run; arms trained to epoch "
-      f"{trained.last_epoch} on {subset_size:,} training images; PGD radius "
+print(f"start: epoch {trained.start_epoch} of the model of seed {trained.model}; arms trained "
+      f"to epoch {trained.last_epoch} on {subset_size:,} training images; PGD radius "
       f"{trained.pgd_epsilon * 255:.2f}/255 (Linf), {trained.pgd_steps} PGD steps")
 
 # %% [markdown]
@@ -127,16 +130,21 @@ print(f"start: epoch {trained.start_epoch} of the clean run; arms trained to epo
 # pass. The table gives the passes per training image of every arm and its multiple of the
 # control arm's.
 
-# %%
+# %% tags=["hide-input"]
 steps = {arm: tables.read_train_table(layout.arm_dir(run_dir, arm), "steps")
          for arm in ("control", "borderline", "pgd")}
-timings = tables.read_table(run_dir, "arm_timings")
-costs = arm_analysis.cost_table(steps, timings)
-costs.drop(columns="seconds_per_epoch").round(3)
+costs = arm_analysis.cost_table(steps, tables.read_table(run_dir, "arm_timings"))
+html(costs.assign(model=costs["model"].map(MODEL_WORDS)).round(2)[[
+    "model", "steps", "images", "train", "attack", "forwards", "passes", "multiple"]].rename(
+    columns={"model": "arm", "steps": "SGD steps", "images": "training images",
+             "train": "training passes per image", "attack": "attack passes per image",
+             "forwards": "forwards per image", "passes": "passes per image",
+             "multiple": "multiple of control"}))
 
-# %%
+# %% tags=["hide-input"]
 print("wall time per epoch on this machine (training and the whole-test-split evaluation): "
-      + "; ".join(f"{row.model} {row.seconds_per_epoch:.1f} s" for row in costs.itertuples()))
+      + "; ".join(f"{MODEL_WORDS[row.model]} {row.seconds_per_epoch:.1f} s"
+                  for row in costs.itertuples()))
 
 # %% [markdown]
 # The PGD arm's {glue:text}`bl_pgd_steps` steps cost {glue:text}`bl_pgd_passes` passes per
@@ -144,19 +152,25 @@ print("wall time per epoch on this machine (training and the whole-test-split ev
 #
 # ## Clean accuracy
 #
-# Each model on the whole test split, with its 95 % Wilson interval.
+# Each model on the whole test split, with its 95 % Wilson interval (every test image one
+# trial).
 
-# %%
-predictions = {"start": tables.read_predictions(run_dir)}
-predictions["start"] = predictions["start"][predictions["start"]["epoch"] == trained.start_epoch]
+# %% tags=["hide-input"]
+clean = tables.read_predictions(run_dir)
+predictions = {"start": clean[(clean["model"] == trained.model)
+                              & (clean["epoch"] == trained.start_epoch)]}
 for arm in ("control", "borderline", "pgd"):
     table = tables.read_train_table(layout.arm_dir(run_dir, arm), "predictions")
     predictions[arm] = table[table["epoch"] == trained.last_epoch]
 accuracy = arm_analysis.accuracy_table(predictions)
-accuracy.round(4)
+html(pd.DataFrame({
+    "model": accuracy["model"].map(MODEL_WORDS), "epoch": accuracy["epoch"],
+    "test images": accuracy["test_images"], "correct": accuracy["correct"],
+    "accuracy [95 % interval]": [interval_text(r.accuracy, r.low, r.high)
+                                 for r in accuracy.itertuples()]}))
 
 # %% [markdown]
-# ## Margins under an attack no arm trained on
+# ## Margins under attacks no arm trained on
 #
 # FMN searches each measured image's smallest perturbation that changes its class, once in
 # L-infinity and once in L2 (pixel units in [0, 1]). A third search, for the transfer guard
@@ -165,17 +179,27 @@ accuracy.round(4)
 # from above in either norm; an image's margin in a norm is the smallest of them, the *best
 # known* (a misclassified image has margin 0; `inf` where no search changed the class). The
 # table gives, per model and norm, the median margin over the measured images with its 95 %
-# image-bootstrap interval, the quartiles, and on how many correctly classified images that
-# norm's own FMN search found a boundary (`found`).
+# interval resampling images, the quartiles, and on how many of the correctly classified
+# images that norm's own FMN search found a boundary.
 
-# %%
+# %% tags=["hide-input"]
 measured = borderline_measures.measure_all(run_dir, trained, test_set, settings, device=device)
-fmn = arm_analysis.best_known(measured["fmn_margins"], measured["transfer"])
-summary = arm_analysis.margin_summary(fmn)
-summary.round(5)
+margins = arm_analysis.best_known(measured["fmn_margins"], measured["transfer"])
+summary = arm_analysis.margin_summary(margins)
+scale = summary["norm"].map({"linf": 255, "l2": 1})
+html(pd.DataFrame({
+    "model": summary["model"].map(MODEL_WORDS),
+    "norm": summary["norm"].map({"linf": "L-infinity (x 255)", "l2": "L2"}),
+    "images": summary["images"], "correct": summary["correct"],
+    "found by its own FMN": summary["found"],
+    "median margin [95 % interval]": [interval_text(m * k, lo * k, hi * k) for m, lo, hi, k
+                                      in zip(summary["median"], summary["low"],
+                                             summary["high"], scale, strict=True)],
+    "quartiles": [f"{q1 * k:.3g} to {q3 * k:.3g}" for q1, q3, k
+                  in zip(summary["q25"], summary["q75"], scale, strict=True)]}))
 
-# %% mystnb={"figure": {"caption": "Class-balanced robust accuracy against the perturbation size epsilon: the share of the measured test images (the same number per tool) that each model classifies correctly with an FMN margin above epsilon, with 95 % image-bootstrap bands; left L-infinity (times 255), right L2.", "name": "fig-borderline-robust-accuracy"}}
-curves = pd.concat([arm_analysis.robust_accuracy_curves(fmn, norm=norm)
+# %% mystnb={"figure": {"caption": "Class-balanced robust accuracy against the perturbation size epsilon: the share of the measured test images (the same number per tool) that each model classifies correctly with a best-known margin above epsilon, with 95 % bands resampling images; top L-infinity (in grey levels, x 255), bottom L2.", "name": "fig-borderline-robust-accuracy"}} tags=["hide-input"]
+curves = pd.concat([arm_analysis.robust_accuracy_curves(margins, norm=norm)
                     for norm in ("linf", "l2")], ignore_index=True)
 figures.arm_robustness_chart(curves)
 
@@ -184,17 +208,24 @@ figures.arm_robustness_chart(curves)
 #
 # The same images are measured under every model, so the arms are compared image by image:
 # the change of an image's margin is the log of its ratio, and the table gives the median over
-# images with its 95 % bootstrap interval (`factor` is its exponential: the median image's
-# margin is multiplied by it). An image misclassified by one model only counts as a change of
-# known direction; one misclassified by both is left out (`unresolved`).
+# images of that ratio (the median image's margin is multiplied by it) with its 95 % interval
+# resampling images. An image misclassified by one model only counts as a change of known
+# direction; one misclassified by both is left out.
 
-# %%
-compared = arm_analysis.comparisons(fmn)
+# %% tags=["hide-input"]
+compared = arm_analysis.comparisons(margins)
 tables.write_table(run_dir, "comparisons", compared)
-compared.round(4)
+html(pd.DataFrame({
+    "model": compared["model"].map(MODEL_WORDS),
+    "against": compared["against"].map(MODEL_WORDS),
+    "norm": compared["norm"].map({"linf": "L-infinity", "l2": "L2"}),
+    "margin ratio, median image [95 % interval]": [
+        interval_text(r.factor, r.factor_low, r.factor_high) for r in compared.itertuples()],
+    "images": compared["n_images"], "grew": compared["grew"], "shrank": compared["shrank"],
+    "misclassified by both": compared["unresolved"], "direction": compared["direction"]}))
 
-# %% mystnb={"figure": {"caption": "Each measured image's FMN margin under the borderline arm against its margin under the control arm (log axes; points above the dashed diagonal grew), L-infinity and L2.", "name": "fig-borderline-per-image"}}
-figures.arm_margin_chart(fmn, model="borderline", against="control")
+# %% mystnb={"figure": {"caption": "Each measured image's best-known margin under the borderline arm against its margin under the control arm (log axes; points above the dashed diagonal grew), L-infinity in grey levels (x 255) and L2.", "name": "fig-borderline-per-image"}} tags=["hide-input"]
+figures.arm_margin_chart(margins, model="borderline", against="control")
 
 # %% [markdown]
 # ## At a fixed radius
@@ -203,9 +234,13 @@ figures.arm_margin_chart(fmn, model="borderline", against="control")
 # that survived) at the PGD arm's radius, on the same images: the share that keeps its class,
 # with its 95 % Wilson interval.
 
-# %%
+# %% tags=["hide-input"]
 fixed = arm_analysis.fixed_epsilon_table(measured["fixed_epsilon"])
-fixed.round(4)
+html(pd.DataFrame({
+    "model": fixed["model"].map(MODEL_WORDS), "epsilon (x 255)": (255 * fixed["epsilon"]).round(2),
+    "images": fixed["images"], "correct": fixed["correct"], "robust": fixed["robust"],
+    "robust share [95 % interval]": [interval_text(r.share, r.low, r.high)
+                                     for r in fixed.itertuples()]}))
 
 # %% [markdown]
 # ## Guards
@@ -215,29 +250,37 @@ fixed.round(4)
 # every correctly classified image off its class (they are not stopped by a flat or noisy
 # gradient); perturbations found on the control model, scaled along their direction, do not
 # change the class of another model sooner than its own white-box (FMN) margin (where they do,
-# the margins above already use the smaller, transferred distance); the gradient at the
-# test images does not vanish; the held-out PGD robust accuracy does not collapse from one
-# epoch to the next (catastrophic overfitting); and every forward of the attacks ran in eval
-# mode.
+# the margins above already use the smaller, transferred distance); the gradient at the test
+# images does not vanish; the held-out PGD robust accuracy does not collapse from one epoch to
+# the next (catastrophic overfitting); and every forward of the attacks ran in eval mode.
 
-# %%
+# %% tags=["hide-input"]
 guards = arm_verdicts.guard_table(measured)
-guards.round(4)
+html(pd.DataFrame({
+    "model": guards["model"].map(MODEL_WORDS), "guard": guards["guard"],
+    "passed": guards["passed"].map({True: "yes", False: "NO"}),
+    "images": guards["images"], "what was measured": guards["detail"]}))
 
 # %% [markdown]
 # ## Claims
 #
-# The paper's proposal, made testable: four claims, each decided by its 95 % interval
-# (agrees when the whole interval supports it, disagrees when the whole interval contradicts
-# it, inconclusive otherwise). These are four comparisons on one build's models; the per-image
+# The paper's proposal, made testable: four claims, each decided by its 95 % interval (agrees
+# when the whole interval supports it, disagrees when the whole interval contradicts it,
+# inconclusive otherwise). These are four comparisons on one build's models; the per-image
 # comparisons above are descriptive.
 
-# %%
+# %% tags=["hide-input"]
 accuracy_change = arm_analysis.accuracy_change(predictions["borderline"], predictions["control"])
 claims = arm_verdicts.arm_claims(compared, accuracy_change, accuracy_cost=accuracy_cost,
                                  pgd_mismatch=trained.pgd_mismatch)
 tables.write_table(run_dir, "claims", claims)
-claims.round(4)
+html(pd.DataFrame({
+    "claim": claims["claim"], "quantity": claims["quantity"],
+    "estimate [95 % interval]": [interval_text(r.estimate, r.low, r.high)
+                                 for r in claims.itertuples()],
+    "counted": [f"{n:,} {what}" for n, what in zip(claims["n"], claims["counted"],
+                                                     strict=True)],
+    "verdict": claims["verdict"], "detail": claims["detail"]}))
 
 # %% tags=["remove-input"]
 found = arm_verdicts.findings(claims, compared, guards, pgd_mismatch=trained.pgd_mismatch)
@@ -245,10 +288,10 @@ for name, sentence in found.items():
     glue(f"bl_found_{name}", sentence, display=False)
 data_kind = manifest.read_manifest(run_dir)["stages"][DATA_STAGE]["parameters"]["dataset_kind"]
 glue("bl_limits", f"{'Synthetic' if data_kind == 'synthetic' else 'Real'} data, one trained "
-     f"model, {settings.epochs} fine-tuning epoch(s) per arm on {subset_size:,} training "
-     f"images, {int(summary['images'].iloc[0])} measured test images and an "
-     f"FMN budget of {settings.fmn_steps} steps per image and norm: every verdict is this "
-     "build's, and a small budget leaves many of them inconclusive.", display=False)
+     f"model (seed {trained.model}), {settings.epochs} fine-tuning epoch(s) per arm on "
+     f"{subset_size:,} training images, {int(summary['images'].iloc[0])} measured test images "
+     f"and an FMN budget of {settings.fmn_steps} steps per image and norm: every verdict is "
+     "this build's, and a small budget leaves many of them inconclusive.", display=False)
 glue("bl_pgd_steps", str(trained.pgd_steps), display=False)
 glue("bl_pgd_passes", f"{costs.set_index('model').loc['pgd', 'passes']:.2f}", display=False)
 glue("bl_border_passes", f"{trained.borderline_passes:.2f}", display=False)

@@ -830,5 +830,5 @@ def arm_margin_chart(margins: pd.DataFrame, *, model: str, against: str) -> alt.
                      _tooltip("y:Q", model, format=".3g")])
         diagonal = alt.Chart(pd.DataFrame({"x": ends, "y": ends})).mark_line(
             color="grey", strokeDash=[4, 4]).encode(x="x:Q", y="y:Q")
-        panels.append((diagonal + points).properties(width=300, height=300))
+        panels.append((diagonal + points).properties(width=260, height=260))
     return _finish(alt.hconcat(*panels, spacing=30))

@@ -88,7 +88,7 @@ def model_file(run_dir: str | os.PathLike[str], model: str, *, arms: ArmsRun,
                epoch: int | None = None) -> Path:
     """The checkpoint of ``model`` ("start" or an arm) at ``epoch`` (default: its last)."""
     if model == "start":
-        return layout.checkpoint_path(run_dir, arms.start_epoch)
+        return layout.checkpoint_path(run_dir, arms.start_epoch, model=arms.model)
     return layout.checkpoint_file(layout.arm_dir(run_dir, model), epoch or arms.last_epoch)
 
 

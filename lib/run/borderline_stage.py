@@ -4,7 +4,8 @@
 the default build) and their only value checks.
 
 Every arm (:data:`lib.train.borderline.ARMS`: control, borderline, PGD) continues the same
-clean checkpoint of the training stage (:func:`start_epoch`) with :func:`lib.train.loop.fit`,
+clean checkpoint of the training stage's first model (:func:`clean_model`, the smallest seed;
+:func:`start_epoch`) with :func:`lib.train.loop.fit`,
 under the clean run's own hyperparameters (batch size, learning-rate schedule, momentum,
 weight decay, augmentation, balance, seed, precision), on the same seeded subset of the
 training images (:func:`training_subset`); only each step's objective differs. The control
@@ -132,13 +133,24 @@ class BorderlineStageSettings:
 # --------------------------------------------------------------------------- inputs
 
 
+def clean_model(run_dir: str | os.PathLike[str]) -> int:
+    """The seed of the clean model every arm continues: the training stage's first model."""
+    trained = layout.model_dirs(run_dir)
+    if not trained:
+        raise RunFolderError(
+            f"{layout.train_dir(run_dir)} holds no trained model; run the training stage "
+            "(02_train) first")
+    return next(iter(trained))
+
+
 def clean_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The clean training run's parameters (``train/train_params.json``)."""
-    params = tables.read_train_params(layout.train_dir(run_dir))
+    """The clean model's training parameters (its ``train_params.json``)."""
+    folder = layout.model_dir(run_dir, clean_model(run_dir))
+    params = tables.read_train_params(folder)
     if params is None:
         raise RunFolderError(
-            f"{layout.train_params_file(layout.train_dir(run_dir))} is missing; run the "
-            "training stage (02_train) first")
+            f"{layout.train_params_file(folder)} is missing; run the training stage "
+            "(02_train) first")
     return params
 
 
@@ -149,15 +161,17 @@ def start_epoch(run_dir: str | os.PathLike[str], settings: BorderlineStageSettin
     Raises:
         ParameterError: naming ``start_epoch`` when that epoch was not trained.
     """
-    trained = finished_epochs(layout.train_dir(run_dir))
+    model = clean_model(run_dir)
+    trained = finished_epochs(layout.model_dir(run_dir, model))
     if trained == 0:
         raise RunFolderError(
-            f"{layout.train_dir(run_dir)} holds no trained epoch; run the training stage "
-            "(02_train) first")
+            f"{layout.model_dir(run_dir, model)} holds no trained epoch; run the training "
+            "stage (02_train) first")
     if settings.start_epoch > trained:
         raise ParameterError(
             f"start_epoch {settings.start_epoch} was not trained: the training stage trained "
-            f"epochs 1-{trained}; choose one of them, or 0 for the last")
+            f"epochs 1-{trained} (model of seed {model}); choose one of them, or 0 for the "
+            "last")
     return settings.start_epoch or trained
 
 
@@ -184,6 +198,8 @@ def pgd_radius(run_dir: str | os.PathLike[str], settings: BorderlineStageSetting
     if settings.pgd_epsilon is not None:
         return float(settings.pgd_epsilon)
     results = tables.read_table(run_dir, "results", missing_ok=True)
+    if results is not None:
+        results = results[results["model"] == clean_model(run_dir)]
     if results is None or not (results["epoch"] == epoch).any():
         attacked = [] if results is None else sorted(set(results["epoch"]))
         raise RunFolderError(
@@ -204,6 +220,7 @@ def pgd_radius(run_dir: str | os.PathLike[str], settings: BorderlineStageSetting
 class ArmsRun:
     """What the arms' training left: the start, the last epoch, the PGD arm's match."""
 
+    model: int  #: the seed of the clean model every arm continued
     start_epoch: int  #: the clean epoch every arm continued
     last_epoch: int  #: the arms' last epoch (start + epochs)
     pgd_epsilon: float  #: the PGD arm's Linf radius
@@ -245,7 +262,8 @@ def train_arm(run_dir: str | os.PathLike[str], objective: BorderlineSettings, *,
         weight_decay=clean["weight_decay"], augment=clean["augment"],
         balance=clean["balance"], seed=clean["seed"], device=device,
         precision=clean["precision"], progress=progress, objective=objective,
-        start_epoch=start, start_checkpoint=layout.checkpoint_path(run_dir, start),
+        start_epoch=start,
+        start_checkpoint=layout.checkpoint_path(run_dir, start, model=clean_model(run_dir)),
     )  # fmt: skip
     if last > before:
         _record_time(run_dir, objective.arm, "training", epochs=last - before,
@@ -275,7 +293,7 @@ def train_arms(run_dir: str | os.PathLike[str], settings: BorderlineStageSetting
     pgd_steps = pgd_steps_for(passes, tolerance=math.inf)  # the mismatch is reported
     metrics["pgd"] = train_arm(run_dir, settings.arm_settings(
         "pgd", pgd_epsilon=epsilon, pgd_steps=pgd_steps), **common)
-    return ArmsRun(start, last, epsilon, pgd_steps, passes, metrics)
+    return ArmsRun(clean_model(run_dir), start, last, epsilon, pgd_steps, passes, metrics)
 
 
 def _record_time(run_dir: str | os.PathLike[str], model: str, phase: str, *, epochs: int,

@@ -164,7 +164,8 @@ def _check_borderline_inputs(p: Mapping[str, Any]) -> None:
 
     settings = stage_settings(BORDERLINE_STAGE, p)
     start = borderline_stage.start_epoch(p["run_dir"], settings)  # trained?
-    check_checkpoint(checkpoint_path(p["run_dir"], start))
+    check_checkpoint(checkpoint_path(p["run_dir"], start,
+                                     model=borderline_stage.clean_model(p["run_dir"])))
     borderline_stage.pgd_radius(p["run_dir"], settings, epoch=start)  # attacked, if needed
 
 
