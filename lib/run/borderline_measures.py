@@ -192,19 +192,30 @@ def transfer(run_dir: str | os.PathLike[str], arms: ArmsRun, measured: MeasuredI
         if model_name == TRANSFER_SOURCE:
             return pd.DataFrame()
         model = _load(run_dir, model_name, arms, device)
-        parts = []
-        for norm in evaluation.NORMS:
-            table = evaluation.transfer_distances(
-                model, measured.images, measured.labels, perturbed, norm=norm,
-                grid=TRANSFER_GRID, bisections=TRANSFER_BISECTIONS, batch_size=BATCH_SIZE,
-                device=device)
-            parts.append(pd.DataFrame({
-                "model": model_name, "image_id": measured.image_ids, "norm": norm,
-                "correct": table["correct"], "success": table["success"],
-                "scale": table["scale"], "distance": table["distance"]}))  # fmt: skip
-        return pd.concat(parts, ignore_index=True)
+        table = evaluation.transfer_distances(
+            model, measured.images, measured.labels, perturbed, norm="linf",
+            grid=TRANSFER_GRID, bisections=TRANSFER_BISECTIONS, batch_size=BATCH_SIZE,
+            device=device)
+        return pd.concat([table.assign(norm=norm, distance=_transferred(table, norm, measured,
+                                                                        perturbed))
+                          .assign(model=model_name, image_id=measured.image_ids)
+                          [list(tables.declared("transfer").columns)]
+                          for norm in evaluation.NORMS], ignore_index=True)
 
     return _per_model(run_dir, "transfer", compute)
+
+
+def _transferred(table: pd.DataFrame, norm: str, measured: MeasuredImages,
+                 perturbed: Tensor) -> np.ndarray:
+    """The distance in ``norm`` of each image's transferred point (the image moved along the
+    perturbation by the scale found, clipped to [0, 1]): 0 if misclassified, inf if no scale
+    changed the class (:func:`lib.attack.evaluation.transfer_distances`)."""
+    scale = torch.tensor(table["scale"].to_numpy(np.float64)).nan_to_num(0.0)
+    delta = perturbed - measured.images
+    point = (measured.images + scale.to(delta)[:, None, None, None] * delta).clamp(0, 1)
+    size = evaluation.distances(point - measured.images, norm).numpy()
+    size = np.where(table["success"].to_numpy(bool), size, np.inf)
+    return np.where(table["correct"].to_numpy(bool), size, 0.0)
 
 
 def fixed_epsilon(run_dir: str | os.PathLike[str], arms: ArmsRun, measured: MeasuredImages,
