@@ -50,8 +50,8 @@
 # (the smallest seed). Unless `pgd_epsilon` is given, the attack stage (03_attack) has attacked
 # the start checkpoint: the PGD arm's radius is the median of its images' Linf margins there. The defaults fit a small budget: one epoch per arm
 # on 1,024 of the training images, 35 measured test images, FMN with 40 steps (the default
-# build gives this chapter about six minutes of two CPU cores); the paper profile holds the
-# full-scale values.
+# build gives this chapter a few minutes of two CPU cores; the {doc}`../reproduce` chapter
+# gives its measured cost); the paper profile holds the full-scale values.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
