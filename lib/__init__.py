@@ -10,8 +10,8 @@ where a run folder keeps its files. There is no import cycle.
   the terminal that waits, never in a notebook
 - Each stage's parameters have one owner, a settings class beside the code that uses them
   (``data.settings``, ``train.settings``, ``attack.plan``, ``analysis.settings``,
-  ``run.minimality_stage``, ``run.margins_stage``): the only defaults (the default build's)
-  and the only checks.
+  ``run.minimality_stage``, ``run.borderline_stage``, ``run.margins_stage``): the only
+  defaults (the default build's) and the only checks.
 - ``data``: reading the data
 
   - ``cholec80``: the Cholec80 layout (annotation parsing, video decoding, exact frame pairing)
@@ -34,7 +34,9 @@ where a run folder keeps its files. There is no import cycle.
   - ``loop``: ``fit``, the one training loop (one process or DistributedDataParallel)
   - ``batches``: what an epoch draws (order, balance, augmentation, seeds)
   - ``evaluation``: a checkpoint on a whole split: predictions and classification tables
-  - ``resume``: a training folder that a run continues
+  - ``resume``: a training folder that a run continues, and the checkpoint it may start from
+  - ``borderline``, ``margins``: the borderline-training arms (control, borderline, PGD) as
+    batch objectives that ``fit`` calls; each training image's margin
   - ``settings``: the training stage's settings (``fit``'s defaults)
 
 - ``attack``: the attack
@@ -73,6 +75,8 @@ where a run folder keeps its files. There is no import cycle.
   - ``failures``: an outcome class for every failed attack
   - ``loss_comparison``: the same attacks under two losses
   - ``conclusions``: conclusions in words, written from the tables
+  - ``arms``, ``arm_verdicts``: the borderline-training arms compared per test image, their
+    guards and claims
   - ``figures``: altair chart builders shared by the notebooks; ``margin_figures``: those of
     the margins chapter
   - ``gallery``: the borderline images drawn as one picture that fits the text column
@@ -92,6 +96,8 @@ where a run folder keeps its files. There is no import cycle.
   - ``data_stage``, ``attack_stage``, ``minimality_stage``, ``margins_stage``: the stages' work
     on the run folder (``minimality_stage`` and ``margins_stage`` also hold their stage's
     settings)
+  - ``borderline_stage``, ``borderline_measures``: the borderline-training stage's settings and
+    arms, and its measurements of every model under attacks no arm trained on
   - ``findings``: the book's page of conclusions, written from the run folder
   - ``pipeline``: stage commands: papermill execution, ``start_stage``/``finish_stage``, the
     command line (``python -m lib.run.pipeline``)

@@ -392,7 +392,8 @@ FILE_PARAMETERS = {("01_data", "dataset_root"): "dataset folder",
 #: (the case "01_data: overwrite" shows it).
 TYPE_ONLY = {("03_attack", "overwrite"),
              ("04_analysis", "overwrite"), ("05_minimality", "overwrite"),
-             ("07_margins", "overwrite"), ("07_margins", "progress")}
+             ("06_borderline", "overwrite"), ("07_margins", "overwrite"),
+             ("07_margins", "progress")}
 
 
 def test_every_notebook_parameter_has_a_case() -> None:

@@ -25,7 +25,8 @@ ALLOWED = {
     "synthetic_height",  # synthetic videos at Cholec80's frame size instead of Cholec80
     "workers", "device",  # the CPU of a test machine
     "epochs", "seeds", "max_iter", "n_per_class", "sweep_per_class", "gallery_images",
-    "n_pairs", "steps",  # counts (seeds: one trained model instead of three)
+    "n_pairs", "steps", "train_images", "eval_per_class", "fmn_steps", "apgd_steps",
+    "held_out",  # counts (seeds: one trained model instead of three)
     "progress",  # quiet in tests
 }
 

@@ -792,3 +792,4 @@ def per_model(build, table: pd.DataFrame, *, title: str = "model of seed {model}
         chart.config = alt.Undefined  # the type sizes go on the whole figure, once
         charts.append(chart.properties(title=title.format(model=model)))
     return finish(alt.vconcat(*charts, spacing=30))
+

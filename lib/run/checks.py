@@ -30,6 +30,7 @@ from lib.run import tables
 from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
+    BORDERLINE_STAGE,
     DATA_STAGE,
     MARGINS_STAGE,
     MINIMALITY_STAGE,
@@ -158,6 +159,15 @@ def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
         check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=first))
 
 
+def _check_borderline_inputs(p: Mapping[str, Any]) -> None:
+    from lib.model.checkpoints import check_checkpoint
+    from lib.run import borderline_stage
+
+    settings = stage_settings(BORDERLINE_STAGE, p)
+    start = borderline_stage.start_epoch(p["run_dir"], settings)  # trained?
+    check_checkpoint(checkpoint_path(p["run_dir"], start,
+                                     model=borderline_stage.clean_model(p["run_dir"])))
+    borderline_stage.pgd_radius(p["run_dir"], settings, epoch=start)  # attacked, if needed
 def _check_margins_inputs(p: Mapping[str, Any]) -> None:
     from lib.model.checkpoints import check_checkpoint
     from lib.run import margins_stage
@@ -176,6 +186,7 @@ INPUT_CHECKS = {
     ATTACK_STAGE: _check_attack_inputs,
     ANALYSIS_STAGE: lambda p: None,  # its inputs are the finished attack stage's tables
     MINIMALITY_STAGE: _check_minimality_inputs,
+    BORDERLINE_STAGE: _check_borderline_inputs,
     MARGINS_STAGE: _check_margins_inputs,
 }
 

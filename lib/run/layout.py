@@ -16,6 +16,10 @@ below is spelt only here; other modules ask the functions of this module for pat
                                   chunks/<part>/chunk_NNNNN.{csv,npz}    (attack_file, chunk_files)
       analysis/                   the analysis tables                    (analysis_file)
       minimality/                 reference.csv, timings.csv, ratios.csv (minimality_file)
+      borderline/                 fmn_margins.csv, claims.csv, ...       (borderline_file)
+        arms/<arm>/               a training folder per arm: epoch_NN.safetensors, the training
+                                  tables, steps.csv, margins_NN.csv      (arm_dir,
+                                                                          train_margins_file)
       margins/                    the margins stage's tables             (margins_file)
 """
 
@@ -36,6 +40,7 @@ TRAIN_STAGE = "02_train"
 ATTACK_STAGE = "03_attack"
 ANALYSIS_STAGE = "04_analysis"
 MINIMALITY_STAGE = "05_minimality"
+BORDERLINE_STAGE = "06_borderline"
 MARGINS_STAGE = "07_margins"
 #: The run-folder subfolder each stage writes, which an overwrite clears.
 STAGE_OUTPUTS: dict[str, str] = {
@@ -44,18 +49,22 @@ STAGE_OUTPUTS: dict[str, str] = {
     ATTACK_STAGE: "attack",
     ANALYSIS_STAGE: "analysis",
     MINIMALITY_STAGE: "minimality",
+    BORDERLINE_STAGE: "borderline",
     MARGINS_STAGE: "margins",
 }
 #: The stages in the order data flows through them.
 STAGES: tuple[str, ...] = tuple(STAGE_OUTPUTS)
 #: The stage whose finished run another stage needs; the minimality and margins stages need the
 #: attack stage's, not the analysis stage's (the margins stage also reads the minimality
-#: stage's reference attacks where that stage ran).
+#: stage's reference attacks where that stage ran); the borderline-training stage needs a
+#: trained checkpoint (and reads the attack stage's margins only when it takes its PGD radius
+#: there).
 PREVIOUS_STAGE: dict[str, str] = {
     TRAIN_STAGE: DATA_STAGE,
     ATTACK_STAGE: TRAIN_STAGE,
     ANALYSIS_STAGE: ATTACK_STAGE,
     MINIMALITY_STAGE: ATTACK_STAGE,
+    BORDERLINE_STAGE: TRAIN_STAGE,
     MARGINS_STAGE: ATTACK_STAGE,
 }
 
@@ -71,6 +80,15 @@ ATTACK_FILES: dict[str, str] = {
 MINIMALITY_FILES: dict[str, str] = {
     "reference": "reference.csv", "timings": "timings.csv", "ratios": "ratios.csv",
 }
+BORDERLINE_FILES: dict[str, str] = {
+    "fmn_margins": "fmn_margins.csv", "fixed_epsilon": "fixed_epsilon.csv",
+    "gradients": "gradients.csv", "transfer": "transfer.csv", "held_out": "held_out.csv",
+    "attack_modes": "attack_modes.csv", "comparisons": "comparisons.csv",
+    "claims": "claims.csv", "arm_timings": "timings.csv",
+    "transfer_images": "transfer_images.npz",
+}
+#: The folder of the borderline-training stage's training folders (one per arm).
+ARM_DIR = "arms"
 #: The folder of the attack stage's finished chunks, inside ``attack/``.
 CHUNK_DIR = "chunks"
 
@@ -193,6 +211,21 @@ def minimality_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
 def margins_file(run_dir: str | os.PathLike[str], table: str) -> Path:
     """A table of the margins stage (``<table>.csv``)."""
     return stage_dir(run_dir, MARGINS_STAGE) / f"{table}.csv"
+
+
+def borderline_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    """A file of the borderline-training stage by kind (see ``BORDERLINE_FILES``)."""
+    return stage_dir(run_dir, BORDERLINE_STAGE) / _file_name(BORDERLINE_FILES, kind, "borderline")
+
+
+def arm_dir(run_dir: str | os.PathLike[str], arm: str) -> Path:
+    """The training folder of one arm of the borderline-training stage."""
+    return stage_dir(run_dir, BORDERLINE_STAGE) / ARM_DIR / arm
+
+
+def train_margins_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
+    """The training images' margins after ``epoch`` in a training folder (borderline arm)."""
+    return Path(train_folder) / f"margins_{epoch:02d}.csv"
 
 
 def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:

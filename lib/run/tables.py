@@ -37,11 +37,13 @@ from lib.run import layout
 from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
+    BORDERLINE_STAGE,
     DATA_STAGE,
     MARGINS_STAGE,
     MINIMALITY_STAGE,
     TRAIN_STAGE,
 )
+from lib.train.borderline import STEP_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ SWEEP_COLUMNS: tuple[str, ...] = ("lr0", *RESULT_COLUMNS)
 #: The training stage's tables; ``metrics`` is written last in every epoch, so an epoch counts
 #: as finished once it has a metrics row.
 TRAIN_TABLES: tuple[str, ...] = ("losses", "per_class", "confusion", "predictions", "metrics")
+#: The table a training run with an objective (:mod:`lib.train.borderline`) adds to its
+#: folder, one row per SGD step; the borderline arm also writes ``margins_NN.csv`` per epoch
+#: (:func:`read_margins`, :func:`write_margins`).
+OBJECTIVE_TABLES: tuple[str, ...] = ("steps",)
 #: The analysis stage's tables, each the output of a function of :mod:`lib.analysis.aggregates`,
 #: :mod:`lib.analysis.paired`, :mod:`lib.analysis.trends` or :mod:`lib.analysis.claim_table`
 #: (whose docstring gives its columns); the book offers them for download.
@@ -182,8 +188,11 @@ TABLES: dict[str, Table] = {
     "metrics": Table(TRAIN_STAGE, {
         "epoch": "int64", "accuracy": "float64", "macro_f1": "float64", "train_loss": "float64",
         "test_loss": "float64"}, "training metrics"),
-    "margins": Table(TRAIN_STAGE, {"image": "int64", "margin": "float64", "epoch": "int64",
-                                   "step": "int64"}, "borderline margins of training images"),
+    "steps": Table(BORDERLINE_STAGE, typed(STEP_COLUMNS, (
+        "int64", "int64", "int64", "float64", "int64", "int64", "int64", "float64", "int64",
+        "int64", "int64", "int64", "float64")), "passes per training step"),
+    "margins": Table(BORDERLINE_STAGE, {"image": "int64", "margin": "float64", "epoch": "int64",
+                                        "step": "int64"}, "borderline margins of training images"),
     "selection": Table(ATTACK_STAGE, {**MODEL_COLUMN, **typed(SELECTION_COLUMNS, (
         "int64", "str", "int64", "int64"))}, "attack selection"),
     "shortfall": Table(ATTACK_STAGE, {**MODEL_COLUMN, **typed(SHORTFALL_COLUMNS, (
@@ -202,19 +211,55 @@ TABLES: dict[str, Table] = {
         "str", "int64", "str", "int64", "int64", "int64", *["float64"] * 11, "bool")),
         "minimality ratios per norm"),
     **MARGIN_TABLES,
+    **{name: Table(BORDERLINE_STAGE, columns, holds) for name, (columns, holds) in {
+        "fmn_margins": ({"model": "str", "image_id": "str", "label": "int64", "norm": "str",
+                         "correct": "bool", "success": "bool", "margin": "float64"},
+                        "minimum-norm margins of the training arms"),
+        "fixed_epsilon": ({"model": "str", "image_id": "str", "label": "int64", "norm": "str",
+                           "epsilon": "float64", "correct": "bool", "robust": "bool",
+                           "distance": "float64"}, "fixed-epsilon robustness of the arms"),
+        "gradients": ({"model": "str", "image_id": "str", "correct": "bool",
+                       "logit_gap": "float64", "grad_l1": "float64", "grad_l2": "float64",
+                       "first_order_linf": "float64", "first_order_l2": "float64"},
+                      "input gradients of the arms"),
+        "transfer": ({"model": "str", "image_id": "str", "norm": "str", "correct": "bool",
+                      "success": "bool", "scale": "float64", "distance": "float64"},
+                     "transfer distances of the arms"),
+        "held_out": ({"model": "str", "epoch": "int64", "images": "int64", "correct": "int64",
+                      "robust": "int64"}, "held-out robust accuracy per epoch"),
+        "attack_modes": ({"model": "str", "attack": "str", "forwards": "int64",
+                          "train_forwards": "int64", "restored": "bool"},
+                         "the modes the evaluation attacks ran in"),
+        "comparisons": ({"model": "str", "against": "str", "norm": "str",
+                         "median_model": "float64", "median_against": "float64",
+                         "estimate": "float64", "low": "float64", "high": "float64",
+                         "n_images": "int64", "factor": "float64", "factor_low": "float64",
+                         "factor_high": "float64", "grew": "int64", "shrank": "int64",
+                         "unresolved": "int64", "direction": "str"},
+                        "paired margin changes of the arms"),
+        "claims": ({"claim": "str", "quantity": "str", "estimate": "float64",
+                    "low": "float64", "high": "float64", "n": "int64", "counted": "str",
+                    "verdict": "str", "detail": "str"}, "the borderline-training claims"),
+        "arm_timings": ({"model": "str", "phase": "str", "epochs": "int64",
+                         "seconds": "float64"}, "the training arms' wall times"),
+    }.items()},
 }
 #: The stage names the messages use.
 STAGE_WORDS = {DATA_STAGE: "data", TRAIN_STAGE: "training", ATTACK_STAGE: "attack",
                ANALYSIS_STAGE: "analysis", MINIMALITY_STAGE: "minimality",
-               MARGINS_STAGE: "margins"}
+               BORDERLINE_STAGE: "borderline-training", MARGINS_STAGE: "margins"}
 
 
 # --------------------------------------------------------------------------- CSV tables
 
 
 def table_path(run_dir: str | os.PathLike[str], name: str) -> Path:
-    """Where table ``name`` of :data:`TABLES` lives in ``run_dir``."""
+    """Where table ``name`` of :data:`TABLES` lives in ``run_dir`` (not for the tables of a
+    training folder, which :func:`read_train_table` and :func:`read_margins` read)."""
     stage = declared(name).stage
+    if name in (*OBJECTIVE_TABLES, "margins"):
+        raise ValueError(f"table {name!r} lives in a training folder; read it with "
+                         "read_train_table or read_margins")
     if stage == DATA_STAGE:
         return layout.data_file(run_dir, name)
     if stage == TRAIN_STAGE:
@@ -222,6 +267,8 @@ def table_path(run_dir: str | os.PathLike[str], name: str) -> Path:
                          "read_model_tables (every model) or read_train_table (one folder)")
     if stage == ATTACK_STAGE:
         return layout.attack_file(run_dir, name)
+    if stage == BORDERLINE_STAGE:
+        return layout.borderline_file(run_dir, name)
     if stage == MARGINS_STAGE:
         return layout.margins_file(run_dir, name)
     return layout.minimality_file(run_dir, name)
@@ -368,20 +415,38 @@ def claim_tables(run_dir: str | os.PathLike[str]) -> dict[tuple[str, str], pd.Da
 # --------------------------------------------------------------------------- training folders
 
 
+def _train_table_name(name: str) -> str:
+    if name not in (*TRAIN_TABLES, *OBJECTIVE_TABLES):
+        raise ValueError(f"training writes no table {name!r}; its tables are "
+                         f"{(*TRAIN_TABLES, *OBJECTIVE_TABLES)}")
+    return name
+
+
 def read_train_table(train_folder: str | os.PathLike[str], name: str) -> pd.DataFrame | None:
-    """A training table (:data:`TRAIN_TABLES`) of a training folder, or None when absent."""
-    if name not in TRAIN_TABLES:
-        raise ValueError(f"training writes no table {name!r}; its tables are {TRAIN_TABLES}")
-    path = layout.train_table(train_folder, name)
+    """A training table (:data:`TRAIN_TABLES`, :data:`OBJECTIVE_TABLES`) of a training
+    folder, or None when absent."""
+    path = layout.train_table(train_folder, _train_table_name(name))
     return read_csv(path, TABLES[name]) if path.is_file() else None
 
 
 def write_train_table(train_folder: str | os.PathLike[str], name: str,
                       frame: pd.DataFrame) -> None:
-    """Write a training table (:data:`TRAIN_TABLES`) into a training folder, atomically."""
-    if name not in TRAIN_TABLES:
-        raise ValueError(f"training writes no table {name!r}; its tables are {TRAIN_TABLES}")
-    write_csv(layout.train_table(train_folder, name), TABLES[name], frame)
+    """Write a training table (:data:`TRAIN_TABLES`, :data:`OBJECTIVE_TABLES`) into a
+    training folder, atomically."""
+    write_csv(layout.train_table(train_folder, _train_table_name(name)), TABLES[name], frame)
+
+
+def read_margins(train_folder: str | os.PathLike[str], epoch: int) -> pd.DataFrame | None:
+    """The borderline arm's margins of its training images after ``epoch`` (``margins_NN.csv``
+    of a training folder), or None when absent."""
+    path = layout.train_margins_file(train_folder, epoch)
+    return read_csv(path, TABLES["margins"]) if path.is_file() else None
+
+
+def write_margins(train_folder: str | os.PathLike[str], epoch: int,
+                  frame: pd.DataFrame) -> None:
+    """Write the margins of the training images after ``epoch`` into a training folder."""
+    write_csv(layout.train_margins_file(train_folder, epoch), TABLES["margins"], frame)
 
 
 def read_train_params(train_folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -442,16 +507,22 @@ def write_record(run_dir: str | os.PathLike[str], name: str, record: Any) -> Pat
 # --------------------------------------------------------------------------- arrays and chunks
 
 
+def _arrays_path(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    if kind in layout.BORDERLINE_FILES:
+        return layout.borderline_file(run_dir, kind)
+    return layout.attack_file(run_dir, kind)
+
+
 def read_arrays(run_dir: str | os.PathLike[str], kind: str) -> dict[str, np.ndarray] | None:
-    """The arrays of the attack stage's ``kind`` file (``"traces"``, ``"gallery"``), or None
-    if absent."""
-    path = layout.attack_file(run_dir, kind)
+    """The arrays of the attack stage's ``kind`` file (``"traces"``, ``"gallery"``) or of the
+    borderline-training stage's (``"transfer_images"``), or None if absent."""
+    path = _arrays_path(run_dir, kind)
     return io.read_npz(path) if path.is_file() else None
 
 
 def write_arrays(run_dir: str | os.PathLike[str], kind: str, **arrays: np.ndarray) -> Path:
-    """Write the attack stage's ``kind`` arrays (``"traces"``, ``"gallery"``); their path."""
-    path = layout.attack_file(run_dir, kind)
+    """Write the arrays of ``kind`` (see :func:`read_arrays`); their path."""
+    path = _arrays_path(run_dir, kind)
     io.write_npz(path, **arrays)
     return path
 
