@@ -164,7 +164,9 @@ print(f"{attacked} chunks attacked now, {len(job.chunks) - attacked} found finis
 #
 # Success rate within the budget, mean iterations and mean L1 of the successful attacks
 # (in 1/255 grey levels) per model, checkpoint and schedule, with the images and attacks behind
-# each. The analysis chapter draws and discusses these numbers with their intervals.
+# each and the failing attacks the certified stop ended early. The analysis chapter draws and
+# discusses these numbers with their intervals. Attacks whose loss or gradient turned
+# non-finite: {glue:text}`attack_not_finite` (they count as failures).
 
 # %% tags=["remove-input"]
 results = tables.read_results(run_dir)
@@ -184,9 +186,14 @@ glue("attack_certified", f"{int(results['certified_at'].notna().sum()):,}", disp
 glue("attack_passes_saved", f"{1 - run_passes / full_passes:.1%}", display=False)
 glue("attack_epochs", ", ".join(map(str, job.settings.epochs)), display=False)
 glue("attack_models", str(len(job.settings.models)), display=False)
+overview["images / attacks"] = [f"{i} / {a}" for i, a in zip(overview.pop("images"),
+                                                             overview.pop("attacks"),
+                                                             strict=True)]
+glue("attack_not_finite", f"{int(overview.pop('not_ok').sum()):,}", display=False)
 html(overview.round(3).rename(columns={
     "success_rate": "success rate", "mean_iterations": "mean iterations",
-    "mean_l1_255": "mean L1 of successes (x 1/255)", "not_ok": "not finite"}).reset_index())
+    "mean_l1_255": "mean L1 of successes (x 1/255)",
+    "certified": "stopped, certified"}).reset_index())
 
 # %% [markdown]
 # ## Summary

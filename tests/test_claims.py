@@ -145,7 +145,8 @@ def test_each_model_gets_its_own_verdict_beside_the_pooled_one() -> None:
     assert shown.loc["constant reaches 100 % success within max_iter", "n"] == (
         "160 images, 2 models; 640 attacks")
     assert shown.loc["constant reaches 100 % success within max_iter",
-                     "models agreeing"] == "1 of 2"
+                     "verdict pooled (each model)"] == (
+        "inconclusive (1 of 2 agree; seed 0: agrees; seed 1: disagrees)")
 
 
 def test_clean_accuracy_of_several_models_is_paired_per_image() -> None:

@@ -214,22 +214,27 @@ def readable_claims(claims: pd.DataFrame) -> pd.DataFrame:
     units behind it, the pooled verdict beside each model's and the setting.
 
     Returns:
-        ``claim, paper, quantity, estimate (95 % interval), n, verdict, each model, models
-        agreeing, checked at``.
+        ``claim, paper, quantity, estimate (95 % interval), n, verdict pooled (each model),
+        checked at``; the verdict cell reads ``"agrees (2 of 3 agree; seed 0: agrees; ...)"``.
     """
-    models = claims["model_verdicts"].str.count("seed ")
+    agreeing = models_agreeing(claims)
     return pd.DataFrame({
         "claim": claims["claim"], "paper": claims["paper"], "quantity": claims["quantity"],
         "estimate (95 % interval)": [interval_text(r.estimate, r.low, r.high)
                                      for r in claims.itertuples()],
         "n": [units_text(r.images, r.models, r.attacks, r.counted)
               for r in claims.itertuples()],
-        "verdict": claims["verdict"],
-        "each model": claims["model_verdicts"],
-        "models agreeing": [f"{k} of {m}" for k, m in zip(claims["models_agreeing"], models,
-                                                          strict=True)],
+        "verdict pooled (each model)": [
+            f"{r.verdict} ({k} agree; {r.model_verdicts})"
+            for r, k in zip(claims.itertuples(), agreeing, strict=True)],
         "checked at": [" ".join(part for part in (r.setting, r.construction) if part)
                        for r in claims.itertuples()]})
+
+
+def models_agreeing(claims: pd.DataFrame) -> list[str]:
+    """Per claim ``"k of m"``: how many of the m trained models agree on their own."""
+    models = claims["model_verdicts"].str.count("seed ")
+    return [f"{k} of {m}" for k, m in zip(claims["models_agreeing"], models, strict=True)]
 
 
 def claims_conclusion(claims: pd.DataFrame) -> str:
@@ -244,8 +249,9 @@ def claims_conclusion(claims: pd.DataFrame) -> str:
              f"{count.get(statistics.DISAGREES, 0)} and leaves "
              f"{count.get(statistics.INCONCLUSIVE, 0)} **inconclusive** (the 95 % interval "
              f"does not decide), pooled over {models} trained model(s).", ""]
+    shown["models agreeing"] = models_agreeing(claims)
     for verdict in statistics.VERDICTS:
-        chosen = shown[shown["verdict"] == verdict]
+        chosen = shown[claims["verdict"].to_numpy() == verdict]
         if chosen.empty:
             continue
         lines.append(f"- {verdict.capitalize()}:")
