@@ -77,8 +77,8 @@ where a run folder keeps its files. There is no import cycle.
   - ``conclusions``: conclusions in words, written from the tables
   - ``arms``, ``arm_verdicts``: the borderline-training arms compared per test image, their
     guards and claims
-  - ``figures``: altair chart builders shared by the notebooks; ``margin_figures``: those of
-    the margins chapter
+  - ``figures``: altair chart builders shared by the notebooks; ``margin_figures`` and
+    ``arm_figures``: those of the margins and borderline-training chapters
   - ``gallery``: the borderline images drawn as one picture that fits the text column
   - ``readable``: tables as the book shows them (headers in words, intervals in one cell)
   - ``settings``: the analysis stage's settings
@@ -91,7 +91,8 @@ where a run folder keeps its files. There is no import cycle.
   - ``manifest``: what ran in a run folder, with which parameters and versions
   - ``lock``: one stage at a time in a run folder
   - ``tables``: every table and record of the run folder: its columns and dtypes, its one
-    reader and writer (the result columns derive from ``attack.results``)
+    reader and writer (the result columns derive from ``attack.results``; ``stage_columns``
+    holds the columns of the margins and borderline-training stages' tables)
   - ``checks``: the checks before a stage (parameters, run folder, input files)
   - ``data_stage``, ``attack_stage``, ``minimality_stage``, ``margins_stage``: the stages' work
     on the run folder (``minimality_stage`` and ``margins_stage`` also hold their stage's

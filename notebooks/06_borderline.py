@@ -189,7 +189,7 @@ summary = arm_analysis.margin_summary(margins)
 scale = summary["norm"].map({"linf": 255, "l2": 1})
 html(pd.DataFrame({
     "model": summary["model"].map(MODEL_WORDS),
-    "norm": summary["norm"].map({"linf": "L-infinity (x 255)", "l2": "L2"}),
+    "norm": summary["norm"].map({"linf": "Linf (x 1/255)", "l2": "L2"}),
     "images": summary["images"], "correct": summary["correct"],
     "found by its own FMN": summary["found"],
     "median margin [95 % interval]": [interval_text(m * k, lo * k, hi * k) for m, lo, hi, k
@@ -198,7 +198,7 @@ html(pd.DataFrame({
     "quartiles": [f"{q1 * k:.3g} to {q3 * k:.3g}" for q1, q3, k
                   in zip(summary["q25"], summary["q75"], scale, strict=True)]}))
 
-# %% mystnb={"figure": {"caption": "Class-balanced robust accuracy against the perturbation size epsilon: the share of the measured test images (the same number per tool) that each model classifies correctly with a best-known margin above epsilon, with 95 % bands resampling images; top L-infinity (in grey levels, x 255), bottom L2.", "name": "fig-borderline-robust-accuracy"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Class-balanced robust accuracy against the perturbation size epsilon: the share of the measured test images (the same number per tool) that each model classifies correctly with a best-known margin above epsilon, with 95 % bands resampling images; top Linf (in grey levels, x 1/255), bottom L2 (in [0, 1] pixel units).", "name": "fig-borderline-robust-accuracy"}} tags=["hide-input"]
 curves = pd.concat([arm_analysis.robust_accuracy_curves(margins, norm=norm)
                     for norm in ("linf", "l2")], ignore_index=True)
 arm_figures.arm_robustness_chart(curves)
@@ -218,13 +218,15 @@ tables.write_table(run_dir, "comparisons", compared)
 html(pd.DataFrame({
     "model": compared["model"].map(MODEL_WORDS),
     "against": compared["against"].map(MODEL_WORDS),
-    "norm": compared["norm"].map({"linf": "L-infinity", "l2": "L2"}),
+    "norm": compared["norm"].map({"linf": "Linf", "l2": "L2"}),
     "margin ratio, median image [95 % interval]": [
         interval_text(r.factor, r.factor_low, r.factor_high) for r in compared.itertuples()],
-    "images": compared["n_images"], "grew": compared["grew"], "shrank": compared["shrank"],
-    "misclassified by both": compared["unresolved"], "direction": compared["direction"]}))
+    "images": compared["n_images"],
+    "grew / shrank / misclassified by both": [f"{r.grew} / {r.shrank} / {r.unresolved}"
+                                              for r in compared.itertuples()],
+    "direction": compared["direction"]}))
 
-# %% mystnb={"figure": {"caption": "Each measured image's best-known margin under the borderline arm against its margin under the control arm (log axes; points above the dashed diagonal grew), L-infinity in grey levels (x 255) and L2.", "name": "fig-borderline-per-image"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Each measured image's best-known margin under the borderline arm against its margin under the control arm (log axes; points above the dashed diagonal grew), Linf in grey levels (x 1/255) and L2 in [0, 1] pixel units.", "name": "fig-borderline-per-image"}} tags=["hide-input"]
 arm_figures.arm_margin_chart(margins, model="borderline", against="control")
 
 # %% [markdown]
@@ -237,7 +239,7 @@ arm_figures.arm_margin_chart(margins, model="borderline", against="control")
 # %% tags=["hide-input"]
 fixed = arm_analysis.fixed_epsilon_table(measured["fixed_epsilon"])
 html(pd.DataFrame({
-    "model": fixed["model"].map(MODEL_WORDS), "epsilon (x 255)": (255 * fixed["epsilon"]).round(2),
+    "model": fixed["model"].map(MODEL_WORDS), "epsilon (x 1/255)": (255 * fixed["epsilon"]).round(2),
     "images": fixed["images"], "correct": fixed["correct"], "robust": fixed["robust"],
     "robust share [95 % interval]": [interval_text(r.share, r.low, r.high)
                                      for r in fixed.itertuples()]}))

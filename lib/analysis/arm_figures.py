@@ -9,7 +9,14 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from lib.analysis.figures import PAGE_WIDTH, add_palette, colour_of, colour_scale, finish, top_legend
+from lib.analysis.figures import (
+    PAGE_WIDTH,
+    add_palette,
+    colour_of,
+    colour_scale,
+    finish,
+    top_legend,
+)
 from lib.analysis.margin_figures import axis_title, shown
 
 
