@@ -150,12 +150,12 @@ def arm_claims(comparisons: pd.DataFrame, accuracy: statistics.Interval, *,
     """The claims of borderline training, each with its interval and verdict.
 
     Args:
-        comparisons: :func:`comparisons` of the stage's margins.
+        comparisons: :func:`lib.analysis.arms.comparisons` of the stage's margins.
         accuracy: accuracy(borderline) - accuracy(control) on the test split
-            (:func:`accuracy_change`), a share.
+            (:func:`lib.analysis.arms.accuracy_change`), a share.
         accuracy_cost: the cost the second claim allows, in percentage points.
-        pgd_mismatch: |PGD passes - borderline passes| / borderline passes per image; the
-            comparison with PGD is "at equal cost" only within ``tolerance``.
+        pgd_mismatch: abs(PGD passes - borderline passes) / borderline passes, per image;
+            the comparison with PGD is "at equal cost" only within ``tolerance``.
 
     Returns:
         :data:`CLAIM_COLUMNS`, one row per claim: the widening in Linf, the accuracy cost, the

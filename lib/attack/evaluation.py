@@ -26,7 +26,8 @@ function returning a :class:`GuardOutcome`:
 
 Distances are in [0, 1] pixel units: Linf the largest change, L2 the Euclidean norm over the
 C*H*W values. Every attack runs with the model in eval mode and its weights frozen
-(:func:`lib.model.frozen`); the global RNG is seeded for adv-lib's random starts and restored.
+(:func:`lib.model.network.frozen`); the global RNG is seeded for adv-lib's random starts and
+restored.
 """
 
 from __future__ import annotations

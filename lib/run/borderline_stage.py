@@ -230,7 +230,7 @@ class ArmsRun:
 
     @property
     def pgd_mismatch(self) -> float:
-        """|K + 1 - p| / p: how far the PGD arm's passes per image are from the borderline
+        """abs(K + 1 - p) / p: how far the PGD arm's passes per image are from the borderline
         arm's mean p."""
         return abs(self.pgd_steps + 1 - self.borderline_passes) / self.borderline_passes
 
