@@ -174,6 +174,7 @@ def test_the_findings_page_is_written_from_the_run_folder(tmp_path) -> None:
     tables.write_analysis_table(run, "paper_claims", claims)
     extra = layout.stage_dir(run, "06_borderline" if "06_borderline" in layout.STAGES
                              else layout.MARGINS_STAGE) / "borderline_claims.csv"
+    extra.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"claim": ["training on borderline images widens the margin"],
                   "verdict": ["inconclusive"]}).to_csv(extra, index=False)
     page = findings.findings_markdown(run)
