@@ -20,16 +20,20 @@ by side mean anything; every ratio is a median over rounds):
   below (a pass after every few units of their work, its time excluded) and each loop's rate is
   divided by the limit sampled during it, so load drifting between measurements cancels;
 - the engine in float32 on the whole job (:func:`lib.attack.api.iter_attack_rows`, schedules
-  mixed), work = sum(iterations + 1);
+  mixed, the certified stop on as in the attack stage), work = the passes the engine needs:
+  iterations + 1 per row, certified_at + 1 where the certified stop finished the row (the
+  full loop's sum(iterations + 1) is printed beside it: its limit is the old one);
 - a plain batched loop with early stop and refill (:func:`plain_loop`, about 30 lines, as one
   writes it without the engine) on the same rows and batch size;
 - the per-image loop (the paper's algorithm, one image at a time, weights frozen), on evenly
   spaced rows up to a work budget;
-- the engine in bfloat16 (``precision="bfloat16"``) and in float32 on the same rows: the whole
-  job where the bfloat16 limit allows it within ``--fast-budget`` seconds, else an evenly
-  spaced subset of it (printed), at the batch size that subset fills; the bfloat16 limit is
-  measured at that batch size. Agreement: the share of rows with the same success flag, and
-  per schedule the median L1 of the rows successful in both;
+- the engine in bfloat16 (``precision="bfloat16"``) and in float32 on the same rows, at the
+  job's batch size: the bfloat16 limit is measured at that batch size, and the rows are an
+  evenly spaced subset of whole batches whose expected work fits ``--fast-budget`` seconds at
+  that limit (at least one batch; the whole job when it fits; :func:`precision_rows`).
+  Agreement: the share of rows with the same success flag, and per schedule the median L1 of
+  the rows successful in both (``--no-bfloat16`` leaves this part out: where bfloat16 is
+  emulated, about 80x slower than float32, it would take hours);
 - memory: peak resident memory of a streamed job of N and of 4N rows (results dropped as they
   finish), each in a fresh subprocess that warms up, resets the kernel's peak counter
   (``/proc/self/clear_refs``), runs the job and reads ``VmHWM``; the ratio is of the peak
@@ -186,12 +190,19 @@ def timed(stream, limit: LimitSampler | None, every: int = 8) -> tuple[float, li
             limit.sample()
 
 
+def row_passes(frame: pd.DataFrame) -> pd.Series:
+    """The passes each row cost the engine: certified_at + 1 where the certified stop finished
+    it, else iterations + 1."""
+    return frame["certified_at"].fillna(frame["iterations"]).astype("int64") + 1
+
+
 def run_engine(model, pool, rows, *, limit, **options) -> tuple[float, int, pd.DataFrame]:
-    """The job through the engine: seconds, work sum(iterations + 1), the results' scalars."""
-    stream = api.iter_attack_rows(model, pool, rows, lr0=LR0, **options)
+    """The job through the engine: seconds, the passes it needed (:func:`row_passes`), the
+    results' scalars."""
+    stream = api.iter_attack_rows(model, pool, rows, targeted=True, lr0=LR0, **options)
     seconds, chunks = timed(stream, limit)
-    work = sum(int(c.iterations.sum()) + len(c) for c in chunks)
     frame = pd.concat([c.to_frame() for c in chunks]).sort_values("row_id", kind="stable")
+    work = int(row_passes(frame).sum())
     frame["schedule"] = [r.schedule for r in sorted(rows, key=lambda r: r.row_id)]
     return seconds, work, frame.reset_index(drop=True)
 
@@ -288,16 +299,19 @@ def occupancy(iterations: list[int], batch_size: int) -> tuple[float, int]:
     return work / (loops * batch_size), loops
 
 
-def spread_subset(work: list[int], budget: float, minimum: int = 5) -> list[int]:
-    """Positions of an evenly spaced subset of rows whose total work fits ``budget``.
+def precision_rows(work: list[int], *, rate: float, budget: float, batch_size: int) -> list[int]:
+    """Positions of the rows of the precision job: an evenly spaced subset of whole batches.
 
-    The smallest stride s whose rows 0, s, 2s, ... fit; at least ``minimum`` rows (or all).
+    ``work`` is each row's passes, ``rate`` the limit (sample-iterations per second) measured
+    at ``batch_size``, ``budget`` seconds. The subset holds ``batches * batch_size`` rows, the
+    most whole batches whose expected work (mean work per row times rows) fits ``rate *
+    budget``, and at least one batch; every row when they are fewer than that.
     """
-    for stride in range(1, len(work) + 1):
-        chosen = list(range(0, len(work), stride))
-        if sum(work[k] for k in chosen) <= budget or len(chosen) <= minimum:
-            return chosen
-    return [0]
+    total = len(work)
+    per_batch = sum(work) / total * batch_size
+    batches = max(1, math.floor(rate * budget / per_batch))
+    count = min(total, batches * batch_size)
+    return [k * total // count for k in range(count)]
 
 
 def agreement(float32: pd.DataFrame, fast: pd.DataFrame) -> tuple[float, float, pd.DataFrame]:
@@ -353,7 +367,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     pool = torch.load(args.pool)
     base_rows = make_rows(model, pool)
     rows = [base_rows[k % len(base_rows)]._replace(row_id=k) for k in range(args.memory_probe)]
-    options = dict(lr0=LR0, max_iter=args.probe_iter, batch_size=args.batch_size)
+    options = dict(targeted=True, lr0=LR0, max_iter=args.probe_iter, batch_size=args.batch_size)
     for _ in api.iter_attack_rows(model, pool, rows[: 2 * args.batch_size], **options):
         pass  # warm-up: allocator, oneDNN primitives, code paths
     baseline = _status_kb("VmRSS")
@@ -396,6 +410,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--fast-budget", type=float, default=None,
                         help="seconds the bfloat16 engine run may take (sets the subset)")
+    parser.add_argument("--no-bfloat16", action="store_true",
+                        help="leave out the bfloat16 comparison (fast_* figures are nan)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="attack this checkpoint")
     parser.add_argument("--pool", type=Path, default=None, help="with --checkpoint: images .pt")
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
@@ -448,16 +464,17 @@ def measure_float32(model, pool, rows, args) -> tuple[dict, dict, pd.DataFrame]:
 
 def measure_precisions(model, pool, rows, frame, args) -> dict:
     """The engine in float32 and bfloat16 on the same rows; limits of both; agreement."""
-    fast_limit = LimitSampler(model, pool, 1, "bfloat16")
-    fast_limit.sample()  # warm-up, then a first estimate of the bfloat16 rate
-    fast_limit = LimitSampler(model, pool, 1, "bfloat16")
+    batch = args.batch_size
+    fast_limit = LimitSampler(model, pool, batch, "bfloat16")
+    fast_limit.sample()  # warm-up at the job's batch size, then the limit there
+    fast_limit = LimitSampler(model, pool, batch, "bfloat16")
     fast_limit.sample()
-    work = (frame["iterations"] + 1).tolist()
-    chosen = spread_subset(work, fast_limit.rate * args.fast_budget)
+    chosen = precision_rows(row_passes(frame).tolist(), rate=fast_limit.rate,
+                            budget=args.fast_budget, batch_size=batch)
     subset = [rows[k] for k in chosen]
-    batch = min(args.batch_size, len(subset))
-    print(f"precision job: {len(subset)} of {len(rows)} rows (evenly spaced; the bfloat16 "
-          f"limit here is {fast_limit.rate:.2f} sample-it/s at batch 1), batch {batch}",
+    batch = min(batch, len(subset))
+    print(f"precision job: {len(subset)} of {len(rows)} rows (evenly spaced, whole batches; the "
+          f"bfloat16 limit here is {fast_limit.rate:.2f} sample-it/s at batch {batch})",
           flush=True)
     runs = {}
     for name in ("float32", "bfloat16"):
@@ -477,15 +494,28 @@ def measure_precisions(model, pool, rows, frame, args) -> dict:
                 rows=len(subset), batch=batch)
 
 
+def skipped_precisions() -> dict:
+    """What :func:`measure_precisions` gives when the bfloat16 comparison is left out."""
+    run = dict(rate=math.nan, limit=math.nan)
+    return dict(runs={"float32": run, "bfloat16": run}, success_agreement=math.nan,
+                l1_shift=math.nan, medians=pd.DataFrame(), rows=0, batch=0)
+
+
 def print_report(model, pool, frame, rates, ratios, fast, memory, args) -> dict:
     """The tables and ceilings; returns the last line's values."""
     med = {k: statistics.median(v) for k, v in rates.items()}
-    fill, loops = occupancy(frame["iterations"].tolist(), args.batch_size)
+    needed = row_passes(frame)
+    fill, loops = occupancy((needed - 1).tolist(), args.batch_size)
     print("\njob: iterations per schedule (mean, max), success rate")
     print(frame.groupby("schedule", sort=False).agg(
         iterations=("iterations", "mean"), max_iter=("iterations", "max"),
         success=("success", "mean")).round(2).to_string())
     print(f"engine loop: {loops} batched iterations, mean batch fill {fill:.2f}")
+    full = int((frame["iterations"] + 1).sum())
+    certified = int(frame["certified_at"].notna().sum())
+    print(f"passes: {int(needed.sum())} with the certified stop ({certified} rows certified, "
+          f"{int(frame['certify_checks'].sum())} checks), {full} in the full loop: the stop "
+          f"saves {1 - needed.sum() / full:.1%}; the limit counts the former")
     print(f"\n{'float32, whole job':<40}{'sample-it/s (median)':>22}{'engine / it':>14}")
     for label, key in (("limit (sampled during the engine)", "limit"), ("engine", "engine"),
                        ("plain batched loop", "plain"), ("per-image loop", "per_image")):
@@ -547,7 +577,8 @@ def main() -> None:
     timed(plain_loop(model, pool, rows[: args.batch_size], lr0=LR0, max_iter=2,
                      batch_size=args.batch_size), warm)
     rates, ratios, frame = measure_float32(model, pool, rows, args)
-    fast = measure_precisions(model, pool, rows, frame, args)
+    fast = (skipped_precisions() if args.no_bfloat16
+            else measure_precisions(model, pool, rows, frame, args))
     n = 2 * args.batch_size
     memory = (measure_memory(args, n), measure_memory(args, 4 * n))
     result = print_report(model, pool, frame, rates, ratios, fast, memory, args)

@@ -1,8 +1,23 @@
-"""What a certified early stop would save on a run folder's attack job, and what it costs.
+"""What the certified early stop saves on a run folder's attack job, and what it costs.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_certify.py --run-dir data/runs/default [--epochs 5]
+    .venv/bin/python benchmarks/bench_certify.py --run-dir data/runs/default --engine \
+        [--sweep] [--max-rows 840] [--rounds 1]
+
+``--engine`` times the engine itself on the attack stage's job, as the stage runs it
+(:func:`engine_timing`): the rows of one part of the run folder's planned job (default: the
+last attacked checkpoint's main attack; ``--sweep``: every part of the lr0 sweep), cut to
+``--max-rows`` rows each (default: the whole part), attacked with the stage's settings in
+float32 with the stop off and on (rounds interleaved). Printed per part: the passes (a row costs
+iterations + 1 without the stop, certified_at + 1 when the stop finished it) and the checks,
+the time of each run, the share of passes and of time the stop saves, whether every row's
+success and iterations are equal, and the machine's float32 rate (forward + backward to the
+input at the job's batch size, images/s). The last line is
+``certify_passes_saved=<share> certify_time_saved=<share> outcomes_equal=<share>``.
+
+Without ``--engine``, the stop is replayed by hand on the failed rows (below).
 
 For the attacked checkpoints chosen (default: the last), the failed rows of the schedules with
 a remaining-step bound (default: exponential and step) are attacked again in float32 by a
@@ -48,13 +63,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lib.attack import (  # noqa: E402
+    api,
     bounds,
     schedules,  # noqa: E402
     step_bounds,
 )
+from lib.attack.plan import AttackSettings  # noqa: E402
+from lib.attack.results import AttackResult  # noqa: E402
+from lib.model import precision as precision_lib  # noqa: E402
 from lib.model.checkpoints import load_checkpoint  # noqa: E402
 from lib.model.network import frozen  # noqa: E402
-from lib.run import data_stage, tables  # noqa: E402
+from lib.run import attack_stage, data_stage, tables  # noqa: E402
 
 
 @dataclass
@@ -89,6 +108,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--max-rows", type=int, default=0, help="per epoch; 0 = all")
     parser.add_argument("--cost-rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--engine", action="store_true",
+                        help="time the engine with the stop off and on (see the docstring)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --engine")
     return parser.parse_args()
 
 
@@ -314,6 +336,132 @@ def check_cost(model, images: torch.Tensor, anchor: torch.Tensor, rounds: int) -
             "build_over_pass": build / statistics.median(passes)}
 
 
+# --------------------------------------------------------------------------- the engine
+
+
+def stage_parts(run_dir: Path, settings: AttackSettings, *, sweep: bool,
+                max_rows: int) -> list[pd.DataFrame]:
+    """The planned rows of the parts to time (the run folder is only read)."""
+    job = attack_stage.plan_job(run_dir, settings)
+    rows = job.rows
+    if sweep:
+        chosen = rows[rows["kind"] == "sweep"]
+    else:
+        last = int(rows.loc[rows["kind"] == "main", "epoch"].max())
+        chosen = rows[(rows["kind"] == "main") & (rows["epoch"] == last)]
+    parts = [part for _, part in chosen.groupby("part", sort=False)]
+    return [part.head(max_rows) if max_rows else part for part in parts]
+
+
+def engine_rows(part: pd.DataFrame, run_dir: Path) -> tuple[torch.Tensor, pd.DataFrame]:
+    """The pool and the engine's row table of one part, as the attack stage builds them."""
+    ids = sorted(part["image_id"].unique())
+    images = load_images(run_dir, pd.Series(ids))
+    index = pd.Series(np.arange(len(ids)), index=ids)
+    rows = pd.DataFrame({
+        "row_id": part["row_id"].to_numpy(np.int64),
+        "image": index.loc[part["image_id"]].to_numpy(np.int64),
+        "source": part["source"].to_numpy(np.int64), "target": part["target"].to_numpy(np.int64),
+        "schedule": part["schedule"].to_numpy(),
+    })
+    return images, rows
+
+
+def row_passes(result: AttackResult) -> int:
+    """Forward + backward passes the rows cost: iterations + 1, or certified_at + 1."""
+    stopped = result.certified_at >= 0
+    return int(torch.where(stopped, result.certified_at, result.iterations).sum()) + len(result)
+
+
+def time_part(model, images, rows, settings: AttackSettings, *, lr0: float,
+              rounds: int) -> dict:
+    """The part through the engine with the stop off and on, rounds interleaved."""
+    options = dict(targeted=settings.mode == "targeted", lr0=lr0, max_iter=settings.max_iter,
+                   batch_size=settings.batch_size, refine_tolerance=settings.refine_tolerance,
+                   schedule_constants=settings.schedule_constants,
+                   precision=precision_lib.resolve(settings.precision, "cpu"))
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    results: dict[bool, AttackResult] = {}
+    for _ in range(rounds):
+        for certify in (False, True):
+            start = time.perf_counter()
+            results[certify] = api.attack_rows(model, images, rows, certify=certify, **options)
+            seconds[certify].append(time.perf_counter() - start)
+    full, stopped = results[False], results[True]
+    order = rows.set_index("row_id").loc[full.row_id.numpy(), "schedule"].to_numpy()
+    certified = (stopped.certified_at >= 0).numpy()
+    failed = ~full.success.numpy()
+    at = stopped.certified_at.numpy()[certified]
+    per_schedule = {name: f"{int((certified & (order == name)).sum())}/"
+                          f"{int((failed & (order == name)).sum())}"
+                    for name in dict.fromkeys(order)}
+    return {
+        "stopped_of_failed": per_schedule,
+        "certified_at": np.percentile(at, [0, 25, 50, 75, 100]) if len(at) else [],
+        "rows": len(rows), "precision": options["precision"],
+        "passes_off": row_passes(full), "passes_on": row_passes(stopped),
+        "checks": int(stopped.certify_checks.sum()),
+        "certified": int((stopped.certified_at >= 0).sum()),
+        "seconds_off": statistics.median(seconds[False]),
+        "seconds_on": statistics.median(seconds[True]),
+        "success_equal": int((full.success == stopped.success).sum()),
+        "iterations_equal": int((full.iterations == stopped.iterations).sum()),
+        "both_equal": int(((full.success == stopped.success)
+                           & (full.iterations == stopped.iterations)).sum()),
+    }
+
+
+def engine_timing(args: argparse.Namespace) -> None:
+    """``--engine``: the stage's job with the stop off and on (see the module docstring)."""
+    run_dir = Path(args.run_dir)
+    recorded = tables.read_record(run_dir, "job")["settings"]
+    settings = AttackSettings(**recorded)
+    parts = stage_parts(run_dir, settings, sweep=args.sweep, max_rows=args.max_rows)
+    records = []
+    for part in parts:
+        epoch, lr0 = int(part["epoch"].iloc[0]), float(part["lr0"].iloc[0])
+        model = load_checkpoint(run_dir / "train" / f"epoch_{epoch:02d}.safetensors").eval()
+        images, rows = engine_rows(part, run_dir)
+        with frozen(model):
+            cost = check_cost(model, images[rows["image"].to_numpy()[:settings.batch_size]],
+                              torch.from_numpy(rows["target"].clip(lower=0).to_numpy()[
+                                  :settings.batch_size]), args.cost_rounds)
+        record = time_part(model, images, rows, settings, lr0=lr0, rounds=args.rounds)
+        record.update(part=part["part"].iloc[0], epoch=epoch, lr0=lr0,
+                      rate=cost["batch"] / cost["pass_s"], check_over_pass=cost["check_over_pass"])
+        records.append(record)
+        print_part(record, settings)
+    total = pd.DataFrame(records)
+    saved = 1 - total["passes_on"].sum() / total["passes_off"].sum()
+    timed = 1 - total["seconds_on"].sum() / total["seconds_off"].sum()
+    equal = total["both_equal"].sum() / total["rows"].sum()
+    print(f"certify_passes_saved={saved:.4f} certify_time_saved={timed:.4f} "
+          f"outcomes_equal={equal:.4f}")
+
+
+def print_part(record: dict, settings: AttackSettings) -> None:
+    off, on = record["passes_off"], record["passes_on"]
+    print(f"\n{record['part']} (epoch {record['epoch']}, lr0 {record['lr0']}): {record['rows']} "
+          f"rows, batch {settings.batch_size}, {record['precision']}, refine "
+          f"{settings.refine_tolerance}, max_iter {settings.max_iter}")
+    print(f"  stop off: {off} passes in {record['seconds_off']:.1f} s "
+          f"({off / record['seconds_off']:.1f} passes/s)")
+    print(f"  stop on:  {on} passes + {record['checks']} checks ({record['certified']} rows "
+          f"certified) in {record['seconds_on']:.1f} s")
+    net = on + record["checks"] * record["check_over_pass"]
+    print(f"  passes saved {1 - on / off:.1%} ({1 - net / off:.1%} net of the checks at "
+          f"{record['check_over_pass']:.2f} passes each); time saved "
+          f"{1 - record['seconds_on'] / record['seconds_off']:.1%}")
+    stops = ", ".join(f"{k} {v}" for k, v in record["stopped_of_failed"].items())
+    quartiles = "/".join(f"{q:.0f}" for q in record["certified_at"])
+    print(f"  attacks stopped of the failed ones: {stops}; certified_at min/q1/median/q3/max "
+          f"{quartiles}")
+    print(f"  outcomes: success equal on {record['success_equal']}/{record['rows']} rows, "
+          f"iterations on {record['iterations_equal']}/{record['rows']}")
+    print(f"  machine: float32 AlexNet forward + backward to the input at batch "
+          f"{settings.batch_size}: {record['rate']:.1f} images/s")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -340,6 +488,9 @@ def main() -> None:
     args = parse()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine:
+        engine_timing(args)
+        return
     run_dir = Path(args.run_dir)
     settings, results = load_job(run_dir, args.sweep)
     if args.lr0 is not None:

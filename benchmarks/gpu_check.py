@@ -143,8 +143,8 @@ def agreement(model: nn.Module, pool: torch.Tensor, rows, *, device: torch.devic
               lr0: float, max_iter: int, batch_size: int) -> dict[str, float]:
     """The same rows on the CPU and on ``device`` in float32: share equal, largest L1 gap."""
     cpu, other = (
-        api.attack_rows(model.to(where), pool, rows, lr0=lr0, max_iter=max_iter,
-                           batch_size=batch_size, device=where)
+        api.attack_rows(model.to(where), pool, rows, targeted=True, lr0=lr0,
+                        max_iter=max_iter, batch_size=batch_size)
         for where in (torch.device("cpu"), device)
     )
     same = (cpu.success == other.success) & (cpu.iterations == other.iterations)
@@ -182,8 +182,10 @@ def engine_rate(model: nn.Module, pool: torch.Tensor, labels: torch.Tensor, *,
     rows = [AttackRow(k, k % len(pool), int(labels[k % len(pool)]),
                              (int(labels[k % len(pool)]) + 1 + k % 6) % NUM_CLASSES,
                              SCHEDULES[k % len(SCHEDULES)]) for k in range(3 * batch_size)]
-    options = dict(lr0=1e-4, max_iter=max_iter, batch_size=batch_size, device=device,
-                   precision="bfloat16" if precision == "bfloat16" else "float32")
+    # the certified stop off: every row runs its updates, so the rate counts real passes
+    options = dict(targeted=True, lr0=1e-4, max_iter=max_iter, batch_size=batch_size,
+                   precision="bfloat16" if precision == "bfloat16" else "float32",
+                   certify=False)
     with precision_mode(precision):
         for _ in api.iter_attack_rows(model, pool, rows[:batch_size], **options):
             pass  # warm-up

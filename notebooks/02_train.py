@@ -35,7 +35,7 @@ momentum = 0.9  # SGD momentum (paper scale: 0.9)
 weight_decay = 0.0005  # L2 penalty (paper scale: 0.0005)
 augment = True  # random flip, crop and brightness/contrast jitter
 balance = "sampler"  # "none", "weights" (inverse-frequency loss) or "sampler" (balanced batches, which give a first checkpoint that classifies some images of every tool)
-seed = 0  # fixes initialisation, order, augmentation and dropout
+seeds = [0, 1, 2]  # one trained model per seed, each fixing its initialisation, order, augmentation and dropout; the models differ only in it (replicates). Increasing; the first model is the one every chapter shows in full; [0] trains one model
 precision = "auto"  # training forwards: "float32", "bfloat16" (autocast, float32 weights) or "auto" (bfloat16 where the device computes it natively)
 weights_path = ""  # local ImageNet AlexNet weights to start from; "" trains from scratch
 workers = 0  # DataLoader worker processes reading the frame cache (results do not change)
@@ -48,14 +48,15 @@ from myst_nb import glue
 from lib.analysis import figures
 from lib.analysis.readable import html
 from lib.model.precision import resolve as resolve_precision
-from lib.run import data_stage, pipeline, tables
+from lib.run import data_stage, layout, pipeline, tables
 from lib.run.chapters import precision_sentence
 from lib.run.layout import TRAIN_STAGE
 from lib.run.parameters import from_namespace
 from lib.train.loop import fit
 
-train_dir = pipeline.start_stage(TRAIN_STAGE, run_dir=run_dir, overwrite=overwrite,
-                                 parameters=from_namespace(TRAIN_STAGE, globals()))
+pipeline.start_stage(TRAIN_STAGE, run_dir=run_dir, overwrite=overwrite,
+                     parameters=from_namespace(TRAIN_STAGE, globals()))
+first_dir = layout.model_dir(run_dir, seeds[0])  # the first model, shown in full below
 train_set = data_stage.load_run_split(run_dir, "train")
 test_set = data_stage.load_run_split(run_dir, "test")
 print(f"{len(train_set)} training and {len(test_set)} test images of {train_set.image_size} px; "
@@ -100,15 +101,29 @@ glue("train_precision", precision_sentence(run_dir, TRAIN_STAGE, globals()), dis
 # moving), while epochs 3 to 5 had at least 40 correctly classified images of every tool. The
 # paper profile keeps the paper's own scale (10 epochs over Cholec80's 31,477 frames).
 
+# %% [markdown]
+# **Several models.** Every verdict of the book would otherwise be a statement about one
+# network: one initialisation, one order of the images, one draw of augmentation and dropout.
+# The stage therefore trains one model per seed in `seeds`, with every other setting equal, each
+# into its own folder (`train/seed_S/`), one after the other; a stopped run continues with the
+# model and epoch it stopped at. The first model is the one the chapters show in full; the
+# others are replicates, attacked at fewer checkpoints and images (the attack chapter says how
+# many), so that the results chapter can say which verdicts hold for every trained model. The
+# table gives every model's test accuracy and macro F1 after every epoch.
+
 # %% tags=["remove-input"]
-metrics = fit(
-    train_set, test_set, out_dir=train_dir, epochs=epochs, batch_size=batch_size, lr=lr,
-    lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
-    device=device, weights_path=weights_path or None, num_workers=workers, precision=precision,
-)
+for seed in seeds:
+    fit(
+        train_set, test_set, out_dir=layout.model_dir(run_dir, seed), epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_decay=lr_decay, momentum=momentum,
+        weight_decay=weight_decay, augment=augment, balance=balance, seed=seed, device=device,
+        weights_path=weights_path or None, num_workers=workers, precision=precision,
+    )
 pipeline.finish_stage(TRAIN_STAGE, run_dir=run_dir)
-html(metrics.round(4).rename(columns={
-    "accuracy": "test accuracy", "macro_f1": "test macro F1",
+every_model = tables.read_training_metrics(run_dir)
+metrics = every_model[every_model["model"] == seeds[0]].drop(columns="model")
+html(every_model.round(4).rename(columns={
+    "model": "model (seed)", "accuracy": "test accuracy", "macro_f1": "test macro F1",
     "train_loss": "training loss (mean over the epoch)", "test_loss": "test loss"}))
 
 # %% [markdown]
@@ -118,47 +133,54 @@ html(metrics.round(4).rename(columns={
 #
 # ## Loss
 
-# %% mystnb={"figure": {"caption": "Training loss of every SGD step (grey) and its running mean over 20 steps (black); epoch e ends at e on the horizontal axis.", "name": "fig-training-loss"}} tags=["hide-input"]
-figures.loss_curve_chart(tables.read_train_table(train_dir, "losses"))
+# %% mystnb={"figure": {"caption": "Training loss of the first model at every SGD step (grey) and its running mean over 20 steps (black); epoch e ends at e on the horizontal axis.", "name": "fig-training-loss"}} tags=["hide-input"]
+figures.loss_curve_chart(tables.read_train_table(first_dir, "losses"))
 
 # %% [markdown]
 # ## Accuracy and F1 per epoch
 #
 # {numref}`fig-training-accuracy-f1` is the paper's Figure 1 for this run: every checkpoint
-# evaluated on the whole test split. Because the classes are imbalanced, the macro F1 (the
-# unweighted mean of the seven per-class F1 scores) is the fairer summary; accuracy is
-# dominated by the frequent tools.
+# of every trained model evaluated on the whole test split. Because the classes are imbalanced,
+# the macro F1 (the unweighted mean of the seven per-class F1 scores) is the fairer summary;
+# accuracy is dominated by the frequent tools.
 
-# %% mystnb={"figure": {"caption": "Test accuracy and macro F1 of the checkpoint after every epoch (the paper's Figure 1).", "name": "fig-training-accuracy-f1"}} tags=["hide-input"]
-figures.accuracy_f1_chart(metrics)
+# %% mystnb={"figure": {"caption": "Test accuracy and macro F1 of the checkpoint after every epoch, one panel per trained model (the paper's Figure 1).", "name": "fig-training-accuracy-f1"}} tags=["hide-input"]
+figures.per_model(figures.accuracy_f1_chart, every_model)
 
 # %% tags=["remove-input"]
 last = metrics.iloc[-1]
+finals = every_model[every_model["epoch"] == every_model["epoch"].max()]
 glue("train_final_accuracy", f"{last['accuracy']:.3f}", display=False)
 glue("train_final_macro_f1", f"{last['macro_f1']:.3f}", display=False)
 glue("train_epochs", int(last["epoch"]), display=False)
+glue("train_models", str(len(seeds)), display=False)
+glue("train_final_range", f"{finals['accuracy'].min():.3f} to {finals['accuracy'].max():.3f}",
+     display=False)
 
 # %% [markdown]
-# After {glue:text}`train_epochs` epochs the test accuracy is {glue:text}`train_final_accuracy`
-# and the macro F1 {glue:text}`train_final_macro_f1`.
+# After {glue:text}`train_epochs` epochs the first model's test accuracy is
+# {glue:text}`train_final_accuracy` and its macro F1 {glue:text}`train_final_macro_f1`; the
+# last checkpoints of the {glue:text}`train_models` trained models reach accuracies from
+# {glue:text}`train_final_range`. The figures below show the first model.
 #
 # ## Per-class F1
 
-# %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch.", "name": "fig-training-per-class-f1"}} tags=["hide-input"]
-per_class = tables.read_train_table(train_dir, "per_class")
+# %% mystnb={"figure": {"caption": "F1 of every tool on the test split per epoch, the first model.", "name": "fig-training-per-class-f1"}} tags=["hide-input"]
+per_class = tables.read_train_table(first_dir, "per_class")
 figures.per_class_f1_chart(per_class)
 
 # %% [markdown]
 # ## Confusion matrix of the last checkpoint
 
-# %% mystnb={"figure": {"caption": "Confusion matrix of the last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}} tags=["hide-input"]
-confusion = tables.read_train_table(train_dir, "confusion")
+# %% mystnb={"figure": {"caption": "Confusion matrix of the first model's last checkpoint on the test split; colour is the share of each true class, numbers are frame counts.", "name": "fig-training-confusion"}} tags=["hide-input"]
+confusion = tables.read_train_table(first_dir, "confusion")
 figures.confusion_chart(confusion[confusion["epoch"] == confusion["epoch"].max()])
 
 # %% [markdown]
 # ## Summary
 #
-# The run folder's `train/` now holds one checkpoint per epoch (safetensors: loading one never
-# runs code) and the tables behind these figures: `metrics.csv`, `per_class.csv`,
-# `confusion.csv`, `predictions.csv` (every test image, every epoch) and `losses.csv`. The
-# attack stage selects its images from `predictions.csv`.
+# The run folder's `train/` now holds one folder per trained model (`seed_S/`), each with one
+# checkpoint per epoch (safetensors: loading one never runs code) and the tables behind these
+# figures: `metrics.csv`, `per_class.csv`, `confusion.csv`, `predictions.csv` (every test
+# image, every epoch) and `losses.csv`. The attack stage selects each model's images from its
+# `predictions.csv`.

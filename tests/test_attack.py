@@ -123,17 +123,18 @@ def assert_matches_reference(result, reference):
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
 def test_engine_equals_the_per_image_reference_loop(schedule, mode, batch_size):
     model, images, sources, targets = problem()
+    targeted = mode == "targeted"
     result = api.attack(
         model,
         images,
-        targets,
-        sources=sources,
+        sources,
+        targeted=targeted,
+        targets=targets if targeted else None,
         schedule=schedule,
         lr0=LR0[mode],
         max_iter=MAX_ITER,
-        mode=mode,
         batch_size=batch_size,
-        dtype=torch.float64,
+        certify=False,
     )
     assert_matches_reference(result, reference_results(schedule, mode))
 
@@ -172,11 +173,11 @@ def test_a_stream_mixing_schedules_equals_the_reference(mode):
             model,
             images,
             rows,
+            targeted=mode == "targeted",
             lr0=LR0[mode],
             max_iter=MAX_ITER,
-            mode=mode,
             batch_size=7,
-            dtype=torch.float64,
+            certify=False,
             keep_images=True,
         )
     )
@@ -192,7 +193,7 @@ def test_streamed_results_without_images_and_as_a_frame():
     model, images, _, _ = problem()
     rows = pd.DataFrame(mixed_rows("targeted"))
     result = api.attack_rows(
-        model, images, rows, lr0=0.01, max_iter=MAX_ITER, batch_size=16, dtype=torch.float64
+        model, images, rows, targeted=True, lr0=0.01, max_iter=MAX_ITER, batch_size=16
     )
     assert result.borderline is None
     frame = result.to_frame()
@@ -207,7 +208,8 @@ def test_a_chunk_rerun_from_scratch_is_bit_identical_in_float32():
     rows = mixed_rows("targeted")[17:61]
     runs = [
         api.attack_rows(
-            model, images.float(), rows, lr0=0.01, max_iter=MAX_ITER, batch_size=6, keep_images=True
+            model, images.float(), rows, targeted=True, lr0=0.01, max_iter=MAX_ITER, batch_size=6,
+            keep_images=True,
         )
         for _ in range(2)
     ]
@@ -225,13 +227,13 @@ def test_the_callers_tensors_are_left_unchanged():
     api.attack(
         model,
         images,
-        targets,
-        sources=sources,
+        sources,
+        targeted=True,
+        targets=targets,
         schedule="constant",
         lr0=0.01,
         max_iter=MAX_ITER,
         batch_size=3,
-        dtype=torch.float64,
     )
     for before, after in zip(inputs, (images, sources, targets), strict=True):
         assert torch.equal(before, after)
@@ -243,7 +245,7 @@ def test_uint8_pool_is_read_as_pixel_values_over_255():
     with torch.no_grad():
         sources = model(pool8.double() / 255).argmax(1)
     rows = [(k, k, sources[k].item(), (sources[k].item() + 3) % 7, "constant") for k in range(4)]
-    options = dict(lr0=0.01, max_iter=MAX_ITER, dtype=torch.float64, keep_images=True)
+    options = dict(targeted=True, lr0=0.01, max_iter=MAX_ITER, keep_images=True)
     from_uint8 = api.attack_rows(model, pool8, rows, **options)
     from_float = api.attack_rows(model, pool8.double() / 255, rows, **options)
     assert torch.equal(from_uint8.iterations, from_float.iterations)
@@ -293,13 +295,14 @@ def test_linear_model_stops_at_the_first_iterate_past_the_boundary(schedule):
     result = api.attack(
         model,
         images,
-        targets,
-        sources=sources,
+        sources,
+        targeted=True,
+        targets=targets,
         schedule=schedule,
         lr0=0.02,
         max_iter=60,
         batch_size=5,
-        dtype=torch.float64,
+        certify=False,  # the final images of failures are compared
     )
     expected = [
         expected_flip(
@@ -340,13 +343,14 @@ def test_failures_use_the_whole_budget():
     result = api.attack(
         model,
         images,
-        1 - sources,
-        sources=sources,
+        sources,
+        targeted=True,
+        targets=1 - sources,
         schedule="exponential",
         lr0=1e-4,
         max_iter=7,
-        dtype=torch.float64,
         refine_tolerance=1e-6,
+        certify=False,
     )
     assert not result.success.any()
     assert (result.iterations == 7).all()
@@ -361,13 +365,13 @@ def test_images_stay_in_the_unit_cube_with_large_steps():
     result = api.attack(
         model,
         images,
-        targets,
-        sources=sources,
+        sources,
+        targeted=True,
+        targets=targets,
         schedule="constant",
         lr0=0.4,
         max_iter=MAX_ITER,
         batch_size=3,
-        dtype=torch.float64,
     )
     assert result.borderline.min() >= 0 and result.borderline.max() <= 1
     moved = result.iterations > 0
@@ -377,16 +381,18 @@ def test_images_stay_in_the_unit_cube_with_large_steps():
 
 def test_a_sample_already_in_the_target_class_costs_zero_updates():
     model, images, sources, targets = problem()
-    aimed = targets.clone()
-    aimed[::4] = sources[::4]  # targeted at what the model already says
+    aimed, labels = targets.clone(), sources.clone()
+    aimed[::4] = sources[::4]  # targeted at what the model already says ...
+    labels[::4] = (sources[::4] + 2) % NUM_CLASSES  # ... for images it misclassifies
     result = api.attack(
         model,
         images,
-        aimed,
+        labels,
+        targeted=True,
+        targets=aimed,
         schedule="loss-adaptive",
         lr0=0.01,
         max_iter=MAX_ITER,
-        dtype=torch.float64,
         refine_tolerance=1e-3,
     )
     done = result.iterations[::4]
@@ -403,12 +409,11 @@ def test_untargeted_leaves_the_source_and_reports_the_new_class():
     result = api.attack(
         model,
         images,
-        None,
-        mode="untargeted",
+        sources,
+        targeted=False,
         schedule="constant",
         lr0=0.002,
         max_iter=MAX_ITER,
-        dtype=torch.float64,
     )
     ok = result.success
     assert ok.any()
@@ -419,13 +424,11 @@ def test_untargeted_leaves_the_source_and_reports_the_new_class():
     result = api.attack(
         model,
         images,
-        None,
-        sources=wrong,
-        mode="untargeted",
+        wrong,
+        targeted=False,
         schedule="constant",
         lr0=0.002,
         max_iter=MAX_ITER,
-        dtype=torch.float64,
     )
     assert result.iterations[0] == 0 and result.success[0]
 
@@ -462,7 +465,8 @@ def test_nonfinite_logits_fail_one_sample_and_leave_the_others_alone():
     with torch.no_grad():
         sources = model(images).argmax(1)
     rows = [(k, k, sources[k].item(), 1 - sources[k].item(), "constant") for k in range(24)]
-    options = dict(lr0=0.02, max_iter=60, batch_size=4, dtype=torch.float64, keep_images=True)
+    options = dict(targeted=True, lr0=0.02, max_iter=60, batch_size=4, certify=False,
+                   keep_images=True)
     clean = api.attack_rows(model, images, rows, **options)
     poisoned_images = images.clone()
     poisoned_images[5, 2, 0, 0] = 0.75
@@ -504,11 +508,13 @@ def test_weights_are_frozen_during_the_attack_and_restored_after():
         result = api.attack(
             model,
             images[:5],
-            targets[:5],
+            sources[:5],
+            targeted=True,
+            targets=targets[:5],
             schedule="constant",
             lr0=0.01,
             max_iter=5,
-            dtype=torch.float64,
+            certify=False,
         )
     assert (result.iterations > 0).any()
     assert model.seen and all(not training for training, _, _ in model.seen)
@@ -548,10 +554,10 @@ def test_refinement_finds_the_boundary_within_the_tolerance(tolerance):
     with torch.no_grad():
         sources = model(images).argmax(1)
     targets = 1 - sources
-    options = dict(sources=sources, schedule="constant", lr0=0.02, max_iter=60, batch_size=5,
-                   dtype=torch.float64)
-    plain = api.attack(model, images, targets, **options)
-    result = api.attack(model, images, targets, refine_tolerance=tolerance, **options)
+    options = dict(targeted=True, targets=targets, schedule="constant", lr0=0.02, max_iter=60,
+                   batch_size=5)
+    plain = api.attack(model, images, sources, **options)
+    result = api.attack(model, images, sources, refine_tolerance=tolerance, **options)
     assert result.success.all()
     # the path results are untouched by the refinement
     for name in ("iterations", "l1", "l2", "linf", "borderline", "target_prob"):
@@ -582,8 +588,8 @@ def test_refinement_finds_the_boundary_within_the_tolerance(tolerance):
 def test_refined_distances_never_exceed_the_path_distances_on_a_cnn():
     model, images, sources, targets = problem()
     result = api.attack(
-        model, images, targets, sources=sources, schedule="loss-adaptive", lr0=0.01,
-        max_iter=MAX_ITER, batch_size=7, dtype=torch.float64, refine_tolerance=1e-4,
+        model, images, sources, targeted=True, targets=targets, schedule="loss-adaptive",
+        lr0=0.01, max_iter=MAX_ITER, batch_size=7, refine_tolerance=1e-4,
     )
     done = result.success & (result.iterations > 0)
     assert done.sum() >= 5
@@ -643,11 +649,12 @@ def test_a_low_precision_crossing_counts_only_when_float32_confirms_it(case):
     with torch.no_grad():
         sources = probe(images).argmax(1)
     image = images[(sources == 0).nonzero()[0]]  # attacked toward class 1
-    options = dict(schedule="constant", lr0=0.01, batch_size=1, sources=torch.tensor([0]))
-    reference = api.attack(probe, image, torch.tensor([1]), max_iter=60, **options)
+    options = dict(targeted=True, targets=torch.tensor([1]), schedule="constant", lr0=0.01,
+                   batch_size=1, certify=False)
+    reference = api.attack(probe, image, torch.tensor([0]), max_iter=60, **options)
     k = reference.iterations.item()
     assert reference.success.item() and k >= 2
-    before = [api.attack(probe, image, torch.tensor([1]), max_iter=m, **options).borderline
+    before = [api.attack(probe, image, torch.tensor([0]), max_iter=m, **options).borderline
               for m in (k - 2, k - 1)]
     gaps = gap_to_class_1(probe, torch.cat(before + [reference.borderline]))
     assert gaps[0] > gaps[1] > 0 > gaps[2]
@@ -665,8 +672,8 @@ def test_a_low_precision_crossing_counts_only_when_float32_confirms_it(case):
     else:
         assert at_k.argmax().item() == 0  # bfloat16 does not call x_k crossed
     model.calls.clear()
-    result = api.attack(model, image, torch.tensor([1]), max_iter=60, precision="bfloat16",
-                           **options)
+    result = api.attack(model, image, torch.tensor([0]), max_iter=60, precision="bfloat16",
+                        **options)
     assert (True, True) in model.calls and (False, False) in model.calls
     assert result.iterations.item() == k and result.success.item()
     assert torch.equal(result.borderline, reference.borderline)
@@ -679,9 +686,9 @@ def test_bfloat16_on_a_small_cnn_reports_only_float32_successes():
     model = small_cnn(torch.float32)
     _, images, sources, targets = problem()
     images, sources, targets = images[:6].float(), sources[:6], targets[:6]
-    result = api.attack(model, images, targets, sources=sources, schedule="constant",
-                           lr0=0.01, max_iter=MAX_ITER, batch_size=6, precision="bfloat16",
-                           refine_tolerance=1e-3)
+    result = api.attack(model, images, sources, targeted=True, targets=targets,
+                        schedule="constant", lr0=0.01, max_iter=MAX_ITER, batch_size=6,
+                        precision="bfloat16", refine_tolerance=1e-3)
     assert result.success.sum() >= 3
     with torch.no_grad():
         logits = model(result.borderline)
@@ -698,10 +705,10 @@ def test_auto_precision_follows_the_capability_check(monkeypatch):
     model = small_cnn(torch.float32)
     _, images, sources, targets = problem()
     images, sources, targets = images[:4].float(), sources[:4], targets[:4]
-    options = dict(sources=sources, schedule="constant", lr0=0.01, max_iter=5)
-    plain = api.attack(model, images, targets, **options)
+    options = dict(targeted=True, targets=targets, schedule="constant", lr0=0.01, max_iter=5)
+    plain = api.attack(model, images, sources, **options)
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device: False)
-    auto = api.attack(model, images, targets, precision="auto", **options)
+    auto = api.attack(model, images, sources, precision="auto", **options)
     assert torch.equal(auto.borderline, plain.borderline)
     assert torch.equal(auto.loss_trace.nan_to_num(), plain.loss_trace.nan_to_num())
     seen = []
@@ -710,7 +717,7 @@ def test_auto_precision_follows_the_capability_check(monkeypatch):
     monkeypatch.setattr(precision, "forward",
                         lambda m, x, *, precision: seen.append(precision) or forward(
                             m, x, precision=precision))
-    api.attack(model, images, targets, precision="auto", **options)
+    api.attack(model, images, sources, precision="auto", **options)
     assert set(seen) == {"bfloat16"}
 
 
@@ -721,13 +728,13 @@ def call_attack(**changes):
     model, images, sources, targets = problem()
     arguments = dict(
         model=model,
-        images=images,
+        inputs=images,
+        labels=sources,
+        targeted=True,
         targets=targets,
-        sources=sources,
         schedule="constant",
         lr0=0.01,
         max_iter=5,
-        dtype=torch.float64,
     )
     arguments.update(changes)
     return api.attack(**arguments)
@@ -735,9 +742,21 @@ def call_attack(**changes):
 
 def call_rows(rows, pool=None, **changes):
     model, images, _, _ = problem()
-    arguments = dict(lr0=0.01, max_iter=5, dtype=torch.float64)
+    arguments = dict(targeted=True, lr0=0.01, max_iter=5)
     arguments.update(changes)
     return api.iter_attack_rows(model, images if pool is None else pool, rows, **arguments)
+
+
+class MixedPrecision(nn.Module):
+    """A float64 linear model with one float32 buffer (a half-converted model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, NUM_CLASSES)).double()
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x):
+        return self.linear(x)
 
 
 _, _IMAGES, _SOURCES, _TARGETS = problem()
@@ -746,22 +765,29 @@ BAD_INPUTS = {
     "lr0 zero": (lambda: call_attack(lr0=0.0), "lr0"),
     "lr0 negative": (lambda: call_attack(lr0=-0.01), "lr0"),
     "max_iter zero": (lambda: call_attack(max_iter=0), "max_iter"),
-    "target equals source": (lambda: call_attack(targets=_SOURCES), "target equals source"),
-    "image above 1": (lambda: call_attack(images=_IMAGES * 2), r"\[0, 1\]"),
-    "image below 0": (lambda: call_attack(images=_IMAGES - 0.5), r"\[0, 1\]"),
-    "image nan": (lambda: call_attack(images=_IMAGES.clone().fill_(math.nan)), r"\[0, 1\]"),
-    "image without batch axis": (lambda: call_attack(images=_IMAGES[0]), r"\[N, C, H, W\]"),
-    "target too large": (lambda: call_attack(targets=_TARGETS * 0 + 7, sources=None), "0 .. 6"),
-    "target negative": (lambda: call_attack(targets=_TARGETS * 0 - 1, sources=None), "0 .. 6"),
+    "clean labels as targets": (lambda: call_attack(targets=_SOURCES),
+                                r"target equals the label .* in 20 row\(s\), row_id 0, 1, 2"),
+    "targeted without targets": (lambda: call_attack(targets=None), "targets is required"),
+    "untargeted with targets": (lambda: call_attack(targeted=False), "targeted=False"),
+    "targeted not a flag": (lambda: call_attack(targeted="yes"), "True or False"),
+    "image above 1": (lambda: call_attack(inputs=_IMAGES * 2), r"\[0, 1\]"),
+    "image below 0": (lambda: call_attack(inputs=_IMAGES - 0.5), r"\[0, 1\]"),
+    "image nan": (lambda: call_attack(inputs=_IMAGES.clone().fill_(math.nan)), r"\[0, 1\]"),
+    "image without batch axis": (lambda: call_attack(inputs=_IMAGES[0]), r"\[N, C, H, W\]"),
+    "target too large": (lambda: call_attack(targets=_TARGETS * 0 + 7), "0 .. 6"),
+    "target negative": (lambda: call_attack(targets=_TARGETS * 0 - 1), "0 .. 6"),
+    "label too large": (lambda: call_attack(labels=_SOURCES * 0 + 9), "label"),
     "targets wrong length": (lambda: call_attack(targets=_TARGETS[:3]), "shape"),
     "targets float": (lambda: call_attack(targets=_TARGETS.double()), "integer"),
-    "unknown mode": (lambda: call_attack(mode="sideways"), "untargeted"),
-    "unknown constant": (lambda: call_attack(schedule="step", decay=0.1), "drop, every"),
-    "wrong dtype": (lambda: call_attack(dtype=torch.float32), "model.to"),
+    "unknown constant": (lambda: call_attack(schedule="step", constants={"decay": 0.1}),
+                         "drop, every"),
+    "lr0 inside a partial": (
+        lambda: call_attack(schedule=functools.partial(schedules.step_decay, lr0=0.1)), "lr0"),
+    "model in two dtypes": (lambda: call_attack(model=MixedPrecision()), "buffer 'scale'"),
     "unknown precision": (
         lambda: call_attack(precision="float16"), "'float32', 'bfloat16', 'auto'"
     ),
-    "bfloat16 with float64": (lambda: call_attack(precision="bfloat16"), "dtype=torch.float32"),
+    "bfloat16 with float64": (lambda: call_attack(precision="bfloat16"), "float32 model"),
     "refine tolerance zero": (lambda: call_attack(refine_tolerance=0.0), "refine_tolerance"),
     "refine tolerance negative": (lambda: call_rows([(0, 0, 1, 2, "constant")],
                                                     refine_tolerance=-1e-3), "None"),
@@ -779,6 +805,8 @@ BAD_INPUTS = {
         "source",
     ),
     "rows target out of range": (lambda: call_rows([(0, 0, 1, 9, "constant")]), "0 .. 6"),
+    "rows target equals source": (
+        lambda: call_rows([(0, 0, 1, 2, "constant"), (7, 0, 3, 3, "step")]), "row_id 7"),
     "rows constants for unused schedule": (
         lambda: call_rows([(0, 0, 1, 2, "constant")], schedule_constants={"step": {"drop": 1}}),
         "no row uses",
@@ -793,7 +821,90 @@ def test_bad_input_is_a_parameter_error(case):
         call()
 
 
+@pytest.mark.parametrize("keyword", ["max_iters", "mode", "decay", "sources", "dtype"])
+def test_a_misspelt_or_removed_keyword_is_a_type_error_naming_it(keyword):
+    with pytest.raises(TypeError, match=keyword):
+        call_attack(**{keyword: 50})
+
+
+def test_a_partial_schedule_brings_its_constants():
+    model, images, sources, targets = problem()
+    options = dict(targeted=True, targets=targets, lr0=0.01, max_iter=MAX_ITER, certify=False)
+    named = api.attack(model, images, sources, schedule="exponential",
+                       constants={"decay": 0.2}, **options)
+    bound = api.attack(model, images, sources,
+                       schedule=functools.partial(schedules.exponential, decay=0.2), **options)
+    plain = api.attack(model, images, sources, schedule="exponential", **options)
+    assert torch.equal(named.lr_trace.nan_to_num(-1), bound.lr_trace.nan_to_num(-1))
+    assert torch.equal(named.iterations, bound.iterations)
+    assert named.lr_trace[:, 1].nan_to_num(0).amax() > plain.lr_trace[:, 1].nan_to_num(0).amax()
+
+
 def test_the_unknown_schedule_error_names_every_known_schedule():
     with pytest.raises(ParameterError) as error:
         call_attack(schedule="cosine")
     assert all(name in str(error.value) for name in schedules.SCHEDULES)
+
+
+# --------------------------------------------------------------------------- the field's call
+
+
+def two_class_problem():
+    """A float32 two-class linear model and images in the middle of the cube.
+
+    Every sign step moves along sign(w_1 - w_0), so the smallest Linf perturbation that
+    flips an image is exact: |g(x)| / ||w_1 - w_0||_1 for the logit gap g (no clipping: the
+    images keep 0.3 from the cube's faces and every such distance is below 0.3).
+    """
+    generator = torch.Generator().manual_seed(11)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, 48, generator=generator) * 0.3)
+        model[1].bias.zero_()
+    images = 0.3 + 0.4 * torch.rand(16, 3, 4, 4, generator=generator)
+    with torch.no_grad():
+        logits = model(images)
+    labels = logits.argmax(1)
+    d = (model[1].weight[1] - model[1].weight[0]).detach()
+    minimal = (logits[:, 1] - logits[:, 0]).abs() / d.abs().sum()
+    assert minimal.max() < 0.3
+    return model, images, labels, minimal
+
+
+def test_a_constant_schedule_finds_the_minimal_linf_distance_within_one_step():
+    model, images, labels, minimal = two_class_problem()
+    lr0 = 0.002
+    result = api.attack(model, images, labels, targeted=False, schedule="constant", lr0=lr0,
+                        max_iter=200)
+    assert result.success.all()
+    assert (result.linf >= minimal - 1e-6).all()
+    assert (result.linf <= minimal + lr0 + 1e-6).all()
+
+
+def test_the_engine_runs_through_adv_libs_call_shape_beside_fmn():
+    from lib.attack.evaluation import adv_lib_attacks
+
+    model, images, labels, minimal = two_class_problem()
+    before = images.clone()
+    lr0 = 0.002
+    attacks = {
+        "engine": api.adv_lib_form(schedule="constant", lr0=lr0, max_iter=200),
+        "fmn": functools.partial(adv_lib_attacks().fmn, norm=math.inf, steps=200),
+    }
+    torch.manual_seed(0)
+    for name, attack_fn in attacks.items():
+        for targeted, aim in ((False, labels), (True, 1 - labels)):
+            adversarial = attack_fn(model, images, aim, targeted=targeted)
+            assert adversarial.shape == images.shape and adversarial.dtype == images.dtype
+            with torch.no_grad():
+                predicted = model(adversarial).argmax(1)
+            reached = predicted == aim if targeted else predicted != aim
+            assert reached.all(), (name, targeted)
+            linf = (adversarial - images).flatten(1).abs().amax(1)
+            assert (linf >= minimal - 1e-5).all(), (name, targeted)
+            if name == "engine":
+                assert (linf <= minimal + lr0 + 1e-6).all()
+    # adv-lib's convention: an image already in its target class comes back as it is
+    already = attacks["engine"](model, images, labels, targeted=True)
+    assert torch.equal(already, images)
+    assert torch.equal(images, before)  # the caller's images are left alone

@@ -71,7 +71,7 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def _first_checkpoint(root: Path) -> Path:
-    return layout.checkpoint_path(root / "run", 1)
+    return layout.checkpoint_path(root / "run", 1, model=0)
 
 
 def _checkpoint_truncated(root: Path, valid: Path) -> None:
@@ -391,7 +391,9 @@ FILE_PARAMETERS = {("01_data", "dataset_root"): "dataset folder",
 #: Flags whose only bad value is a wrong type, which one shared check refuses for every stage
 #: (the case "01_data: overwrite" shows it).
 TYPE_ONLY = {("03_attack", "overwrite"),
-             ("04_analysis", "overwrite"), ("05_minimality", "overwrite")}
+             ("04_analysis", "overwrite"), ("05_minimality", "overwrite"),
+             ("06_borderline", "overwrite"), ("07_margins", "overwrite"),
+             ("07_margins", "progress")}
 
 
 def test_every_notebook_parameter_has_a_case() -> None:

@@ -39,17 +39,31 @@ def test_occupancy_replays_the_refill_rule(bench, iterations, batch_size, fill, 
 
 
 @pytest.mark.parametrize(
-    ("work", "budget", "minimum", "chosen"),
+    ("work", "rate", "budget", "batch_size", "count"),
     [
-        ([1] * 10, 100, 5, list(range(10))),  # everything fits
-        ([1] * 10, 5, 5, [0, 2, 4, 6, 8]),  # stride 2: 5 rows of work 5
-        ([10] * 20, 45, 2, [0, 5, 10, 15]),  # stride 5: 40 <= 45 (stride 4 would be 50)
-        ([100] * 20, 1, 5, [0, 4, 8, 12, 16]),  # nothing fits: the first stride with <= 5 rows
+        ([10] * 210, 2.6, 40.0, 32, 32),  # bfloat16 emulated: 104 passes fit, one batch anyway
+        ([10] * 210, 20.0, 40.0, 32, 64),  # 800 passes: 2.5 batches of 320 passes -> 2
+        ([10] * 210, 1000.0, 40.0, 32, 210),  # everything fits: every row
+        ([1, 3] * 50, 10.0, 20.0, 8, 96),  # mean work 2: 200 passes are 12.5 batches of 16
+        ([5] * 5, 0.1, 1.0, 8, 5),  # fewer rows than a batch: every row
     ],
 )
-def test_the_precision_subset_is_evenly_spaced_within_the_budget(bench, work, budget, minimum,
-                                                                 chosen):
-    assert bench.spread_subset(work, budget, minimum) == chosen
+def test_the_precision_job_fills_whole_batches(bench, work, rate, budget, batch_size, count):
+    chosen = bench.precision_rows(work, rate=rate, budget=budget, batch_size=batch_size)
+    assert len(chosen) == min(count, len(work))
+    assert len(chosen) == len(work) or len(chosen) % batch_size == 0
+    assert len(chosen) >= min(batch_size, len(work))  # at least one full batch
+    assert chosen == sorted(set(chosen)) and chosen[0] == 0 and chosen[-1] < len(work)
+    gaps = {b - a for a, b in zip(chosen, chosen[1:], strict=False)}
+    assert max(gaps, default=1) - min(gaps, default=1) <= 1  # evenly spaced
+    expected_work = sum(work) / len(work) * len(chosen)
+    assert expected_work <= rate * budget or len(chosen) == min(batch_size, len(work))
+
+
+def test_row_passes_count_the_certified_stop(bench):
+    frame = pd.DataFrame({"iterations": [0, 100, 100, 37],
+                          "certified_at": pd.array([None, 24, None, None], dtype="Int64")})
+    assert bench.row_passes(frame).tolist() == [1, 25, 101, 38]
 
 
 def test_agreement_counts_flags_and_compares_medians_per_schedule(bench):
@@ -102,8 +116,8 @@ def test_the_plain_loop_attacks_exactly_like_the_engine_in_float64(bench, batch_
     finished = [f for _, done in bench.plain_loop(model, pool, rows, lr0=0.02, max_iter=15,
                                                   batch_size=batch_size) for f in done]
     plain = sorted(finished)
-    result = api.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, batch_size=7,
-                                dtype=torch.float64)
+    result = api.attack_rows(model, pool, rows, targeted=True, lr0=0.02, max_iter=15,
+                             batch_size=7, certify=False)
     assert [r[0] for r in plain] == result.row_id.tolist()
     assert [r[1] for r in plain] == result.success.tolist()
     assert [r[2] for r in plain] == result.iterations.tolist()
@@ -114,7 +128,8 @@ def test_the_plain_loop_counts_one_sample_iteration_per_row_and_pass(bench):
     model, pool = tiny_problem()
     rows = bench.make_rows(model, pool)[:30]
     steps = list(bench.plain_loop(model, pool, rows, lr0=0.02, max_iter=15, batch_size=8))
-    result = api.attack_rows(model, pool, rows, lr0=0.02, max_iter=15, dtype=torch.float64)
+    result = api.attack_rows(model, pool, rows, targeted=True, lr0=0.02, max_iter=15,
+                             certify=False)
     assert sum(s[0] for s in steps) == int(result.iterations.sum()) + len(rows)
     assert all(s[0] <= 8 for s in steps)
 

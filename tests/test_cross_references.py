@@ -14,7 +14,7 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from lib.run import layout
+from lib.run import findings, layout
 from lib.run.parameters import merged_parameters
 
 BOOK = layout.REPO / "book"
@@ -24,6 +24,7 @@ CHAPTER_NAMES = {
     "data": "executed/01_data", "training": "executed/02_train", "method": "method",
     "attack": "executed/03_attack", "analysis": "executed/04_analysis",
     "results": "executed/04_analysis", "minimality": "executed/05_minimality",
+    "margins": "executed/07_margins",
     "reproduce": "reproduce", "reference": "api", "references": "references",
 }
 
@@ -45,6 +46,9 @@ def chapters() -> dict[str, str]:
             notebook = jupytext.read(source)
             texts[f"executed/{stage}"] = "\n\n".join(
                 cell.source for cell in notebook.cells if cell.cell_type == "markdown")
+    # the page of conclusions is generated; its sentences for a run folder with nothing in it
+    texts[f"executed/{Path(findings.PAGE).stem}"] = findings.findings_markdown(
+        layout.REPO / "data" / "runs" / "no run folder")
     return texts
 
 

@@ -28,7 +28,7 @@ from lib.attack import plan
 from lib.data import datasets, frames
 from lib.errors import ParameterError
 from lib.model.checkpoints import build_model, save_checkpoint
-from lib.run import attack_stage, data_stage, distributed, ranks
+from lib.run import attack_stage, data_stage, distributed, layout, ranks
 from lib.run.parameters import stage_settings
 from lib.train.loop import fit
 from tests.test_robustness import load_template_net, make_run
@@ -106,8 +106,8 @@ def test_chunk_costs_weight_schedules_that_run_the_whole_budget(tmp_path: Path) 
     assert list(costs) == list(zip(job.chunks["part"], job.chunks["chunk"], strict=True))
     # constant: 0.2 * 10 + 1 = 3 passes, exponential: 10 + 1 = 11; a chunk of 5 rows
     # alternating between them holds 3 of one and 2 of the other
-    assert costs[("epoch_01", 0)] == 3 * 3 + 2 * 11
-    assert costs[("epoch_01", 1)] == 2 * 3 + 3 * 11
+    assert costs[("seed_0_epoch_01", 0)] == 3 * 3 + 2 * 11
+    assert costs[("seed_0_epoch_01", 1)] == 2 * 3 + 3 * 11
     assert sum(costs.values()) == pytest.approx(len(job.rows) / 2 * (3 + 11))
 
 
@@ -200,7 +200,7 @@ def make_alexnet_run(run_dir: Path) -> Path:
     """data/ and train/: one AlexNet checkpoint; predictions.csv calls every test image
     correct, so each class is attacked."""
     splits = make_alexnet_data(run_dir)
-    train = run_dir / "train"
+    train = layout.model_dir(run_dir, 0)  # the model of seed 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         save_checkpoint(build_model(num_classes=NUM_CLASSES), train / "epoch_01.safetensors")
@@ -260,7 +260,7 @@ def test_two_processes_write_the_one_process_tables(tmp_path: Path,
     assert len(job.chunks) == 4 and len(job.rows) == 84  # 7 images x 6 targets x 2 schedules
 
     # a plain process finished one chunk before: the two ranks attack only the other three
-    attack_stage.run_chunks(job, two, chunks=[("epoch_01", 1)], progress=False)
+    attack_stage.run_chunks(job, two, chunks=[("seed_0_epoch_01", 1)], progress=False)
     start_ranks(_cli_rank, 2, ["attack", "--run-dir", str(two), "--threads", "1",
                                "--no-progress", *cli_params()])
     # the costlier chunk alone on one rank, the other two on the other
@@ -323,7 +323,7 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_merged(tmp_path: Path) -
 
 
 TRAIN_PARAMS = ["epochs=1", "batch_size=2", "lr=0.01", "lr_decay=1.0", "augment=false",
-                "balance=none", "seed=3", "precision=float32"]
+                "balance=none", "seeds=[3]", "precision=float32"]
 
 
 @pytest.mark.slow
@@ -332,7 +332,7 @@ def test_two_process_training_writes_what_the_training_stage_continues(tmp_path:
     splits = make_alexnet_data(run_dir)
     argv = ["train", "--run-dir", str(run_dir), "--threads", "1", "--no-progress"]
     start_ranks(_cli_rank, 2, [*argv, *(a for p in TRAIN_PARAMS for a in ("--param", p))])
-    train = run_dir / "train"
+    train = run_dir / "train" / "seed_3"
     assert (train / "epoch_01.safetensors").is_file()
     losses = pd.read_csv(train / "losses.csv")
     assert losses["step"].tolist() == [1, 2, 3, 4]  # 7 images in global batches of 2

@@ -129,6 +129,18 @@ def test_failed_attacks_join_their_traces() -> None:
         fl.failed_attacks(results, {k: v[:3] for k, v in traces.items()})
 
 
+
+def test_failed_attacks_of_two_models_with_the_same_row_ids() -> None:
+    results, traces = run_tables()
+    both = pd.concat([results.assign(model=0), results.assign(model=7)], ignore_index=True)
+    arrays = {k: np.concatenate([v, v]) for k, v in traces.items()}
+    arrays["model"] = np.repeat([0, 7], len(traces["row_id"]))
+    failed = fl.failed_attacks(both, arrays, keys=("model", "epoch", "row_id"))
+    assert len(failed) == 10 and list(failed.columns[:3]) == ["model", "epoch", "row_id"]
+    assert (failed.groupby("model")["outcome"].apply(list).tolist()[0]
+            == failed.groupby("model")["outcome"].apply(list).tolist()[1])
+
+
 def test_outcome_shares_count_every_class() -> None:
     results, traces = run_tables()
     shares = fl.outcome_shares(fl.failed_attacks(results, traces))

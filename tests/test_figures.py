@@ -4,9 +4,10 @@ lib/analysis/aggregates.py."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from lib.analysis import aggregates, figures, minimality, paired
+from lib.analysis import aggregates, figures, minimality_norms, paired, trends
 from tests.chart_specs import colours_of, drawn
 from tests.test_metrics import (
     AGREEING,
@@ -14,6 +15,7 @@ from tests.test_metrics import (
     many_attacks,
     prediction_table,
     results_table,
+    selection_of,
 )
 
 RESULTS = results_table()
@@ -122,7 +124,7 @@ def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> N
 
 def test_per_image_chart() -> None:
     results = many_attacks(AGREEING, images=3)
-    per_image = aggregates.per_image_l1(results, ["img0", "img2"])
+    per_image = trends.per_image_l1(results, selection_of(results, ["img0", "img2"]))
     means = aggregates.mean_l1(results)
     spec = figures.per_image_chart(per_image, means).to_dict()
     assert spec["facet"]["field"] == "schedule" and spec["columns"] == 3
@@ -148,19 +150,26 @@ def test_minimality_charts_draw_their_intervals() -> None:
     ours = many_attacks(AGREEING, images=10, epochs=(1,))
     best = (ours[ours["success"]].groupby(["epoch", "image_id", "target"])["l1"].min()
             .rename("best_l1").reset_index())
-    table = minimality.minimality_intervals(ours, best)
+    table = minimality_norms.norm_intervals(ours, best, norm="l1", resamples=200)
     assert set(table["schedule"]) == set(SCHEDULES)
     row = table.set_index("schedule").loc["exponential"]  # always the smallest when it succeeds
     assert row["median_ratio"] == pytest.approx(1.0) and row["successful"] == 10
     assert row["optimality_low"] <= row["optimality"] <= row["optimality_high"]
+    assert row["closeness_low"] <= row["closeness"] <= row["closeness_high"]
     for build, low in ((figures.minimality_ratio_chart, "median_ratio_low"),
-                       (figures.optimality_chart, "optimality_low")):
+                       (figures.optimality_chart, "closeness_low")):
         marks = layer_marks(build(table).to_dict())
         assert any(fields.get("x") == low for mark, fields in marks if mark == "rule")
+    # several norms: one panel each, Linf first
+    spec = figures.minimality_ratio_chart(pd.concat([table, table.assign(norm="linf")])
+                                          ).to_dict()
+    assert [panel["layer"][0]["encoding"]["x"]["title"] for panel in spec["vconcat"]] == [
+        "Linf distance / best known (median, 95 % interval)",
+        "L1 distance / best known (median, 95 % interval)"]
 
 
 def test_trace_chart() -> None:
-    traces = {"epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
+    traces = {"model": np.array([0, 0]), "epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
     summary = aggregates.trace_summary(traces, RESULTS)
     spec = figures.trace_chart(summary).to_dict()
@@ -168,7 +177,6 @@ def test_trace_chart() -> None:
 
 
 def test_accuracy_chart_draws_intervals_when_given() -> None:
-    import pandas as pd
 
     plain = pd.DataFrame({"epoch": [1, 2], "accuracy": [0.5, 0.9], "macro_f1": [0.4, 0.8]})
     assert "layer" not in figures.accuracy_f1_chart(plain).to_dict()
@@ -184,7 +192,6 @@ def test_accuracy_chart_draws_intervals_when_given() -> None:
 
 def test_the_loss_curve_places_global_steps_inside_their_epochs(tmp_path) -> None:
     # train/losses.csv numbers steps from the start of training: 3 epochs of 4, 4 and 2 steps
-    import pandas as pd
 
     path = tmp_path / "losses.csv"
     path.write_text("epoch,step,loss\n" + "".join(
@@ -204,7 +211,6 @@ def test_the_loss_curve_places_global_steps_inside_their_epochs(tmp_path) -> Non
 
 def _sample_charts() -> dict:
     """One chart of every builder, drawn from the hand-made tables."""
-    import pandas as pd
 
     from tests.test_metrics import with_refinement
 
@@ -225,10 +231,12 @@ def _sample_charts() -> dict:
     ours = many_attacks(AGREEING, images=10, epochs=(1, 5))
     best = (ours[ours["success"]].groupby(["epoch", "image_id", "target"])["l1"].min()
             .rename("best_l1").reset_index())
-    intervals = minimality.minimality_intervals(ours, best)
+    intervals = minimality_norms.norm_intervals(ours, best, norm="l1", resamples=200)
+    intervals = pd.concat([intervals.assign(norm="linf"), intervals], ignore_index=True)
     sweep = pd.concat([results.assign(lr0=v) for v in (0.004, 0.008, 0.016, 0.04)])
-    traces = {"epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
+    traces = {"model": np.array([0, 0]), "epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
+    two_models = pd.concat([results, results.assign(model=1)], ignore_index=True)
     return {
         "class-counts": figures.class_counts_chart(counts),
         "tools-per-frame": figures.tool_share_chart(shares),
@@ -247,7 +255,8 @@ def _sample_charts() -> dict:
             many_attacks(AGREEING, images=6, epochs=(1, 3, 4, 5)))),
         "l1-histogram": figures.l1_histogram_chart(aggregates.l1_histogram(results, bins=5)),
         "per-image": figures.per_image_chart(
-            aggregates.per_image_l1(results, ["img0", "img2"]), aggregates.mean_l1(results)),
+            trends.per_image_l1(results, selection_of(results, ["img0", "img2"])),
+            aggregates.mean_l1(results)),
         "refinement": figures.refinement_chart(aggregates.refinement_ranking(
             with_refinement(many_attacks(AGREEING, epochs=(1, 3, 4, 5)),
                             dict.fromkeys(SCHEDULES, 0.5)))),
@@ -255,6 +264,8 @@ def _sample_charts() -> dict:
         "lr0": figures.lr0_sensitivity_chart(aggregates.lr0_sensitivity(sweep)),
         "minimality-ratio": figures.minimality_ratio_chart(intervals),
         "optimality": figures.optimality_chart(intervals),
+        "per-model": figures.per_model(figures.success_rate_chart,
+                                       aggregates.success_rates(two_models)),
     }
 
 
@@ -282,13 +293,12 @@ def test_every_chart_colours_each_schedule_with_its_palette_colour(sample_charts
             assert colour == figures.SCHEDULE_COLOURS[schedule], (name, schedule)
             coloured[name] = True
     assert set(coloured) == {"success-rate", "l1", "paired", "iterations-lr", "l1-histogram",
-                             "traces", "lr0"}
+                             "traces", "lr0", "per-model"}
 
 
 def test_the_drawn_text_check_sees_a_column_name() -> None:
     # the check above would catch an untitled column: vega-lite titles it with its name
     import altair as alt
-    import pandas as pd
 
     chart = alt.Chart(pd.DataFrame({"mean_l1_255": [1.0]})).mark_point().encode(
         y="mean_l1_255:Q")
@@ -299,7 +309,6 @@ def test_the_drawn_text_check_sees_a_column_name() -> None:
 @pytest.mark.parametrize(("values", "log"), [
     ([1.02, 2.04, 4.08, 10.2], True), ([1.02, 2.04, 4.08], False), ([2.04], False)])
 def test_the_lr0_axis_is_logarithmic_only_over_a_factor_of_ten(values: list, log: bool) -> None:
-    import pandas as pd
 
     x = figures._step_axis(pd.Series(values, name="lr0_255"), title="lr0").to_dict()
     assert (x["scale"].get("type") == "log") is log
@@ -309,7 +318,6 @@ def test_the_lr0_axis_is_logarithmic_only_over_a_factor_of_ten(values: list, log
 @pytest.mark.parametrize(("high", "log"), [(3.0, False), (80.0, True)])
 def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float,
                                                                      log: bool) -> None:
-    import pandas as pd
 
     ratios = pd.DataFrame({"schedule": ["constant", "step"], "epoch": [1, 1],
                            "successful": [5, 5], "median_ratio": [2.0, high / 2],
@@ -322,3 +330,17 @@ def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float
         assert x["axis"]["values"] == [2, 5, 10, 20, 50]
     width, texts = drawn(spec)
     assert width <= figures.PAGE_WIDTH
+
+
+def test_one_panel_per_trained_model() -> None:
+
+    two = pd.concat([RESULTS, RESULTS.assign(model=1)], ignore_index=True)
+    rates = aggregates.success_rates(two)
+    spec = figures.per_model(figures.success_rate_chart, rates).to_dict()
+    assert [panel["title"] for panel in spec["vconcat"]] == ["model of seed 0",
+                                                           "model of seed 1"]
+    assert inline_rows(spec) == len(rates)
+    assert "config" in spec and all("config" not in panel for panel in spec["vconcat"])
+    # one model: the chart itself
+    alone = figures.per_model(figures.success_rate_chart, aggregates.success_rates(RESULTS))
+    assert "vconcat" not in alone.to_dict()

@@ -51,14 +51,16 @@ REPO = Path(__file__).resolve().parent.parent
 SEED = 8061
 #: Kills of the attack child: one before any chunk is finished, the others spread over the run.
 ATTACK_KILLS = 6
-#: The many-chunk attack job on the template run: about 60 chunks of 12 attacks.
+#: The many-chunk attack job on the template run: about 60 chunks of 12 attacks, with the
+#: certified stop on: step decay's rows that fail are finished after update 16 of 24.
 TEMPLATE_SETTINGS = plan.AttackSettings(
-    epochs=[], schedules=["constant", "step", "loss-adaptive"], lr0=0.1, max_iter=10,
+    epochs=[], schedules=["constant", "step", "loss-adaptive"], lr0=0.1, max_iter=24,
     n_per_class=2, batch_size=8, chunk_size=12, sweep_lr0=[0.05, 0.2], sweep_per_class=1,
-    gallery_images=3, precision="float32", refine_tolerance=None,
+    gallery_images=3, precision="float32", refine_tolerance=None, certify=True,
 )
-#: The tiny profile's training, 3 epochs of 7 SGD steps (its 52 train images in batches of 8).
-TRAIN_OVERRIDES = {"epochs": 3, "batch_size": 8}
+#: The tiny profile's training, 3 epochs of 7 SGD steps (its 52 train images in batches of 8),
+#: one model (the seeds' loop resumes through each model's own folder).
+TRAIN_OVERRIDES = {"epochs": 3, "batch_size": 8, "seeds": [0]}
 #: The tiny profile's attack stage, cut to a few chunks of AlexNet attacks.
 COMMAND_OVERRIDES = {
     "epochs": [3], "schedules": ["constant"], "sweep_lr0": [], "chunk_size": 2, "batch_size": 2,
@@ -102,19 +104,18 @@ def train_child(run_dir: Path, params: dict[str, Any]) -> None:
     from lib.run import data_stage
     from lib.train.loop import fit
 
-    train_dir = pipeline.start_stage(
-        "02_train", run_dir=run_dir, overwrite=False, parameters=params
-    )
+    pipeline.start_stage("02_train", run_dir=run_dir, overwrite=False, parameters=params)
     train_set = data_stage.load_run_split(run_dir, "train")
     test_set = data_stage.load_run_split(run_dir, "test")
-    fit(
-        train_set, test_set, out_dir=train_dir, epochs=params["epochs"],
-        batch_size=params["batch_size"], lr=params["lr"], lr_decay=params["lr_decay"],
-        momentum=params["momentum"], weight_decay=params["weight_decay"],
-        augment=params["augment"], balance=params["balance"], seed=params["seed"],
-        device=params["device"], weights_path=params["weights_path"] or None,
-        precision=params["precision"], progress=False,
-    )  # fmt: skip
+    for seed in params["seeds"]:
+        fit(
+            train_set, test_set, out_dir=layout.model_dir(run_dir, seed), epochs=params["epochs"],
+            batch_size=params["batch_size"], lr=params["lr"], lr_decay=params["lr_decay"],
+            momentum=params["momentum"], weight_decay=params["weight_decay"],
+            augment=params["augment"], balance=params["balance"], seed=seed,
+            device=params["device"], weights_path=params["weights_path"] or None,
+            precision=params["precision"], progress=False,
+        )  # fmt: skip
     pipeline.finish_stage("02_train", run_dir=run_dir)
 
 
@@ -364,6 +365,8 @@ def test_attack_stage_killed_six_times_equals_an_uninterrupted_run(tmp_path: Pat
     job = attack_stage.plan_job(reference, TEMPLATE_SETTINGS)
     count = len(job.chunks)
     assert count >= 40
+    certified = tables.read_results(reference)["certified_at"].notna()
+    assert certified.sum() >= 20  # the stop finished rows in many chunks
     rng = random.Random(SEED)
     chunk_time = chunk_seconds(reference)
     waits = [0, *sorted(rng.sample(range(1, count - 2), ATTACK_KILLS - 1))]
@@ -425,7 +428,7 @@ def training_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
     for run_dir in (reference, killed):
         shutil.copytree(tiny_data, run_dir)
     Child(train_args(reference), root / "reference.log").finish()
-    train = reference / "train"
+    train = layout.model_dir(reference, 0)
     began = (train / "train_params.json").stat().st_mtime
     first = (train / "epoch_01.safetensors").stat().st_mtime
     epoch_time = (train / "epoch_02.safetensors").stat().st_mtime - first
@@ -437,16 +440,17 @@ def training_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
         child.wait_for(condition)
         time.sleep(delay)
         kill_tree(child)
-        kills.append((name, logged_epochs(killed / "train"), check_leftovers(killed / "train")))
+        kills.append((name, logged_epochs(layout.model_dir(killed, 0)),
+                      check_leftovers(layout.model_dir(killed, 0))))
 
     # epoch 1 in flight: after fit recorded its parameters, before the first checkpoint
-    kill("epoch 1", (killed / "train" / "train_params.json").is_file,
+    kill("epoch 1", (layout.model_dir(killed, 0) / "train_params.json").is_file,
          rng.uniform(0, 0.8) * (first - began))
-    kill("mid epoch 2", lambda: logged_epochs(killed / "train") == [1],
+    kill("mid epoch 2", lambda: logged_epochs(layout.model_dir(killed, 0)) == [1],
          rng.uniform(0.1, 0.7) * epoch_time)
     # half-way through writing epoch 3's checkpoint (its temporary exists)
     kill("epoch 3 checkpoint write",
-         lambda: any((killed / "train").glob(".epoch_03.safetensors.*")), 0.0)
+         lambda: any(layout.model_dir(killed, 0).glob(".epoch_03.safetensors.*")), 0.0)
     Child(train_args(killed), root / "final.log").finish()
     yield TrainingRuns(reference, killed, kills, time.monotonic() - started)
     for run_dir in (reference, killed):
@@ -461,7 +465,7 @@ def test_training_killed_in_epochs_1_2_and_3_equals_an_uninterrupted_run(
           f"left): {runs.kills}; {runs.seconds:.0f} s")
     assert [finished for _, finished, _ in runs.kills] == [[], [1], [1, 2]]
     assert runs.kills[-1][2] >= 1  # the checkpoint's half-written temporary was left behind
-    reference, killed = runs.reference / "train", runs.killed / "train"
+    reference, killed = layout.model_dir(runs.reference, 0), layout.model_dir(runs.killed, 0)
     for name in ("metrics", "losses", "per_class", "confusion", "predictions"):
         pd.testing.assert_frame_equal(
             pd.read_csv(killed / f"{name}.csv", dtype={"image_id": str}),

@@ -1,5 +1,5 @@
-"""Aggregates, paired comparisons and the paper-claims table (lib/analysis/aggregates.py,
-paired.py, claims.py) on a hand-made results table."""
+"""Aggregates and paired comparisons (lib/analysis/aggregates.py, paired.py, trends.py) on
+hand-made results tables: the image (and the model) as the unit of every interval."""
 
 from __future__ import annotations
 
@@ -8,14 +8,7 @@ import pandas as pd
 import pytest
 
 from lib import NUM_CLASSES
-from lib.analysis import aggregates, paired
-from lib.analysis.claims import (
-    CLAIM_COLUMNS,
-    ClaimRules,
-    claims_conclusion,
-    paper_claims,
-    readable_claims,
-)
+from lib.analysis import aggregates, paired, statistics, trends
 from lib.run.tables import RESULT_COLUMNS
 
 PAIRS = [(0, 1), (0, 2), (1, 0), (2, 0)]  # the four attacks of each (epoch, schedule)
@@ -59,6 +52,7 @@ def results_table(attacks=ATTACKS, *, nonfinite: bool = True) -> pd.DataFrame:
             ):
                 rows.append(
                     {
+                        "model": 0,
                         "epoch": epoch,
                         "schedule": name,
                         "mode": "targeted",
@@ -80,6 +74,8 @@ def results_table(attacks=ATTACKS, *, nonfinite: bool = True) -> pd.DataFrame:
                         "refined_l2": 0.1,
                         "refined_linf": 0.01,
                         "refine_forwards": 0,
+                        "certified_at": pd.NA,  # the full loop's row
+                        "certify_checks": 0,
                     }
                 )
                 row_id += 1
@@ -99,11 +95,10 @@ def results_table(attacks=ATTACKS, *, nonfinite: bool = True) -> pd.DataFrame:
     return pd.DataFrame(rows)[list(RESULT_COLUMNS)]
 
 
-TRAINING = pd.DataFrame({"epoch": [1, 2], "accuracy": [0.80, 0.83], "macro_f1": [0.7, 0.75]})
-
-
 def test_success_rates() -> None:
     rates = aggregates.success_rates(results_table()).set_index(["epoch", "schedule"])
+    assert (rates["model"] == 0).all()
+    assert rates.loc[(1, "step"), "images"] == 3  # img0 (two targets), img1, img2
     assert rates.loc[(1, "step"), "success_rate"] == 0.5
     assert rates.loc[(2, "step"), "success_rate"] == 1.0
     assert rates.loc[(1, "exponential"), "success_rate"] == 0.75
@@ -123,8 +118,8 @@ def test_mean_l1_counts_successful_attacks_only() -> None:
     assert table.loc[(1, "exponential"), "successes"] == 3
     assert table.loc[(1, "step"), "mean_l1_255"] == pytest.approx(1.0)
     assert table.loc[(1, "iteration"), "sd_l1_255"] == pytest.approx(0.0)
-    sd = np.std([4, 4, 6, 6], ddof=1)
-    assert table.loc[(1, "constant"), "sem_l1_255"] == pytest.approx(sd / 2)
+    assert table.loc[(1, "constant"), "images"] == 3
+    assert table.loc[(1, "exponential"), "images"] == 2  # img2's one attack failed
 
 
 def test_mean_l1_keeps_a_schedule_without_successes() -> None:
@@ -134,21 +129,27 @@ def test_mean_l1_keeps_a_schedule_without_successes() -> None:
     assert np.isnan(table.loc["constant", "mean_l1_255"])
 
 
-def test_iterations_and_lr_at_the_last_epoch() -> None:
+def test_iterations_and_lr_at_every_models_last_epoch() -> None:
     table = aggregates.iterations_and_lr(results_table()).set_index("schedule")
     assert (table["epoch"] == 2).all()
     assert table.loc["step", "mean_iterations"] == 25.0
     assert table.loc["exponential", "mean_iterations"] == pytest.approx(32.5)  # failures count
     assert table.loc["constant", "mean_lr_255"] == pytest.approx(1.0)
     assert table.loc["loss-adaptive", "attacks"] == 4
-    first = aggregates.iterations_and_lr(results_table(), epoch=1).set_index("schedule")
-    assert first.loc["step", "mean_iterations"] == 60.0
+    # a second model attacked at epoch 1 only: its last epoch is 1
+    one_epoch = results_table(nonfinite=False)
+    one_epoch = one_epoch[one_epoch["epoch"] == 1].assign(model=1)
+    both = aggregates.iterations_and_lr(pd.concat([results_table(), one_epoch]))
+    second = both[both["model"] == 1].set_index("schedule")
+    assert (second["epoch"] == 1).all() and second.loc["step", "mean_iterations"] == 60.0
+    assert len(both) == 2 * len(SCHEDULES)
 
 
 def test_class_pair_matrix_cells() -> None:
     matrix = aggregates.class_pair_l1(results_table())
     assert len(matrix) == 2 * len(SCHEDULES) * NUM_CLASSES * (NUM_CLASSES - 1)
     cell = matrix.set_index(["epoch", "schedule", "source", "target"])
+    assert (matrix["model"] == 0).all()
     assert cell.loc[(1, "constant", 0, 1), "mean_l1_255"] == pytest.approx(4.0)
     assert cell.loc[(1, "constant", 1, 0), "mean_l1_255"] == pytest.approx(6.0)
     assert cell.loc[(1, "constant", 1, 0), "source_tool"] == "Bipolar"
@@ -176,6 +177,7 @@ def test_trace_summary_averages_over_running_attacks() -> None:
     results = results_table({("constant", 1): [(True, 2, 1, 1), (True, 3, 1, 1)]}, nonfinite=False)
     nan = np.nan
     traces = {
+        "model": np.array([0, 0]),
         "epoch": np.array([1, 1]),
         "row_id": np.array([0, 1]),
         "lr": np.array([[1.0, 1.0, nan, nan], [1.0, 3.0, 1.0, nan]]) / 255,
@@ -186,6 +188,24 @@ def test_trace_summary_averages_over_running_attacks() -> None:
     assert summary["running"].tolist() == [2, 2, 1]
     assert np.allclose(summary["mean_lr_255"], [1.0, 2.0, 1.0])
     assert np.allclose(summary["mean_loss"], [3.0, 2.0, 2.0])
+
+
+def test_trace_summary_averages_losses_over_the_attacks_that_have_them() -> None:
+    # row 1 was finished by the certified stop after update 1: its step sizes go on to the end
+    # of the budget (as in the full loop), its losses end at its last iterate
+    results = results_table({("step", 1): [(True, 2, 1, 1), (False, 3, 1, 1)]}, nonfinite=False)
+    nan = np.nan
+    traces = {
+        "model": np.array([0, 0]),
+        "epoch": np.array([1, 1]),
+        "row_id": np.array([0, 1]),
+        "lr": np.array([[1.0, 1.0, nan], [1.0, 0.5, 0.25]]) / 255,
+        "loss": np.array([[2.0, 1.0, nan], [4.0, nan, nan]]),
+    }
+    summary = aggregates.trace_summary(traces, results)
+    assert summary["running"].tolist() == [2, 2, 1]
+    assert np.allclose(summary["mean_lr_255"], [1.0, 0.75, 0.25])
+    assert np.allclose(summary["mean_loss"], [3.0, 1.0, nan], equal_nan=True)
 
 
 def test_lr0_sensitivity() -> None:
@@ -207,14 +227,15 @@ def test_lr0_sensitivity() -> None:
 def test_skipped_counts() -> None:
     skipped = aggregates.skipped_counts(results_table())
     assert skipped.to_dict("records") == [
-        {"epoch": 2, "schedule": "loss-adaptive", "status": "nonfinite", "count": 1}
+        {"model": 0, "epoch": 2, "schedule": "loss-adaptive", "status": "nonfinite", "count": 1}
     ]
 
 
-def many_attacks(spec: dict, *, images: int = 30, epochs=(1, 2)) -> pd.DataFrame:
+def many_attacks(spec: dict, *, images: int = 30, epochs=(1, 2), model: int = 0,
+                 seed: int = 0) -> pd.DataFrame:
     """Two targets per image and ``images`` images per epoch; ``spec[(schedule, epoch)]`` (or
     ``spec[schedule]``) maps the row's position k to (success, iterations, l1 x255)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     base = rng.uniform(1, 10, 2 * images)  # the pair's difficulty, shared by every schedule
     rows = []
     for epoch in epochs:
@@ -227,7 +248,8 @@ def many_attacks(spec: dict, *, images: int = 30, epochs=(1, 2)) -> pd.DataFrame
                 source = (k // 2) % NUM_CLASSES
                 target = (source + 1 + k % 2) % NUM_CLASSES
                 success, iterations, l1_255 = rule(k, base[k])
-                rows.append({"epoch": epoch, "schedule": name, "mode": "targeted",
+                rows.append({"model": model, "epoch": epoch, "schedule": name,
+                             "mode": "targeted",
                              "row_id": row_id, "image_id": f"img{k // 2}", "source": source,
                              "target": target, "success": success, "iterations": iterations,
                              "mean_lr": 1 / 255, "l1": l1_255 / 255, "l1_255": l1_255,
@@ -235,9 +257,18 @@ def many_attacks(spec: dict, *, images: int = 30, epochs=(1, 2)) -> pd.DataFrame
                              "final_class": target if success else source, "status": "ok",
                              # what the engine writes when the refinement is off
                              "refined_l1": l1_255 / 255, "refined_l2": 0.1,
-                             "refined_linf": 0.01, "refine_forwards": 0})
+                             "refined_linf": 0.01, "refine_forwards": 0,
+                             "certified_at": pd.NA, "certify_checks": 0})
                 row_id += 1
     return pd.DataFrame(rows)[list(RESULT_COLUMNS)]
+
+
+def prediction_table(correct: dict[int, int], *, images: int = 100,
+                     model: int = 0) -> pd.DataFrame:
+    """``correct[epoch]`` of ``images`` test images right (the first ones), label 0."""
+    return pd.DataFrame([(model, epoch, f"t{k}", 0, 0 if k < right else 1)
+                         for epoch, right in correct.items() for k in range(images)],
+                        columns=["model", "epoch", "image_id", "label", "predicted"])
 
 
 AGREEING = {
@@ -249,94 +280,16 @@ AGREEING = {
 }
 
 
-def prediction_table(correct: dict[int, int], *, images: int = 100) -> pd.DataFrame:
-    """``correct[epoch]`` of ``images`` test images right (the first ones), label 0."""
-    return pd.DataFrame([(epoch, f"t{k}", 0, 0 if k < right else 1)
-                         for epoch, right in correct.items() for k in range(images)],
-                        columns=["epoch", "image_id", "label", "predicted"])
-
-
-def verdicts(results: pd.DataFrame, predictions: pd.DataFrame | None = None,
-             rules: ClaimRules | None = None) -> dict[str, str]:
-    rules = rules or ClaimRules()
-    claims = paper_claims(results, predictions, rules=rules)
-    assert tuple(claims.columns) == CLAIM_COLUMNS
-    decided = claims[claims["verdict"] != "inconclusive"]
-    slack = 1e-9  # a constant difference in floating point: the interval is one point
-    assert (decided["low"] <= decided["estimate"] + slack).all()
-    assert (decided["estimate"] <= decided["high"] + slack).all()
-    return dict(zip(claims["claim"], claims["verdict"], strict=True))
-
-
-CLAIMS = [
-    "constant reaches 100 % success within max_iter",
-    "iteration reaches 100 % success within max_iter",
-    "loss-adaptive reaches 100 % success within max_iter",
-    "step falls short of 100 % success",
-    "exponential falls short of 100 % success",
-    "constant gives the largest mean L1 (successful attacks)",
-    "step gives a smaller mean L1 than constant and iteration",
-    "exponential gives a smaller mean L1 than constant and iteration",
-    "loss-adaptive gives a smaller mean L1 than constant and iteration",
-    "step and exponential need the most iterations (last epoch)",
-    "success rate changes little across epochs",
-    "clean accuracy changes little across epochs",
-]
-
-
-def test_every_claim_agrees_when_the_data_says_so() -> None:
-    rules = ClaimRules(stable_within=0.25)  # 60 attacks per epoch: +-0.17 at best
-    got = verdicts(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}), rules)
-    assert got == dict.fromkeys(CLAIMS, "agrees")
-    claims = paper_claims(many_attacks(AGREEING), rules=rules).set_index("claim")
-    row = claims.loc["constant reaches 100 % success within max_iter"]
-    assert (row["estimate"], row["n"], row["counted"]) == (1.0, 120, "attacks")
-    assert row["low"] == pytest.approx(0.9690, abs=1e-4)  # Wilson, 120 of 120
-    row = claims.loc["constant gives the largest mean L1 (successful attacks)"]
-    # the decisive comparison is the closest one: constant minus iteration, 1/255 less 0.01 k%3
-    assert "minus iteration" in row["quantity"] and row["n"] == 120
-    assert row["estimate"] == pytest.approx(1 - 0.01 * np.mean([k % 3 for k in range(60)]))
-
-
-def test_every_claim_disagrees_when_the_data_contradicts_it() -> None:
-    spec = {
-        "constant": lambda k, b: (k % 10 >= 3, 5, b + 3),  # 70 %
-        "iteration": lambda k, b: (k % 10 >= 3, 8, b + 5),  # farther than constant
-        ("loss-adaptive", 1): lambda k, b: (k % 2 == 0, 100, b + 4),  # 50 % ...
-        ("loss-adaptive", 2): lambda k, b: (True, 100, b + 4),  # ... then 100 %: not stable
-        "step": lambda k, b: (True, 1, b + 6),  # never falls short, farther than both
-        "exponential": lambda k, b: (True, 1, b + 6),
-    }
-    got = verdicts(many_attacks(spec), prediction_table({1: 50, 2: 100}))
-    assert got == dict.fromkeys(CLAIMS, "disagrees")
-
-
-def test_small_tables_are_inconclusive() -> None:
-    got = verdicts(results_table(), prediction_table({1: 90, 2: 91}, images=10))
-    for claim in ("constant reaches 100 % success within max_iter",  # 8 of 8: low 0.68
-                  "success rate changes little across epochs",
-                  "clean accuracy changes little across epochs"):
-        assert got[claim] == "inconclusive"
-
-
-def test_claims_without_the_schedules_or_epochs_they_need() -> None:
-    one_epoch = results_table({k: v for k, v in ATTACKS.items() if k[1] == 1 and k[0] != "step"})
-    claims = paper_claims(one_epoch).set_index("claim")
-    for claim in ("success rate changes little across epochs",
-                  "clean accuracy changes little across epochs",
-                  "step falls short of 100 % success",
-                  "step and exponential need the most iterations (last epoch)"):
-        assert claims.loc[claim, "verdict"] == "inconclusive"
-    assert claims.loc["step falls short of 100 % success", "quantity"] == "schedule(s) step not run"
-    assert claims.loc["success rate changes little across epochs", "quantity"] == (
-        "one epoch attacked")
-
-
-def test_aggregates_carry_their_intervals() -> None:
+def test_aggregates_carry_image_bootstrap_intervals() -> None:
     rates = aggregates.success_rates(results_table()).set_index(["epoch", "schedule"])
-    row = rates.loc[(1, "step")]  # 2 of 4
-    assert (row["success_rate_low"], row["success_rate_high"]) == pytest.approx((0.1500, 0.8500),
-                                                                                 abs=1e-4)
+    # 2 of 4, both on img0 (its two targets), none on img1 and img2: three units. A draw of
+    # the images gives 0 (no img0), 2/4, 4/5 or 1 (img0 thrice, probability 1/27 > 2.5 %)
+    row = rates.loc[(1, "step")]
+    assert (row["success_rate_low"], row["success_rate_high"]) == (0.0, 1.0)
+    # 4 of 4 on three images: every resample agrees, so the Wilson interval of 3 of 3 units
+    row = rates.loc[(2, "loss-adaptive")]
+    wilson = statistics.wilson_interval(3, 3)
+    assert (row["success_rate_low"], row["success_rate_high"]) == (wilson.low, wilson.high)
     table = aggregates.mean_l1(results_table()).set_index(["epoch", "schedule"])
     row = table.loc[(1, "constant")]  # 4, 4, 6, 6
     assert row["mean_l1_255_low"] <= 5.0 <= row["mean_l1_255_high"]
@@ -354,8 +307,10 @@ def test_paired_schedule_differences_per_epoch() -> None:
     assert set(table["schedule"]) == {"iteration", "loss-adaptive", "step", "exponential"}
     row = table.set_index(["epoch", "schedule"]).loc[(1, "step")]
     assert row["pairs"] == 40  # step succeeded on 40 of the 60 rows, constant on all
+    assert row["images"] == 30  # every image has a success among its two targets
     assert row["mean_difference"] == pytest.approx(-2.5)
-    assert row["high"] < 0 and row["p_signed_rank"] < 1e-6
+    assert row["low"] == row["high"] == pytest.approx(-2.5)  # the same difference everywhere
+    assert row["p_signed_rank"] < 1e-5  # 30 images, every one below 0
     iterations = paired.paired_schedule_differences(
         many_attacks(AGREEING), value="iterations", successful_only=False, scale=1.0)
     row = iterations.set_index(["epoch", "schedule"]).loc[(2, "exponential")]
@@ -399,23 +354,49 @@ def test_refinement_absent_and_present() -> None:
     assert not aggregates.ranking_changes(aggregates.refinement_ranking(same))["changed"].any()
 
 
+def selection_of(results: pd.DataFrame, images: list[str]) -> pd.DataFrame:
+    """A selection table: ``images`` attacked at every epoch of every model of ``results``."""
+    checkpoints = results[["model", "epoch"]].drop_duplicates()
+    return pd.DataFrame([(m, e, image, 0, 0) for m, e in checkpoints.itertuples(index=False)
+                         for image in images],
+                        columns=["model", "epoch", "image_id", "label", "rank"])
+
+
 def test_per_image_l1_follows_the_same_targets_across_epochs() -> None:
     results = many_attacks(AGREEING, images=3)  # img0..img2, two targets each
     # img1 is not followed; step fails on row k = 0 (img0, first target) at every epoch
-    table = aggregates.per_image_l1(results, ["img0", "img2"])
+    followed = selection_of(results, ["img0", "img2"])
+    table = trends.per_image_l1(results, followed)
     assert set(table["image_id"]) == {"img0", "img2"}
     step = table[(table["schedule"] == "step") & (table["image_id"] == "img0")]
     assert step["targets"].tolist() == [1, 1]
     constant = table[(table["schedule"] == "constant") & (table["image_id"] == "img0")]
     assert constant["targets"].tolist() == [2, 2] and constant["epoch"].tolist() == [1, 2]
-    change = aggregates.per_image_change(table).set_index("schedule")
+    change = trends.per_image_change(table).set_index("schedule")
     assert change.loc["constant", "images"] == 2
     assert change.loc["constant", "mean_change_255"] == pytest.approx(0.0)  # same at 1 and 2
     later = results.assign(l1=np.where(results["epoch"] == 2, results["l1"] + 1 / 255,
                                        results["l1"]))
-    moved = aggregates.per_image_change(aggregates.per_image_l1(later, ["img0", "img2"]))
+    moved = trends.per_image_change(trends.per_image_l1(later, followed))
     assert moved.set_index("schedule").loc["iteration", "mean_change_255"] == pytest.approx(1.0)
-    assert aggregates.per_image_change(table[table["epoch"] == 1]).empty
+    assert trends.per_image_change(table[table["epoch"] == 1]).empty
+
+
+def test_trends_are_per_model() -> None:
+    # model 0 moves away from the boundary by 1/255 per image, model 1 toward it by 2/255
+    parts = []
+    for model, shift in ((0, 1.0), (1, -2.0)):
+        results = many_attacks(AGREEING, images=12, model=model, seed=model)
+        parts.append(results.assign(l1=np.where(results["epoch"] == 2,
+                                                results["l1"] + shift / 255, results["l1"])))
+    results = pd.concat(parts, ignore_index=True)
+    followed = pd.concat([selection_of(part, [f"img{k}" for k in range(12)]) for part in parts])
+    change = trends.per_image_change(trends.per_image_l1(results, followed))
+    constant = change[change["schedule"] == "constant"].set_index("model")
+    assert constant.loc[0, "mean_change_255"] == pytest.approx(1.0)
+    assert constant.loc[1, "mean_change_255"] == pytest.approx(-2.0)
+    assert (constant["images"] == 12).all() and (constant["first_epoch"] == 1).all()
+    assert len(change) == 2 * len(SCHEDULES)
 
 
 def test_accuracy_f1_intervals_match_the_training_metrics() -> None:
@@ -424,9 +405,10 @@ def test_accuracy_f1_intervals_match_the_training_metrics() -> None:
     rng = np.random.default_rng(3)
     labels = rng.integers(0, NUM_CLASSES, 200)
     predicted = np.where(rng.random(200) < 0.7, labels, rng.integers(0, NUM_CLASSES, 200))
-    table = pd.DataFrame({"epoch": 1, "image_id": [f"t{k}" for k in range(200)],
+    table = pd.DataFrame({"model": 0, "epoch": 1, "image_id": [f"t{k}" for k in range(200)],
                           "label": labels, "predicted": predicted})
     (row,) = aggregates.accuracy_f1_intervals(table).to_dict("records")
+    assert (row["model"], row["epoch"]) == (0, 1)
     assert row["test_images"] == 200
     assert row["accuracy"] == pytest.approx(np.mean(labels == predicted))
     expected = f1_score(labels, predicted, labels=list(range(NUM_CLASSES)), average="macro",
@@ -436,34 +418,20 @@ def test_accuracy_f1_intervals_match_the_training_metrics() -> None:
     assert row["macro_f1_low"] < row["macro_f1"] < row["macro_f1_high"]
 
 
-def test_claim_rules_refuse_bad_levels() -> None:
-    from lib.errors import ParameterError
-
-    with pytest.raises(ParameterError, match="full_success must be a share above 0"):
-        ClaimRules(full_success=95)
-    with pytest.raises(ParameterError, match="stable_within must be a share"):
-        ClaimRules(stable_within=-0.1)
-
-
-def test_the_conclusion_is_written_from_the_verdicts() -> None:
-    claims = paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
-    text = claims_conclusion(claims)
-    count = claims["verdict"].value_counts()
-    assert text.startswith(f"Of the paper's 12 claims, our run **agrees** with {count['agrees']},")
-    listed = [line for line in text.splitlines() if line.startswith("  - ")]
-    assert len(listed) == 12
-    inconclusive = claims.loc[claims["verdict"] == "inconclusive", "claim"].tolist()
-    block = text.split("- Inconclusive:")[1]
-    assert all(claim in block for claim in inconclusive)
-    shown = readable_claims(claims).set_index("claim")
-    assert shown.loc["constant reaches 100 % success within max_iter",
-                     "estimate (95 % interval)"] == "1 [0.969, 1]"
-    assert shown.loc["constant reaches 100 % success within max_iter", "n"] == "120 attacks"
-
-
-def test_the_claims_table_shows_every_claim_in_full() -> None:
-    claims = paper_claims(many_attacks(AGREEING), prediction_table({1: 90, 2: 91}))
-    html = readable_claims(claims).to_html(index=False)
-    for row in claims.itertuples():
-        assert f"<td>{row.claim}</td>" in html
-        assert f"<td>{row.quantity}</td>" in html.replace("&gt;", ">")
+def test_pooled_intervals_resample_models_then_images() -> None:
+    # three models whose success rates differ (all images alike within a model): pooled, the
+    # interval is the bootstrap of the three model rates; per model, a point
+    rows = []
+    for model, rate in ((0, 0.5), (1, 0.7), (2, 0.9)):
+        hits = np.arange(10) < 10 * rate
+        rows += [{"model": model, "image_id": f"img{i}", "hit": float(h), "epoch": 1}
+                 for i in range(8) for h in hits]
+    table = pd.DataFrame(rows)
+    per_model = aggregates.bootstrap_columns(table, ["model"], "hit", "rate").set_index("model")
+    assert (per_model["rate_low"] == per_model["rate_high"]).all()
+    assert per_model["images"].tolist() == [8, 8, 8]
+    pooled = aggregates.bootstrap_columns(table, ["epoch"], "hit", "rate").iloc[0]
+    reference = statistics.bootstrap_statistic((np.array([0.5, 0.7, 0.9]),), np.mean)
+    assert (pooled["rate_low"], pooled["rate_high"]) == pytest.approx(
+        (reference.low, reference.high), rel=1e-12)
+    assert pooled["images"] == 24

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib.analysis import minimality
+from lib.analysis import minimality, minimality_norms
 from lib.attack import reference
 from lib.errors import ParameterError
 
@@ -245,7 +245,7 @@ def hand_results() -> tuple[pd.DataFrame, pd.DataFrame]:
     return results, best
 
 
-def test_l1_ratio_table_by_hand():
+def test_ratio_table_by_hand():
     results, best = hand_results()
     extra = pd.DataFrame(
         {
@@ -257,7 +257,7 @@ def test_l1_ratio_table_by_hand():
             "l1": [4.0],
         }
     )
-    table = minimality.l1_ratio_table(pd.concat([results, extra]), best)
+    table = minimality.ratio_table(pd.concat([results, extra]), best)
     assert list(table.columns) == [
         "schedule",
         "epoch",
@@ -330,8 +330,8 @@ def test_scored_pairs_define_ratio_and_distance_once():
     assert math.isnan(scored.loc[("A", "p3"), "ratio"])
     assert scored.loc[("A", "p3"), "distance"] == np.inf
     # the intervals' point estimates are the tables' ones
-    intervals = minimality.minimality_intervals(results, best).set_index("schedule")
-    ratios = minimality.l1_ratio_table(results, best).set_index("schedule")
+    intervals = minimality_norms.norm_intervals(results, best, norm="l1").set_index("schedule")
+    ratios = minimality.ratio_table(results, best).set_index("schedule")
     optimality = minimality.optimality_table(results, best).set_index("schedule")
     for name in ("A", "B"):
         assert intervals.loc[name, "median_ratio"] == ratios.loc[name, "median_ratio"]
@@ -347,25 +347,118 @@ def interval_rows(**ranges):
 
 
 @pytest.mark.parametrize(
-    ("ranges", "verdict"),
+    ("ranges", "verdict", "outcome"),
     [
         ({"loss-adaptive": (1.2, 1.1, 1.3), "constant": (2.0, 1.8, 2.2),
-          "step": (1.6, 1.4, 1.8)}, "closer to minimal than every other schedule"),
+          "step": (1.6, 1.4, 1.8)}, "closer to minimal than every other schedule", "agrees"),
         ({"loss-adaptive": (2.0, 1.8, 2.2), "constant": (1.2, 1.1, 1.3),
-          "step": (1.9, 1.7, 2.1)}, "further from minimal than constant (the"),
+          "step": (1.9, 1.7, 2.1)}, "further from minimal than constant (the", "disagrees"),
         ({"loss-adaptive": (1.5, 1.2, 1.8), "constant": (1.6, 1.3, 1.9)},
-         "the 95 % intervals overlap, so the ranking is inconclusive"),
+         "the 95 % intervals overlap, so the ranking is inconclusive", "inconclusive"),
     ],
     ids=["closest", "further", "overlapping"],
 )
-def test_closeness_verdict_reads_the_intervals(ranges, verdict):
-    closeness = minimality.closeness_verdict(interval_rows(**ranges), "loss-adaptive", epoch=1)
-    assert verdict in closeness["verdict"]
+def test_closeness_verdict_reads_the_intervals(ranges, verdict, outcome):
+    closeness = minimality_norms.closeness_verdict(interval_rows(**ranges), "loss-adaptive",
+                                                   epoch=1)
+    assert verdict in closeness["verdict"] and closeness["outcome"] == outcome
     estimate, low, high = ranges["loss-adaptive"]
     assert closeness["ratio"] == f"{estimate:.1f} [{low:.1f}, {high:.1f}]"
 
 
 def test_closeness_verdict_of_a_schedule_that_did_not_run():
-    closeness = minimality.closeness_verdict(interval_rows(constant=(1.0, 0.9, 1.1)),
-                                             "loss-adaptive", epoch=1)
-    assert closeness == {"ratio": "not measured", "verdict": "not part of this run"}
+    closeness = minimality_norms.closeness_verdict(interval_rows(constant=(1.0, 0.9, 1.1)),
+                                                   "loss-adaptive", epoch=1)
+    assert closeness == {"ratio": "not measured", "verdict": "not part of this run",
+                         "outcome": "inconclusive"}
+
+
+# --- per norm ------------------------------------------------------------------------------
+
+
+def norm_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reference rows in three norms and our rows (refined distances where the stage refined)
+    on pairs p1, p2 of image a and p3 of image b."""
+    reference_rows = pd.DataFrame({
+        "epoch": 1, "image_id": ["a", "a", "b"], "target": [1, 2, 1], "attack": "fmn",
+        "steps": 100, "success": [True, True, False],
+        "l1": [0.1, 0.2, 0.3], "l2": [1.0, 2.0, 3.0], "linf": [0.05, 0.06, 0.07]})
+    ours = pd.DataFrame({
+        "epoch": 1, "schedule": "A", "image_id": ["a", "a", "b"], "target": [1, 2, 1],
+        "success": [True, True, True], "status": "ok",
+        "l1": [0.4, 0.4, 0.6], "l2": [2.0, 2.0, 6.0], "linf": [0.05, 0.09, 0.08],
+        "refined_l1": [0.3, 0.4, 0.6], "refined_l2": [2.0, 2.0, 6.0],
+        "refined_linf": [0.05, 0.03, 0.08]})
+    return reference_rows, ours
+
+
+def test_the_best_known_distance_is_taken_per_norm() -> None:
+    reference_rows, ours = norm_tables()
+    linf = minimality.best_per_sample(reference_rows, ours, on=["epoch", "image_id", "target"],
+                                      norm="linf").set_index("target")
+    # pair (a, 2): our refined Linf 0.03 beats the reference's 0.06; pair (b, 1): the
+    # reference failed, so our 0.08 is the best known
+    assert linf["best_linf"].tolist() == [0.05, 0.03, 0.08]
+    assert linf["best_method"].tolist() == ["fmn@100", "schedule:A", "schedule:A"]
+    l1 = minimality.best_per_sample(reference_rows, ours, on=["epoch", "image_id", "target"],
+                                    norm="l1")
+    assert l1["best_l1"].tolist() == [0.1, 0.2, 0.6]
+
+
+def test_closeness_and_ratios_per_norm_by_hand() -> None:
+    reference_rows, ours = norm_tables()
+    table = minimality_norms.minimality_by_norm(ours, reference_rows, resamples=200)
+    assert table["norm"].tolist() == ["linf", "l2", "l1"]
+    row = table.set_index("norm").loc["l1"]
+    # L1 ratios 0.3/0.1, 0.4/0.2, 0.6/0.6 -> median 2; closeness mean(1/3, 1/2, 1)
+    assert row["median_ratio"] == pytest.approx(2.0)
+    assert row["closeness"] == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)
+    assert (row["pairs"], row["successful"], row["n_images"]) == (3, 3, 2)
+    linf = table.set_index("norm").loc["linf"]
+    assert linf["closeness"] == pytest.approx(1.0) and linf["median_ratio"] == 1.0
+
+
+def test_a_reference_without_a_norm_leaves_that_norm_out() -> None:
+    reference_rows, ours = norm_tables()
+    table = minimality_norms.minimality_by_norm(ours, reference_rows.drop(columns="l2"),
+                                                resamples=200)
+    assert table["norm"].unique().tolist() == ["linf", "l1"]
+
+
+def test_weighted_optimality_is_the_score_of_the_drawn_rows() -> None:
+    adv = np.array([2.0, 2.0, np.inf, 4.0])
+    best = np.array([1.0, 2.0, 2.0, 4.0])
+    weights = np.array([[1, 1, 1, 1], [2, 0, 1, 1], [0, 0, 3, 0]])
+    scores = minimality_norms.weighted_optimality(adv, best, weights)
+    assert scores[0] == pytest.approx(minimality.eval_optimality(adv, best))
+    drawn = np.repeat(np.arange(4), weights[1])
+    assert scores[1] == pytest.approx(minimality.eval_optimality(adv[drawn], best[drawn]))
+    assert np.isnan(scores[2]), "one distinct best distance: no room above the best curve"
+
+
+def test_a_score_set_by_one_pair_is_not_robust() -> None:
+    best = np.array([1.0, 1.0, 1.0, 1.0, 50.0])
+    # the window ends at 50: with it the attack's distances 2 look close, without it they do not
+    adv = np.array([2.0, 2.0, 2.0, 2.0, 50.0])
+    assert not minimality_norms.window_robust(adv, best)
+    spread = np.linspace(1.0, 5.0, 30)
+    assert minimality_norms.window_robust(spread * 1.1, spread)
+
+
+def test_pairs_span_every_tool_image_and_target() -> None:
+    from lib.run.minimality_stage import spread_pairs
+
+    rows = pd.DataFrame([(1, f"img{s}_{k}", s, t) for s in range(7) for k in range(2)
+                         for t in range(7) if t != s],
+                        columns=["epoch", "image_id", "source", "target"])
+    pairs = spread_pairs(rows, 14)
+    assert len(pairs) == 14 and not pairs.duplicated(["image_id", "target"]).any()
+    assert sorted(pairs["source"].value_counts()) == [2] * 7
+    assert pairs["image_id"].nunique() == 14, "every image once before any image twice"
+    assert set(pairs["target"]) == set(range(7))
+    # tool 6: its first image toward 6 + 1 = 0, its second toward 6 + 2 = 1
+    assert pairs.loc[pairs["source"] == 6, ["image_id", "target"]].values.tolist() == [
+        ["img6_0", 0], ["img6_1", 1]]
+    more = spread_pairs(rows, 30)
+    assert len(more) == 30 and not more.duplicated(["image_id", "target"]).any()
+    assert more["image_id"].nunique() == 14

@@ -113,3 +113,37 @@ def test_a_sweep_of_several_epochs_is_refused(sweep: pd.DataFrame) -> None:
         pr.sweep_points(pd.concat([sweep, sweep.assign(epoch=1)]))
     with pytest.raises(ParameterError, match="levels"):
         pr.distance_at_success(sweep, levels=[0.0])
+
+
+def test_the_closer_claim_needs_every_comparison(sweep: pd.DataFrame) -> None:
+    fast = sweep[sweep["schedule"] == "fast"]
+    jitter = np.random.default_rng(3).uniform(0.9, 1.1, len(fast))
+    third = fast.assign(schedule="twin", linf=fast["linf"] * jitter)  # about as close as "fast"
+    table = pd.concat([sweep, third], ignore_index=True)
+    won = pr.closer_at_matched_success(table, "fast", ["slow"], levels=[0.5],
+                                       norms=["linf", "l1"])
+    assert won["norm"].tolist() == ["linf", "l1"]
+    assert (won["claim_verdict"] == statistics.AGREES).all()
+    tied = pr.closer_at_matched_success(table, "fast", ["slow", "twin"], levels=[0.5])
+    assert tied["verdict"].tolist() == [statistics.AGREES, statistics.INCONCLUSIVE]
+    assert (tied["claim_verdict"] == statistics.INCONCLUSIVE).all()
+    assert tied["decisive"].tolist() == [False, True]
+    lost = pr.closer_at_matched_success(table, "slow", ["fast", "twin"], levels=[0.5])
+    assert (lost["claim_verdict"] == statistics.DISAGREES).all()
+    # a schedule the sweep did not run cannot make the claim agree
+    absent = pr.closer_at_matched_success(table, "fast", ["slow", "cosine"], levels=[0.5])
+    assert (absent["claim_verdict"] == statistics.INCONCLUSIVE).all()
+    assert pr.closer_at_matched_success(table, "cosine", ["slow"], levels=[0.5]).empty
+
+
+def test_several_models_are_resampled_models_then_images(sweep: pd.DataFrame) -> None:
+    models = pd.concat([sweep.assign(model=m) for m in ("m1", "m2", "m3")], ignore_index=True)
+    points = pr.sweep_points(models)
+    rates = points["quantity"] == pr.SUCCESS_RATE
+    assert (points["n_models"] == 3).all() and (points.loc[rates, "n_images"] == 60).all()
+    one = pr.sweep_points(sweep)
+    # identical models: the same estimates as one model
+    assert points.loc[rates, "estimate"].tolist() == pytest.approx(
+        one.loc[one["quantity"] == pr.SUCCESS_RATE, "estimate"].tolist())
+    matched = pr.matched_success_difference(models, "fast", "slow", levels=[0.5])
+    assert (matched.loc[0, "n_models"], matched.loc[0, "verdict"]) == (3, statistics.AGREES)

@@ -212,7 +212,9 @@ def test_parameters_merge_defaults_then_profile_then_overrides() -> None:
 
 def test_run_folder_paths(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert layout.checkpoint_path(run, 3) == run / "train" / "epoch_03.safetensors"
+    assert layout.checkpoint_path(run, 3, model=2) == (
+        run / "train" / "seed_2" / "epoch_03.safetensors")
+    assert layout.model_dir(run, 0) == run / "train" / "seed_0"
     assert layout.optimizer_file(run / "train", 12) == run / "train" / "optimizer_12.safetensors"
     assert layout.attack_file(run, "job") == run / "attack" / "job.json"
     assert layout.attack_file(run, "results.csv") == run / "attack" / "results.csv"
@@ -246,9 +248,10 @@ def test_trained_epochs_need_a_metrics_row_and_a_checkpoint(
     assert resume.finished_epochs(train) == finished
 
 
-def test_the_minimality_stage_is_finished_after_its_last_output() -> None:
+@pytest.mark.parametrize("stage", [layout.MINIMALITY_STAGE, layout.MARGINS_STAGE])
+def test_the_stage_is_finished_after_its_last_output(stage: str) -> None:
     # its figures and verdict are outputs too: a stage that fails drawing them is not finished
-    notebook = jupytext.read(layout.notebook_path(layout.MINIMALITY_STAGE))
+    notebook = jupytext.read(layout.notebook_path(stage))
     code = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
     finishing = [k for k, source in enumerate(code) if "finish_stage(" in source]
     assert finishing == [len(code) - 1]

@@ -24,8 +24,9 @@ ALLOWED = {
     "dataset_kind", "synthetic_videos", "synthetic_seconds", "synthetic_width",
     "synthetic_height",  # synthetic videos at Cholec80's frame size instead of Cholec80
     "workers", "device",  # the CPU of a test machine
-    "epochs", "max_iter", "n_per_class", "sweep_per_class", "gallery_images", "n_pairs",
-    "steps",  # counts
+    "epochs", "seeds", "max_iter", "n_per_class", "sweep_per_class", "gallery_images",
+    "n_pairs", "steps", "train_images", "eval_per_class", "fmn_steps", "apgd_steps",
+    "held_out",  # counts (seeds: one trained model instead of three)
     "progress",  # quiet in tests
 }
 
@@ -58,10 +59,16 @@ def test_rehearsal_runs_the_paper_chain_at_real_frame_size(tmp_path: Path) -> No
         assert stream.average_rate == 25
     test_set = data_stage.load_run_split(run_dir, "test")
     assert test_set.image_size == 224 and test_set.images[0].shape == (3, 224, 224)
-    assert sorted(p.name for p in (run_dir / "train").glob("epoch_*.safetensors")) == [
+    # one seed: one model folder, and every table of one model
+    assert sorted(p.name for p in (run_dir / "train").iterdir()) == ["seed_0"]
+    assert sorted(p.name for p in (run_dir / "train" / "seed_0").glob("epoch_*.safetensors")) == [
         "epoch_01.safetensors", "epoch_02.safetensors"]
     selection = pd.read_csv(run_dir / "attack" / "selection.csv")
-    assert set(selection["epoch"]) <= {1, 2}
+    assert set(selection["epoch"]) <= {1, 2} and set(selection["model"]) == {0}
+    claims = pd.read_csv(run_dir / "analysis" / "paper_claims.csv")
+    assert (claims["models"] <= 1).all()
+    attacked = claims[claims["attacks"] > 0]
+    assert attacked["model_verdicts"].str.fullmatch(r"seed 0: \w+").all()
     stages = manifest.read_manifest(run_dir)["stages"]
     assert all(stages[s]["finished"] for s in ("01_data", "02_train", "03_attack", "04_analysis"))
     assert "05_minimality" not in stages  # skipped, as in the paper profile

@@ -92,8 +92,9 @@ def test_sanitize_keeps_results(kept: str) -> None:
 def test_two_runs_give_byte_identical_results(tiny_run: Path, tmp_path: Path) -> None:
     second = pipeline.run("tiny", overrides=tiny_overrides(tmp_path), progress=False)
     first_digests = rerun.result_digests(tiny_run)
-    assert {"attack/results.csv", "train/metrics.csv", "analysis/success_rate.csv",
-            "minimality/reference.csv"} <= set(first_digests)
+    assert {"attack/results.csv", "train/seed_0/metrics.csv", "train/seed_1/metrics.csv",
+            "analysis/success_rate.csv", "minimality/reference.csv", "borderline/claims.csv",
+            "margins/image_margins.csv"} <= set(first_digests)
     assert rerun.result_digests(second) == first_digests
 
 

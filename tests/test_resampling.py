@@ -204,3 +204,62 @@ def test_cluster_bootstrap_by_groups_each_group_alone() -> None:
     alone = rs.cluster_bootstrap(table[table["schedule"] == "b"], value="success")
     assert grouped.iloc[1, 1:].tolist() == alone.iloc[0].tolist()
     assert grouped["n_images"].tolist() == [15, 15] and grouped["n_attacks"].tolist() == [60, 60]
+
+
+def test_a_rate_at_0_or_100_percent_gets_the_wilson_interval_of_its_units() -> None:
+    # 30 images of 6 attacks each, every one successful: no resample can differ, so the
+    # interval is Wilson's for 30 of 30 units (not 180 of 180 attacks)
+    table = images_table(np.ones(30), attacks=6)
+    clusters = rs.clusters_of(table)
+    rate = rs.bootstrap_rows(table["value"].to_numpy(), clusters, statistic="rate")
+    wilson = statistics.wilson_interval(30, 30)
+    assert (rate.estimate, rate.low, rate.high) == (1.0, wilson.low, wilson.high)
+    assert (rate.n_images, rate.n_attacks) == (30, 180)
+    none = rs.bootstrap_rows(np.zeros(180), clusters, statistic="rate")
+    assert (none.low, none.high) == (0.0, statistics.wilson_interval(0, 30).high)
+    # strictly between 0 and 1 a rate is the mean, draw for draw
+    mixed = images_table((np.arange(30) % 4 > 0).astype(float), attacks=6)
+    values, clusters = mixed["value"].to_numpy(), rs.clusters_of(mixed)
+    as_rate = rs.bootstrap_rows(values, clusters, statistic="rate")
+    as_mean = rs.bootstrap_rows(values, clusters)
+    assert (as_rate.low, as_rate.high) == (as_mean.low, as_mean.high)
+    with pytest.raises(ParameterError, match="a rate needs 0/1"):
+        rs.bootstrap_rows(np.full(180, 0.5), clusters, statistic="rate")
+
+
+def test_any_statistic_of_one_row_per_image_is_the_ordinary_bootstrap() -> None:
+    from lib.analysis import general_bootstrap
+
+    values = np.random.default_rng(13).gamma(2.0, size=40)
+    table = images_table(values)
+    result = general_bootstrap.bootstrap_function((values,), rs.clusters_of(table), np.median)
+    reference = ordinary(values, np.median)
+    assert (result.estimate, result.low, result.high) == (
+        reference.estimate, reference.low, reference.high)
+    # many identical rows per image: the interval of the images
+    repeated = images_table(values, attacks=5)
+    again = general_bootstrap.bootstrap_function(
+        (repeated["value"].to_numpy(),), rs.clusters_of(repeated), np.median)
+    assert (again.low, again.high) == (reference.low, reference.high)
+    assert (again.n_images, again.n_attacks) == (40, 200)
+
+
+def test_the_counted_two_level_draw_has_the_distribution_of_the_row_draw() -> None:
+    from lib.analysis import general_bootstrap
+
+    rng = np.random.default_rng(14)
+    rates = (0.80, 0.86, 0.92)
+    table = pd.concat([images_table((rng.random(150) < p).astype(float), model=m)
+                       for m, p in enumerate(rates)], ignore_index=True)
+    values = table["value"].to_numpy()
+    rows = rs.bootstrap_rows(values, rs.clusters_of(table, model="model"), two_level=True)
+    counted = general_bootstrap.bootstrap_unit_values(values, table["model"].to_numpy())
+    assert counted.estimate == pytest.approx(rows.estimate, rel=1e-12)
+    assert (counted.n_images, counted.n_models, counted.n_attacks) == (450, 3, 450)
+    assert counted.low == pytest.approx(rows.low, abs=0.01)
+    assert counted.high == pytest.approx(rows.high, abs=0.01)
+    # one model: the ordinary bootstrap of a rate
+    one = table[table["model"] == 0]["value"].to_numpy()
+    single = general_bootstrap.bootstrap_unit_values(one, np.zeros(150))
+    assert (single.high - single.low) == pytest.approx(
+        2 * 1.96 * np.sqrt(one.mean() * (1 - one.mean()) / 150), rel=0.15)

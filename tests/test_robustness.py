@@ -29,19 +29,17 @@ SIZE = 8
 TEST_PER_CLASS = 3
 
 
-class TemplateNet(nn.Module):
-    """logits_c = <x, T_c> - ||T_c||^2 / 2: the nearest class template wins."""
+class TemplateNet(nn.Sequential):
+    """logits_c = <x, T_c> - ||T_c||^2 / 2: the nearest class template wins (a flatten and a
+    linear layer, so the certified stop's interval bounds cover it)."""
 
     def __init__(self, templates: torch.Tensor) -> None:
-        super().__init__()
         flat = templates.flatten(1)
-        self.linear = nn.Linear(flat.shape[1], len(templates))
+        linear = nn.Linear(flat.shape[1], len(templates))
         with torch.no_grad():
-            self.linear.weight.copy_(flat)
-            self.linear.bias.copy_(-0.5 * (flat**2).sum(1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.linear(images.flatten(1))
+            linear.weight.copy_(flat)
+            linear.bias.copy_(-0.5 * (flat**2).sum(1))
+        super().__init__(nn.Flatten(), linear)
 
 
 def load_template_net(path: Path, device: torch.device) -> nn.Module:
@@ -55,10 +53,13 @@ def _templates(seed: int) -> torch.Tensor:
     return torch.rand(NUM_CLASSES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def make_run(run_dir: Path, *, epochs: int = 2, wrong_epoch: int | None = None) -> Path:
-    """A run folder with data/ (ImageFolder) and train/ (checkpoints, metrics, predictions).
+def make_run(run_dir: Path, *, epochs: int = 2, wrong_epoch: int | None = None,
+             models: tuple[int, ...] = (0,)) -> Path:
+    """A run folder with data/ (ImageFolder) and train/ (a folder per model seed with
+    checkpoints, metrics and predictions).
 
     ``wrong_epoch``: that epoch's predictions are all wrong (an empty selection).
+    ``models``: the seeds of the trained models; the seed blurs the templates a little more.
     """
     templates = _templates(0)
     generator = torch.Generator().manual_seed(1)
@@ -74,13 +75,20 @@ def make_run(run_dir: Path, *, epochs: int = 2, wrong_epoch: int | None = None) 
                 Image.fromarray(array).save(folder / f"img{k}.png")
     splits = datasets.load_image_folder(root, image_size=SIZE, progress=False)
     data_stage.write_run_data(run_dir, splits)
-    test = splits["test"]
-    train = run_dir / "train"
-    train.mkdir()
+    for model in models:
+        _train_folder(layout.model_dir(run_dir, model), splits["test"], templates,
+                      epochs=epochs, wrong_epoch=wrong_epoch, blur=0.05 * model)
+    return run_dir
+
+
+def _train_folder(train: Path, test, templates: torch.Tensor, *, epochs: int,
+                  wrong_epoch: int | None, blur: float) -> None:
+    """One model's training folder: every epoch's template net, metrics and predictions."""
+    train.mkdir(parents=True)
     metric_rows, prediction_rows = [], []
     for epoch in range(1, epochs + 1):
         # each epoch's model: the templates, slightly blurred toward their mean
-        mix = 0.1 * (epoch - 1)
+        mix = 0.1 * (epoch - 1) + blur
         net = TemplateNet((1 - mix) * templates + mix * templates.mean(0, keepdim=True))
         safetensors.torch.save_file(
             {k: v.contiguous() for k, v in net.state_dict().items()},
@@ -106,7 +114,6 @@ def make_run(run_dir: Path, *, epochs: int = 2, wrong_epoch: int | None = None) 
         metric_rows, columns=["epoch", "accuracy", "macro_f1", "train_loss", "test_loss"]
     ).to_csv(train / "metrics.csv", index=False)
     pd.concat(prediction_rows).to_csv(train / "predictions.csv", index=False)
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +183,7 @@ def test_plan_has_one_row_per_image_target_and_schedule(
     template_run: Path, mode: str, per_image: int
 ) -> None:
     job = attack_stage.plan_job(template_run, settings(mode=mode))
-    assert job.settings.epochs == (1, 2)
+    assert job.settings.epochs == (1, 2) and job.settings.models == (0,)
     assert job.settings.sweep_epoch == 2
     main = job.rows[job.rows["kind"] == "main"]
     images = job.selection.images
@@ -233,6 +240,7 @@ def test_stage_writes_tidy_tables(finished_run) -> None:
     assert tuple(results.columns) == tables.RESULT_COLUMNS
     main = job.rows[job.rows["kind"] == "main"]
     assert len(results) == len(main)
+    assert (results["model"] == 0).all()
     assert results[["epoch", "row_id"]].equals(
         results[["epoch", "row_id"]].sort_values(["epoch", "row_id"])
     )
@@ -272,7 +280,7 @@ def test_stage_writes_tidy_tables(finished_run) -> None:
     assert tuple(sweep.columns) == tables.SWEEP_COLUMNS
     assert sorted(sweep["lr0"].unique()) == [0.05, 0.2]
     selection = pd.read_csv(attack / "selection.csv")
-    assert list(selection.columns) == ["epoch", "image_id", "label", "rank"]
+    assert list(selection.columns) == ["model", "epoch", "image_id", "label", "rank"]
     assert len(selection) == 2 * NUM_CLASSES * 2
 
 
@@ -293,7 +301,7 @@ def test_sweep_value_equal_to_lr0_reuses_the_main_rows(finished_run, template_ru
     assert per_lr0[LR0] == per_lr0[0.05] == NUM_CLASSES * (NUM_CLASSES - 1) * len(SCHEDULES)
     # the rows a sweep part would have planned: same ids, images, targets and schedules
     planned = sweep[sweep["lr0"] == 0.05].reset_index(drop=True)
-    keys = ["epoch", "row_id", "image_id", "source", "target", "schedule"]
+    keys = ["model", "epoch", "row_id", "image_id", "source", "target", "schedule"]
     assert at_lr0[keys].equals(planned[keys])
     # and their results are the main attack's rows
     results = pd.read_csv(run_dir / "attack" / "results.csv", dtype={"image_id": str})
@@ -356,7 +364,8 @@ def test_nonfinite_logits_fail_their_attacks_and_stay_out_of_the_means(
     template_run: Path, tmp_path: Path
 ) -> None:
     run_dir = copy_inputs(template_run, tmp_path / "poisoned")
-    job = attack_stage.plan_job(run_dir, settings(sweep_lr0=[], gallery_images=0))
+    # a model of its own layers: the certified stop's bounds do not cover it
+    job = attack_stage.plan_job(run_dir, settings(sweep_lr0=[], gallery_images=0, certify=False))
     attack_stage.run_chunks(
         job, run_dir, progress=False,
         load_model=lambda path, device: PoisonedNet(load_template_net(path, device), _templates(0)),
@@ -373,12 +382,13 @@ def test_nonfinite_logits_fail_their_attacks_and_stay_out_of_the_means(
     assert set(others.loc[others["status"] != "ok", "target"]) <= {POISONED}
     nonfinite = results["status"] == "nonfinite"
     rates = aggregates.success_rates(results)
-    expected_skipped = results[nonfinite].groupby(["epoch", "schedule"]).size()
-    skipped = rates.set_index(["epoch", "schedule"])["skipped"]
+    keys = ["model", "epoch", "schedule"]
+    expected_skipped = results[nonfinite].groupby(keys).size()
+    skipped = rates.set_index(keys)["skipped"]
     assert (skipped.reindex(expected_skipped.index) == expected_skipped).all()
     assert (rates["attacks"] + rates["skipped"]).eq(
-        results.groupby(["epoch", "schedule"]).size().reindex(
-            pd.MultiIndex.from_frame(rates[["epoch", "schedule"]])).to_numpy()).all()
+        results.groupby(keys).size().reindex(
+            pd.MultiIndex.from_frame(rates[keys])).to_numpy()).all()
     assert aggregates.skipped_counts(results)["count"].sum() == nonfinite.sum()
     assert np.isfinite(aggregates.mean_l1(results)["mean_l1"]).all()
 
@@ -406,6 +416,7 @@ def test_metrics_read_the_stage_output(finished_run) -> None:
     assert len(rates) == 2 * len(SCHEDULES)
     assert rates["attacks"].eq(NUM_CLASSES * 2 * (NUM_CLASSES - 1)).all()
     summary = aggregates.trace_summary(tables.read_arrays(run_dir, "traces.npz"), results)
+    assert rates["images"].eq(NUM_CLASSES * 2).all()  # 2 per class, each its 6 targets
     assert set(summary["schedule"]) == set(SCHEDULES)
     first = summary[summary["iteration"] == 1]
     assert np.allclose(first["mean_lr_255"], LR0 * 255)  # every schedule starts at lr0
@@ -426,6 +437,9 @@ def test_changed_settings_are_refused(template_run: Path, tmp_path: Path) -> Non
 
 def test_run_folder_without_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "run" / "train").mkdir(parents=True)
+    with pytest.raises(RunFolderError, match=r"no trained model.*\(02_train\)"):
+        attack_stage.plan_job(tmp_path / "run", settings())
+    (tmp_path / "run" / "train" / "seed_0").mkdir()
     with pytest.raises(RunFolderError, match=r"no checkpoints.*\(02_train\)"):
         attack_stage.plan_job(tmp_path / "run", settings())
     with pytest.raises(RunFolderError, match="does not exist"):

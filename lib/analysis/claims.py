@@ -1,22 +1,33 @@
 """The paper's claims, each checked against our numbers with an interval and a verdict.
 
 Every claim is one small function of the attack results (and, for clean accuracy, the training
-stage's predictions) that returns one row: the claim, the paper's figure, the quantity
-estimated, the estimate with its 95 % interval, how many attacks, pairs or images are behind
-it, and the verdict read off the interval (:mod:`lib.analysis.statistics`): ``agrees``,
-``disagrees`` or ``inconclusive``. :func:`paper_claims` collects them.
+stage's predictions) that returns a :class:`Finding`: the quantity estimated, its estimate with
+its 95 % interval, the images, models and attacks (or pairs) behind it, and the verdict read
+off the interval (:mod:`lib.analysis.statistics`): ``agrees``, ``disagrees`` or
+``inconclusive``. :data:`lib.analysis.claim_table.CLAIMS` lists them in the order of the
+paper's figures; :mod:`lib.analysis.claim_table` runs each on the pooled models and on every
+model alone.
+
+The unit is the image (:mod:`lib.analysis.resampling`): rates, means and paired differences
+resample images with all their attacks, within models resampled first where the rows hold
+several trained models. The claims are checked as the paper states them: Figure 4's order
+between step (mean 50 iterations) and exponential (83) is a claim of its own, a claim that
+holds by construction (a schedule whose steps have a bounded sum cannot reach a far boundary)
+says so, and every attack claim names the setting (lr0, budget) it was checked at.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from lib.analysis import statistics
-from lib.analysis.aggregates import schedule_order, success_rates, usable
+from lib.analysis import general_bootstrap, resampling, statistics
+from lib.analysis.aggregates import last_epochs, schedule_order, usable
 from lib.analysis.paired import paired_interval
+from lib.attack.schedules import preview
 from lib.checking import check_number, check_share
 
 
@@ -45,228 +56,252 @@ class ClaimRules:
                      high_open=True)
 
 
-#: The columns of the claims table (:func:`paper_claims`).
-CLAIM_COLUMNS = ("claim", "paper", "quantity", "estimate", "low", "high", "n", "counted",
-                 "verdict")
+@dataclass(frozen=True)
+class AttackSetting:
+    """The attack settings the schedule claims depend on (the attack stage's ``job.json``).
+
+    Attributes:
+        lr0: the initial step size in [0, 1] pixel units.
+        max_iter: the update budget of one attack.
+        schedule_constants: per schedule, constants other than the method chapter's.
+    """
+
+    lr0: float
+    max_iter: int
+    schedule_constants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def words(self) -> str:
+        """``"lr0 = 2.04/255, 100 updates"``."""
+        return f"lr0 = {self.lr0 * 255:.3g}/255, {self.max_iter} updates"
+
+    def total_step(self, name: str, *, updates: int | None = None) -> float:
+        """The sum of ``name``'s steps over ``updates`` (default ``max_iter``) updates at a
+        constant loss: the farthest (in Linf) a sign-step attack with it can move a pixel."""
+        steps = preview(name, lr0=self.lr0, steps=updates or self.max_iter,
+                        **self.schedule_constants.get(name, {}))
+        return float(steps.sum())
+
+    def bounded(self, name: str) -> bool:
+        """Whether ``name``'s steps have a bounded sum: ten times the budget adds less than
+        1 % to the total step (step and exponential decay; not constant or iteration)."""
+        return self.total_step(name, updates=10 * self.max_iter) < 1.01 * self.total_step(name)
 
 
-def _claim(claim: str, paper: str, quantity: str, interval: statistics.Interval, counted: str,
-           verdict: str) -> dict:
-    return {"claim": claim, "paper": paper, "quantity": quantity,
-            "estimate": interval.estimate, "low": interval.low, "high": interval.high,
-            "n": interval.n, "counted": counted, "verdict": verdict}
+@dataclass(frozen=True)
+class Finding:
+    """One claim checked on one table: what was estimated, its interval and the verdict.
+
+    Attributes:
+        quantity: what the estimate is (for a claim of several comparisons, the deciding one).
+        interval: the estimate, its interval and the images, models and attacks behind it.
+        counted: what a counted row is ("attacks", "pairs", "test images", ...).
+        verdict: ``agrees``, ``disagrees`` or ``inconclusive``.
+        comparisons: how many interval comparisons the verdict rests on.
+    """
+
+    quantity: str
+    interval: resampling.Bootstrap
+    counted: str
+    verdict: str
+    comparisons: int = 1
 
 
-def _not_run(claim: str, paper: str, results: pd.DataFrame, *names: str) -> dict | None:
-    absent = [n for n in names if n not in set(results["schedule"])]
-    if not absent:
-        return None
-    return _claim(claim, paper, f"schedule(s) {', '.join(absent)} not run",
-                  statistics.NAN_INTERVAL, "attacks", statistics.INCONCLUSIVE)
+#: The interval of no observation.
+NO_INTERVAL = resampling.Bootstrap(np.nan, np.nan, np.nan, 0, 0, 0)
 
 
-def _pooled_rate(results: pd.DataFrame, name: str, rules: ClaimRules) -> statistics.Interval:
+def not_decided(quantity: str, counted: str = "attacks") -> Finding:
+    """The inconclusive finding of a claim that this table cannot check."""
+    return Finding(quantity, NO_INTERVAL, counted, statistics.INCONCLUSIVE, 0)
+
+
+def _absent(results: pd.DataFrame, *names: str) -> Finding | None:
+    missing = [n for n in names if n not in set(results["schedule"])]
+    return not_decided(f"schedule(s) {', '.join(missing)} not run") if missing else None
+
+
+def success_rate(results: pd.DataFrame, name: str, rules: ClaimRules) -> resampling.Bootstrap:
+    """``name``'s success rate over every usable attack of ``results``, resampled by image
+    (models first where there are several)."""
     rows = results[usable(results) & (results["schedule"] == name)]
-    return statistics.wilson_interval(int(rows["success"].astype(bool).sum()), len(rows),
-                                      confidence=rules.confidence)
+    return resampling.bootstrap_rows(
+        rows["success"].to_numpy(float), resampling.clusters_of(rows, model="model"),
+        statistic="rate", two_level=True, confidence=rules.confidence)
 
 
-def claim_reaches_full_success(results: pd.DataFrame, name: str, rules: ClaimRules) -> dict:
-    """"<name> reaches 100 % success": Wilson lower bound of the pooled rate >= full_success."""
-    claim = f"{name} reaches 100 % success within max_iter"
-    paper = "Fig. 2: 100 % at every epoch"
-    if row := _not_run(claim, paper, results, name):
-        return row
-    rate = _pooled_rate(results, name, rules)
-    return _claim(claim, paper, f"success rate of {name}, all attacked epochs", rate, "attacks",
-                  statistics.verdict_at_least(rate, rules.full_success))
-
-
-def claim_falls_short(results: pd.DataFrame, name: str, rules: ClaimRules) -> dict:
-    """"<name> falls short of 100 %": Wilson upper bound of the pooled rate < full_success."""
-    claim = f"{name} falls short of 100 % success"
-    paper = "Fig. 2: below 100 %"
-    if row := _not_run(claim, paper, results, name):
-        return row
-    rate = _pooled_rate(results, name, rules)
-    return _claim(claim, paper, f"success rate of {name}, all attacked epochs", rate, "attacks",
-                  statistics.verdict_below(rate, rules.full_success))
-
-
-def _all_comparisons(claim: str, paper: str, comparisons: list[tuple[str, statistics.Interval,
-                                                                     str]], counted: str) -> dict:
+def _all_of(comparisons: list[tuple[str, resampling.Bootstrap, str]], counted: str) -> Finding:
     verdict, decisive = statistics.all_of([c[2] for c in comparisons])
     quantity, interval, _ = comparisons[decisive]
-    return _claim(claim, paper, quantity, interval, counted, verdict)
+    return Finding(quantity, interval, counted, verdict, len(comparisons))
 
 
-def claim_constant_largest_l1(results: pd.DataFrame, rules: ClaimRules) -> dict:
+def reaches_full_success(name: str) -> Callable[..., Finding]:
+    """"<name> reaches 100 % success": the rate's lower bound is at least full_success."""
+    def check(results: pd.DataFrame, predictions: pd.DataFrame | None,
+              rules: ClaimRules) -> Finding:
+        if absent := _absent(results, name):
+            return absent
+        rate = success_rate(results, name, rules)
+        return Finding(f"success rate of {name}, all attacked epochs", rate, "attacks",
+                       statistics.verdict_at_least(rate.interval(), rules.full_success))
+    return check
+
+
+def falls_short(name: str) -> Callable[..., Finding]:
+    """"<name> falls short of 100 %": the rate's upper bound is below full_success."""
+    def check(results: pd.DataFrame, predictions: pd.DataFrame | None,
+              rules: ClaimRules) -> Finding:
+        if absent := _absent(results, name):
+            return absent
+        rate = success_rate(results, name, rules)
+        return Finding(f"success rate of {name}, all attacked epochs", rate, "attacks",
+                       statistics.verdict_below(rate.interval(), rules.full_success))
+    return check
+
+
+def constant_largest_l1(results: pd.DataFrame, predictions: pd.DataFrame | None,
+                        rules: ClaimRules) -> Finding:
     """"constant gives the largest mean L1": constant minus every other schedule, paired on
-    jointly successful (image, target) rows, has a 95 % interval above 0."""
-    claim = "constant gives the largest mean L1 (successful attacks)"
-    paper = "Fig. 3"
-    if row := _not_run(claim, paper, results, "constant"):
-        return row
+    jointly successful (image, target) rows, has its whole interval above 0."""
+    if absent := _absent(results, "constant"):
+        return absent
     comparisons = []
     for other in (n for n in schedule_order(results) if n != "constant"):
         interval = paired_interval(results, "constant", other, confidence=rules.confidence)
         comparisons.append((f"mean L1 of constant minus {other} (x 1/255), paired", interval,
-                            statistics.verdict_above(interval, 0.0)))
+                            statistics.verdict_above(interval.interval(), 0.0)))
     if not comparisons:
-        return _claim(claim, paper, "no other schedule run", statistics.NAN_INTERVAL, "pairs",
-                      statistics.INCONCLUSIVE)
-    return _all_comparisons(claim, paper, comparisons, "pairs")
+        return not_decided("no other schedule run", "pairs")
+    return _all_of(comparisons, "pairs")
 
 
-def claim_smaller_l1(results: pd.DataFrame, name: str, rules: ClaimRules) -> dict:
+def smaller_l1(name: str) -> Callable[..., Finding]:
     """"<name> gives a smaller mean L1 than constant and iteration": both paired differences
-    (<name> minus each) have a 95 % interval below 0."""
-    claim = f"{name} gives a smaller mean L1 than constant and iteration"
-    paper = "Fig. 3"
-    if row := _not_run(claim, paper, results, name, "constant", "iteration"):
-        return row
-    comparisons = []
-    for other in ("constant", "iteration"):
-        interval = paired_interval(results, name, other, confidence=rules.confidence)
-        comparisons.append((f"mean L1 of {name} minus {other} (x 1/255), paired", interval,
-                            statistics.verdict_below(interval, 0.0)))
-    return _all_comparisons(claim, paper, comparisons, "pairs")
+    (<name> minus each) have their whole interval below 0."""
+    def check(results: pd.DataFrame, predictions: pd.DataFrame | None,
+              rules: ClaimRules) -> Finding:
+        if absent := _absent(results, name, "constant", "iteration"):
+            return absent
+        comparisons = []
+        for other in ("constant", "iteration"):
+            interval = paired_interval(results, name, other, confidence=rules.confidence)
+            comparisons.append((f"mean L1 of {name} minus {other} (x 1/255), paired",
+                                interval, statistics.verdict_below(interval.interval(), 0.0)))
+        return _all_of(comparisons, "pairs")
+    return check
 
 
-def claim_most_iterations(results: pd.DataFrame, rules: ClaimRules) -> dict:
+def _iterations(results: pd.DataFrame, first: str, second: str,
+                rules: ClaimRules) -> resampling.Bootstrap:
+    """Mean iterations of ``first`` minus ``second`` at every model's last checkpoint, paired
+    over every usable row (a failure counts max_iter)."""
+    return paired_interval(last_epochs(results), first, second, value="iterations",
+                           successful_only=False, scale=1.0, confidence=rules.confidence)
+
+
+def most_iterations(results: pd.DataFrame, predictions: pd.DataFrame | None,
+                    rules: ClaimRules) -> Finding:
     """"step and exponential need the most iterations" (last epoch): each of them minus every
-    other schedule, paired over all usable rows (a failure counts max_iter), above 0."""
-    claim = "step and exponential need the most iterations (last epoch)"
-    paper = "Fig. 4: mean 50 (step) and 83 (exponential) at epoch 10"
-    if row := _not_run(claim, paper, results, "step", "exponential"):
-        return row
-    last = results[results["epoch"] == results["epoch"].max()]
-    others = [n for n in schedule_order(last) if n not in ("step", "exponential")]
+    other schedule, paired over all usable rows, has its whole interval above 0."""
+    if absent := _absent(results, "step", "exponential"):
+        return absent
+    others = [n for n in schedule_order(results) if n not in ("step", "exponential")]
     comparisons = []
     for name in ("step", "exponential"):
         for other in others:
-            interval = paired_interval(last, name, other, value="iterations",
-                                       successful_only=False, scale=1.0,
-                                       confidence=rules.confidence)
+            interval = _iterations(results, name, other, rules)
             comparisons.append((f"mean iterations of {name} minus {other}, paired", interval,
-                                statistics.verdict_above(interval, 0.0)))
+                                statistics.verdict_above(interval.interval(), 0.0)))
     if not comparisons:
-        return _claim(claim, paper, "no other schedule run", statistics.NAN_INTERVAL, "pairs",
-                      statistics.INCONCLUSIVE)
-    return _all_comparisons(claim, paper, comparisons, "pairs")
+        return not_decided("no other schedule run", "pairs")
+    return _all_of(comparisons, "pairs")
 
 
-def claim_success_stable(results: pd.DataFrame, rules: ClaimRules) -> dict:
-    """"success rate changes little across epochs": per schedule, the Newcombe interval of the
-    highest minus the lowest epoch's rate lies within +- stable_within."""
-    claim = "success rate changes little across epochs"
-    paper = (f"Fig. 2: about the same at every epoch (we call a change within "
-             f"+-{100 * rules.stable_within:.0f} points little)")
-    rates = success_rates(results)
-    if rates["epoch"].nunique() < 2:
-        return _claim(claim, paper, "one epoch attacked", statistics.NAN_INTERVAL, "attacks",
-                      statistics.INCONCLUSIVE)
+def step_before_exponential(results: pd.DataFrame, predictions: pd.DataFrame | None,
+                            rules: ClaimRules) -> Finding:
+    """"step needs fewer iterations than exponential" (Figure 4's order, last epoch): the
+    paired difference step minus exponential has its whole interval below 0."""
+    if absent := _absent(results, "step", "exponential"):
+        return absent
+    interval = _iterations(results, "step", "exponential", rules)
+    return Finding("mean iterations of step minus exponential, paired", interval, "pairs",
+                   statistics.verdict_below(interval.interval(), 0.0))
+
+
+def common_epochs(table: pd.DataFrame) -> list[int]:
+    """The epochs every model of ``table`` has rows at, sorted."""
+    per_model = table.groupby("model")["epoch"].apply(set)
+    return sorted(set.intersection(*per_model)) if len(per_model) else []
+
+
+def _epoch_difference(table: pd.DataFrame, value: str, high: int, low: int,
+                      keys: list[str]) -> pd.DataFrame:
+    """``value`` at epoch ``high`` minus at ``low`` per ``keys`` row present at both."""
+    pivot = (table[table["epoch"].isin([high, low])]
+             .pivot_table(index=keys, columns="epoch", values=value, aggfunc="first")
+             .dropna())
+    return (pivot[high] - pivot[low]).rename("difference").reset_index()
+
+
+def success_stable(results: pd.DataFrame, predictions: pd.DataFrame | None,
+                   rules: ClaimRules) -> Finding:
+    """"success rate changes little across epochs": per schedule, the success rate at the
+    epoch with the highest rate minus at the one with the lowest (among the epochs every model
+    was attacked at), paired by (image, target) attacked at both, lies within
+    +- stable_within."""
+    epochs = common_epochs(results)
+    if len(epochs) < 2:
+        return not_decided("fewer than two epochs attacked (by every model)", "pairs")
+    rows = results[usable(results) & results["epoch"].isin(epochs)]
+    rows = rows.assign(hit=rows["success"].astype(float))
     comparisons = []
-    for name, part in rates.groupby("schedule", sort=False):
-        part = part[part["attacks"] > 0]
-        high, low = part.loc[part["success_rate"].idxmax()], part.loc[part["success_rate"].idxmin()]
-        interval = statistics.rate_difference_interval(
-            (high["successes"], high["attacks"]), (low["successes"], low["attacks"]),
-            confidence=rules.confidence)
-        comparisons.append((f"success rate of {name}, epoch {high['epoch']} minus epoch "
-                            f"{low['epoch']}", interval,
-                            statistics.verdict_within(interval, rules.stable_within)))
-    return _all_comparisons(claim, paper, comparisons, "attacks per epoch (fewer of the two)")
+    for name, part in rows.groupby("schedule", sort=False):
+        rates = part.groupby("epoch")["hit"].mean()
+        high, low = int(rates.idxmax()), int(rates.idxmin())
+        if high == low:
+            high, low = epochs[-1], epochs[0]
+        pairs = _epoch_difference(part, "hit", high, low, ["model", "image_id", "target"])
+        interval = resampling.bootstrap_rows(
+            pairs["difference"].to_numpy(float), resampling.clusters_of(pairs, model="model"),
+            two_level=True, confidence=rules.confidence)
+        comparisons.append((f"success rate of {name}, epoch {high} minus epoch {low}, paired "
+                            "by (image, target)", interval,
+                            statistics.verdict_within(interval.interval(), rules.stable_within)))
+    return _all_of(comparisons, "pairs")
 
 
-def claim_accuracy_stable(predictions: pd.DataFrame | None, rules: ClaimRules) -> dict:
+def accuracy_stable(results: pd.DataFrame, predictions: pd.DataFrame | None,
+                    rules: ClaimRules) -> Finding:
     """"clean accuracy changes little across epochs": the paired difference (same test images)
-    between the most and the least accurate epoch lies within +- stable_within."""
-    claim = "clean accuracy changes little across epochs"
-    paper = (f"Fig. 1: similar at every epoch (we call a change within "
-             f"+-{100 * rules.stable_within:.0f} points little)")
-    if predictions is None or predictions["epoch"].nunique() < 2:
-        return _claim(claim, paper, "fewer than two trained epochs", statistics.NAN_INTERVAL,
-                      "test images", statistics.INCONCLUSIVE)
-    table = predictions.assign(correct=predictions["label"] == predictions["predicted"])
+    between the most and the least accurate epoch lies within +- stable_within. One model:
+    Newcombe's paired interval (every test image an independent trial); several: the
+    two-level bootstrap of the per-image differences."""
+    epochs = [] if predictions is None else common_epochs(predictions)
+    if len(epochs) < 2:
+        return not_decided("fewer than two trained epochs", "test images")
+    table = predictions[predictions["epoch"].isin(epochs)]
+    table = table.assign(correct=(table["label"] == table["predicted"]).astype(float))
     accuracy = table.groupby("epoch")["correct"].mean()
     best, worst = int(accuracy.idxmax()), int(accuracy.idxmin())
     if best == worst:  # the same accuracy at every epoch: compare the last with the first
-        best, worst = int(accuracy.index.max()), int(accuracy.index.min())
+        best, worst = epochs[-1], epochs[0]
     scored = (table[table["epoch"].isin([best, worst])]
-              .pivot(index="image_id", columns="epoch", values="correct").dropna().astype(bool))
+              .pivot_table(index=["model", "image_id"], columns="epoch", values="correct",
+                           aggfunc="first").dropna().astype(bool).reset_index())
     right_best, right_worst = scored[best], scored[worst]
-    interval = statistics.paired_rate_difference_interval(
-        both=int((right_best & right_worst).sum()),
-        first_only=int((right_best & ~right_worst).sum()),
-        second_only=int((~right_best & right_worst).sum()),
-        neither=int((~right_best & ~right_worst).sum()), confidence=rules.confidence)
-    return _claim(claim, paper, f"test accuracy, epoch {best} minus epoch {worst}, paired",
-                  interval, "test images",
-                  statistics.verdict_within(interval, rules.stable_within))
-
-
-def paper_claims(results: pd.DataFrame, predictions: pd.DataFrame | None = None, *,
-                 rules: ClaimRules = ClaimRules()) -> pd.DataFrame:
-    """The paper's claims (the results chapter lists them with their verdict rules), each with
-    its estimate, interval and verdict.
-
-    Args:
-        results: ``attack/results.csv``.
-        predictions: ``train/predictions.csv`` for the claim on clean accuracy; None leaves it
-            inconclusive.
-        rules: the levels of the verdicts.
-
-    Returns:
-        :data:`CLAIM_COLUMNS`: the claim, the paper's figure, the quantity estimated, its
-        estimate with the 95 % interval ``low, high``, ``n`` (how many ``counted`` are behind
-        it) and the verdict ``agrees``, ``disagrees`` or ``inconclusive``. Where a claim needs
-        several comparisons to hold, the row shows the one that decides the verdict.
-    """
-    rows = [claim_reaches_full_success(results, n, rules)
-            for n in ("constant", "iteration", "loss-adaptive")]
-    rows += [claim_falls_short(results, n, rules) for n in ("step", "exponential")]
-    rows.append(claim_constant_largest_l1(results, rules))
-    rows += [claim_smaller_l1(results, n, rules) for n in ("step", "exponential", "loss-adaptive")]
-    rows.append(claim_most_iterations(results, rules))
-    rows.append(claim_success_stable(results, rules))
-    rows.append(claim_accuracy_stable(predictions, rules))
-    return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
-
-
-def readable_claims(claims: pd.DataFrame) -> pd.DataFrame:
-    """The claims table as the book shows it: the estimate and its interval in one cell.
-
-    Returns:
-        ``claim, paper, quantity, estimate (95 % interval), n, verdict``.
-    """
-    def interval(row: pd.Series) -> str:
-        if not np.isfinite(row["estimate"]):
-            return "-"
-        return f"{row['estimate']:.3g} [{row['low']:.3g}, {row['high']:.3g}]"
-
-    return pd.DataFrame({
-        "claim": claims["claim"], "paper": claims["paper"], "quantity": claims["quantity"],
-        "estimate (95 % interval)": claims.apply(interval, axis=1),
-        "n": [f"{n} {what}" for n, what in zip(claims["n"], claims["counted"], strict=True)],
-        "verdict": claims["verdict"]})
-
-
-def claims_conclusion(claims: pd.DataFrame) -> str:
-    """The chapter's conclusion, written from the verdicts (Markdown): how many claims agree,
-    disagree or stay inconclusive, and which."""
-    shown = readable_claims(claims)
-    count = claims["verdict"].value_counts()
-    lines = [f"Of the paper's {len(claims)} claims, our run **agrees** with "
-             f"{count.get(statistics.AGREES, 0)}, **disagrees** with "
-             f"{count.get(statistics.DISAGREES, 0)} and leaves "
-             f"{count.get(statistics.INCONCLUSIVE, 0)} **inconclusive** (the 95 % interval "
-             "does not decide).", ""]
-    for verdict in statistics.VERDICTS:
-        chosen = shown[shown["verdict"] == verdict]
-        if chosen.empty:
-            continue
-        lines.append(f"- {verdict.capitalize()}:")
-        lines += [f"  - {row['claim']}: {row['quantity']} = {row['estimate (95 % interval)']}"
-                  f" ({row['n']})" for row in chosen.to_dict("records")]
-    return "\n".join(lines)
+    clusters = resampling.clusters_of(scored, model="model")
+    if clusters.n_models == 1:
+        newcombe = statistics.paired_rate_difference_interval(
+            both=int((right_best & right_worst).sum()),
+            first_only=int((right_best & ~right_worst).sum()),
+            second_only=int((~right_best & right_worst).sum()),
+            neither=int((~right_best & ~right_worst).sum()), confidence=rules.confidence)
+        interval = resampling.Bootstrap(newcombe.estimate, newcombe.low, newcombe.high,
+                                        len(scored), 1, len(scored))
+    else:  # thousands of test images per model: the same draw, counted per value
+        interval = general_bootstrap.bootstrap_unit_values(
+            right_best.to_numpy(float) - right_worst.to_numpy(float), scored["model"],
+            confidence=rules.confidence)
+    return Finding(f"test accuracy, epoch {best} minus epoch {worst}, paired", interval,
+                   "test images", statistics.verdict_within(interval.interval(),
+                                                            rules.stable_within))

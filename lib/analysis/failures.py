@@ -53,6 +53,7 @@ from lib import NUM_CLASSES
 from lib.analysis import resampling
 from lib.errors import ParameterError
 
+#: The outcome classes, in the order they are checked (the first that holds wins).
 OUTCOMES = ("third class", "stuck", "oscillating", "saturated", "progressing", "other")
 #: The last updates looked at.
 WINDOW = 10
@@ -186,8 +187,8 @@ def failed_attacks(results: pd.DataFrame, traces: dict[str, np.ndarray], *,
     failed = results[~results["success"].astype(bool)]
     if "status" in failed.columns:
         failed = failed[failed["status"] == "ok"]
-    keep = [c for c in ("model", *keys, "schedule", "image_id", "source", "target",
-                        "final_class") if c in failed.columns]
+    keep = [c for c in dict.fromkeys(("model", *keys, "schedule", "image_id", "source",
+                                      "target", "final_class")) if c in failed.columns]
     index = pd.MultiIndex.from_arrays([np.asarray(traces[k]) for k in keys])
     position = pd.Series(np.arange(len(index)), index=index)
     wanted = pd.MultiIndex.from_frame(failed[list(keys)])

@@ -30,6 +30,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from lib import TOOLS
+from lib.analysis.margins import NORM_NAMES
 
 #: The widest drawing, in CSS pixels, of any chart (the text column is 736 px wide at an
 #: 800 px window and 784 px at 1400 px; a margin is left for the chart's action menu).
@@ -91,15 +92,15 @@ def _schedules(table: pd.DataFrame) -> list[str]:
 def _schedule_colour(table: pd.DataFrame, *, legend: bool = True) -> alt.Color:
     order = _schedules(table)
     return alt.Color("schedule:N", sort=order, scale=colour_scale("schedule", order),
-                     title="schedule", legend=_legend() if legend else None)
+                     title="schedule", legend=top_legend() if legend else None)
 
 
-def _legend(**options: object) -> alt.Legend:
+def top_legend(**options: object) -> alt.Legend:
     """A legend above the plot, so that it takes no width from it."""
     return alt.Legend(orient="top", direction="horizontal", titleAnchor="start", **options)
 
 
-def _finish(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+def finish(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
     """The book's type sizes on a finished chart."""
     return (chart
             .configure_axis(labelFontSize=_LABEL_SIZE, titleFontSize=_TITLE_SIZE)
@@ -133,14 +134,14 @@ def class_counts_chart(counts: pd.DataFrame) -> alt.Chart:
         counts: columns ``split`` ("train"/"test"), ``tool`` (a name of ``lib.TOOLS``),
             ``frames`` (int >= 0).
     """
-    return _finish(
+    return finish(
         alt.Chart(counts)
         .mark_bar()
         .encode(
             x=alt.X("tool:N", sort=list(TOOLS), title=None, axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("split:N", sort=["train", "test"]),
             y=alt.Y("frames:Q", title="single-tool frames"),
-            color=alt.Color("split:N", sort=["train", "test"], title="split", legend=_legend()),
+            color=alt.Color("split:N", sort=["train", "test"], title="split", legend=top_legend()),
             tooltip=[_tooltip("split", "split"), _tooltip("tool", "tool"),
                      _tooltip("frames", "frames")],
         )
@@ -155,7 +156,7 @@ def tool_share_chart(shares: pd.DataFrame) -> alt.Chart:
         shares: columns ``split``, ``tools_present`` ("0", "1", "2+"), ``frames`` (int),
             ``share`` (in [0, 1]).
     """
-    return _finish(
+    return finish(
         alt.Chart(shares)
         .mark_bar()
         .encode(
@@ -163,7 +164,7 @@ def tool_share_chart(shares: pd.DataFrame) -> alt.Chart:
             x=alt.X("share:Q", stack="normalize", axis=alt.Axis(format="%"),
                     title="share of annotated frames"),
             color=alt.Color("tools_present:N", sort=["0", "1", "2+"], title="tools in frame",
-                            legend=_legend()),
+                            legend=top_legend()),
             order=alt.Order("tools_present:N"),
             tooltip=[_tooltip("split", "split"), _tooltip("tools_present", "tools in frame"),
                      _tooltip("frames", "frames"),
@@ -230,7 +231,7 @@ def loss_curve_chart(losses: pd.DataFrame, *, window: int = 20) -> alt.LayerChar
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("step", "step"),
                  _tooltip("loss:Q", "loss", format=".4f")])
     mean = base.mark_line(color="black").encode(y=alt.Y("smoothed:Q", title=title))
-    return _finish((raw + mean).properties(width=600, height=220))
+    return finish((raw + mean).properties(width=600, height=220))
 
 
 def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
@@ -253,7 +254,7 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     table = pd.concat(parts, ignore_index=True)
     bounded = "low" in table.columns
     title = "test score" + (" (95 % interval)" if bounded else "")
-    color = alt.Color("metric:N", title="score", legend=_legend())
+    color = alt.Color("metric:N", title="score", legend=top_legend())
     tooltip = [_tooltip("epoch", "epoch"), _tooltip("metric", "score"),
                _tooltip("value:Q", "value", format=".3f")]
     y = alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title=title)
@@ -261,11 +262,11 @@ def accuracy_f1_chart(metrics: pd.DataFrame) -> alt.Chart | alt.LayerChart:
     if not bounded:
         lines = alt.Chart(table).mark_line(point=True).encode(x=x, y=y, color=color,
                                                               tooltip=tooltip)
-        return _finish(lines.properties(width=560, height=220))
+        return finish(lines.properties(width=560, height=220))
     # with intervals, the two scores stand side by side at each epoch so the bars never overlap
     base = alt.Chart(table).encode(x=x, xOffset=alt.XOffset("metric:N"), color=color)
     points = base.mark_point(filled=True, size=50).encode(y=y, tooltip=tooltip)
-    return _finish((_interval(base, "low", "high", title=title) + points)
+    return finish((_interval(base, "low", "high", title=title) + points)
                    .properties(width=560, height=220))
 
 
@@ -275,14 +276,14 @@ def per_class_f1_chart(per_class: pd.DataFrame) -> alt.Chart:
     Args:
         per_class: columns ``epoch``, ``tool``, ``f1`` (in [0, 1]), ``support`` (int).
     """
-    return _finish(
+    return finish(
         alt.Chart(per_class)
         .mark_line(point=True)
         .encode(
             x=alt.X("epoch:O", title="epoch", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("f1:Q", scale=alt.Scale(domain=[0, 1]), title="test F1"),
             color=alt.Color("tool:N", sort=list(TOOLS), scale=colour_scale("tool", TOOLS),
-                            title="tool", legend=_legend(columns=4)),
+                            title="tool", legend=top_legend(columns=4)),
             tooltip=[_tooltip("epoch", "epoch"), _tooltip("tool", "tool"),
                      _tooltip("f1:Q", "F1", format=".3f"),
                      _tooltip("support", "test frames")],
@@ -311,7 +312,7 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.LayerChart:
     cells = base.mark_rect().encode(
         color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
                         title="share of the true tool's frames",
-                        legend=_legend(format="%", gradientLength=240)),
+                        legend=top_legend(format="%", gradientLength=240)),
         tooltip=[_tooltip("true_tool", "true tool"), _tooltip("predicted_tool", "predicted"),
                  _tooltip("count", "frames"), _tooltip("share:Q", "share", format=".1%")],
     )
@@ -319,7 +320,7 @@ def confusion_chart(confusion: pd.DataFrame) -> alt.LayerChart:
         text=alt.Text("count:Q"),
         color=alt.condition("datum.share > 0.5", alt.value("white"), alt.value("black")),
     )
-    return _finish((cells + labels).properties(width=420, height=320))
+    return finish((cells + labels).properties(width=420, height=320))
 
 
 # --------------------------------------------------------------------------- attack results
@@ -331,9 +332,9 @@ def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 2: success rate within ``max_iter`` per schedule and epoch.
 
     Args:
-        rates: :func:`lib.analysis.aggregates.success_rates` (epoch, schedule, attacks, successes,
-            success_rate in [0, 1] with its Wilson interval success_rate_low/high, skipped).
-            The bars are the 95 % Wilson intervals.
+        rates: :func:`lib.analysis.aggregates.success_rates` of one model (epoch, schedule,
+            images, attacks, successes, success_rate in [0, 1] with its image-bootstrap
+            interval success_rate_low/high, skipped). The bars are the 95 % intervals.
     """
     title = "success rate (95 % interval)"
     base = alt.Chart(rates).encode(
@@ -344,22 +345,24 @@ def success_rate_chart(rates: pd.DataFrame) -> alt.LayerChart:
         y=alt.Y("success_rate:Q", title=title, axis=alt.Axis(format="%"),
                 scale=alt.Scale(zero=False)),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
-                 _tooltip("attacks", "attacks"), _tooltip("successes", "successes"),
+                 _tooltip("images", "images"), _tooltip("attacks", "attacks"),
+                 _tooltip("successes", "successes"),
                  _tooltip("success_rate:Q", "success rate", format=".1%"),
                  _tooltip("success_rate_low:Q", "95 % low", format=".1%"),
                  _tooltip("success_rate_high:Q", "95 % high", format=".1%"),
                  _tooltip("skipped", "not finite (left out)")],
     )
     bars = _interval(base, "success_rate_low", "success_rate_high", title=title)
-    return _finish((bars + points).properties(width=600, height=240))
+    return finish((bars + points).properties(width=600, height=240))
 
 
 def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
     """The paper's Figure 3: mean L1 of the successful attacks per schedule and epoch.
 
     Args:
-        l1: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, successes, mean_l1_255
-            with its bootstrap interval mean_l1_255_low/high). The bars are the 95 % intervals.
+        l1: :func:`lib.analysis.aggregates.mean_l1` of one model (epoch, schedule, images,
+            successes, mean_l1_255 with its image-bootstrap interval mean_l1_255_low/high). The
+            bars are the 95 % intervals.
     """
     title = "mean L1 (x 1/255)"
     base = alt.Chart(l1).encode(
@@ -368,28 +371,29 @@ def l1_chart(l1: pd.DataFrame) -> alt.LayerChart:
     points = base.mark_point(filled=True, size=50).encode(
         y=alt.Y("mean_l1_255:Q", title=title),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
-                 _tooltip("successes", "successful attacks"),
+                 _tooltip("images", "images"), _tooltip("successes", "successful attacks"),
                  _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f"),
                  _tooltip("mean_l1_255_low:Q", "95 % low", format=".3f"),
                  _tooltip("mean_l1_255_high:Q", "95 % high", format=".3f")],
     )
     bars = _interval(base, "mean_l1_255_low", "mean_l1_255_high", title=title)
-    return _finish((bars + points).properties(width=600, height=240))
+    return finish((bars + points).properties(width=600, height=240))
 
 
 def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
     """The paper's Figure 4: mean iterations and mean step size per schedule at one epoch.
 
     Args:
-        summary: :func:`lib.analysis.aggregates.iterations_and_lr` (schedule, attacks,
-            mean_iterations and mean_lr_255, each with its bootstrap interval
-            ``_low``/``_high``, success_rate).
+        summary: :func:`lib.analysis.aggregates.iterations_and_lr` of one model (schedule,
+            images, attacks, mean_iterations and mean_lr_255, each with its image-bootstrap
+            interval ``_low``/``_high``, success_rate).
     """
     order = _schedules(summary)
     base = alt.Chart(summary).encode(
         x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
         color=_schedule_colour(summary, legend=False),
-        tooltip=[_tooltip("schedule", "schedule"), _tooltip("attacks", "attacks"),
+        tooltip=[_tooltip("schedule", "schedule"), _tooltip("images", "images"),
+                 _tooltip("attacks", "attacks"),
                  _tooltip("mean_iterations:Q", "mean iterations", format=".1f"),
                  _tooltip("mean_lr_255:Q", "mean step (x 1/255)", format=".3f"),
                  _tooltip("success_rate:Q", "success rate", format=".1%")],
@@ -401,7 +405,7 @@ def iterations_lr_chart(summary: pd.DataFrame) -> alt.HConcatChart:
         whiskers = _interval(base, f"{column}_low", f"{column}_high", title=title,
                              color="black")
         panels.append((bars + whiskers).properties(width=230, height=220))
-    return _finish(alt.hconcat(*panels, spacing=40))
+    return finish(alt.hconcat(*panels, spacing=40))
 
 
 def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChart:
@@ -432,7 +436,7 @@ def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChar
     cells = base.mark_rect().encode(
         color=alt.Color("mean_l1_255:Q", scale=alt.Scale(scheme="viridis", domain=[0, top]),
                         title="mean L1 of successful attacks (x 1/255)",
-                        legend=_legend(gradientLength=240)),
+                        legend=top_legend(gradientLength=240)),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
                  _tooltip("source_tool", "source tool"), _tooltip("target_tool", "target tool"),
                  _tooltip("attacks", "attacks"), _tooltip("successes", "successful attacks"),
@@ -443,7 +447,7 @@ def class_pair_chart(matrix: pd.DataFrame, *, columns: int = 2) -> alt.FacetChar
     means = base.mark_text(fontSize=9, dy=-5).encode(
         text=alt.Text("mean_l1_255:Q", format=".1f"), color=shade)
     counts = base.mark_text(fontSize=8, dy=6).encode(text="count_label:N", color=shade)
-    return _finish(
+    return finish(
         alt.layer(cells, means, counts, data=table)
         .transform_filter(alt.datum.schedule == choice)
         .properties(width=230, height=230)
@@ -460,7 +464,7 @@ def l1_histogram_chart(histogram: pd.DataFrame) -> alt.FacetChart:
             bin_end_255, count).
     """
     order = _schedules(histogram)
-    return _finish(
+    return finish(
         alt.Chart(histogram)
         .mark_bar()
         .encode(
@@ -503,7 +507,7 @@ def trace_chart(summary: pd.DataFrame) -> alt.VConcatChart:
                   axis=alt.Axis(tickMinStep=1, format="d", labels=last))
         panels.append(base.mark_line().encode(x=x, y=alt.Y(f"{column}:Q", title=title))
                       .properties(width=600, height=150))
-    return _finish(alt.vconcat(*panels, spacing=8))
+    return finish(alt.vconcat(*panels, spacing=8))
 
 
 def spans_a_decade(low: float, high: float) -> bool:
@@ -532,7 +536,7 @@ def _step_axis(values: pd.Series, *, title: str) -> alt.X:
 
 def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
     """Success rate and mean L1 against the initial step size lr0, per schedule, with 95 %
-    intervals (Wilson for the rate, bootstrap for the mean).
+    intervals resampling images.
 
     Args:
         sensitivity: :func:`lib.analysis.aggregates.lr0_sensitivity` (lr0_255, schedule, attacks,
@@ -543,7 +547,7 @@ def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
         color=_schedule_colour(sensitivity),
         tooltip=[_tooltip("schedule", "schedule"),
                  _tooltip("lr0_255:Q", "lr0 (x 1/255)", format=".3g"),
-                 _tooltip("attacks", "attacks"),
+                 _tooltip("images", "images"), _tooltip("attacks", "attacks"),
                  _tooltip("success_rate:Q", "success rate", format=".1%"),
                  _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f"),
                  _tooltip("mean_iterations:Q", "mean iterations", format=".1f")],
@@ -555,7 +559,7 @@ def lr0_sensitivity_chart(sensitivity: pd.DataFrame) -> alt.HConcatChart:
         line = base.mark_line(point=True).encode(y=alt.Y(f"{column}:Q", title=title, axis=axis))
         bars = _interval(base, f"{column}_low", f"{column}_high", title=title)
         panels.append((bars + line).properties(width=250, height=220))
-    return _finish(alt.hconcat(*panels, spacing=40))
+    return finish(alt.hconcat(*panels, spacing=40))
 
 
 def paired_difference_chart(differences: pd.DataFrame, *,
@@ -564,15 +568,17 @@ def paired_difference_chart(differences: pd.DataFrame, *,
     row of panels per epoch (stacked, sharing the difference axis).
 
     Args:
-        differences: :func:`lib.analysis.paired.paired_schedule_differences` (epoch, schedule,
-            reference, pairs, mean_difference, low, high, p_signed_rank).
+        differences: :func:`lib.analysis.paired.paired_schedule_differences` of one model
+            (epoch, schedule, reference, images, pairs, mean_difference, low, high,
+            p_signed_rank).
         title: the axis title (says what was subtracted, in which unit).
     """
     base = alt.Chart().encode(
         y=alt.Y("schedule:N", sort=_schedules(differences), title=None),
         color=_schedule_colour(differences, legend=False),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
-                 _tooltip("reference", "reference"), _tooltip("pairs", "pairs"),
+                 _tooltip("reference", "reference"), _tooltip("images", "images"),
+                 _tooltip("pairs", "pairs"),
                  _tooltip("mean_difference:Q", "mean difference", format=".3f"),
                  _tooltip("low:Q", "95 % low", format=".3f"),
                  _tooltip("high:Q", "95 % high", format=".3f"),
@@ -582,7 +588,7 @@ def paired_difference_chart(differences: pd.DataFrame, *,
     whiskers = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title=title), x2="high:Q")
     points = base.mark_point(filled=True, size=60).encode(x=alt.X("mean_difference:Q",
                                                                   title=title))
-    return _finish(
+    return finish(
         alt.layer(zero, whiskers, points, data=differences)
         .properties(width=520, height=alt.Step(18))
         .facet(row=alt.Row("epoch:O", title="epoch",
@@ -600,7 +606,7 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
     ``columns`` per row.
 
     Args:
-        per_image: :func:`lib.analysis.aggregates.per_image_l1` (image_id, source_tool, schedule,
+        per_image: :func:`lib.analysis.trends.per_image_l1` (image_id, source_tool, schedule,
             epoch, targets, mean_l1_255).
         means: :func:`lib.analysis.aggregates.mean_l1` (epoch, schedule, mean_l1_255(_low, _high)).
         columns: panels per row.
@@ -620,7 +626,7 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
         opacity=0.5, strokeWidth=1, point=alt.OverlayMarkDef(size=12)).encode(
         y=alt.Y("mean_l1_255:Q", title=title), detail="image_id:N",
         color=alt.Color("source_tool:N", sort=tools, scale=colour_scale("tool", tools),
-                        title="tool of the image", legend=_legend(columns=4)),
+                        title="tool of the image", legend=top_legend(columns=4)),
         tooltip=[_tooltip("image_id", "image"), _tooltip("source_tool", "tool"),
                  _tooltip("epoch", "epoch"), _tooltip("targets", "targets"),
                  _tooltip("mean_l1_255:Q", "mean L1 (x 1/255)", format=".3f")])
@@ -631,7 +637,7 @@ def per_image_chart(per_image: pd.DataFrame, means: pd.DataFrame, *,
                  _tooltip("mean_l1_255:Q", "mean of the selection (x 1/255)", format=".3f")])
     mean_bars = _interval(mean, "mean_l1_255_low", "mean_l1_255_high", title=title,
                           color="black")
-    return _finish(
+    return finish(
         alt.layer(images, mean_bars, mean_line, data=table)
         .properties(width=160, height=180)
         .facet(facet=alt.Facet("schedule:N", sort=order, title=None), columns=columns)
@@ -660,7 +666,7 @@ def refinement_chart(ranking: pd.DataFrame, *, columns: int = 2) -> alt.FacetCha
     base = alt.Chart().encode(
         x=alt.X("schedule:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
         xOffset=alt.XOffset("distance:N"),
-        color=alt.Color("distance:N", title="L1 measured", legend=_legend()),
+        color=alt.Color("distance:N", title="L1 measured", legend=top_legend()),
         tooltip=[_tooltip("epoch", "epoch"), _tooltip("schedule", "schedule"),
                  _tooltip("distance", "L1 measured"), _tooltip("successes", "successes"),
                  _tooltip("mean:Q", "mean (x 1/255)", format=".3f"),
@@ -668,7 +674,7 @@ def refinement_chart(ranking: pd.DataFrame, *, columns: int = 2) -> alt.FacetCha
                  _tooltip("high:Q", "95 % high", format=".3f")])
     points = base.mark_point(filled=True).encode(y=alt.Y("mean:Q", title=title))
     bars = _interval(base, "low", "high", title=title)
-    return _finish(alt.layer(bars, points, data=table).properties(width=250, height=200)
+    return finish(alt.layer(bars, points, data=table).properties(width=250, height=200)
                    .facet(facet=alt.Facet("epoch:O", title="epoch"), columns=columns))
 
 
@@ -679,62 +685,111 @@ def _checkpoint_label(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(checkpoint="epoch " + table["epoch"].astype(str))
 
 
-def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.LayerChart:
-    """Median ratio of each schedule's L1 to the best-known L1, with its 95 % interval.
+def _by_norm(table: pd.DataFrame, panel) -> alt.TopLevelMixin:
+    """One panel per norm of ``table`` (Linf, L2, L1 in this order), stacked, each with its own
+    axis; a table without a ``norm`` column is one panel."""
+    if "norm" not in table.columns:
+        return panel(table, "")
+    norms = [n for n in NORM_NAMES if n in set(table["norm"])]
+    panels = [panel(table[table["norm"] == n], NORM_NAMES[n]) for n in norms]
+    return alt.vconcat(*panels).resolve_scale(x="independent")
+
+
+def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.TopLevelMixin:
+    """Median ratio of each schedule's distance to the best-known distance, with its 95 %
+    interval; one panel per norm.
 
     Args:
-        ratios: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, successful,
-            median_ratio, median_ratio_low, median_ratio_high, q25_ratio, q75_ratio).
+        ratios: :func:`lib.analysis.minimality_norms.minimality_by_norm` (schedule, epoch,
+            norm, successful, median_ratio, median_ratio_low, median_ratio_high, q25_ratio,
+            q75_ratio).
     """
-    table = _checkpoint_label(ratios)
-    title = "L1 / best-known L1 (median, 95 % interval)"
-    base = alt.Chart(table).encode(
-        y=alt.Y("schedule:N", sort=_schedules(table), title=None),
-        yOffset=alt.YOffset("checkpoint:N"),
-        color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
-        tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
-                 _tooltip("successful", "successful pairs"),
-                 _tooltip("median_ratio:Q", "median ratio", format=".2f"),
-                 _tooltip("median_ratio_low:Q", "95 % low", format=".2f"),
-                 _tooltip("median_ratio_high:Q", "95 % high", format=".2f"),
-                 _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
-                 _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
-    low = float(table["median_ratio_low"].min()) if len(table) else 1.0
-    high = float(table["median_ratio_high"].max()) if len(table) else 1.0
-    if spans_a_decade(low, high):  # ratios from near 1 to far beyond: a log axis
-        scale = alt.Scale(type="log", domain=[low / 1.2, high * 1.2], nice=False)
-        axis = alt.Axis(values=_log_ticks(low / 1.2, high * 1.2), format="~g")
-    else:
-        scale, axis = alt.Scale(zero=False), alt.Axis()
-    whiskers = base.mark_rule(strokeWidth=2).encode(
-        x=alt.X("median_ratio_low:Q", title=title, scale=scale, axis=axis),
-        x2="median_ratio_high:Q")
-    points = base.mark_point(filled=True, size=60).encode(
-        x=alt.X("median_ratio:Q", title=title))
-    return _finish((whiskers + points).properties(width=520, height=220))
+    def panel(part: pd.DataFrame, norm: str) -> alt.LayerChart:
+        table = _checkpoint_label(part)
+        title = f"{norm} distance / best known (median, 95 % interval)".strip()
+        base = alt.Chart(table).encode(
+            y=alt.Y("schedule:N", sort=_schedules(table), title=None),
+            yOffset=alt.YOffset("checkpoint:N"),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=top_legend()),
+            tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
+                     _tooltip("successful", "successful pairs"),
+                     _tooltip("median_ratio:Q", "median ratio", format=".2f"),
+                     _tooltip("median_ratio_low:Q", "95 % low", format=".2f"),
+                     _tooltip("median_ratio_high:Q", "95 % high", format=".2f"),
+                     _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
+                     _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
+        low = float(table["median_ratio_low"].min()) if len(table) else 1.0
+        high = float(table["median_ratio_high"].max()) if len(table) else 1.0
+        if spans_a_decade(low, high):  # ratios from near 1 to far beyond: a log axis
+            scale = alt.Scale(type="log", domain=[low / 1.2, high * 1.2], nice=False)
+            axis = alt.Axis(values=_log_ticks(low / 1.2, high * 1.2), format="~g")
+        else:
+            scale, axis = alt.Scale(zero=False), alt.Axis()
+        whiskers = base.mark_rule(strokeWidth=2).encode(
+            x=alt.X("median_ratio_low:Q", title=title, scale=scale, axis=axis),
+            x2="median_ratio_high:Q")
+        points = base.mark_point(filled=True, size=60).encode(
+            x=alt.X("median_ratio:Q", title=title))
+        return (whiskers + points).properties(width=520, height=170)
+
+    return finish(_by_norm(ratios, panel))
 
 
-def optimality_chart(optimality: pd.DataFrame) -> alt.LayerChart:
-    """AttackBench's optimality score per schedule (1: the best known on every pair), with its
-    95 % bootstrap interval over the pairs.
+def optimality_chart(optimality: pd.DataFrame) -> alt.TopLevelMixin:
+    """Closeness (bars: the mean of best-known / own distance, a failure counting 0) and
+    AttackBench's optimality score (diamonds, only where no single pair sets its window) per
+    schedule, with the closeness's 95 % interval; one panel per norm.
 
     Args:
-        optimality: :func:`lib.analysis.minimality.minimality_intervals` (schedule, epoch, pairs,
-            optimality, optimality_low, optimality_high).
+        optimality: :func:`lib.analysis.minimality_norms.minimality_by_norm` (schedule, epoch,
+            norm, pairs, closeness with closeness_low/high, optimality with
+            optimality_low/high, optimality_robust).
     """
-    table = _checkpoint_label(optimality)
-    title = "optimality score (95 % interval)"
-    base = alt.Chart(table).encode(
-        y=alt.Y("schedule:N", sort=_schedules(table), title=None),
-        yOffset=alt.YOffset("checkpoint:N"),
-        color=alt.Color("checkpoint:N", title="checkpoint", legend=_legend()),
-        tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
-                 _tooltip("pairs", "pairs"),
-                 _tooltip("optimality:Q", "optimality", format=".3f"),
-                 _tooltip("optimality_low:Q", "95 % low", format=".3f"),
-                 _tooltip("optimality_high:Q", "95 % high", format=".3f")])
-    bars = base.mark_bar(opacity=0.6).encode(
-        x=alt.X("optimality:Q", scale=alt.Scale(domain=[0, 1]), title=title))
-    whiskers = base.mark_rule(color="black").encode(
-        x=alt.X("optimality_low:Q", title=title), x2="optimality_high:Q")
-    return _finish((bars + whiskers).properties(width=520, height=220))
+    def panel(part: pd.DataFrame, norm: str) -> alt.LayerChart:
+        robust = part["optimality_robust"].astype(bool)
+        table = _checkpoint_label(part).assign(shown=part["optimality"].where(robust))
+        title = f"{norm} closeness (95 % interval); optimality as diamonds".strip()
+        base = alt.Chart(table).encode(
+            y=alt.Y("schedule:N", sort=_schedules(table), title=None),
+            yOffset=alt.YOffset("checkpoint:N"),
+            color=alt.Color("checkpoint:N", title="checkpoint", legend=top_legend()),
+            tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
+                     _tooltip("pairs", "pairs"),
+                     _tooltip("closeness:Q", "closeness", format=".3f"),
+                     _tooltip("closeness_low:Q", "95 % low", format=".3f"),
+                     _tooltip("closeness_high:Q", "95 % high", format=".3f"),
+                     _tooltip("optimality:Q", "optimality", format=".3f"),
+                     _tooltip("optimality_robust:N", "no single pair sets it")])
+        bars = base.mark_bar(opacity=0.6).encode(
+            x=alt.X("closeness:Q", scale=alt.Scale(domain=[0, 1]), title=title))
+        whiskers = base.mark_rule(color="black").encode(
+            x=alt.X("closeness_low:Q", title=title), x2="closeness_high:Q")
+        diamonds = base.transform_filter("isValid(datum.shown)").mark_point(
+            shape="diamond", filled=True, color="black", size=50).encode(
+            x=alt.X("shown:Q", title=title))
+        return (bars + whiskers + diamonds).properties(width=520, height=170)
+
+    return finish(_by_norm(optimality, panel))
+
+
+# --------------------------------------------------------------------------- several models
+
+
+def per_model(build, table: pd.DataFrame, *, title: str = "model of seed {model}"):
+    """One chart per trained model, one under the other, each ``build`` of that model's rows.
+
+    Args:
+        build: a chart builder of this module (e.g. :func:`success_rate_chart`).
+        table: its table with a ``model`` column (the seed); without one, or with a single
+            model, the chart is ``build(table)`` itself.
+        title: each panel's title; ``{model}`` is replaced by the seed.
+    """
+    if "model" not in table.columns or table["model"].nunique() <= 1:
+        return build(table)
+    charts = []
+    for model, part in table.groupby("model", sort=True):
+        chart = build(part.reset_index(drop=True)).copy()
+        chart.config = alt.Undefined  # the type sizes go on the whole figure, once
+        charts.append(chart.properties(title=title.format(model=model)))
+    return finish(alt.vconcat(*charts, spacing=30))
+

@@ -59,7 +59,8 @@ def gallery_examples(gallery: dict[str, np.ndarray], results: pd.DataFrame) -> l
         gallery: ``attack/gallery.npz``: ``epoch``, ``row_id``, ``image_id``, ``schedule``,
             ``source``, ``target`` [G]; ``original`` uint8 [G, 3, S, S]; ``borderline`` float
             [G, 3, S, S] in [0, 1].
-        results: ``attack/results.csv`` (``epoch``, ``row_id``, ``success``, ``l1_255``).
+        results: ``attack/results.csv`` rows of the model the gallery shows (``epoch``,
+            ``row_id``, ``success``, ``l1_255``; the first model's).
     """
     outcome = results.set_index(["epoch", "row_id"])[["success", "l1_255"]]
     keys = list(zip(gallery["epoch"].tolist(), gallery["row_id"].tolist(), strict=True))

@@ -39,6 +39,8 @@ from lib.errors import ParameterError
 
 #: The norms of a margin, Linf first (the geometry of sign steps).
 NORMS = ("linf", "l2", "l1")
+#: How the book names each norm.
+NORM_NAMES = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 #: ``method`` of the smallest distance over every schedule of a mode.
 BEST_OF_SCHEDULES = "best of schedules"
 #: ``method`` of the smallest distance over every reference (minimum-norm) attack.
@@ -50,6 +52,7 @@ ONE_MODEL = 0
 #: ``model`` of a row pooled over several models (two-level bootstrap).
 POOLED = "pooled"
 
+#: The columns of :func:`image_margins`.
 MARGIN_COLUMNS = ("model", "epoch", "image_id", "source", "mode", "method", "norm", "margin",
                   "closest_target", "attacks", "successes")
 
@@ -369,8 +372,8 @@ def paired_log_ratios(margins: pd.DataFrame, *, norm: str = "linf",
 
 def direction(interval: statistics.Interval) -> str:
     """"grows" when the interval of a log ratio lies above 0, "shrinks" when below, else
-    "inconclusive": the rules of :func:`lib.statistics.verdict_above` and
-    :func:`lib.statistics.verdict_below`, except that an infinite bound counts (a bound of
+    "inconclusive": the rules of :func:`lib.analysis.statistics.verdict_above` and
+    :func:`lib.analysis.statistics.verdict_below`, except that an infinite bound counts (a bound of
     ``+inf`` comes from images whose margin was found only at the start)."""
     low, high = interval.low, interval.high
     if interval.n == 0 or np.isnan([interval.estimate, low, high]).any():

@@ -1,12 +1,13 @@
 """How minimal are the borderline images? Our distances against the best-known minimal ones.
 
 The reference attacks of :mod:`lib.attack.reference` search the smallest perturbation of the
-same (image, target) pairs our schedules attacked. The smallest successful L1 of a pair over
-every reference attack, and over our own schedules when the caller passes them, is its
-*best-known* L1 (:func:`best_per_sample`). Two measures compare a schedule with it: the median
-ratio of L1 to the best-known L1 (:func:`l1_ratio_table`) and AttackBench's optimality score
-(:func:`eval_optimality`, :func:`optimality_table`); :func:`minimality_intervals` gives both
-with their 95 % bootstrap intervals.
+same (image, target) pairs our schedules attacked. The smallest successful distance of a pair
+in a norm (Linf, L2 or L1) over every reference attack, and over our own schedules when the
+caller passes them, is its *best-known* distance (:func:`best_per_sample`). Two measures
+compare a schedule with it: the median ratio of its distance to the best-known one
+(:func:`ratio_table`) and AttackBench's optimality score (:func:`eval_optimality`,
+:func:`optimality_table`); :func:`lib.analysis.minimality_norms.norm_intervals` gives them with
+the closeness and their image-bootstrap intervals, per norm.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lib.analysis import statistics
-from lib.analysis.paired import PAIR_KEYS
+from lib.analysis.margins import attack_distances
 from lib.attack.reference import DEFAULT_ATTACKS, run_reference_attacks
 from lib.errors import ParameterError
+
+#: The columns that identify a compared (image, target) pair of one model's checkpoint.
+PAIR_KEYS = ("epoch", "image_id", "target")
 
 
 def best_per_sample(
@@ -30,41 +33,49 @@ def best_per_sample(
     own: pd.DataFrame | None = None,
     *,
     on: Sequence[str] | None = None,
+    norm: str = "l1",
 ) -> pd.DataFrame:
-    """The best-known L1 of every pair: the smallest successful L1 over every method.
+    """The best-known distance of every pair in ``norm``: the smallest successful distance over
+    every method.
 
     Args:
         reference: rows of :func:`~lib.attack.reference.run_reference_attacks` (key columns,
-            attack, steps, success, l1).
+            attack, steps, success and the norms it measured; a table without ``norm`` adds no
+            candidate).
         own: optional rows of our own attacks on the same pairs (key columns, schedule,
-            success, l1), e.g. the attack stage's results for this epoch. A best-known
-            reference should include every method, so pass them when you have them.
+            success, the norm and optionally ``refined_<norm>``, which is used where present:
+            :func:`lib.analysis.margins.attack_distances`), e.g. the attack stage's results for
+            this epoch. A best-known reference should include every method, so pass them when
+            you have them.
         on: key columns that identify a pair; default: the reference's columns before
             ``attack``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` ([0, 1] pixel units; L1 the mean over values).
 
     Returns:
-        One row per pair of ``reference``: key columns, ``best_l1`` (``inf`` when no method
+        One row per pair of ``reference``: key columns, ``best_<norm>`` (``inf`` when no method
         succeeded), ``best_method`` (``"fmn_l1@1000"``, ``"schedule:constant"``, or ``""``).
     """
     on = _key_columns(reference, on)
-    candidates = [
-        reference.assign(method=reference["attack"] + "@" + reference["steps"].astype(str))
-    ]
+    column = f"best_{norm}"
+    candidates = [reference.assign(
+        method=reference["attack"] + "@" + reference["steps"].astype(str),
+        distance=attack_distances(reference, norm))]
     if own is not None:
-        missing = [c for c in (*on, "schedule", "success", "l1") if c not in own.columns]
+        missing = [c for c in (*on, "schedule", "success", norm) if c not in own.columns]
         if missing:
             raise ParameterError(
                 f"best_per_sample: own results lack columns {missing}; expected the key columns "
-                f"{list(on)} and schedule, success, l1 (as in attack/results.csv)."
+                f"{list(on)} and schedule, success, {norm} (as in attack/results.csv)."
             )
-        candidates.append(own.assign(method="schedule:" + own["schedule"].astype(str)))
+        candidates.append(own.assign(method="schedule:" + own["schedule"].astype(str),
+                                     distance=attack_distances(own, norm)))
     pairs = reference[list(on)].drop_duplicates().reset_index(drop=True)
-    found = pd.concat([c[[*on, "method", "success", "l1"]] for c in candidates], ignore_index=True)
-    found = found[found["success"].astype(bool) & np.isfinite(found["l1"])]
-    found = found.sort_values([*on, "l1", "method"], kind="stable").drop_duplicates(list(on))
-    best = pairs.merge(found[[*on, "l1", "method"]], on=list(on), how="left")
-    return best.rename(columns={"l1": "best_l1", "method": "best_method"}).fillna(
-        {"best_l1": np.inf, "best_method": ""}
+    found = pd.concat([c[[*on, "method", "distance"]] for c in candidates], ignore_index=True)
+    found = found[np.isfinite(found["distance"])]
+    found = found.sort_values([*on, "distance", "method"], kind="stable").drop_duplicates(list(on))
+    best = pairs.merge(found[[*on, "distance", "method"]], on=list(on), how="left")
+    return best.rename(columns={"distance": column, "method": "best_method"}).fillna(
+        {column: np.inf, "best_method": ""}
     )
 
 
@@ -121,49 +132,62 @@ def _key_columns(table: pd.DataFrame, on: Sequence[str] | None) -> list[str]:
 
 
 def _with_best(
-    results: pd.DataFrame, best: pd.DataFrame, on: Sequence[str], by: Sequence[str]
+    results: pd.DataFrame, best: pd.DataFrame, on: Sequence[str], by: Sequence[str], norm: str
 ) -> pd.DataFrame:
-    """Our results joined to the best-known L1 of their pair (pairs without a reference drop)."""
-    missing = [c for c in (*on, *by, "success", "l1") if c not in results.columns]
-    missing += [f"best.{c}" for c in (*on, "best_l1") if c not in best.columns]
+    """Our results joined to the best-known distance of their pair (pairs without a reference
+    drop)."""
+    column = f"best_{norm}"
+    missing = [c for c in (*on, *by, "success", norm) if c not in results.columns]
+    missing += [f"best.{c}" for c in (*on, column) if c not in best.columns]
     if missing:
         raise ParameterError(
-            f"minimality: missing columns {missing}; results need {[*on, *by, 'success', 'l1']}"
-            f" and best needs {[*on, 'best_l1']}. Pass on=/by= to match your tables."
+            f"minimality: missing columns {missing}; results need {[*on, *by, 'success', norm]}"
+            f" and best needs {[*on, column]}. Pass on=/by= to match your tables."
         )
-    best = best[[*on, "best_l1"]].drop_duplicates(list(on))
+    best = best[[*on, column]].drop_duplicates(list(on))
     return results.merge(best, on=list(on), how="inner")
 
 
 def scored_pairs(results: pd.DataFrame, best: pd.DataFrame, *, on: Sequence[str],
-                 by: Sequence[str]) -> pd.DataFrame:
-    """Our results joined to the best-known L1 of their pair, each with its two scores.
+                 by: Sequence[str], norm: str = "l1") -> pd.DataFrame:
+    """Our results joined to the best-known distance of their pair, each with its scores.
 
-    ``ratio`` is ``l1 / best_l1`` for a successful attack on a pair with a finite, positive
-    best-known L1 (NaN otherwise); ``distance`` is the attack's L1, or ``inf`` where it failed
-    (it never flipped the class). Pairs without a reference drop out.
+    ``distance`` is the attack's distance in ``norm`` (refined where the table has it), or
+    ``inf`` where it failed (it never flipped the class); ``best`` the pair's best-known
+    distance; ``ratio`` is ``distance / best`` for a successful attack on a pair with a finite,
+    positive best-known distance (NaN otherwise); ``closeness`` is ``best / distance`` in
+    [0, 1] (0 for a failure, 1 for a pair whose best is 0 and which the attack flipped at 0).
+    Pairs without a reference drop out.
     """
-    joined = _with_best(results, best, on, by)
-    hit = joined["success"].astype(bool)
-    usable = hit & np.isfinite(joined["best_l1"]) & (joined["best_l1"] > 0)
-    return joined.assign(ratio=np.where(usable, joined["l1"] / joined["best_l1"], np.nan),
-                         distance=np.where(hit, joined["l1"], np.inf))
+    joined = _with_best(results, best, on, by, norm)
+    distance = attack_distances(joined, norm)
+    reference = joined[f"best_{norm}"].to_numpy(float)
+    usable = np.isfinite(distance) & np.isfinite(reference) & (reference > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(usable, distance / reference, np.nan)
+        near = np.where(distance > 0, reference / distance, 1.0)
+    near = np.where(np.isfinite(distance), np.clip(near, 0.0, 1.0), 0.0)
+    return joined.assign(ratio=ratio, distance=distance, best=reference, closeness=near)
 
 
-def l1_ratio_table(
+def ratio_table(
     results: pd.DataFrame,
     best: pd.DataFrame,
     *,
+    norm: str = "l1",
     on: Sequence[str] = ("epoch", "image_id", "target"),
     by: Sequence[str] = ("schedule", "epoch"),
 ) -> pd.DataFrame:
-    """Per schedule and epoch: how many times larger our L1 is than the best-known L1.
+    """Per schedule and epoch: how many times larger our distance is than the best-known one.
 
-    Only successful rows of pairs with a finite, positive best-known L1 enter the ratio.
+    Only successful rows of pairs with a finite, positive best-known distance enter the ratio.
 
     Args:
-        results: our attacks (columns ``on``, ``by``, success, l1), e.g. attack/results.csv.
-        best: best-known L1 per pair (columns ``on``, best_l1), e.g. from :func:`best_known_l1`.
+        results: our attacks (columns ``on``, ``by``, success, the norm), e.g.
+            attack/results.csv.
+        best: best-known distance per pair (columns ``on``, ``best_<norm>``), e.g. from
+            :func:`best_per_sample`.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"``.
         on: columns identifying a pair in both tables.
         by: grouping columns.
 
@@ -171,7 +195,7 @@ def l1_ratio_table(
         One row per group: ``by`` columns, ``pairs`` (rows with a reference), ``successful``
         (rows in the ratio), ``median_ratio``, ``q25_ratio``, ``q75_ratio`` (NaN when no row).
     """
-    joined = scored_pairs(results, best, on=on, by=by)
+    joined = scored_pairs(results, best, on=on, by=by, norm=norm)
     grouped = joined.groupby(list(by), sort=True)["ratio"]
     return pd.DataFrame(
         {
@@ -271,21 +295,22 @@ def optimality_table(
     results: pd.DataFrame,
     best: pd.DataFrame,
     *,
+    norm: str = "l1",
     on: Sequence[str] = ("epoch", "image_id", "target"),
     by: Sequence[str] = ("schedule", "epoch"),
     integration: Literal["step", "trapezoid"] = "step",
 ) -> pd.DataFrame:
-    """Per schedule and epoch: AttackBench's optimality score against the best-known L1.
+    """Per schedule and epoch: AttackBench's optimality score against the best-known distance.
 
-    A failed attack counts as distance ``inf``. The best-known L1 should include our own
-    schedules (``own=`` in :func:`best_known_l1`); otherwise a schedule that beats every
+    A failed attack counts as distance ``inf``. The best-known distance should include our own
+    schedules (``own=`` in :func:`best_per_sample`); otherwise a schedule that beats every
     reference attack can score above 1.
 
     Returns:
         One row per group: ``by`` columns, ``pairs`` (rows with a reference),
         ``success_rate``, ``optimality`` (see :func:`eval_optimality`).
     """
-    joined = scored_pairs(results, best, on=on, by=by)
+    joined = scored_pairs(results, best, on=on, by=by, norm=norm)
     rows = []
     for group, part in joined.groupby(list(by), sort=True):
         rows.append(
@@ -294,72 +319,8 @@ def optimality_table(
                 "pairs": len(part),
                 "success_rate": part["success"].astype(bool).mean(),
                 "optimality": eval_optimality(
-                    part["distance"], part["best_l1"], integration=integration
+                    part["distance"], part["best"], integration=integration
                 ),
             }
         )
     return pd.DataFrame(rows, columns=[*by, "pairs", "success_rate", "optimality"])
-
-
-def minimality_intervals(results: pd.DataFrame, best: pd.DataFrame, *,
-                         confidence: float = statistics.CONFIDENCE) -> pd.DataFrame:
-    """Per schedule and epoch: the median ratio L1 / best-known L1 and AttackBench's optimality,
-    each with a 95 % bootstrap interval over the pairs.
-
-    Args:
-        results: our attacks (attack/results.csv rows of the compared epochs).
-        best: best-known L1 per pair (``epoch, image_id, target, best_l1``), e.g.
-            :func:`lib.analysis.minimality.best_per_sample`.
-
-    Returns:
-        ``schedule, epoch, pairs, successful, median_ratio, median_ratio_low,
-        median_ratio_high, q25_ratio, q75_ratio, optimality, optimality_low,
-        optimality_high``.
-    """
-    joined = scored_pairs(results, best, on=PAIR_KEYS, by=("schedule", "epoch"))
-    rows = []
-    for (name, epoch), part in joined.groupby(["schedule", "epoch"], sort=False):
-        median = statistics.bootstrap_interval(part["ratio"], statistic="median",
-                                               confidence=confidence)
-        score = statistics.bootstrap_statistic(
-            (part["distance"].to_numpy(), part["best_l1"].to_numpy()),
-            eval_optimality, confidence=confidence)
-        rows.append({"schedule": name, "epoch": int(epoch), "pairs": len(part),
-                     "successful": median.n, "median_ratio": median.estimate,
-                     "median_ratio_low": median.low, "median_ratio_high": median.high,
-                     "q25_ratio": part["ratio"].quantile(0.25),
-                     "q75_ratio": part["ratio"].quantile(0.75), "optimality": score.estimate,
-                     "optimality_low": score.low, "optimality_high": score.high})
-    columns = ["schedule", "epoch", "pairs", "successful", "median_ratio", "median_ratio_low",
-               "median_ratio_high", "q25_ratio", "q75_ratio", "optimality", "optimality_low",
-               "optimality_high"]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def closeness_verdict(intervals: pd.DataFrame, schedule: str, *, epoch: int) -> dict[str, str]:
-    """Whether ``schedule``'s borderline images are the closest to minimal at ``epoch``, in
-    words, read off the 95 % intervals of the median ratio (:func:`minimality_intervals`) by
-    :func:`lib.analysis.statistics.verdict_smallest`.
-
-    Returns:
-        ``ratio``: the schedule's median ratio with its interval (``"not measured"`` when the
-        schedule did not run); ``verdict``: closer to minimal than every other schedule, further
-        than the schedules named, or not distinguishable (the intervals overlap).
-    """
-    ranked = intervals[intervals["epoch"] == epoch].set_index("schedule")
-    if schedule not in ranked.index:
-        return {"ratio": "not measured", "verdict": "not part of this run"}
-    estimates = {name: statistics.Interval(row["median_ratio"], row["median_ratio_low"],
-                                           row["median_ratio_high"], int(row["successful"]))
-                 for name, row in ranked.iterrows()}
-    own = estimates.pop(schedule)
-    verdict, smaller = statistics.verdict_smallest(own, estimates)
-    if verdict == statistics.AGREES:
-        words = "closer to minimal than every other schedule (the 95 % intervals do not overlap)"
-    elif verdict == statistics.DISAGREES:
-        words = (f"further from minimal than {', '.join(smaller)} (the 95 % intervals do not "
-                 "overlap)")
-    else:
-        words = ("not distinguishable from the closest schedule on these pairs: the 95 % "
-                 "intervals overlap, so the ranking is inconclusive")
-    return {"ratio": f"{own.estimate:.1f} [{own.low:.1f}, {own.high:.1f}]", "verdict": words}

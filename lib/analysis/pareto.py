@@ -22,8 +22,10 @@ Plus the paired view on the (image, target) pairs both schedules solved at the s
 (:func:`paired_at_lr0`).
 
 Input: the attack stage's ``lr0_sweep.csv`` (lr0, schedule, image_id, target, success, the
-distances; one epoch, one model: filter first). Distances in [0, 1] pixel units, refined where
-the run refined them (:func:`lib.analysis.margins.attack_distances`).
+distances; one epoch: filter first). With a ``model`` column of several trained models the
+intervals resample models, then images within each drawn model (pass one model's rows for
+that model's view). Distances in [0, 1] pixel units, refined where the run refined them
+(:func:`lib.analysis.margins.attack_distances`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from lib.analysis import resampling, statistics
 from lib.analysis.margins import attack_distances
 from lib.errors import ParameterError
 
+#: ``quantity`` of a point's success rate.
 SUCCESS_RATE = "success rate"
+#: ``quantity`` of a point's median distance over all attacks, a failure counting ``inf``.
 MEDIAN_ALL = "median distance, failures as inf"
+#: ``quantity`` of a point's median distance over its successful attacks.
 MEDIAN_SUCCESSES = "median distance, successes"
 #: The distance axes of the Pareto view and matched success.
 DISTANCES = {"all": MEDIAN_ALL, "successes": MEDIAN_SUCCESSES}
@@ -48,10 +53,15 @@ def _check_sweep(sweep: pd.DataFrame) -> None:
     missing = [c for c in ("lr0", "schedule", "image_id", "success") if c not in sweep.columns]
     if missing:
         raise ParameterError(f"the sweep table lacks column(s) {missing}; pass lr0_sweep.csv")
-    for column in ("epoch", "model"):
-        if column in sweep.columns and sweep[column].nunique() > 1:
-            raise ParameterError(f"the sweep holds several values of {column!r}; compare one "
-                                 f"{column} at a time (filter the table first)")
+    if "epoch" in sweep.columns and sweep["epoch"].nunique() > 1:
+        raise ParameterError("the sweep holds several values of 'epoch'; compare one epoch at "
+                             "a time (filter the table first)")
+
+
+def model_column(table: pd.DataFrame) -> str | None:
+    """``"model"`` when the table holds several trained models (their rows are resampled
+    models then images), else None."""
+    return "model" if "model" in table.columns and table["model"].nunique() > 1 else None
 
 
 def sweep_points(sweep: pd.DataFrame, *, norm: str = "linf",
@@ -70,7 +80,8 @@ def sweep_points(sweep: pd.DataFrame, *, norm: str = "linf",
     table = sweep.assign(hit=sweep["success"].astype(bool).astype(float),
                          distance=attack_distances(sweep, norm))
     table = table.assign(solved=table["distance"].where(np.isfinite(table["distance"])))
-    options = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    options = {"confidence": confidence, "resamples": resamples, "seed": seed,
+               "model": model_column(sweep)}
     parts = [
         resampling.cluster_bootstrap(table, value="hit", by=["schedule", "lr0"], **options)
         .assign(quantity=SUCCESS_RATE),
@@ -163,8 +174,9 @@ def _matched(sweep: pd.DataFrame, levels: Sequence[float], norm: str, resamples:
     table = sweep.reset_index(drop=True)
     table = table.assign(hit=table["success"].astype(bool).astype(float),
                          distance=attack_distances(table, norm))
-    clusters = resampling.clusters_of(table)
-    counts = resampling.resample_counts(clusters, resamples=resamples, seed=seed)
+    clusters = resampling.clusters_of(table, model=model_column(table))
+    counts = resampling.resample_counts(clusters, two_level=True, resamples=resamples,
+                                        seed=seed)
     out = {}
     for name, part in table.groupby("schedule", sort=False):
         out[name] = _schedule_replicates(part, clusters, counts, grid)
@@ -189,7 +201,8 @@ def distance_at_success(sweep: pd.DataFrame, *, levels: Sequence[float], norm: s
         n = int((sweep["schedule"] == name).sum())
         rows.append(pd.DataFrame({"schedule": name, "level": np.asarray(levels, float),
                                   "norm": norm, "estimate": estimate, "low": low, "high": high,
-                                  "n_images": clusters.n_clusters, "n_models": 1,
+                                  "n_images": clusters.n_clusters,
+                                  "n_models": clusters.n_models,
                                   "n_attacks": n}))
     return pd.concat(rows, ignore_index=True)
 
@@ -197,7 +210,7 @@ def distance_at_success(sweep: pd.DataFrame, *, levels: Sequence[float], norm: s
 def closer_verdict(estimate: float, low: float, high: float) -> str:
     """Three-way verdict on "the difference is below 0" where bounds may be infinite.
 
-    The rule of :func:`lib.statistics.verdict_below` (agrees: ``high < 0``; disagrees:
+    The rule of :func:`lib.analysis.statistics.verdict_below` (agrees: ``high < 0``; disagrees:
     ``low >= 0``; else inconclusive), except that an infinite bound counts: a schedule that
     reaches a success level while the other never does needs a smaller distance (``-inf``).
     NaN anywhere (neither reaches the level, or too few resamples) is inconclusive.
@@ -237,7 +250,7 @@ def matched_success_difference(sweep: pd.DataFrame, first: str, second: str, *,
         rows.append({"first": first, "second": second, "level": level, "norm": norm,
                      "first_distance": a[k], "second_distance": b[k], "estimate": estimate[k],
                      "low": low[k], "high": high[k], "n_images": clusters.n_clusters,
-                     "n_models": 1,
+                     "n_models": clusters.n_models,
                      "n_attacks": int(sweep["schedule"].isin([first, second]).sum()),
                      "verdict": verdict})
     return pd.DataFrame(rows)
@@ -257,11 +270,49 @@ def paired_at_lr0(sweep: pd.DataFrame, first: str, second: str, *, norm: str = "
     _check_sweep(sweep)
     distance = attack_distances(sweep, norm)
     table = sweep.assign(distance=np.where(np.isfinite(distance), distance, np.nan))
-    keys = [c for c in ("lr0", "image_id", "target") if c in table.columns]
+    keys = [c for c in ("model", "lr0", "image_id", "target") if c in table.columns]
     pairs = statistics.paired_differences(table, first=first, second=second, value="distance",
                                           keys=keys)
     result = resampling.cluster_bootstrap(pairs, value="difference", by=["lr0"],
-                                          confidence=confidence, resamples=resamples, seed=seed)
+                                          model=model_column(pairs), confidence=confidence,
+                                          resamples=resamples, seed=seed)
     result.insert(1, "lr0_255", result["lr0"] * 255)
     result.insert(2, "norm", norm)
     return result
+
+
+def closer_at_matched_success(sweep: pd.DataFrame, name: str, others: Sequence[str], *,
+                              levels: Sequence[float], norms: Sequence[str] = ("linf",),
+                              confidence: float = resampling.CONFIDENCE,
+                              resamples: int = resampling.RESAMPLES,
+                              seed: int = resampling.SEED) -> pd.DataFrame:
+    """The claim "``name`` finds closer borderline images than every one of ``others``",
+    decided at matched success (:func:`matched_success_difference`) in each norm.
+
+    Every (other, level) comparison must agree for the claim to agree in a norm; one that
+    disagrees makes it disagree; anything else is inconclusive
+    (:func:`lib.analysis.statistics.all_of`). Schedules absent from the sweep leave the claim
+    inconclusive.
+
+    Returns:
+        The rows of :func:`matched_success_difference` for every norm, other schedule and
+        level, with ``claim_verdict`` (the norm's combined verdict, the same on each of its
+        rows) and ``decisive`` (True on the row that decides it); empty when ``name`` did not
+        run.
+    """
+    present = set(sweep["schedule"])
+    compared = [other for other in others if other in present and other != name]
+    if name not in present or not compared:
+        return pd.DataFrame()
+    parts = []
+    for norm in norms:
+        rows = pd.concat([matched_success_difference(
+            sweep, name, other, levels=levels, norm=norm, confidence=confidence,
+            resamples=resamples, seed=seed) for other in compared], ignore_index=True)
+        verdict, decisive = statistics.all_of(rows["verdict"].tolist())
+        missing = len(compared) < len([o for o in others if o != name])
+        if missing and verdict == statistics.AGREES:
+            verdict = statistics.INCONCLUSIVE
+        parts.append(rows.assign(claim_verdict=verdict,
+                                 decisive=np.arange(len(rows)) == decisive))
+    return pd.concat(parts, ignore_index=True)

@@ -59,13 +59,15 @@ def paired_table(differences: pd.DataFrame, *, unit: str) -> pd.DataFrame:
         unit: what the difference measures, e.g. ``"L1, x 1/255"`` or ``"iterations"``.
 
     Returns:
-        ``epoch, schedule, minus, pairs, mean difference (<unit>), 95 % interval,
-        signed-rank p``.
+        ``model, epoch, schedule, minus, images, pairs, mean difference (<unit>), 95 %
+        interval, signed-rank p`` (the signed-rank test of the images' mean differences).
     """
     return pd.DataFrame({
+        "model": differences["model"],
         "epoch": differences["epoch"],
         "schedule": differences["schedule"],
         "minus": differences["reference"],
+        "images": differences["images"],
         "pairs": differences["pairs"],
         f"mean difference ({unit})": differences["mean_difference"].map(number_text),
         "95 % interval": [bounds_text(r.low, r.high) for r in differences.itertuples()],
@@ -77,13 +79,14 @@ def per_image_change_table(change: pd.DataFrame) -> pd.DataFrame:
     """The change of the followed images' L1 from the first to the last attacked epoch.
 
     Args:
-        change: :func:`lib.analysis.aggregates.per_image_change`.
+        change: :func:`lib.analysis.trends.per_image_change`.
 
     Returns:
-        ``schedule, epochs, images, mean change of L1 (x 1/255), 95 % interval,
+        ``model, schedule, epochs, images, mean change of L1 (x 1/255), 95 % interval,
         signed-rank p``.
     """
     return pd.DataFrame({
+        "model": change["model"],
         "schedule": change["schedule"],
         "epochs": [f"{r.first_epoch} to {r.last_epoch}" for r in change.itertuples()],
         "images": change["images"],
@@ -100,9 +103,10 @@ def ranking_table(changes: pd.DataFrame) -> pd.DataFrame:
         changes: :func:`lib.analysis.aggregates.ranking_changes`.
 
     Returns:
-        ``epoch, ordered by path L1, ordered by refined L1, order changed`` (yes/no).
+        ``model, epoch, ordered by path L1, ordered by refined L1, order changed`` (yes/no).
     """
     return pd.DataFrame({
+        "model": changes["model"],
         "epoch": changes["epoch"],
         "ordered by path L1 (smallest first)": changes["order_path"],
         "ordered by refined L1 (smallest first)": changes["order_refined"],
@@ -117,22 +121,33 @@ def percent_text(estimate: float, low: float, high: float) -> str:
     return f"{100 * estimate:.1f}{_NBSP}% [{100 * low:.1f},{_NBSP}{100 * high:.1f}]"
 
 
+def _units(row, count: str) -> str:
+    """``" (12 images, 72 attacks)"`` of a table row, ``" (n=72)"`` without images."""
+    number = getattr(row, count)
+    if not hasattr(row, "images"):
+        return f" (n={number})"
+    return f" ({row.images} images, {number} {count})"
+
+
 def interval_pivot(table: pd.DataFrame, *, value: str, order: list[str],
                    count: str | None = None, percent: bool = False) -> pd.DataFrame:
-    """Epochs down, schedules across, each cell ``"estimate [low, high]"`` (and ``(n=...)``).
+    """Models and epochs down, schedules across, each cell ``"estimate [low, high]"`` (and
+    the units behind it).
 
     Args:
         table: an aggregate with ``epoch``, ``schedule``, ``<value>``, ``<value>_low``,
-            ``<value>_high`` (and ``count`` when given).
+            ``<value>_high`` (a ``model`` column, ``images`` and ``count`` when it has them).
         value: the estimate's column.
         order: the schedules' column order.
-        count: a column whose number follows each cell as ``(n=...)``.
+        count: a column whose number follows each cell, e.g. ``(12 images, 72 attacks)``
+            (``(n=72)`` for a table without images).
         percent: the value is a rate in [0, 1], shown in percent.
     """
     text = percent_text if percent else interval_text
     cells = [text(getattr(r, value), getattr(r, f"{value}_low"), getattr(r, f"{value}_high"))
-             + (f" (n={getattr(r, count)})" if count else "") for r in table.itertuples()]
-    shown = table.assign(cell=cells).pivot(index="epoch", columns="schedule", values="cell")
+             + (_units(r, count) if count else "") for r in table.itertuples()]
+    index = [c for c in ("model", "epoch") if c in table.columns]
+    shown = table.assign(cell=cells).pivot(index=index, columns="schedule", values="cell")
     shown = shown[[s for s in order if s in shown.columns]].reset_index()
     shown.columns.name = None
     return shown
@@ -143,6 +158,6 @@ def html(table: pd.DataFrame) -> HTML:
     with thousands separators."""
     formatters = {column: "{:,}".format for column in table.columns
                   if pd.api.types.is_integer_dtype(table[column])
-                  and column not in ("epoch", "from epoch", "to epoch")}
+                  and column not in ("model", "epoch", "from epoch", "to epoch")}
     return HTML(table.to_html(index=False, border=0, na_rep="-", formatters=formatters,
                               justify="left"))

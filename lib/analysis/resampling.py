@@ -26,12 +26,18 @@ clusters (3 models) and undefined for step-shaped statistics such as a robust-ac
 the percentile interval is invariant to monotone transformations (a log ratio and its ratio
 give the same interval) and is what the two-level scheme is defined for.
 
+A *rate* (the mean of 0/1 values, ``statistic="rate"``) is a mean, with one exception: at
+0 % or 100 % every resample draws the same value, so the percentile interval is one point
+although a few units were drawn. There the interval is the Wilson score interval of the rate
+with one trial per unit (cluster), the most the clustering can shrink the sample to: 30 of 30
+images give [0.886, 1], however many attacks each image holds.
+
 Draws are seeded (``seed``, a fresh generator per call and per group), so the same table gives
 the same bounds bit for bit. Degenerate cases: no row gives NaN everywhere and n = 0; a single
 cluster (one image of one model) gives the estimate with NaN bounds, since one unit says
 nothing about the variation between units; a statistic that is NaN on more than half of the
 resamples gives NaN bounds. NaN bounds read as "inconclusive" in every verdict of
-:mod:`lib.statistics`.
+:mod:`lib.analysis.statistics`.
 
 Every tidy result carries :data:`INTERVAL_COLUMNS`: ``estimate, low, high`` and the numbers
 behind them, ``n_images`` (clusters), ``n_models`` and ``n_attacks`` (rows).
@@ -56,7 +62,7 @@ SEED = statistics.SEED
 #: The columns every interval row carries, after its group keys.
 INTERVAL_COLUMNS = ("estimate", "low", "high", "n_images", "n_models", "n_attacks")
 
-Statistic = Literal["mean", "median"]
+Statistic = Literal["mean", "median", "rate"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class Bootstrap:
     n_attacks: int
 
     def interval(self) -> statistics.Interval:
-        """As :class:`lib.statistics.Interval` (``n`` = images), for the verdict rules."""
+        """As :class:`lib.analysis.statistics.Interval` (``n`` = images), for the verdict rules."""
         return statistics.Interval(self.estimate, self.low, self.high, self.n_images)
 
     def as_dict(self) -> dict[str, float | int]:
@@ -143,7 +149,8 @@ def clusters_of(table: pd.DataFrame, *, cluster: str | Sequence[str] = "image_id
     return Clusters(row_cluster, np.asarray(cluster_model, np.int64))
 
 
-def _check(confidence: float, resamples: int) -> None:
+def check_draws(confidence: float, resamples: int) -> None:
+    """ParameterError for a confidence outside (0, 1) or fewer than 100 resamples."""
     if not 0 < confidence < 1:
         raise ParameterError(f"confidence must lie in (0, 1), got {confidence!r}")
     if int(resamples) < 100:
@@ -310,9 +317,24 @@ def _quantiles(data: np.ndarray, tail: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _statistic_of_rows(values: np.ndarray, statistic: Statistic) -> float:
-    if statistic == "mean":
-        return float(np.mean(values))
-    return float(np.median(values))
+    if statistic == "median":
+        return float(np.median(values))
+    return float(np.mean(values))
+
+
+def _rate_at_a_boundary(data: np.ndarray, clusters: Clusters,
+                        confidence: float) -> Bootstrap | None:
+    """The Wilson interval over the clusters for a rate of 0 or 1 (the module docstring);
+    None for a rate strictly between."""
+    if not np.isin(data, (0.0, 1.0)).all():
+        raise ParameterError("a rate needs 0/1 (or bool) values; use statistic='mean' for "
+                             "other values")
+    rate = float(np.mean(data))
+    if 0 < rate < 1:
+        return None
+    units = clusters.n_clusters
+    wilson = statistics.wilson_interval(int(round(rate * units)), units, confidence=confidence)
+    return Bootstrap(rate, wilson.low, wilson.high, units, clusters.n_models, clusters.n_rows)
 
 
 def bootstrap_rows(values: np.ndarray, clusters: Clusters, *, statistic: Statistic = "mean",
@@ -324,16 +346,17 @@ def bootstrap_rows(values: np.ndarray, clusters: Clusters, *, statistic: Statist
         values: float [N], one per row; NaN rows are dropped first (missing, e.g. a distance
             of a failed attack when only successes count). ``inf`` is allowed for the median.
         clusters: the rows' clusters (:func:`clusters_of`).
-        statistic: ``"mean"`` (a rate when the values are 0/1) or ``"median"``.
+        statistic: ``"mean"``, ``"median"`` or ``"rate"`` (the mean of 0/1 values, with the
+            Wilson interval over the clusters at 0 or 1: see the module docstring).
         two_level: draw models, then images within each drawn model.
         confidence: in (0, 1). resamples: >= 100. seed: the draws' seed.
 
     Returns:
         :class:`Bootstrap`; see the module docstring for the degenerate cases.
     """
-    _check(confidence, resamples)
-    if statistic not in ("mean", "median"):
-        raise ParameterError(f"statistic must be 'mean' or 'median', got {statistic!r}")
+    check_draws(confidence, resamples)
+    if statistic not in ("mean", "median", "rate"):
+        raise ParameterError(f"statistic must be 'mean', 'median' or 'rate', got {statistic!r}")
     data = np.asarray(values, dtype=float)
     if data.shape != (clusters.n_rows,):
         raise ParameterError(f"bootstrap_rows: {data.shape[0]} values for "
@@ -347,8 +370,10 @@ def bootstrap_rows(values: np.ndarray, clusters: Clusters, *, statistic: Statist
     sizes = (clusters.n_clusters, clusters.n_models, clusters.n_rows)
     if clusters.n_clusters == 1 or np.isnan(estimate):
         return Bootstrap(estimate, np.nan, np.nan, *sizes)
+    if statistic == "rate" and (boundary := _rate_at_a_boundary(data, clusters, confidence)):
+        return boundary
     counts = resample_counts(clusters, two_level=two_level, resamples=resamples, seed=seed)
-    if statistic == "mean":
+    if statistic != "median":
         replicates = mean_replicates(data, clusters, counts)
     else:
         replicates = median_replicates(data, clusters, counts)
@@ -370,7 +395,7 @@ def bootstrap_curve(values: np.ndarray, clusters: Clusters, *, two_level: bool =
     Returns:
         K rows of :data:`INTERVAL_COLUMNS`, in column order.
     """
-    _check(confidence, resamples)
+    check_draws(confidence, resamples)
     data = np.asarray(values, dtype=float).reshape(clusters.n_rows, -1)
     row_weight = np.ones(clusters.n_rows) if weights is None else np.asarray(weights, float)
     sizes = {"n_images": clusters.n_clusters, "n_models": clusters.n_models,
@@ -400,7 +425,7 @@ def cluster_bootstrap(table: pd.DataFrame, *, value: str, statistic: Statistic =
         table: long table, one row per attack (or pair, or image).
         value: the column summarised: 0/1 or bool for a rate, a distance, a paired
             difference. NaN rows are left out (and not counted).
-        statistic: ``"mean"`` or ``"median"``.
+        statistic: ``"mean"``, ``"median"`` or ``"rate"`` (see :func:`bootstrap_rows`).
         by: grouping columns (e.g. ``("epoch", "schedule")``); each group is resampled on its
             own with the same seed.
         cluster: the unit column(s), default the image.
@@ -426,3 +451,4 @@ def cluster_bootstrap(table: pd.DataFrame, *, value: str, statistic: Statistic =
             confidence=confidence, resamples=resamples, seed=seed)
         rows.append({**dict(zip(by, key, strict=True)), **result.as_dict()})
     return pd.DataFrame(rows, columns=columns)
+

@@ -7,7 +7,7 @@ through the network layer by layer in centre-radius form:
 - an affine layer (convolution, linear, the per-channel normalisation, average pooling) maps
   centre c and radius r to ``W c + b`` and ``|W| r``: the exact interval hull of its image;
 - ReLU maps active units to (c, r) and dead ones to (0, 0); a unit whose interval may hold 0
-  gets the centre of [relu(c - r), relu(c + r)] and keeps the radius r (see :func:`_relu`);
+  gets the centre of [relu(c - r), relu(c + r)] and keeps the radius r (see ``_relu``);
 - max-pooling maps each window to (max c, max r), an interval that holds the exact hull;
 - dropout (the eval-mode network: identity) and flatten change nothing but the shape.
 
@@ -69,22 +69,20 @@ Propagation = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class DifferenceBounds(NamedTuple):
-    """Bounds of ``z_j - z_a`` over a box, for every class j and one anchor class a per row.
+    """Bounds of ``z_j - z_a`` over a box, for every class j and one anchor class a per row:
+    ``lower - slack <= z_j - z_a <= upper + slack`` on the box, for the exact differences and
+    for the computed ones (:func:`rounding_slack` says what is proven and what measured)."""
 
-    Attributes:
-        lower, upper: [B, K], in logits, as computed (before the slack); column a is 0.
-        magnitude: [B, K], ``(|W_j| + |W_a|)(|h| + r) + |b_j| + |b_a|`` at the last layer (or
-            ``|z_j| + |z_a|`` bounds when the network does not end in a linear layer): the
-            scale of the sums whose rounding the slack allows for.
-        slack: [B, K], >= 0: how far rounding may have moved ``lower`` and ``upper``, or
-            may move the model's own computed difference (:func:`rounding_slack`, which says
-            what is proven and what measured): ``lower - slack <= z_j - z_a <= upper +
-            slack`` on the box, for the exact differences and for the computed ones.
-    """
-
+    #: [B, K], in logits, as computed (before the slack); column a is 0.
     lower: Tensor
+    #: [B, K], in logits, as computed (before the slack); column a is 0.
     upper: Tensor
+    #: [B, K], ``(|W_j| + |W_a|)(|h| + r) + |b_j| + |b_a|`` at the last layer (or ``|z_j| +
+    #: |z_a|`` bounds when the network does not end in a linear layer): the scale of the sums
+    #: whose rounding the slack allows for.
     magnitude: Tensor
+    #: [B, K], >= 0: how far rounding may have moved ``lower`` and ``upper``, or may move the
+    #: model's own computed difference.
     slack: Tensor
 
 
@@ -259,7 +257,7 @@ def rounding_slack(magnitude: Tensor, half_width: Tensor, *, radius_units: int,
     The propagation keeps two kinds of error apart:
 
     - radii: every radius is a sum of non-negative terms (``|W| r``, pooling), or a copy or
-      max of radii, and never depends on the centres (:func:`_relu` and max-pooling are
+      max of radii, and never depends on the centres (``_relu`` and max-pooling are
       built so). A sum of n non-negative rounded products, in any order, is off by at most
       about n u relative; ``radius_units`` counts the terms summed along the path, so
       ``radius_units u half_width`` bounds the radius error (to first order in u). Proven,

@@ -12,7 +12,8 @@ For one image x with target t (``max_iter`` = N), the loop is exactly::
 
 Untargeted mode stops as soon as ``argmax f != source`` and ascends CE(f(x), source)
 (``x_i = clip(x_{i-1} + lr_i sign(grad), 0, 1)``). The returned image is the first iterate that
-crossed: a borderline image.
+crossed: a borderline image. With ``loss="logit_margin"`` the loop follows the logit margin
+instead of CE, the same way (:mod:`lib.attack.losses`).
 
 How the engine runs many attacks
 --------------------------------
@@ -24,7 +25,10 @@ applied), loss and step-size history. One iteration is:
 1. one forward pass of the whole batch with the input requiring grad. Its logits serve both the
    flip check (before the update, as in the loop above) and the loss;
 2. a sample is *finished* when it has crossed, has used ``max_iter`` updates, or its logits or
-   loss are not finite (status ``"nonfinite"``: it fails alone, the others go on);
+   loss are not finite (status ``"nonfinite"``: it fails alone, the others go on); with the
+   certified stop on (``certify``), also when interval bounds prove that it cannot cross within
+   the steps it has left (:mod:`lib.attack.stop`): it then reports the full loop's outcome,
+   failure after ``max_iter`` updates, and the update k of the proof as ``certified_at``;
 3. one backward pass to the input for the whole batch (the loss of finished samples is masked
    out), then for each schedule present, that schedule's function gives the step sizes of its
    samples (selected by mask), and the unfinished samples take their signed step and are
@@ -34,9 +38,10 @@ applied), loss and step-size history. One iteration is:
    queue, in row order. When the queue is empty, the batch shrinks to the rows still running.
 
 So the batch stays full, and a row costs ``iterations + 1`` forward and backward passes, no
-more. Memory is bounded by ``batch_size`` (plus the row table and the image pool): results
-leave as they finish (:func:`~lib.attack.api.iter_attack_rows`), and the caller writes or drops
-them. Everything is deterministic: the same rows in the same order with the same batch size and
+more (``certified_at + 1`` and its checks when the certified stop finished it). Memory is
+bounded by ``batch_size`` (plus the row table and the image pool): results leave as they
+finish (:func:`~lib.attack.api.iter_attack_rows`), and the caller writes or drops them.
+Everything is deterministic: the same rows in the same order with the same batch size and
 dtype give bit-identical results on the CPU, so a chunk of rows can be re-run from scratch
 (the unit of resume and of sharding). Different batch sizes agree exactly in float64; in float32
 convolutions round differently per batch size and ``sign()`` can turn that into a different
@@ -66,28 +71,19 @@ float32 would call crossed while bfloat16 keeps it more than the margin away goe
 (its result is then a later, still float32-checked iterate). The loss and step-size traces are
 those of the bfloat16 forward. ``"auto"`` resolves by :func:`lib.model.precision.resolve`.
 
-Refinement: the boundary inside the last step
----------------------------------------------
-A row that crosses at update k has overshot the boundary by up to one step. With
-``refine_tolerance`` (pixel units, [0, 1] scale; None = off) each successful row with k >= 1 is
-bisected on the segment x_{k-1} -> x_k: forward passes only, each midpoint checked in ``dtype``
-without autocast, the crossed end of the bracket kept, until the bracket is at most
-``refine_tolerance`` wide in Linf (``ceil(log2(|x_k - x_{k-1}|_inf / tolerance))`` forwards, 0
-when the step is already that short). The path distances stay the primary result; the refined
-point gives ``refined_l1``, ``refined_l2``, ``refined_linf`` (each the smaller of the refined
-and the path point's distance, since both are crossed images) and ``refine_forwards``. Rows
-that failed or crossed after 0 updates, and every row when refinement is off, report the path
-distances there and 0 forwards.
+Successful rows can be refined to the boundary inside their last step
+(``refine_tolerance``, :mod:`lib.attack.boundary`).
 
 During the attack the model is in eval mode with its weights frozen
 (:func:`lib.model.network.frozen`, 5-6x faster); the caller's flags and train/eval modes are
-restored afterwards. The model takes images in [0, 1] (normalisation inside) and must already
-be on ``device`` in ``dtype``.
+restored afterwards. The model takes images in [0, 1] (normalisation inside); the engine
+computes on its device and in its dtype (:func:`model_placement`).
 
 Adding a schedule: write ``fn(step, losses, *, lr0, **constants) -> Tensor[B]`` in
 :mod:`lib.attack.schedules` and add one line to ``SCHEDULES`` (see that module's docstring). The
 engine then accepts its name in rows and in :func:`~lib.attack.api.attack`, and its constants
-through ``schedule_constants``.
+through ``constants`` (or ``schedule_constants`` for a row table). A bound of its remaining
+steps in :data:`lib.attack.step_bounds.REMAINING` lets the certified stop finish its rows.
 """
 
 from __future__ import annotations
@@ -95,12 +91,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lib.attack.boundary import crossed, distances, gap, refine
+from lib.attack.losses import attacked_loss
 from lib.attack.results import STATUS_NONFINITE, STATUS_OK, AttackResult
+from lib.attack.stop import CertifiedStop
 from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 from lib.model.network import frozen
@@ -136,6 +135,8 @@ class LoopOptions:
     precision: str  # resolved: "float32" or "bfloat16"
     refine_tolerance: float | None
     keep_images: bool
+    stop: CertifiedStop | None = None  # the certified stop (lib.attack.stop), None when off
+    loss: str = "cross_entropy"  # the loss followed (lib.attack.losses.LOSSES)
 
 
 def to_unit(images: Tensor, *, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -158,22 +159,37 @@ def count_classes(
     return logits.shape[1]
 
 
-def check_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """ParameterError unless the model's weights are on ``device`` in ``dtype``."""
-    for p in model.parameters():
-        if p.device.type != device.type or (
-            device.index is not None and p.device.index != device.index
-        ):
+def model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and float dtype the engine computes in: those of every parameter and buffer.
+
+    Integer buffers count for the device only.
+
+    Raises:
+        ParameterError: the model has no parameter or buffer, or two of its tensors differ in
+            device or float dtype (the message names both).
+    """
+    tensors = [*(("parameter", name, t) for name, t in model.named_parameters()),
+               *(("buffer", name, t) for name, t in model.named_buffers())]
+    floats = [entry for entry in tensors if entry[2].is_floating_point()]
+    if not floats:
+        raise ParameterError(
+            "the model has no float parameter or buffer, so the engine cannot tell its device "
+            "and dtype; register one (e.g. a buffer) or wrap the model in a module that has one"
+        )
+    first_kind, first_name, first = floats[0]
+    for kind, name, tensor in tensors:
+        if tensor.device != first.device:
             raise ParameterError(
-                f"the model is on {p.device} but device={str(device)!r}; move it with "
+                f"the model's {kind} {name!r} is on {tensor.device} but its {first_kind} "
+                f"{first_name!r} is on {first.device}; move the whole model with "
                 "model.to(device)"
             )
-        if p.is_floating_point() and p.dtype != dtype:
+        if tensor.is_floating_point() and tensor.dtype != first.dtype:
             raise ParameterError(
-                f"the model's weights are {p.dtype} but dtype={dtype}; convert with "
-                "model.to(dtype)"
+                f"the model's {kind} {name!r} is {tensor.dtype} but its {first_kind} "
+                f"{first_name!r} is {first.dtype}; convert the whole model with model.to(dtype)"
             )
-        return
+    return first.device, first.dtype
 
 
 def with_progress(stream: Iterator[AttackResult], total: int, progress: bool):
@@ -204,6 +220,7 @@ class _Slots:
     step: Tensor  # int64 [B]: updates applied so far
     losses: Tensor  # [B, max_iter]: L_i in column i - 1, NaN beyond
     lrs: Tensor  # [B, max_iter]: lr_i in column i - 1, NaN beyond
+    checks: Tensor  # int64 [B]: certified-stop checks made
 
     def __len__(self) -> int:
         return len(self.position)
@@ -242,6 +259,7 @@ def _load(
         step=torch.zeros(count, dtype=torch.int64, device=device),
         losses=torch.full((count, max_iter), math.nan, dtype=dtype, device=device),
         lrs=torch.full((count, max_iter), math.nan, dtype=dtype, device=device),
+        checks=torch.zeros(count, dtype=torch.int64, device=device),
     )
 
 
@@ -262,11 +280,11 @@ def run_rows(
     slots = _load(pool, rows, 0, queued, **load)
     with frozen(model):
         while len(slots):
-            finished, nonfinite, logits = _iterate(model, slots, schedules, options)
-            if not finished.any():
+            outcome = _iterate(model, slots, schedules, options)
+            if not outcome.finished.any():
                 continue
-            index = finished.nonzero().flatten()
-            yield _emit(model, slots, index, nonfinite, logits, rows, options)
+            index = outcome.finished.nonzero().flatten()
+            yield _emit(model, slots, index, outcome, rows, options)
             refill = min(len(index), len(rows) - queued)
             if refill:
                 slots.put(index[:refill], _load(pool, rows, queued, queued + refill, **load))
@@ -275,20 +293,6 @@ def run_rows(
                 running = torch.ones(len(slots), dtype=torch.bool, device=device)
                 running[index[refill:]] = False
                 slots = slots.keep(running)
-
-
-def _crossed(logits: Tensor, *, target: Tensor, source: Tensor, targeted: bool) -> Tensor:
-    """[B] bool: the logits classify as ``target`` (targeted) or not as ``source``."""
-    predicted = logits.argmax(1)
-    return predicted == target if targeted else predicted != source
-
-
-def _gap(logits: Tensor, *, target: Tensor, source: Tensor, targeted: bool) -> Tensor:
-    """[B]: how far the logits are from crossing (<= 0 at or past the boundary)."""
-    aim = target if targeted else source
-    own = logits.gather(1, aim[:, None]).squeeze(1)
-    others = logits.scatter(1, aim[:, None], -math.inf).amax(1)
-    return others - own if targeted else own - others
 
 
 def _check_crossing(
@@ -304,43 +308,77 @@ def _check_crossing(
     """
     sides = dict(target=slots.target, source=slots.source, targeted=options.targeted)
     if options.precision == "float32":
-        return _crossed(logits, **sides), logits
-    gap = _gap(logits, **sides)
-    check = ~(gap > CONFIRM_MARGIN) | (slots.step >= options.max_iter)  # NaN gaps are checked
+        return crossed(logits, **sides), logits
+    distance = gap(logits, **sides)
+    check = ~(distance > CONFIRM_MARGIN) | (slots.step >= options.max_iter)  # NaN is checked
     checked = logits.clone()
     index = check.nonzero().flatten()
     if len(index):
         with torch.no_grad():
             checked[index] = model(x[index]).to(logits.dtype)
-    return check & _crossed(checked, **sides), checked
+    return check & crossed(checked, **sides), checked
+
+
+class Outcome(NamedTuple):
+    """What one iteration decided, per slot (all [B])."""
+
+    finished: Tensor  # bool: crossed, out of budget, not finite or certified
+    nonfinite: Tensor  # bool: logits, loss or gradient not finite
+    certified: Tensor  # bool: the certified stop proved the attack cannot succeed
+    logits: Tensor  # [B, K]: the logits to report, in the engine's dtype for finished slots
 
 
 def _iterate(
     model: nn.Module, slots: _Slots, schedules: list[Callable[..., Tensor]], options: LoopOptions
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward, the stop check, one backward and the update of the unfinished slots.
-
-    Returns (finished [B] bool, nonfinite [B] bool, the logits of the checked images [B, K],
-    in the engine's dtype for every finished slot).
-    """
+) -> Outcome:
+    """One forward, the stop checks, one backward and the update of the unfinished slots."""
     with torch.enable_grad():
         x = slots.x.requires_grad_(True)
         logits = precision_lib.forward(model, x, precision=options.precision)
         finite = torch.isfinite(logits).all(1)
         logits = torch.where(finite[:, None], logits, 0)
         aim = slots.target if options.targeted else slots.source
-        loss = F.cross_entropy(logits, aim, reduction="none")
+        loss = attacked_loss(logits, aim, kind=options.loss)
         finite = finite & torch.isfinite(loss)
-        crossed, checked = _check_crossing(model, x.detach(), logits.detach(), slots, options)
+        hit, checked = _check_crossing(model, x.detach(), logits.detach(), slots, options)
         finite = finite & torch.isfinite(checked).all(1)
-        finished = ~finite | (finite & crossed) | (slots.step >= options.max_iter)
+        finished = ~finite | (finite & hit) | (slots.step >= options.max_iter)
+        certified = _certify(model, x.detach(), checked, slots, ~finished, options)
+        finished = finished | certified
         going = ~finished
         if not going.any():
             slots.x = x.detach()
-            return finished, ~finite, checked
+            return Outcome(finished, ~finite, certified, checked)
         (grad,) = torch.autograd.grad(torch.where(going, loss, 0).sum(), x)
     bad_grad = _update(slots, x.detach(), grad, loss.detach(), going, schedules, options)
-    return finished | bad_grad, ~(finite & ~bad_grad), checked
+    return Outcome(finished | bad_grad, ~(finite & ~bad_grad), certified, checked)
+
+
+def _certify(model: nn.Module, x: Tensor, checked: Tensor, slots: _Slots, going: Tensor,
+             options: LoopOptions) -> Tensor:
+    """bool [B]: the going slots the certified stop finishes now (:mod:`lib.attack.stop`).
+
+    Counts the checks per slot. In low precision the certified slots' logits in ``checked``
+    are replaced by a forward in the engine's dtype, which they are reported by (a slot that
+    forward calls crossed is not stopped: it goes on as the full loop would).
+    """
+    stop = options.stop
+    if stop is None:
+        return torch.zeros_like(going)
+    due, radius = stop.due(slots.step, slots.losses, slots.schedule, going)
+    if not due.any():
+        return due
+    slots.checks += due
+    certified = stop.certify(x, radius, due, target=slots.target, source=slots.source)
+    index = certified.nonzero().flatten()
+    if options.precision != "float32" and len(index):
+        with torch.no_grad():
+            exact = model(x[index]).to(checked.dtype)
+        hit = crossed(exact, target=slots.target[index], source=slots.source[index],
+                      targeted=options.targeted)
+        checked[index] = exact
+        certified[index[hit]] = False
+    return certified
 
 
 def _update(
@@ -378,85 +416,38 @@ def _update(
     return bad_grad
 
 
-def _refine(
-    model: nn.Module,
-    start: Tensor,
-    end: Tensor,
-    todo: Tensor,
-    *,
-    target: Tensor,
-    source: Tensor,
-    options: LoopOptions,
-) -> tuple[Tensor, Tensor]:
-    """Bisect the segment ``start`` -> ``end`` of the rows in ``todo`` to the boundary.
-
-    ``start`` [k, C, H, W] is the last iterate not crossed and ``end`` the first crossed one.
-    The bracket [low, high] (fractions of the segment; high always crossed, checked by a
-    forward in the engine's dtype without autocast) halves until its width in Linf pixel
-    units, (high - low) * max |end - start|, is at most the tolerance: ceil(log2(step /
-    tolerance)) forwards for a last step of Linf length ``step`` > tolerance, none otherwise.
-
-    Returns (the points at ``high`` [k, C, H, W], ``end`` where not refined; forwards int64 [k]).
-    """
-    refined = end.clone()
-    forwards = torch.zeros(len(end), dtype=torch.int64, device=end.device)
-    rows = todo.nonzero().flatten()
-    if options.refine_tolerance is None or len(rows) == 0:
-        return refined, forwards
-    low_point, change = start[rows], end[rows] - start[rows]
-    span = change.flatten(1).abs().amax(1)
-    low = torch.zeros(len(rows), dtype=end.dtype, device=end.device)
-    high = torch.ones_like(low)
-    target, source = target[rows], source[rows]
-    while True:
-        active = ((high - low) * span > options.refine_tolerance).nonzero().flatten()
-        if len(active) == 0:
-            break
-        middle = (low[active] + high[active]) / 2
-        point = low_point[active] + middle[:, None, None, None] * change[active]
-        hit = _crossed(model(point.clamp(0, 1)), target=target[active],
-                       source=source[active], targeted=options.targeted)
-        high[active] = torch.where(hit, middle, high[active])
-        low[active] = torch.where(hit, low[active], middle)
-        forwards[rows[active]] += 1
-    moved = high < 1
-    inner = (low_point + high[:, None, None, None] * change).clamp(0, 1)
-    refined[rows] = torch.where(moved[:, None, None, None], inner, end[rows])
-    return refined, forwards
-
-
-def _distances(delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean-absolute L1, L2 and Linf of ``delta`` [k, C, H, W], each [k]."""
-    flat = delta.flatten(1)
-    return flat.abs().mean(1), flat.norm(dim=1), flat.abs().amax(1)
-
-
 def _emit(
     model: nn.Module,
     slots: _Slots,
     index: Tensor,
-    nonfinite: Tensor,
-    logits: Tensor,
+    outcome: Outcome,
     rows: RowTable,
     options: LoopOptions,
 ) -> AttackResult:
     """The results of the finished slots at ``index``, on the CPU."""
     with torch.no_grad():
-        bad = nonfinite[index]
-        predicted = logits[index].argmax(1)
+        bad = outcome.nonfinite[index]
+        logits = outcome.logits[index]
+        predicted = logits.argmax(1)
         aim = slots.target[index] if options.targeted else predicted
-        probability = torch.softmax(logits[index], 1).gather(1, aim[:, None]).squeeze(1)
-        success = _crossed(logits[index], target=slots.target[index],
+        probability = torch.softmax(logits, 1).gather(1, aim[:, None]).squeeze(1)
+        success = crossed(logits, target=slots.target[index],
                            source=slots.source[index], targeted=options.targeted) & ~bad
         final, clean = slots.x[index].detach(), slots.clean[index]
-        iterations = slots.step[index]
-        refined, forwards = _refine(
+        certified = outcome.certified[index]
+        step = slots.step[index]
+        iterations = torch.where(certified, options.max_iter, step)
+        refined, forwards = refine(
             model, slots.previous[index], final, success & (iterations > 0),
-            target=slots.target[index], source=slots.source[index], options=options,
+            target=slots.target[index], source=slots.source[index], targeted=options.targeted,
+            tolerance=options.refine_tolerance,
         )
-        path = _distances(final - clean)
-        near = [torch.minimum(a, b) for a, b in zip(_distances(refined - clean), path, strict=True)]
+        path = distances(final - clean)
+        near = [torch.minimum(a, b) for a, b in zip(distances(refined - clean), path, strict=True)]
         lrs = slots.lrs[index]
+        if certified.any():
+            lrs = options.stop.fill_rates(lrs, step, slots.schedule[index], slots.losses[index],
+                                          certified)
         mean_lr = torch.where(
             iterations > 0, lrs.nansum(1) / iterations.clamp(min=1).to(lrs.dtype), math.nan
         )
@@ -478,6 +469,8 @@ def _emit(
             refined_l2=near[1].cpu(),
             refined_linf=near[2].cpu(),
             refine_forwards=forwards.cpu(),
+            certified_at=torch.where(certified, step, -1).cpu(),
+            certify_checks=slots.checks[index].cpu(),
             borderline=final.cpu() if options.keep_images else None,
             refined=refined.cpu() if options.keep_images else None,
         )

@@ -26,7 +26,8 @@ function returning a :class:`GuardOutcome`:
 
 Distances are in [0, 1] pixel units: Linf the largest change, L2 the Euclidean norm over the
 C*H*W values. Every attack runs with the model in eval mode and its weights frozen
-(:func:`lib.model.frozen`); the global RNG is seeded for adv-lib's random starts and restored.
+(:func:`lib.model.network.frozen`); the global RNG is seeded for adv-lib's random starts and
+restored.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def distances(delta: Tensor, norm: str) -> Tensor:
     return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
 
 
-def minimum_norm_margins(
+def minimum_norm_attack(
     model: nn.Module,
     images: Tensor,
     labels: Tensor,
@@ -81,8 +82,8 @@ def minimum_norm_margins(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     seed: int = 0,
-) -> pd.DataFrame:
-    """Each image's margin from untargeted FMN in ``norm``.
+) -> tuple[pd.DataFrame, Tensor]:
+    """Each image's margin from untargeted FMN in ``norm``, and FMN's images.
 
     Args:
         model: images [B, C, H, W] in [0, 1] -> logits [B, K], already on ``device``.
@@ -97,11 +98,12 @@ def minimum_norm_margins(
         One row per image: ``sample`` (0 .. N-1), ``label``, ``correct`` (clean prediction),
         ``success`` (FMN's image is off the true class, checked here), ``margin`` (float64:
         0 if not correct, the distance of FMN's image if success, else ``inf``), ``seconds``
-        (attack time per image).
+        (attack time per image); and FMN's images, float [N, C, H, W] on the CPU (e.g. for
+        :func:`transfer_distances` on another model).
     """
     _check_batch(images, labels, norm=norm, budget=steps, batch_size=batch_size)
     fmn = adv_lib_attacks().fmn
-    parts = []
+    parts, found_images = [], []
     with _attacking(model, device, seed):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
@@ -109,6 +111,7 @@ def minimum_norm_margins(
             began = time.perf_counter()
             adversarial = fmn(model, x, y, norm=NORMS[norm], steps=steps).detach()
             seconds = (time.perf_counter() - began) / len(x)
+            found_images.append(adversarial.cpu())
             with torch.no_grad():
                 correct = (model(x).argmax(1) == y).cpu()
                 success = (model(adversarial).argmax(1) != y).cpu()
@@ -118,7 +121,13 @@ def minimum_norm_margins(
                 "correct": correct.numpy(), "success": success.numpy(),
                 "margin": torch.where(correct, found, 0.0).numpy(), "seconds": seconds,
             }))  # fmt: skip
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(parts, ignore_index=True), torch.cat(found_images)
+
+
+def minimum_norm_margins(model: nn.Module, images: Tensor, labels: Tensor,
+                         **options: Any) -> pd.DataFrame:
+    """The table of :func:`minimum_norm_attack` (same arguments): each image's margin."""
+    return minimum_norm_attack(model, images, labels, **options)[0]
 
 
 def fixed_epsilon_robustness(

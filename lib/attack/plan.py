@@ -4,16 +4,18 @@ A plan is a pure function of its settings, the training stage's predictions (whi
 checkpoint classifies correctly) and the epochs to attack; it reads no file and attacks
 nothing. The attack stage (:mod:`lib.run.attack_stage`) runs the chunks and merges them.
 
-1. **Selection** (:mod:`lib.attack.selection`): per attacked epoch and class, the first
-   ``n_per_class`` correctly classified test images in one seeded order.
-2. **Rows**: per epoch, one row per (selected image, other class as target, schedule) in
-   targeted mode, or per (image, schedule) in untargeted mode. Images are taken rank by rank
-   across the classes (rank 0 of every class, then rank 1, ...), targets in label order,
-   schedules in the given order. ``row_id`` numbers the rows of one epoch from 0; the key of an
-   attack is ``(epoch, row_id)``.
-3. **Chunks**: ``chunk_size`` consecutive rows of one *part* (an attacked epoch, or one lr0 of
-   the sensitivity sweep) are the unit of work. Each chunk is one fresh engine call, so its
-   float32 results are bit-identical however often and wherever it is re-run.
+1. **Selection** (:mod:`lib.attack.selection`): per trained model (named by its seed),
+   attacked epoch and class, the first ``n_per_class`` correctly classified test images in one
+   seeded order (``replicate_per_class`` for every model but the first).
+2. **Rows**: per model and epoch, one row per (selected image, other class as target,
+   schedule) in targeted mode, or per (image, schedule) in untargeted mode. Images are taken
+   rank by rank across the classes (rank 0 of every class, then rank 1, ...), targets in label
+   order, schedules in the given order. ``row_id`` numbers the rows of one model's epoch from
+   0; the key of an attack is ``(model, epoch, row_id)``.
+3. **Chunks**: ``chunk_size`` consecutive rows of one *part* (a model's attacked epoch, or one
+   lr0 of the sensitivity sweep on the first model) are the unit of work. Each chunk is one
+   fresh engine call, so its float32 results are bit-identical however often and wherever it
+   is re-run.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ import pandas as pd
 from lib import NUM_CLASSES
 from lib.attack.results import MODES
 from lib.attack.schedules import SCHEDULES, bind, get_schedule
-from lib.attack.selection import Selection, select_images
+from lib.attack.selection import (
+    SELECTION_COLUMNS,
+    SHORTFALL_COLUMNS,
+    Selection,
+    select_images,
+)
 from lib.checking import (
     check_choice,
     check_int,
@@ -43,7 +50,7 @@ from lib.model import precision as precision_lib
 
 #: Columns of the planned row table (:attr:`AttackJob.rows`).
 PLAN_COLUMNS: tuple[str, ...] = (
-    "part", "kind", "epoch", "lr0", "row_id", "image_id", "rank", "source", "target",
+    "part", "kind", "model", "epoch", "lr0", "row_id", "image_id", "rank", "source", "target",
     "schedule", "chunk", "gallery",
 )
 
@@ -54,14 +61,22 @@ class AttackSettings:
     stage's parameters, with the only defaults (those of the default build) and value checks.
 
     Attributes:
-        epochs: checkpoints to attack; [] for every trained epoch (paper: all 10). The default
-            build leaves out epoch 2, whose checkpoint still confuses some tools (the training
-            chapter says how).
+        epochs: checkpoints of the first model to attack; [] for every trained epoch (paper:
+            all 10). The default build leaves out epoch 2, whose checkpoint still confuses some
+            tools (the training chapter says how).
+        models: seeds of the trained models to attack, increasing; the first is attacked at
+            ``epochs`` with ``n_per_class`` images, the others (replicates) at
+            ``replicate_epochs`` with ``replicate_per_class``; [] for every trained model.
+        replicate_epochs: checkpoints of every model but the first; [] for the first and the
+            last of the first model's attacked epochs.
         schedules: step-size schedules (lib.attack.schedules), in the order rows use them.
         lr0: initial step size > 0 in [0, 1] pixel units, about 2/255 (the paper does not give
             it).
         max_iter: update budget per attack; no flip by then is a failure (paper: 100).
         n_per_class: correctly classified test images per class and checkpoint (paper: 50).
+        replicate_per_class: the same for every model but the first (n_per_class where that
+            is smaller): the replicates trade images for models, which the budget of the
+            default build needs.
         mode: "targeted": every other class as target (paper); "untargeted": leave the class.
         seed: seed of the one test-split permutation all checkpoints share.
         batch_size: attacks in flight per forward/backward pass; float32 results depend on it.
@@ -81,13 +96,19 @@ class AttackSettings:
             float32) or "auto" (bfloat16 where the device computes it natively).
         refine_tolerance: None: off; else bisect each success's last step to this Linf width
             (pixel units) and report the refined distances beside the path distances.
+        certify: finish attacks that interval bounds prove cannot succeed before their budget
+            ends (lib.attack.stop); outcomes stay those of the full loop; false: the paper's
+            loop to the end.
     """
 
     epochs: tuple[int, ...] = (1, 3, 4, 5)
+    models: tuple[int, ...] = ()
+    replicate_epochs: tuple[int, ...] = ()
     schedules: tuple[str, ...] = tuple(SCHEDULES)
     lr0: float = 0.008
     max_iter: int = 100
     n_per_class: int = 4
+    replicate_per_class: int = 2
     mode: str = "targeted"
     seed: int = 0
     batch_size: int = 128
@@ -99,10 +120,14 @@ class AttackSettings:
     gallery_images: int = 7
     precision: str = "auto"
     refine_tolerance: float | None = 0.001
+    certify: bool = True
 
     def __post_init__(self) -> None:
         # lists from notebooks and JSON become tuples, so settings compare and hash as values
         object.__setattr__(self, "epochs", check_ints(self.epochs, "epochs", low=1))
+        object.__setattr__(self, "models", check_ints(self.models, "models", low=0))
+        object.__setattr__(self, "replicate_epochs",
+                           check_ints(self.replicate_epochs, "replicate_epochs", low=1))
         object.__setattr__(self, "schedules", check_list(self.schedules, "schedules"))
         object.__setattr__(self, "sweep_lr0", check_list(self.sweep_lr0, "sweep_lr0"))
         constants = self.schedule_constants or {}
@@ -143,6 +168,10 @@ class AttackSettings:
         check_positives(self.sweep_lr0, "sweep_lr0", unit="pixel units")
         check_int(self.max_iter, "max_iter", low=1)
         check_int(self.n_per_class, "n_per_class", low=1)
+        check_int(self.replicate_per_class, "replicate_per_class", low=1)
+        if list(self.models) != sorted(set(self.models)):
+            raise ParameterError(f"models must be increasing seeds, got {list(self.models)}; "
+                                 "e.g. [0, 1, 2], or [] for every trained model")
         check_int(self.seed, "seed", low=0)
         check_int(self.batch_size, "batch_size", low=1)
         check_int(self.chunk_size, "chunk_size", low=1)
@@ -155,6 +184,8 @@ class AttackSettings:
                 f"{self.n_per_class}: the sweep attacks a subset of the main selection"
             )
         check_choice(self.mode, MODES, "mode")
+        if not isinstance(self.certify, bool):
+            raise ParameterError(f"certify must be true or false, got {self.certify!r}")
         precision_lib.check(self.precision)
         if self.refine_tolerance is not None:
             check_positive(self.refine_tolerance, "refine_tolerance (None for no refinement)",
@@ -164,7 +195,7 @@ class AttackSettings:
         """The settings as plain values (lists for tuples), as ``job.json`` and the stage's
         parameters hold them."""
         values = asdict(self)
-        for key in ("epochs", "schedules", "sweep_lr0"):
+        for key in ("epochs", "models", "replicate_epochs", "schedules", "sweep_lr0"):
             values[key] = list(values[key])
         return values
 
@@ -174,13 +205,15 @@ class AttackJob:
     """A planned attack job.
 
     Attributes:
-        settings: the :class:`AttackSettings`, with ``epochs`` and ``sweep_epoch`` resolved.
+        settings: the :class:`AttackSettings`, with ``models``, ``epochs``,
+            ``replicate_epochs`` and ``sweep_epoch`` resolved.
         selection: the attacked images (and the shortfall report).
-        rows: one row per attack, columns :data:`PLAN_COLUMNS`; ``part`` is ``"epoch_NN"`` for
-            the main attack or ``"sweep_KK"`` for the k-th sweep lr0.
-        chunks: one row per chunk: ``part``, ``chunk`` (0-based within the part), ``epoch``,
-            ``lr0``, ``rows`` (count), ``kind`` (``"main"`` or ``"sweep"``). Its index order is
-            the order of work; ``(part, chunk)`` is a chunk's key.
+        rows: one row per attack, columns :data:`PLAN_COLUMNS`; ``part`` is
+            ``"seed_S_epoch_NN"`` for the main attack of a model or ``"sweep_KK"`` for the
+            k-th sweep lr0.
+        chunks: one row per chunk: ``part``, ``chunk`` (0-based within the part), ``model``,
+            ``epoch``, ``lr0``, ``rows`` (count), ``kind`` (``"main"`` or ``"sweep"``). Its
+            index order is the order of work; ``(part, chunk)`` is a chunk's key.
     """
 
     settings: AttackSettings
@@ -193,63 +226,88 @@ class AttackJob:
 
 
 def plan_attacks(settings: AttackSettings, predictions: pd.DataFrame, *,
-                 epochs: Sequence[int]) -> AttackJob:
+                 epochs: Mapping[int, Sequence[int]]) -> AttackJob:
     """Plan the job: select the images, list every attack, cut the rows into chunks.
 
     Args:
-        settings: the job's settings; their ``epochs`` and ``sweep_epoch`` are replaced by the
-            resolved ones.
-        predictions: the training stage's predictions (``epoch, image_id, label,
-            predicted``), the whole test split at every epoch.
-        epochs: the epochs to attack, sorted (``settings.epochs``, or every trained epoch when
-            that is empty).
+        settings: the job's settings; their ``models``, ``epochs``, ``replicate_epochs`` and
+            ``sweep_epoch`` are replaced by the resolved ones.
+        predictions: the training stage's predictions of every model (``model, epoch,
+            image_id, label, predicted``), the whole test split at every epoch.
+        epochs: the epochs to attack per model (its seed), the first model first, each list
+            sorted; every model after the first is attacked at the same epochs.
 
     Raises:
         ParameterError: a sweep epoch that is not attacked, or an epoch with no correctly
             classified test image (nothing to attack).
     """
-    epochs = list(epochs)
-    sweep_epoch = settings.sweep_epoch or epochs[-1]
-    if settings.sweep_lr0 and settings.sweep_per_class and sweep_epoch not in epochs:
+    models = [int(m) for m in epochs]
+    first = models[0]
+    sweep_epoch = settings.sweep_epoch or list(epochs[first])[-1]
+    if settings.sweep_lr0 and settings.sweep_per_class and sweep_epoch not in epochs[first]:
         raise ParameterError(
-            f"sweep_epoch={sweep_epoch} is not among the attacked epochs {epochs}; choose one "
-            "of them or 0 (the last)"
+            f"sweep_epoch={sweep_epoch} is not among the attacked epochs {list(epochs[first])} "
+            "of the first model; choose one of them or 0 (the last)"
         )
-    settings = AttackSettings(**{**settings.to_json(), "epochs": epochs,
+    replicate = list(epochs[models[1]]) if len(models) > 1 else []
+    settings = AttackSettings(**{**settings.to_json(), "models": models,
+                                 "epochs": list(epochs[first]), "replicate_epochs": replicate,
                                  "sweep_epoch": sweep_epoch})
-    selection = select_images(
-        predictions, n_per_class=settings.n_per_class, seed=settings.seed,
-        epochs=epochs,
-    )
-    counts = selection.images.groupby("epoch").size().reindex(epochs, fill_value=0)
-    empty = counts[counts == 0].index.tolist()
-    if empty:
-        raise ParameterError(
-            f"empty selection: at epoch(s) {empty} the checkpoint classifies no test image "
-            "correctly, so there is nothing to attack; leave those epochs out, or train longer "
-            "(02_train)"
-        )
-    parts = [_part_rows(selection.images, settings, epoch=e, kind="main",
-                        lr0=settings.lr0, name=f"epoch_{e:02d}") for e in epochs]
+    selection = _select(settings, predictions, epochs)
+    parts = [_part_rows(selection.images[selection.images["model"] == model], settings,
+                        model=model, epoch=e, kind="main", lr0=settings.lr0,
+                        name=f"seed_{model}_epoch_{e:02d}")
+             for model in models for e in epochs[model]]
     if settings.sweep_lr0 and settings.sweep_per_class:
-        chosen = selection.images[selection.images["rank"] < settings.sweep_per_class]
-        parts += [_part_rows(chosen, settings, epoch=sweep_epoch, kind="sweep", lr0=value,
-                             name=f"sweep_{k:02d}")
+        chosen = selection.images[(selection.images["model"] == first)
+                                  & (selection.images["rank"] < settings.sweep_per_class)]
+        parts += [_part_rows(chosen, settings, model=first, epoch=sweep_epoch, kind="sweep",
+                             lr0=value, name=f"sweep_{k:02d}")
                   for k, value in enumerate(settings.sweep_lr0) if value != settings.lr0]
     rows = pd.concat(parts, ignore_index=True)
-    _mark_gallery(rows, settings, last_epoch=epochs[-1])
+    _mark_gallery(rows, settings, model=first, last_epoch=list(epochs[first])[-1])
     chunks = (
         rows.groupby(["part", "chunk"], sort=False)
-        .agg(epoch=("epoch", "first"), lr0=("lr0", "first"), rows=("row_id", "size"),
-             kind=("kind", "first"))
+        .agg(model=("model", "first"), epoch=("epoch", "first"), lr0=("lr0", "first"),
+             rows=("row_id", "size"), kind=("kind", "first"))
         .reset_index()
     )
     return AttackJob(settings=settings, selection=selection,
                      rows=rows[list(PLAN_COLUMNS)].reset_index(drop=True), chunks=chunks)
 
 
-def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, epoch: int, kind: str,
-               lr0: float, name: str) -> pd.DataFrame:
+def _select(settings: AttackSettings, predictions: pd.DataFrame,
+            epochs: Mapping[int, Sequence[int]]) -> Selection:
+    """Every model's selection (``replicate_per_class`` images for all but the first), with
+    the model column first; ParameterError for an epoch with nothing to attack."""
+    if "model" not in predictions.columns:
+        raise ParameterError("the prediction table lacks the column 'model' (the seed of the "
+                             "model that predicted); read it with lib.run.tables")
+    images, shortfall = [], []
+    for k, (model, chosen) in enumerate(epochs.items()):
+        picked = select_images(
+            predictions[predictions["model"] == model],
+            n_per_class=settings.n_per_class if k == 0 else min(settings.replicate_per_class,
+                                                                settings.n_per_class),
+            seed=settings.seed, epochs=list(chosen))
+        counts = picked.images.groupby("epoch").size().reindex(list(chosen), fill_value=0)
+        empty = counts[counts == 0].index.tolist()
+        if empty:
+            raise ParameterError(
+                f"empty selection: at epoch(s) {empty} the checkpoint of the model of seed "
+                f"{model} classifies no test image correctly, so there is nothing to attack; "
+                "leave those epochs out, or train longer (02_train)"
+            )
+        images.append(picked.images.assign(model=model))
+        shortfall.append(picked.shortfall.assign(model=model))
+    return Selection(
+        images=pd.concat(images, ignore_index=True)[["model", *SELECTION_COLUMNS]],
+        shortfall=pd.concat(shortfall, ignore_index=True)[["model", *SHORTFALL_COLUMNS]]
+        .astype({"model": np.int64}))
+
+
+def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, model: int, epoch: int,
+               kind: str, lr0: float, name: str) -> pd.DataFrame:
     """The rows of one part: images rank by rank across classes, then targets, then schedules."""
     chosen = images[images["epoch"] == epoch].sort_values(["rank", "label"], kind="stable")
     n_images = len(chosen)
@@ -264,6 +322,7 @@ def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, epoch: int, ki
     table = pd.DataFrame({
         "part": name,
         "kind": kind,
+        "model": model,
         "epoch": epoch,
         "lr0": float(lr0),
         "image_id": np.repeat(chosen["image_id"].to_numpy(), repeat),
@@ -278,9 +337,12 @@ def _part_rows(images: pd.DataFrame, settings: AttackSettings, *, epoch: int, ki
     return table
 
 
-def _mark_gallery(rows: pd.DataFrame, settings: AttackSettings, *, last_epoch: int) -> None:
-    """Flag the rows whose borderline images are kept (see ``AttackSettings.gallery_images``)."""
-    main = (rows["kind"] == "main") & (rows["epoch"] == last_epoch) & (rows["rank"] == 0)
+def _mark_gallery(rows: pd.DataFrame, settings: AttackSettings, *, model: int,
+                  last_epoch: int) -> None:
+    """Flag the rows whose borderline images are kept (see ``AttackSettings.gallery_images``):
+    the first model's."""
+    main = ((rows["kind"] == "main") & (rows["model"] == model) & (rows["epoch"] == last_epoch)
+            & (rows["rank"] == 0))
     # the first k classes that have an image there (a class the checkpoint never gets right
     # has none, and the next class takes its place)
     shown = rows["source"].isin(sorted(rows.loc[main, "source"].unique())[:settings.gallery_images])

@@ -4,16 +4,18 @@ State-of-the-art targeted minimum-norm attacks from adv-lib (Rony et al.,
 https://github.com/jeromerony/adversarial-library) search for the smallest perturbation that
 makes the model predict the target:
 
-- ``fmn_l1`` / ``fmn_linf``: Fast Minimum-Norm (Pintor et al. 2021, arXiv:2102.12827), L1 and
-  Linf (Linf is the geometry of the sign steps our schedules take);
+- ``fmn_l1`` / ``fmn_l2`` / ``fmn_linf``: Fast Minimum-Norm (Pintor et al. 2021,
+  arXiv:2102.12827) in L1, L2 and Linf (Linf is the geometry of the sign steps our schedules
+  take);
 - ``alma_l1``: Augmented Lagrangian Method for Adversarial attacks (Rony et al. 2021,
   arXiv:2011.11857) with the L1 distance;
 - ``pdpgd_l1``: Primal-Dual Proximal Gradient Descent (Matyasko and Chau 2021,
   arXiv:2106.01538) with the L1 proximal operator.
 
 Every returned image is classified again here (:func:`run_reference_attacks`), so "success"
-means what it means for our own attacks (argmax == target), and its L1 is ours: mean
-``|x* - x|`` over the C*H*W values, in [0, 1]. How these distances compare with our schedules'
+means what it means for our own attacks (argmax == target), and its distances are ours: L1 the
+mean ``|x* - x|`` over the C*H*W values, L2 the Euclidean norm, Linf the largest change, in
+[0, 1] pixel units. How these distances compare with our schedules'
 is :mod:`lib.analysis.minimality`.
 
 Adding a reference attack is one small function ``fn(model, images, targets, *, steps) ->
@@ -63,6 +65,11 @@ def fmn_l1(model: nn.Module, images: Tensor, targets: Tensor, *, steps: int) -> 
     return _adv_lib_attacks().fmn(model, images, targets, norm=1, targeted=True, steps=steps)
 
 
+def fmn_l2(model: nn.Module, images: Tensor, targets: Tensor, *, steps: int) -> Tensor:
+    """Targeted FMN minimising the L2 norm (adv-lib defaults otherwise)."""
+    return _adv_lib_attacks().fmn(model, images, targets, norm=2, targeted=True, steps=steps)
+
+
 def fmn_linf(model: nn.Module, images: Tensor, targets: Tensor, *, steps: int) -> Tensor:
     """Targeted FMN minimising the Linf norm (the geometry of sign-gradient steps)."""
     return _adv_lib_attacks().fmn(
@@ -91,6 +98,7 @@ REFERENCE_ATTACKS: dict[str, ReferenceAttack] = {
     "fmn_l1": fmn_l1,
     "alma_l1": alma_l1,
     "pdpgd_l1": pdpgd_l1,
+    "fmn_l2": fmn_l2,
     "fmn_linf": fmn_linf,
 }
 
@@ -100,13 +108,14 @@ DEFAULT_ATTACKS: tuple[str, ...] = tuple(REFERENCE_ATTACKS)
 def perturbation_sizes(original: Tensor, perturbed: Tensor) -> dict[str, Tensor]:
     """Sizes of ``perturbed - original`` per sample ([N,C,H,W] -> [N] each), in [0, 1] units.
 
-    ``l1`` is the project's L1, mean ``|x* - x|`` over the C*H*W values; ``linf`` the largest
-    absolute change; ``changed_fraction`` the share of values changed by more than half a grey
-    level (how sparse the perturbation is).
+    ``l1`` is the project's L1, mean ``|x* - x|`` over the C*H*W values; ``l2`` the Euclidean
+    norm; ``linf`` the largest absolute change; ``changed_fraction`` the share of values
+    changed by more than half a grey level (how sparse the perturbation is).
     """
     delta = (perturbed - original).flatten(1).abs()
     return {
         "l1": delta.mean(dim=1),
+        "l2": delta.norm(dim=1),
         "linf": delta.amax(dim=1),
         "changed_fraction": (delta > CHANGED_THRESHOLD).float().mean(dim=1),
     }
@@ -193,7 +202,7 @@ def run_reference_attacks(
 
     Returns:
         DataFrame: key columns, ``attack``, ``steps``, ``success`` (the returned image is
-        classified as the target, checked here), ``l1``, ``linf``, ``changed_fraction`` (of
+        classified as the target, checked here), ``l1``, ``l2``, ``linf``, ``changed_fraction`` (of
         the returned image, successful or not), ``seconds`` (attack time per sample).
     """
     keys = _check_inputs(images, targets, keys, attacks, steps, batch_size)

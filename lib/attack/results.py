@@ -37,9 +37,14 @@ class AttackRow(NamedTuple):
 ROW_COLUMNS = AttackRow._fields
 
 
+#: A column dtype for an optional count: int64 in the tensor, where -1 means "none"; a nullable
+#: integer (empty in the CSV) in the tables.
+OPTIONAL_INT = "Int64"
+
+
 def column(dtype: str) -> Any:
     """A field of :class:`AttackResult` with one value per attack: a column of the result
-    tables, of ``dtype`` ("bool", "int64", "float64" or "str")."""
+    tables, of ``dtype`` ("bool", "int64", "float64", "str" or :data:`OPTIONAL_INT`)."""
     return field(metadata={"column": dtype})
 
 
@@ -70,8 +75,18 @@ class AttackResult:
             off, for failed rows and for rows that crossed after 0 updates.
         refine_forwards: int64 [K]: forward passes the refinement cost this row (0 where it
             did not run).
+        certified_at: int64 [K]: the update k at which the certified stop proved that the
+            attack cannot succeed (:mod:`lib.attack.stop`), -1 where it did not stop the row
+            (empty in the tables). Such a row reports what the full loop reports (``success``
+            False, ``iterations`` = max_iter) with the distances, class and probability of its
+            iterate x_k; the full loop's final image lies within the stop's reachable radius
+            R_k (Linf) of it.
+        certify_checks: int64 [K]: interval-bound checks the certified stop made for this row
+            (each costs about one forward + backward pass).
         lr_trace, loss_trace: [K, max_iter]: lr_i and L_i in column i - 1 for the applied
-            updates, NaN after the stop.
+            updates, NaN after the stop. A certified row's lr trace goes on to max_iter with
+            the steps the full loop would take where the schedule does not read the loss
+            (NaN where it does); its loss trace ends at x_k.
         borderline: [K, C, H, W] in [0, 1], the final images, or None when not kept.
         refined: [K, C, H, W] in [0, 1], the refined images (the borderline image where
             refinement did not run), or None when images are not kept.
@@ -91,6 +106,8 @@ class AttackResult:
     refined_l2: Tensor = column("float64")
     refined_linf: Tensor = column("float64")
     refine_forwards: Tensor = column("int64")
+    certified_at: Tensor = column(OPTIONAL_INT)
+    certify_checks: Tensor = column("int64")
     lr_trace: Tensor = field()
     loss_trace: Tensor = field()
     borderline: Tensor | None = None
@@ -137,10 +154,12 @@ class AttackResult:
         """The per-attack values as a DataFrame: one row per attack, the columns of
         :func:`result_columns` (floats as float64; no traces or images)."""
         values = {}
-        for name in result_columns():
+        for name, dtype in result_columns().items():
             value = getattr(self, name)
             if isinstance(value, Tensor):
                 value = (value.double() if value.is_floating_point() else value).numpy()
+            if dtype == OPTIONAL_INT:
+                value = pd.Series(value).where(value >= 0).astype(OPTIONAL_INT)
             values[name] = value
         return pd.DataFrame(values)
 

@@ -35,7 +35,9 @@ class Selection:
     """The attacked images of every checkpoint.
 
     Attributes:
-        images: one row per (epoch, image): ``epoch`` (int), ``image_id`` (str), ``label``
+        images: one row per (epoch, image) of one model (the attack plan puts several
+            models' selections under each other, with a leading ``model`` column):
+            ``epoch`` (int), ``image_id`` (str), ``label``
             (int 0-6, the true class, which the checkpoint predicts), ``rank`` (int, 0-based
             position among the chosen images of that class and epoch, in permutation order).
             Sorted by epoch, label, rank.

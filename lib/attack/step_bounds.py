@@ -7,7 +7,7 @@ distance (pixel units, before rounding) the remaining updates can move its image
     fn(step: LongTensor[B], losses: Tensor[B, T], *, lr0: float, max_iter: int,
        **constants) -> Tensor[B] (float64, on step's device; 0 where step > max_iter)
 
-with the arguments of the schedule it belongs to (:mod:`lib.schedules`) and the same
+with the arguments of the schedule it belongs to (:mod:`lib.attack.schedules`) and the same
 constants and defaults. The closed forms are computed in float64 and rounded up by
 :data:`ROUND_UP`, so each is at least the real sum and equal to it within float64 rounding.
 

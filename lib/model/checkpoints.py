@@ -155,7 +155,7 @@ def load_checkpoint(
             f"{path}: not a safetensors checkpoint ({kind}). Checkpoints are read only as "
             "safetensors, which never runs code; a pickle is refused without being opened. "
             "Use a checkpoint written by lib.model.checkpoints.save_checkpoint "
-            "(train/epoch_NN.safetensors)"
+            "(train/seed_S/epoch_NN.safetensors)"
         )
     device = resolve_device(map_location)
     tensors = read_safetensors(path, device=device)
@@ -170,7 +170,7 @@ def load_checkpoint(
         model = ToolClassifier(num_classes=num_classes)
     expected = model.state_dict()
     advice = ("use a checkpoint written by lib.model.checkpoints.save_checkpoint "
-              "(train/epoch_NN.safetensors)")
+              "(train/seed_S/epoch_NN.safetensors)")
     for key, target in expected.items():
         if key not in tensors:
             raise CheckpointError(
@@ -207,7 +207,8 @@ def check_checkpoint(path: str | os.PathLike[str], *, num_classes: int = NUM_CLA
     if not _is_safetensors(path):
         raise CheckpointError(
             f"{path}: not a safetensors checkpoint ({_describe_non_safetensors(path)}); use a "
-            "checkpoint written by the training stage (train/epoch_NN.safetensors) or retrain"
+            "checkpoint written by the training stage (train/seed_S/epoch_NN.safetensors) or "
+            "retrain"
         )
     try:
         with safetensors.safe_open(path, framework="pt") as handle:
@@ -227,7 +228,7 @@ def check_checkpoint(path: str | os.PathLike[str], *, num_classes: int = NUM_CLA
             raise CheckpointError(
                 f"{path}: not a checkpoint of the {num_classes}-class AlexNet classifier: "
                 f"tensor {key!r} is {found}, the model needs {shape}; use a checkpoint written "
-                "by the training stage (train/epoch_NN.safetensors) or retrain"
+                "by the training stage (train/seed_S/epoch_NN.safetensors) or retrain"
             )
 
 

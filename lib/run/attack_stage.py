@@ -10,12 +10,13 @@ merge turns the chunks into ``results.csv``, ``traces.npz``, ``gallery.npz`` and
 Files under the run folder's ``attack/``::
 
     job.json                      the settings and a digest of the selection (resume check)
-    selection.csv                 epoch, image_id, label, rank
-    shortfall.csv                 epoch, label, tool, wanted, available
+    selection.csv                 model, epoch, image_id, label, rank
+    shortfall.csv                 model, epoch, label, tool, wanted, available
     chunks/<part>/chunk_NNNNN.npz traces (lr, loss per iteration) and gallery images
     chunks/<part>/chunk_NNNNN.csv the chunk's result rows; written last: it marks the chunk done
     results.csv                   one row per attack (:data:`~lib.run.tables.RESULT_COLUMNS`)
-    traces.npz                    epoch, row_id [R]; lr, loss float32 [R, max_iter] (NaN after stop)
+    traces.npz                    model, epoch, row_id [R]; lr, loss float32 [R, max_iter]
+                                  (NaN after the stop)
     gallery.npz                   a few attacks' original, borderline images and keys
     lr0_sweep.csv                 the lr0 sweep: lr0 plus the result columns
 
@@ -52,19 +53,23 @@ from lib.train.resume import logged_epochs
 ModelLoader = Callable[[Path, torch.device], torch.nn.Module]
 
 
-def trained_epochs(run_dir: str | os.PathLike[str]) -> list[int]:
-    """Epochs with a checkpoint ``train/epoch_NN.safetensors`` and a ``metrics.csv`` row.
-
-    Raises:
-        RunFolderError: the run folder does not exist or has no finished epoch.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+def _check_exists(run_dir: str | os.PathLike[str]) -> None:
+    if not Path(run_dir).is_dir():
         raise RunFolderError(
             f"run folder {run_dir} does not exist; run the data (01_data) and training "
             "(02_train) stages first, or name an existing run folder with run_dir"
         )
-    train = layout.train_dir(run_dir)
+
+
+def trained_epochs(run_dir: str | os.PathLike[str], *, model: int) -> list[int]:
+    """Epochs of the model of seed ``model`` with a checkpoint ``epoch_NN.safetensors`` and a
+    ``metrics.csv`` row in its folder.
+
+    Raises:
+        RunFolderError: the run folder does not exist or the model has no finished epoch.
+    """
+    _check_exists(run_dir)
+    train = layout.model_dir(run_dir, model)
     epochs = logged_epochs(train)
     if not epochs:
         raise RunFolderError(
@@ -74,24 +79,66 @@ def trained_epochs(run_dir: str | os.PathLike[str]) -> list[int]:
     return epochs
 
 
-def resolve_epochs(run_dir: str | os.PathLike[str], epochs: Sequence[int]) -> list[int]:
-    """The epochs to attack, sorted: ``epochs``, or every trained epoch when it is empty.
+def resolve_models(run_dir: str | os.PathLike[str], models: Sequence[int]) -> list[int]:
+    """The models to attack: ``models``, or every trained model when it is empty.
+
+    Raises:
+        RunFolderError: no run folder, or no trained model in it (run 02_train).
+        ParameterError: a model that was not trained.
+    """
+    _check_exists(run_dir)
+    trained = list(layout.model_dirs(run_dir))
+    if not trained:
+        raise RunFolderError(
+            f"{layout.train_dir(run_dir)} holds no trained model (no seed_S folder with "
+            "checkpoints); run the training stage (02_train) first"
+        )
+    missing = sorted(set(models) - set(trained))
+    if missing:
+        raise ParameterError(
+            f"model(s) {missing} were not trained: {layout.train_dir(run_dir)} has the models "
+            f"of seeds {trained}; choose models among those (or [] for all), or train them "
+            "(02_train with those seeds)"
+        )
+    return list(models) or trained
+
+
+def resolve_epochs(run_dir: str | os.PathLike[str], epochs: Sequence[int], *,
+                   model: int) -> list[int]:
+    """The epochs of model ``model`` to attack, sorted: ``epochs``, or every trained epoch
+    when it is empty.
 
     Raises:
         RunFolderError: no checkpoints (run 02_train).
         ParameterError: an epoch that was not trained.
     """
-    trained = trained_epochs(run_dir)
+    trained = trained_epochs(run_dir, model=model)
     if not epochs:
         return trained
     missing = sorted(set(epochs) - set(trained))
     if missing:
         raise ParameterError(
-            f"epoch(s) {missing} were not trained: {layout.train_dir(run_dir)} has checkpoints for "
-            f"epochs {_ranges(trained)}; choose epochs among those (or [] for all), or train "
-            f"longer (02_train with epochs >= {max(missing)})"
+            f"epoch(s) {missing} were not trained: {layout.model_dir(run_dir, model)} has "
+            f"checkpoints for epochs {_ranges(trained)}; choose epochs among those (or [] for "
+            f"all), or train longer (02_train with epochs >= {max(missing)})"
         )
     return sorted(set(int(e) for e in epochs))
+
+
+def attacked_epochs(run_dir: str | os.PathLike[str],
+                    settings: AttackSettings) -> dict[int, list[int]]:
+    """The epochs to attack per model, the first model first: ``settings.epochs`` for the
+    first, ``settings.replicate_epochs`` (default: the first and the last of the first
+    model's) for the others.
+
+    Raises:
+        RunFolderError, ParameterError: see :func:`resolve_models` and :func:`resolve_epochs`.
+    """
+    models = resolve_models(run_dir, settings.models)
+    first = resolve_epochs(run_dir, settings.epochs, model=models[0])
+    wanted = settings.replicate_epochs or sorted({first[0], first[-1]})
+    return {model: first if k == 0 else resolve_epochs(run_dir, wanted, model=model)
+            for k, model in enumerate(models)}
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -103,16 +150,18 @@ def _ranges(values: Sequence[int]) -> str:
 
 def plan_job(run_dir: str | os.PathLike[str], settings: AttackSettings) -> AttackJob:
     """Plan the job from the run folder's training tables (no images are read):
-    :func:`lib.attack.plan.plan_attacks` on ``train/predictions.csv`` and the epochs
-    :func:`resolve_epochs` finds.
+    :func:`lib.attack.plan.plan_attacks` on every model's ``predictions.csv`` and the epochs
+    :func:`attacked_epochs` finds.
 
     Raises:
         RunFolderError: no checkpoints or predictions (run 02_train).
-        ParameterError: an epoch or sweep epoch that was not trained or not attacked, or an
-            epoch with no correctly classified test image (nothing to attack).
+        ParameterError: a model, epoch or sweep epoch that was not trained or not attacked, or
+            an epoch with no correctly classified test image (nothing to attack).
     """
-    epochs = resolve_epochs(run_dir, settings.epochs)
-    return plan_attacks(settings, tables.read_predictions(run_dir), epochs=epochs)
+    epochs = attacked_epochs(run_dir, settings)
+    predictions = tables.read_predictions(run_dir)
+    return plan_attacks(settings, predictions[predictions["model"].isin(list(epochs))],
+                        epochs=epochs)
 
 
 def save_plan(job: AttackJob, run_dir: str | os.PathLike[str]) -> None:
@@ -202,22 +251,23 @@ def run_chunks(
     pool_index = pd.Series(np.arange(len(pool_ids)), index=pool_ids)
 
     bar = progress_bar(int(todo["rows"].sum()), desc="attacks", unit="attack", enabled=progress)
-    models: dict[int, torch.nn.Module] = {}
+    loaded: dict[tuple[int, int], torch.nn.Module] = {}
     with bar:
-        work = todo[["part", "chunk", "epoch", "lr0"]].itertuples(index=False)
-        for part, chunk, epoch, lr0 in work:
-            if epoch not in models:
-                models.clear()  # one checkpoint in memory at a time
-                models[epoch] = load_model(layout.checkpoint_path(run_dir, epoch), device)
+        work = todo[["part", "chunk", "model", "epoch", "lr0"]].itertuples(index=False)
+        for part, chunk, model, epoch, lr0 in work:
+            if (model, epoch) not in loaded:
+                loaded.clear()  # one checkpoint in memory at a time
+                loaded[model, epoch] = load_model(
+                    layout.checkpoint_path(run_dir, epoch, model=model), device)
             rows = job.chunk_rows(part, chunk)
-            table, arrays = _run_chunk(models[epoch], pool, pool_index, rows, job.settings,
-                                       lr0=lr0, device=device, bar=bar)
+            table, arrays = _run_chunk(loaded[model, epoch], pool, pool_index, rows,
+                                       job.settings, lr0=lr0, bar=bar)
             tables.write_chunk(run_dir, part, chunk, table, arrays)
     return len(todo)
 
 
 def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSettings, *,
-               lr0: float, device, bar) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+               lr0: float, bar) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Attack one chunk's rows: its result rows and its arrays (traces, gallery images)."""
     engine_rows = pd.DataFrame({
         "row_id": rows["row_id"].to_numpy(np.int64),
@@ -232,10 +282,11 @@ def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSett
     gallery_ids = torch.from_numpy(kept)
     pieces, gallery = [], []
     stream = api.iter_attack_rows(
-        model, pool, engine_rows, lr0=float(lr0), max_iter=settings.max_iter, mode=settings.mode,
-        batch_size=settings.batch_size, device=device, dtype=torch.float32,
-        schedule_constants=constants, keep_images=len(gallery_ids) > 0,
+        model, pool, engine_rows, targeted=settings.mode == "targeted", lr0=float(lr0),
+        max_iter=settings.max_iter, batch_size=settings.batch_size,
         precision=settings.precision, refine_tolerance=settings.refine_tolerance,
+        certify=settings.certify, schedule_constants=constants,
+        keep_images=len(gallery_ids) > 0,
     )
     for piece in stream:
         if piece.borderline is not None:
@@ -267,7 +318,7 @@ def _run_chunk(model, pool, pool_index, rows: pd.DataFrame, settings: AttackSett
 def _result_table(rows: pd.DataFrame, result: AttackResult,
                   settings: AttackSettings) -> pd.DataFrame:
     frame = result.to_frame()
-    keys = rows[["row_id", "epoch", "schedule", "image_id", "source", "target"]]
+    keys = rows[["row_id", "model", "epoch", "schedule", "image_id", "source", "target"]]
     table = keys.merge(frame, on="row_id", how="left", validate="one_to_one")
     if table["status"].isna().any():
         raise RuntimeError("the engine returned no result for some rows of a chunk")
@@ -293,24 +344,27 @@ def _read_chunks(job: AttackJob, run_dir: str | os.PathLike[str]) -> tuple[list,
             continue
         main_tables.append(table)
         arrays = tables.read_chunk_arrays(run_dir, part, chunk)
-        epoch = int(table["epoch"].iloc[0])
-        traces.append((np.full(len(arrays["row_id"]), epoch), arrays["row_id"],
+        model, epoch = int(table["model"].iloc[0]), int(table["epoch"].iloc[0])
+        count = len(arrays["row_id"])
+        traces.append((np.full(count, model), np.full(count, epoch), arrays["row_id"],
                        arrays["lr"], arrays["loss"]))
         if "gallery_row_id" in arrays:
-            gallery.append((epoch, arrays["gallery_row_id"], arrays["gallery_original"],
-                            arrays["gallery_borderline"]))
+            gallery.append(((model, epoch), arrays["gallery_row_id"],
+                            arrays["gallery_original"], arrays["gallery_borderline"]))
     return main_tables, sweep_tables, traces, gallery
 
 
 def _write_gallery(run_dir: str | os.PathLike[str], results: pd.DataFrame,
                    gallery: list) -> Path:
     """``gallery.npz``: the gallery images of every epoch with their result rows' keys."""
-    keyed = results.set_index(["epoch", "row_id"])
-    epochs = np.concatenate([np.full(len(g[1]), g[0]) for g in gallery])
+    keyed = results.set_index(["model", "epoch", "row_id"])
+    models = np.concatenate([np.full(len(g[1]), g[0][0]) for g in gallery])
+    epochs = np.concatenate([np.full(len(g[1]), g[0][1]) for g in gallery])
     row_ids = np.concatenate([g[1] for g in gallery])
-    info = keyed.loc[list(zip(epochs.tolist(), row_ids.tolist(), strict=True))]
+    info = keyed.loc[list(zip(models.tolist(), epochs.tolist(), row_ids.tolist(), strict=True))]
     return tables.write_arrays(
         run_dir, "gallery",
+        model=models.astype(np.int64),
         epoch=epochs.astype(np.int64),
         row_id=row_ids.astype(np.int64),
         image_id=info["image_id"].to_numpy(str),
@@ -332,9 +386,11 @@ def _main_rows_in_sweep(job: AttackJob, results: pd.DataFrame) -> list[pd.DataFr
     if not (settings.sweep_per_class and settings.lr0 in settings.sweep_lr0):
         return []
     rows = job.rows
-    swept = rows[(rows["kind"] == "main") & (rows["epoch"] == settings.sweep_epoch)
+    first = settings.models[0]
+    swept = rows[(rows["kind"] == "main") & (rows["model"] == first)
+                 & (rows["epoch"] == settings.sweep_epoch)
                  & (rows["rank"] < settings.sweep_per_class)]
-    table = results[(results["epoch"] == settings.sweep_epoch)
+    table = results[(results["model"] == first) & (results["epoch"] == settings.sweep_epoch)
                     & results["row_id"].isin(swept["row_id"])]
     return [table.assign(lr0=settings.lr0)]
 
@@ -361,14 +417,15 @@ def merge(job: AttackJob, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     main_tables, sweep_tables, traces, gallery = _read_chunks(job, run_dir)
     written: dict[str, Path] = {}
     results = pd.concat(main_tables, ignore_index=True).sort_values(
-        ["epoch", "row_id"], kind="stable")[list(RESULT_COLUMNS)]
+        ["model", "epoch", "row_id"], kind="stable")[list(RESULT_COLUMNS)]
     written["results"] = tables.write_table(run_dir, "results", results)
     written["traces"] = tables.write_arrays(
         run_dir, "traces",
-        epoch=np.concatenate([t[0] for t in traces]).astype(np.int64),
-        row_id=np.concatenate([t[1] for t in traces]).astype(np.int64),
-        lr=np.concatenate([t[2] for t in traces]),
-        loss=np.concatenate([t[3] for t in traces]),
+        model=np.concatenate([t[0] for t in traces]).astype(np.int64),
+        epoch=np.concatenate([t[1] for t in traces]).astype(np.int64),
+        row_id=np.concatenate([t[2] for t in traces]).astype(np.int64),
+        lr=np.concatenate([t[3] for t in traces]),
+        loss=np.concatenate([t[4] for t in traces]),
     )
     if gallery:
         written["gallery"] = _write_gallery(run_dir, results, gallery)

@@ -19,8 +19,10 @@ import yaml
 from lib import io
 from lib.errors import RunFolderError
 from lib.run.chapters import present_notebook
+from lib.run.findings import PAGE, write_findings
 from lib.run.layout import (
     ANALYSIS_STAGE,
+    MARGINS_STAGE,
     REPO,
     STAGES,
     executed_notebook,
@@ -130,8 +132,8 @@ def prepare_book(profile: str, *, run_dir: str | Path | None = None,
                  book_root: Path = REPO) -> None:
     """Hand the profile's executed notebooks to the book (``<book_root>/book/executed/``).
 
-    Also writes the generated pages the chapters include (``parameters.md``,
-    ``bad_inputs.md``) and the vega
+    Also writes the page of conclusions (``findings.md``, :mod:`lib.run.findings`), the
+    generated pages the chapters include (``parameters.md``, ``bad_inputs.md``) and the vega
     scripts for offline charts (``<book_root>/_static/``). A stage the profile skipped gets a
     one-paragraph page that says so; a stage that should have run and did not is an error.
     ``run_dir`` replaces the profile's run folder (the tests build a book from a temporary run).
@@ -161,12 +163,14 @@ def prepare_book(profile: str, *, run_dir: str | Path | None = None,
         nbformat.write(present_notebook(nbformat.read(executed, as_version=4), stage), target)
         # the chapters link the stage's tables as downloads, relative to the notebook
         output = stage_dir(stage_run, stage)
-        tables = sorted(output.glob("*.csv")) if stage == ANALYSIS_STAGE else []
+        tables = sorted(output.glob("*.csv")) if stage in (ANALYSIS_STAGE, MARGINS_STAGE) else []
         if tables:
             shutil.rmtree(executed_dir / output.name, ignore_errors=True)
             (executed_dir / output.name).mkdir(parents=True)
             for table in tables:
                 shutil.copyfile(table, executed_dir / output.name / table.name)
+    write_findings(Path(run_dir or plan[ANALYSIS_STAGE].get("run_dir") or RuntimeSettings.run_dir),
+                   executed_dir / PAGE)
     io.write_text(executed_dir / "parameters.md", parameters_markdown())
     io.write_text(executed_dir / "bad_inputs.md", bad_inputs_markdown())
     write_vega_scripts(Path(book_root) / "_static")

@@ -107,7 +107,7 @@ def checkpoints_sentence(predictions: pd.DataFrame, attacked: Sequence[int]) -> 
     with).
 
     Args:
-        predictions: ``train/predictions.csv`` (epoch, image_id, label, predicted).
+        predictions: one model's ``predictions.csv`` (epoch, image_id, label, predicted).
         attacked: the attacked epochs.
     """
     trained = sorted(int(e) for e in predictions["epoch"].unique())

@@ -30,7 +30,9 @@ from lib.run import tables
 from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
+    BORDERLINE_STAGE,
     DATA_STAGE,
+    MARGINS_STAGE,
     MINIMALITY_STAGE,
     PREVIOUS_STAGE,
     TRAIN_STAGE,
@@ -131,9 +133,9 @@ def _check_attack_inputs(p: Mapping[str, Any]) -> None:
     from lib.run import attack_stage
 
     settings = stage_settings(ATTACK_STAGE, p)
-    job = attack_stage.plan_job(p["run_dir"], settings)  # epochs, selection
-    for epoch in job.settings.epochs:
-        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
+    job = attack_stage.plan_job(p["run_dir"], settings)  # models, epochs, selection
+    for model, epoch in job.chunks[["model", "epoch"]].drop_duplicates().itertuples(index=False):
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=model))
 
 
 def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
@@ -146,15 +148,35 @@ def _check_minimality_inputs(p: Mapping[str, Any]) -> None:
             f"{job_file}: the attack stage ran with mode {settings['mode']!r}; the minimality "
             "stage compares targeted attacks, so run 03_attack with -p mode targeted"
         )
-    attacked = list(settings["epochs"])
+    attacked, first = list(settings["epochs"]), settings["models"][0]
     missing = sorted(set(p["epochs"]) - set(attacked))
     if missing:
         raise ParameterError(
-            f"epochs {missing} were not attacked (the attack stage attacked {attacked}); "
-            "choose epochs among those, or [] for the last one"
+            f"epochs {missing} were not attacked (the attack stage attacked {attacked} of the "
+            f"first model, seed {first}); choose epochs among those, or [] for the last one"
         )
     for epoch in p["epochs"] or attacked[-1:]:
-        check_checkpoint(checkpoint_path(p["run_dir"], epoch))
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=first))
+
+
+def _check_borderline_inputs(p: Mapping[str, Any]) -> None:
+    from lib.model.checkpoints import check_checkpoint
+    from lib.run import borderline_stage
+
+    settings = stage_settings(BORDERLINE_STAGE, p)
+    start = borderline_stage.start_epoch(p["run_dir"], settings)  # trained?
+    check_checkpoint(checkpoint_path(p["run_dir"], start,
+                                     model=borderline_stage.clean_model(p["run_dir"])))
+    borderline_stage.pgd_radius(p["run_dir"], settings, epoch=start)  # attacked, if needed
+def _check_margins_inputs(p: Mapping[str, Any]) -> None:
+    from lib.model.checkpoints import check_checkpoint
+    from lib.run import margins_stage
+
+    results = margins_stage.rerun_model_rows(tables.read_results(p["run_dir"]))
+    settings = stage_settings(MARGINS_STAGE, p)
+    model = margins_stage.rerun_model(results)
+    for epoch in margins_stage.compared_epochs(results, settings):
+        check_checkpoint(checkpoint_path(p["run_dir"], epoch, model=model))
 
 
 #: The checks of each stage's files: the dataset, weights and checkpoints it will read.
@@ -164,6 +186,8 @@ INPUT_CHECKS = {
     ATTACK_STAGE: _check_attack_inputs,
     ANALYSIS_STAGE: lambda p: None,  # its inputs are the finished attack stage's tables
     MINIMALITY_STAGE: _check_minimality_inputs,
+    BORDERLINE_STAGE: _check_borderline_inputs,
+    MARGINS_STAGE: _check_margins_inputs,
 }
 
 

@@ -289,11 +289,13 @@ def train_stage(
     launch: ranks.Launch | None = None,
     progress: bool = True,
 ) -> pd.DataFrame | None:
-    """The training stage on this rank: :func:`lib.train.loop.fit`, which trains under
-    DistributedDataParallel when a process group with several ranks is initialised.
+    """The training stage on this rank: :func:`lib.train.loop.fit` for every seed, one model
+    after the other, each into its own folder; it trains under DistributedDataParallel when a
+    process group with several ranks is initialised.
 
     Returns:
-        ``metrics.csv`` as a DataFrame on rank 0 (None on the other ranks).
+        Every model's ``metrics.csv`` with the model column, on rank 0 (None on the other
+        ranks).
     """
     from lib.run import data_stage
     from lib.train.loop import fit
@@ -308,11 +310,16 @@ def train_stage(
     settings = stage_settings(TRAIN_STAGE, parameters)
     hyper = {name: getattr(settings, name) for name in (
         "epochs", "batch_size", "lr", "lr_decay", "momentum", "weight_decay", "augment",
-        "balance", "seed", "precision",
+        "balance", "precision",
     )}
     hyper["weights_path"] = settings.weights_path or None
-    return fit(splits["train"], splits["test"], out_dir=layout.train_dir(run_dir),
-               device=device, progress=progress, **hyper)
+    metrics = [fit(splits["train"], splits["test"], out_dir=layout.model_dir(run_dir, seed),
+                   seed=seed, device=device, progress=progress, **hyper)
+               for seed in settings.seeds]
+    if not launch.is_main:
+        return None
+    return pd.concat([m.assign(model=seed) for seed, m in zip(settings.seeds, metrics,
+                                                               strict=True)], ignore_index=True)
 
 
 # --------------------------------------------------------------------------- command line

@@ -9,12 +9,18 @@ below is spelt only here; other modules ask the functions of this module for pat
       run.lock                    who holds the folder (:mod:`lib.run.lock`)
       notebooks/<stage>.ipynb     executed notebooks
       data/                       dataset.json, frames.csv, counts.csv    (data_file)
-      train/                      epoch_NN.safetensors, optimizer_NN.safetensors,
+      train/seed_S/               one folder per trained model (its seed S):  (model_dir)
+                                  epoch_NN.safetensors, optimizer_NN.safetensors,
                                   <table>.csv, train_params.json          (checkpoint_file, ...)
       attack/                     job.json, selection.csv, results.csv, traces.npz, ...,
                                   chunks/<part>/chunk_NNNNN.{csv,npz}    (attack_file, chunk_files)
       analysis/                   the analysis tables                    (analysis_file)
       minimality/                 reference.csv, timings.csv, ratios.csv (minimality_file)
+      borderline/                 fmn_margins.csv, claims.csv, ...       (borderline_file)
+        arms/<arm>/               a training folder per arm: epoch_NN.safetensors, the training
+                                  tables, steps.csv, margins_NN.csv      (arm_dir,
+                                                                          train_margins_file)
+      margins/                    the margins stage's tables             (margins_file)
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ TRAIN_STAGE = "02_train"
 ATTACK_STAGE = "03_attack"
 ANALYSIS_STAGE = "04_analysis"
 MINIMALITY_STAGE = "05_minimality"
+BORDERLINE_STAGE = "06_borderline"
+MARGINS_STAGE = "07_margins"
 #: The run-folder subfolder each stage writes, which an overwrite clears.
 STAGE_OUTPUTS: dict[str, str] = {
     DATA_STAGE: "data",
@@ -41,16 +49,23 @@ STAGE_OUTPUTS: dict[str, str] = {
     ATTACK_STAGE: "attack",
     ANALYSIS_STAGE: "analysis",
     MINIMALITY_STAGE: "minimality",
+    BORDERLINE_STAGE: "borderline",
+    MARGINS_STAGE: "margins",
 }
 #: The stages in the order data flows through them.
 STAGES: tuple[str, ...] = tuple(STAGE_OUTPUTS)
-#: The stage whose finished run another stage needs; the minimality stage needs the attack
-#: stage's, not the analysis stage's.
+#: The stage whose finished run another stage needs; the minimality and margins stages need the
+#: attack stage's, not the analysis stage's (the margins stage also reads the minimality
+#: stage's reference attacks where that stage ran); the borderline-training stage needs a
+#: trained checkpoint (and reads the attack stage's margins only when it takes its PGD radius
+#: there).
 PREVIOUS_STAGE: dict[str, str] = {
     TRAIN_STAGE: DATA_STAGE,
     ATTACK_STAGE: TRAIN_STAGE,
     ANALYSIS_STAGE: ATTACK_STAGE,
     MINIMALITY_STAGE: ATTACK_STAGE,
+    BORDERLINE_STAGE: TRAIN_STAGE,
+    MARGINS_STAGE: ATTACK_STAGE,
 }
 
 #: The files of the data, attack and minimality stages, by kind.
@@ -65,6 +80,15 @@ ATTACK_FILES: dict[str, str] = {
 MINIMALITY_FILES: dict[str, str] = {
     "reference": "reference.csv", "timings": "timings.csv", "ratios": "ratios.csv",
 }
+BORDERLINE_FILES: dict[str, str] = {
+    "fmn_margins": "fmn_margins.csv", "fixed_epsilon": "fixed_epsilon.csv",
+    "gradients": "gradients.csv", "transfer": "transfer.csv", "held_out": "held_out.csv",
+    "attack_modes": "attack_modes.csv", "comparisons": "comparisons.csv",
+    "claims": "claims.csv", "arm_timings": "timings.csv",
+    "transfer_images": "transfer_images.npz",
+}
+#: The folder of the borderline-training stage's training folders (one per arm).
+ARM_DIR = "arms"
 #: The folder of the attack stage's finished chunks, inside ``attack/``.
 CHUNK_DIR = "chunks"
 
@@ -102,8 +126,29 @@ def data_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
 
 
 def train_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """The training stage's folder of a run folder."""
+    """The training stage's folder of a run folder (one subfolder per model)."""
     return stage_dir(run_dir, TRAIN_STAGE)
+
+
+#: The prefix of a model's folder inside ``train/``; a model is named by its seed.
+MODEL_PREFIX = "seed_"
+
+
+def model_dir(run_dir: str | os.PathLike[str], model: int) -> Path:
+    """The training folder of the model trained with seed ``model``."""
+    return train_dir(run_dir) / f"{MODEL_PREFIX}{int(model)}"
+
+
+def model_dirs(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
+    """The model folders present in ``train/``, by seed, smallest seed first."""
+    found = {}
+    folder = train_dir(run_dir)
+    if folder.is_dir():
+        for path in folder.glob(f"{MODEL_PREFIX}*"):
+            seed = path.name[len(MODEL_PREFIX):]
+            if path.is_dir() and seed.isdigit():
+                found[int(seed)] = path
+    return dict(sorted(found.items()))
 
 
 def checkpoint_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
@@ -111,9 +156,9 @@ def checkpoint_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
     return Path(train_folder) / f"epoch_{epoch:02d}.safetensors"
 
 
-def checkpoint_path(run_dir: str | os.PathLike[str], epoch: int) -> Path:
-    """The model after ``epoch`` in a run folder."""
-    return checkpoint_file(train_dir(run_dir), epoch)
+def checkpoint_path(run_dir: str | os.PathLike[str], epoch: int, *, model: int) -> Path:
+    """The model of seed ``model`` after ``epoch`` in a run folder."""
+    return checkpoint_file(model_dir(run_dir, model), epoch)
 
 
 def optimizer_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
@@ -161,6 +206,26 @@ def analysis_file(run_dir: str | os.PathLike[str], table: str) -> Path:
 def minimality_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
     """A file of the minimality stage by kind (see ``MINIMALITY_FILES``)."""
     return stage_dir(run_dir, MINIMALITY_STAGE) / _file_name(MINIMALITY_FILES, kind, "minimality")
+
+
+def margins_file(run_dir: str | os.PathLike[str], table: str) -> Path:
+    """A table of the margins stage (``<table>.csv``)."""
+    return stage_dir(run_dir, MARGINS_STAGE) / f"{table}.csv"
+
+
+def borderline_file(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    """A file of the borderline-training stage by kind (see ``BORDERLINE_FILES``)."""
+    return stage_dir(run_dir, BORDERLINE_STAGE) / _file_name(BORDERLINE_FILES, kind, "borderline")
+
+
+def arm_dir(run_dir: str | os.PathLike[str], arm: str) -> Path:
+    """The training folder of one arm of the borderline-training stage."""
+    return stage_dir(run_dir, BORDERLINE_STAGE) / ARM_DIR / arm
+
+
+def train_margins_file(train_folder: str | os.PathLike[str], epoch: int) -> Path:
+    """The training images' margins after ``epoch`` in a training folder (borderline arm)."""
+    return Path(train_folder) / f"margins_{epoch:02d}.csv"
 
 
 def _file_name(files: Mapping[str, str], kind: str, stage: str) -> str:

@@ -4,8 +4,9 @@ them, keep the tables).
 :class:`MinimalitySettings` holds the only defaults of the stage's parameters (those of the
 default build) and their only value checks.
 
-:func:`reference_tables` picks, for each compared checkpoint, the first (image, target) pairs of
-the attack stage's targeted results, runs every reference attack of
+:func:`reference_tables` picks, for each compared checkpoint, (image, target) pairs of the
+attack stage's targeted results that span every tool (:func:`spread_pairs`), runs every
+reference attack of
 :mod:`lib.attack.reference` on them with that checkpoint, and writes ``reference.csv`` and
 ``timings.csv`` into the stage's folder; a finished step is read back, never repeated.
 """
@@ -30,10 +31,10 @@ class MinimalitySettings:
     """The minimality stage's parameters (checked when made).
 
     Attributes:
-        epochs: checkpoints to compare; [] for the last attacked one. The default build
-            compares the first and the last.
-        n_pairs: (image, target) pairs per checkpoint: the first ones in the attack stage's
-            order.
+        epochs: checkpoints of the first attacked model to compare; [] for the last attacked
+            one. The default build compares the first and the last.
+        n_pairs: (image, target) pairs per checkpoint, taken in turn from every tool, its images
+            and targets (every image once before any twice; every tool a target too).
         steps: step budgets of every reference attack (100 matches the attack's max_iter; a
             1,000-step budget lowers the best known further at ten times the cost).
         attacks: reference attacks (lib.attack.reference).
@@ -70,13 +71,39 @@ class MinimalitySettings:
                 for name, value in asdict(self).items()}
 
 
+def spread_pairs(results: pd.DataFrame, n_pairs: int) -> pd.DataFrame:
+    """``n_pairs`` distinct (image, target) pairs of one checkpoint's targeted results, spread
+    over the tools, the images and the targets.
+
+    The pairs are dealt in rounds: every round takes one pair of every source tool that has one
+    left, tools in label order. Within a tool the attack stage's images take turns (every image
+    once before any image twice), and image ``r`` of a tool starts at target ``source + 1 + r``
+    (mod the number of classes, skipping the source), so the first rounds use every tool as a
+    source and as a target, and as many images as there are pairs to give.
+
+    Returns:
+        ``epoch, image_id, source, target``, ``n_pairs`` rows at most.
+    """
+    pairs = results.drop_duplicates(["image_id", "target"])
+    classes = int(max(pairs["source"].max(), pairs["target"].max())) + 1
+    rank = pairs.groupby("source", sort=False)["image_id"].transform(
+        lambda ids: pd.factorize(ids)[0])
+    turn = (pairs["target"] - pairs["source"]) % classes  # 1 .. classes - 1
+    order = pairs.assign(image_rank=rank, lap=(turn - 1 - rank) % (classes - 1))
+    order = order.sort_values(["source", "lap", "image_rank"], kind="stable")
+    order = order.assign(round=order.groupby("source").cumcount())
+    order = order.sort_values(["round", "source"], kind="stable").head(n_pairs)
+    return order[["epoch", "image_id", "source", "target"]].reset_index(drop=True)
+
+
 @dataclass(frozen=True)
 class ReferenceTables:
     """What the minimality stage compares: the checkpoints, our attacks, the references."""
 
     #: the attacked checkpoints compared (the ``epochs`` asked, or the last attacked one)
     epochs: list[int]
-    #: the attack stage's targeted results on those checkpoints (results.csv rows)
+    #: the attack stage's targeted results on those checkpoints of the first model
+    #: (results.csv rows)
     ours: pd.DataFrame
     #: one row per (pair, reference attack, budget), as
     #: :func:`~lib.attack.reference.run_reference_attacks` returns it without ``seconds`` (the
@@ -93,7 +120,8 @@ def reference_tables(
 ) -> ReferenceTables:
     """The minimality stage's reference step: pick the pairs, attack them, write the files.
 
-    For each checkpoint of ``settings.epochs`` (empty: the last attacked one) the first
+    The stage compares the first attacked model (the attack stage's first seed). For each of
+    its checkpoints of ``settings.epochs`` (empty: the last attacked one) the first
     ``settings.n_pairs`` distinct (image, target) pairs of the attack stage's targeted results
     are attacked by every reference attack at every budget of ``settings.steps``, on the test
     images of the run
@@ -105,7 +133,8 @@ def reference_tables(
     from lib.run.data_stage import load_run_split
 
     results = tables.read_results(run_dir)
-    targeted = results[results["mode"] == "targeted"]
+    first = int(tables.read_record(run_dir, "job")["settings"]["models"][0])
+    targeted = results[(results["mode"] == "targeted") & (results["model"] == first)]
     chosen = [int(e) for e in settings.epochs] or [int(targeted["epoch"].max())]
     ours = targeted[targeted["epoch"].isin(chosen)]
     found = tables.read_table(run_dir, "reference", missing_ok=True)
@@ -115,14 +144,13 @@ def reference_tables(
     position = {image_id: i for i, image_id in enumerate(test_set.index["image_id"])}
     parts = []
     for epoch in chosen:
-        pairs = (targeted[targeted["epoch"] == epoch]
-                 .drop_duplicates(["image_id", "target"])
-                 .head(settings.n_pairs)[["epoch", "image_id", "target"]]
-                 .reset_index(drop=True))
+        pairs = spread_pairs(targeted[targeted["epoch"] == epoch], settings.n_pairs)
         images = test_set.images[[position[i] for i in pairs["image_id"]]].float() / 255
-        model = load_checkpoint(layout.checkpoint_path(run_dir, epoch), map_location=device)
+        model = load_checkpoint(layout.checkpoint_path(run_dir, epoch, model=first),
+                                map_location=device)
         parts.append(run_reference_attacks(
-            model, images, torch.tensor(pairs["target"].to_numpy()), keys=pairs,
+            model, images, torch.tensor(pairs["target"].to_numpy()),
+            keys=pairs[["epoch", "image_id", "target"]],
             steps=list(settings.steps), attacks=list(settings.attacks), device=device,
             batch_size=settings.batch_size, seed=settings.seed, progress=progress,
         ))

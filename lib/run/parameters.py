@@ -32,16 +32,20 @@ from lib.analysis.settings import AnalysisSettings
 from lib.attack.plan import AttackSettings
 from lib.data.settings import DataSettings
 from lib.errors import ParameterError, first_line
+from lib.run.borderline_stage import BorderlineStageSettings
 from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
+    BORDERLINE_STAGE,
     DATA_STAGE,
+    MARGINS_STAGE,
     MINIMALITY_STAGE,
     REPO,
     STAGES,
     TRAIN_STAGE,
     check_stage,
 )
+from lib.run.margins_stage import MarginSettings
 from lib.run.minimality_stage import MinimalitySettings
 from lib.train.settings import TrainSettings
 
@@ -81,6 +85,8 @@ STAGE_SETTINGS: dict[str, type] = {
     ATTACK_STAGE: AttackSettings,
     ANALYSIS_STAGE: AnalysisSettings,
     MINIMALITY_STAGE: MinimalitySettings,
+    BORDERLINE_STAGE: BorderlineStageSettings,
+    MARGINS_STAGE: MarginSettings,
 }
 #: The runtime parameters each stage takes (a stage that trains or attacks needs a device).
 STAGE_RUNTIME: dict[str, tuple[str, ...]] = {
@@ -89,6 +95,8 @@ STAGE_RUNTIME: dict[str, tuple[str, ...]] = {
     ATTACK_STAGE: ("run_dir", "device", "progress", "overwrite"),
     ANALYSIS_STAGE: ("run_dir", "overwrite"),
     MINIMALITY_STAGE: ("run_dir", "device", "overwrite"),
+    BORDERLINE_STAGE: ("run_dir", "device", "progress", "overwrite"),
+    MARGINS_STAGE: ("run_dir", "device", "progress", "overwrite"),
 }
 #: Parameters that change how a stage runs but not what it computes: the runtime settings and
 #: the settings fields marked runtime (``workers``). They are neither recorded in the manifest
@@ -215,6 +223,13 @@ def _type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
+def _declared_type(stage: str, name: str) -> type:
+    """The type a parameter whose default is None takes otherwise (``float | None``: float)."""
+    declared = {f.name: str(f.type) for f in dataclasses.fields(STAGE_SETTINGS[stage])}
+    return next((kind for kind in (float, int, str) if kind.__name__ in declared.get(name, "")),
+                type(None))
+
+
 def check_parameter_types(stage: str, values: Mapping[str, Any]) -> None:
     """Raise ParameterError for a name the stage does not have or a value of the wrong type.
 
@@ -232,7 +247,7 @@ def check_parameter_types(stage: str, values: Mapping[str, Any]) -> None:
         default = defaults[name]
         if value is None and (name in optional or name in RUNTIME_PARAMETERS):
             continue
-        expected = type(default)
+        expected = type(default) if default is not None else _declared_type(stage, name)
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True

@@ -44,10 +44,12 @@ PATH_PARAMETERS = ("run_dir", "dataset_root", "cache_dir", "weights_path")
 #: Files of a run folder that are records of a run rather than results: the manifest holds
 #: start times, the lock file the process that last held the folder, the executed notebooks
 #: execution timestamps, ``data/dataset.json`` the absolute paths of the dataset and frame
-#: cache that were read, and ``minimality/timings.csv`` how long each reference attack took.
+#: cache that were read, and ``minimality/timings.csv`` and ``borderline/timings.csv`` how
+#: long each reference attack and each training arm took.
 NOT_RESULTS = tuple(path.as_posix() for path in (
     layout.manifest_file(""), layout.lock_file(""), layout.executed_notebook("", STAGES[0]).parent,
     layout.data_file("", "dataset"), layout.minimality_file("", "timings"),
+    layout.borderline_file("", "arm_timings"),
 ))
 
 

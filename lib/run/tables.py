@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from lib import io
+from lib.analysis.minimality_norms import NORM_COLUMNS
 from lib.attack.results import result_columns
 from lib.attack.selection import PREDICTION_COLUMNS, SELECTION_COLUMNS, SHORTFALL_COLUMNS
 from lib.data.frames import INDEX_COLUMNS
@@ -36,10 +37,14 @@ from lib.run import layout
 from lib.run.layout import (
     ANALYSIS_STAGE,
     ATTACK_STAGE,
+    BORDERLINE_STAGE,
     DATA_STAGE,
+    MARGINS_STAGE,
     MINIMALITY_STAGE,
     TRAIN_STAGE,
 )
+from lib.run.stage_columns import BORDERLINE_COLUMNS, MARGIN_COLUMNS
+from lib.train.borderline import STEP_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ class Table:
 
     Attributes:
         stage: the stage that writes it (its folder holds the file).
-        columns: column name -> dtype ("str", "int64", "float64" or "bool"), in file order.
+        columns: column name -> dtype ("str", "int64", "float64", "bool" or "Int64", an
+            integer that may be missing: an empty field), in file order.
         holds: what the table holds, for the message when it is missing.
     """
 
@@ -64,10 +70,14 @@ def typed(names: tuple[str, ...], dtypes: tuple[str, ...]) -> dict[str, str]:
     return dict(zip(names, dtypes, strict=True))
 
 
+#: The column naming the trained model (its seed) in every table that pools several models:
+#: the attack stage's tables and the run-wide views of the training tables.
+MODEL_COLUMN: dict[str, str] = {"model": "int64"}
+
 #: The keys of one attack in the attack stage's tables: which job row it is.
 ATTACK_KEYS: dict[str, str] = {
-    "epoch": "int64", "schedule": "str", "mode": "str", "row_id": "int64", "image_id": "str",
-    "source": "int64", "target": "int64",
+    **MODEL_COLUMN, "epoch": "int64", "schedule": "str", "mode": "str", "row_id": "int64",
+    "image_id": "str", "source": "int64", "target": "int64",
 }
 
 
@@ -89,16 +99,31 @@ SWEEP_COLUMNS: tuple[str, ...] = ("lr0", *RESULT_COLUMNS)
 #: The training stage's tables; ``metrics`` is written last in every epoch, so an epoch counts
 #: as finished once it has a metrics row.
 TRAIN_TABLES: tuple[str, ...] = ("losses", "per_class", "confusion", "predictions", "metrics")
-#: The analysis stage's tables, each the output of an aggregate of :mod:`lib.analysis.aggregates`,
-#: :mod:`lib.analysis.paired` or :mod:`lib.analysis.claims` (whose docstring gives its columns);
-#: the book offers them for download.
+#: The table a training run with an objective (:mod:`lib.train.borderline`) adds to its
+#: folder, one row per SGD step; the borderline arm also writes ``margins_NN.csv`` per epoch
+#: (:func:`read_margins`, :func:`write_margins`).
+OBJECTIVE_TABLES: tuple[str, ...] = ("steps",)
+#: The analysis stage's tables, each the output of a function of :mod:`lib.analysis.aggregates`,
+#: :mod:`lib.analysis.paired`, :mod:`lib.analysis.trends` or :mod:`lib.analysis.claim_table`
+#: (whose docstring gives its columns); the book offers them for download.
 ANALYSIS_TABLES: tuple[str, ...] = (
     "accuracy_f1", "success_rate", "mean_l1", "paired_l1", "iterations_lr", "paired_iterations",
     "class_pair_l1", "l1_histogram", "per_image_l1", "per_image_change", "refined_ranking",
-    "ranking_changes", "traces_summary", "lr0_sensitivity", "paper_claims", "skipped",
+    "ranking_changes", "traces_summary", "lr0_sensitivity", "paper_claims", "claims_lr0",
+    "skipped",
 )
 
 _TRAINING = "training predictions"
+#: The margins stage's tables: its own attacks (:mod:`lib.run.margins_stage`) and the outputs
+#: of :mod:`lib.analysis.margins`, :mod:`lib.analysis.pareto`, :mod:`lib.analysis.failures`
+#: and :mod:`lib.analysis.loss_comparison` (columns in :mod:`lib.run.stage_columns`).
+MARGIN_TABLES: dict[str, Table] = {
+    "untargeted": Table(MARGINS_STAGE, attack_result_columns(), "untargeted attacks"),
+    "margin_loss": Table(MARGINS_STAGE, {**attack_result_columns(), "outcome": "str"},
+                         "logit-margin reruns"),
+    **{name: Table(MARGINS_STAGE, columns, holds)
+       for name, (columns, holds) in MARGIN_COLUMNS.items()},
+}
 #: Every CSV table of the run folder but the analysis tables.
 TABLES: dict[str, Table] = {
     "frames": Table(DATA_STAGE, typed(INDEX_COLUMNS, ("str", "str", "str", "int64", "int64")),
@@ -117,45 +142,59 @@ TABLES: dict[str, Table] = {
     "metrics": Table(TRAIN_STAGE, {
         "epoch": "int64", "accuracy": "float64", "macro_f1": "float64", "train_loss": "float64",
         "test_loss": "float64"}, "training metrics"),
-    "margins": Table(TRAIN_STAGE, {"image": "int64", "margin": "float64", "epoch": "int64",
-                                   "step": "int64"}, "borderline margins of training images"),
-    "selection": Table(ATTACK_STAGE, typed(SELECTION_COLUMNS, ("int64", "str", "int64",
-                                                               "int64")), "attack selection"),
-    "shortfall": Table(ATTACK_STAGE, typed(SHORTFALL_COLUMNS, (
-        "int64", "int64", "str", "int64", "int64")), "attack shortfall"),
+    "steps": Table(BORDERLINE_STAGE, typed(STEP_COLUMNS, (
+        "int64", "int64", "int64", "float64", "int64", "int64", "int64", "float64", "int64",
+        "int64", "int64", "int64", "float64")), "passes per training step"),
+    "margins": Table(BORDERLINE_STAGE, {"image": "int64", "margin": "float64", "epoch": "int64",
+                                        "step": "int64"}, "borderline margins of training images"),
+    "selection": Table(ATTACK_STAGE, {**MODEL_COLUMN, **typed(SELECTION_COLUMNS, (
+        "int64", "str", "int64", "int64"))}, "attack selection"),
+    "shortfall": Table(ATTACK_STAGE, {**MODEL_COLUMN, **typed(SHORTFALL_COLUMNS, (
+        "int64", "int64", "str", "int64", "int64"))}, "attack shortfall"),
     "results": Table(ATTACK_STAGE, attack_result_columns(), "attack results"),
     "lr0_sweep": Table(ATTACK_STAGE, {"lr0": "float64", **attack_result_columns()},
                        "lr0 sweep"),
     "reference": Table(MINIMALITY_STAGE, {
         "epoch": "int64", "image_id": "str", "target": "int64", "attack": "str",
-        "steps": "int64", "success": "bool", "l1": "float64", "linf": "float64",
-        "changed_fraction": "float64"}, "reference attacks"),
+        "steps": "int64", "success": "bool", "l1": "float64", "l2": "float64",
+        "linf": "float64", "changed_fraction": "float64"}, "reference attacks"),
     "timings": Table(MINIMALITY_STAGE, {
         "epoch": "int64", "image_id": "str", "target": "int64", "attack": "str",
         "steps": "int64", "seconds": "float64"}, "reference attack timings"),
-    "ratios": Table(MINIMALITY_STAGE, {
-        "schedule": "str", "epoch": "int64", "pairs": "int64", "successful": "int64",
-        "median_ratio": "float64", "q25_ratio": "float64", "q75_ratio": "float64",
-        "pairs_opt": "int64", "success_rate": "float64", "optimality": "float64"},
-        "minimality ratios"),
+    "ratios": Table(MINIMALITY_STAGE, typed(NORM_COLUMNS, (
+        "str", "int64", "str", "int64", "int64", "int64", *["float64"] * 11, "bool")),
+        "minimality ratios per norm"),
+    **MARGIN_TABLES,
+    **{name: Table(BORDERLINE_STAGE, columns, holds)
+       for name, (columns, holds) in BORDERLINE_COLUMNS.items()},
 }
 #: The stage names the messages use.
 STAGE_WORDS = {DATA_STAGE: "data", TRAIN_STAGE: "training", ATTACK_STAGE: "attack",
-               ANALYSIS_STAGE: "analysis", MINIMALITY_STAGE: "minimality"}
+               ANALYSIS_STAGE: "analysis", MINIMALITY_STAGE: "minimality",
+               BORDERLINE_STAGE: "borderline-training", MARGINS_STAGE: "margins"}
 
 
 # --------------------------------------------------------------------------- CSV tables
 
 
 def table_path(run_dir: str | os.PathLike[str], name: str) -> Path:
-    """Where table ``name`` of :data:`TABLES` lives in ``run_dir``."""
+    """Where table ``name`` of :data:`TABLES` lives in ``run_dir`` (not for the tables of a
+    training folder, which :func:`read_train_table` and :func:`read_margins` read)."""
     stage = declared(name).stage
+    if name in (*OBJECTIVE_TABLES, "margins"):
+        raise ValueError(f"table {name!r} lives in a training folder; read it with "
+                         "read_train_table or read_margins")
     if stage == DATA_STAGE:
         return layout.data_file(run_dir, name)
     if stage == TRAIN_STAGE:
-        return layout.train_table(layout.train_dir(run_dir), name)
+        raise ValueError(f"{name!r} is a training table, one per model: read it with "
+                         "read_model_tables (every model) or read_train_table (one folder)")
     if stage == ATTACK_STAGE:
         return layout.attack_file(run_dir, name)
+    if stage == BORDERLINE_STAGE:
+        return layout.borderline_file(run_dir, name)
+    if stage == MARGINS_STAGE:
+        return layout.margins_file(run_dir, name)
     return layout.minimality_file(run_dir, name)
 
 
@@ -229,15 +268,48 @@ def read_sweep(run_dir: str | os.PathLike[str]) -> pd.DataFrame | None:
     return read_table(run_dir, "lr0_sweep", missing_ok=True)
 
 
+def read_model_tables(run_dir: str | os.PathLike[str], name: str) -> pd.DataFrame:
+    """Training table ``name`` of every trained model, one under the other, with the
+    :data:`MODEL_COLUMN` (the model's seed) first; smallest seed first.
+
+    Raises:
+        RunFolderError: no model folder of ``train/`` holds the table (run 02_train).
+    """
+    parts = []
+    for model, folder in layout.model_dirs(run_dir).items():
+        table = read_train_table(folder, name)
+        if table is not None:
+            parts.append(table.assign(model=model)[[*MODEL_COLUMN, *TABLES[name].columns]])
+    if not parts:
+        raise missing_table(layout.train_table(layout.model_dir(run_dir, 0), name), TABLES[name])
+    return pd.concat(parts, ignore_index=True).astype(MODEL_COLUMN)
+
+
 def read_predictions(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``train/predictions.csv`` (epoch, image_id, label, predicted); RunFolderError naming
-    02_train if absent."""
-    return read_table(run_dir, "predictions")
+    """Every model's ``predictions.csv`` (model, epoch, image_id, label, predicted);
+    RunFolderError naming 02_train if absent."""
+    return read_model_tables(run_dir, "predictions")
 
 
 def read_training_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``train/metrics.csv``; RunFolderError naming 02_train if absent."""
-    return read_table(run_dir, "metrics")
+    """Every model's ``metrics.csv``, with the model column; RunFolderError naming 02_train
+    if absent."""
+    return read_model_tables(run_dir, "metrics")
+
+
+def read_analysis_table(run_dir: str | os.PathLike[str], name: str, *,
+                        missing_ok: bool = False) -> pd.DataFrame | None:
+    """``analysis/<name>.csv`` (one of :data:`ANALYSIS_TABLES`), its types as pandas reads
+    them; RunFolderError naming 04_analysis if absent (None instead with ``missing_ok``)."""
+    path = layout.analysis_file(run_dir, name)
+    if name not in ANALYSIS_TABLES:
+        raise ValueError(f"the analysis stage writes no table {name!r}; its tables are "
+                         f"{', '.join(ANALYSIS_TABLES)}")
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise RunFolderError(f"{path} is missing; run the analysis stage ({ANALYSIS_STAGE})")
+    return pd.read_csv(path)
 
 
 def write_analysis_table(run_dir: str | os.PathLike[str], name: str,
@@ -251,23 +323,54 @@ def write_analysis_table(run_dir: str | os.PathLike[str], name: str,
     return path
 
 
+def claim_tables(run_dir: str | os.PathLike[str]) -> dict[tuple[str, str], pd.DataFrame]:
+    """Every claims table in the stages' folders of ``run_dir``: a CSV whose name contains
+    "claims" and which has the columns ``claim`` and ``verdict`` (the analysis stage's
+    ``paper_claims``, and those other stages add), keyed by (folder, table name)."""
+    found = {}
+    for stage in layout.STAGES:
+        for path in sorted(layout.stage_dir(run_dir, stage).glob("*claims*.csv")):
+            table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            if {"claim", "verdict"} <= set(table.columns):
+                found[(layout.STAGE_OUTPUTS[stage], path.stem)] = table
+    return found
+
+
 # --------------------------------------------------------------------------- training folders
 
 
+def _train_table_name(name: str) -> str:
+    if name not in (*TRAIN_TABLES, *OBJECTIVE_TABLES):
+        raise ValueError(f"training writes no table {name!r}; its tables are "
+                         f"{(*TRAIN_TABLES, *OBJECTIVE_TABLES)}")
+    return name
+
+
 def read_train_table(train_folder: str | os.PathLike[str], name: str) -> pd.DataFrame | None:
-    """A training table (:data:`TRAIN_TABLES`) of a training folder, or None when absent."""
-    if name not in TRAIN_TABLES:
-        raise ValueError(f"training writes no table {name!r}; its tables are {TRAIN_TABLES}")
-    path = layout.train_table(train_folder, name)
+    """A training table (:data:`TRAIN_TABLES`, :data:`OBJECTIVE_TABLES`) of a training
+    folder, or None when absent."""
+    path = layout.train_table(train_folder, _train_table_name(name))
     return read_csv(path, TABLES[name]) if path.is_file() else None
 
 
 def write_train_table(train_folder: str | os.PathLike[str], name: str,
                       frame: pd.DataFrame) -> None:
-    """Write a training table (:data:`TRAIN_TABLES`) into a training folder, atomically."""
-    if name not in TRAIN_TABLES:
-        raise ValueError(f"training writes no table {name!r}; its tables are {TRAIN_TABLES}")
-    write_csv(layout.train_table(train_folder, name), TABLES[name], frame)
+    """Write a training table (:data:`TRAIN_TABLES`, :data:`OBJECTIVE_TABLES`) into a
+    training folder, atomically."""
+    write_csv(layout.train_table(train_folder, _train_table_name(name)), TABLES[name], frame)
+
+
+def read_margins(train_folder: str | os.PathLike[str], epoch: int) -> pd.DataFrame | None:
+    """The borderline arm's margins of its training images after ``epoch`` (``margins_NN.csv``
+    of a training folder), or None when absent."""
+    path = layout.train_margins_file(train_folder, epoch)
+    return read_csv(path, TABLES["margins"]) if path.is_file() else None
+
+
+def write_margins(train_folder: str | os.PathLike[str], epoch: int,
+                  frame: pd.DataFrame) -> None:
+    """Write the margins of the training images after ``epoch`` into a training folder."""
+    write_csv(layout.train_margins_file(train_folder, epoch), TABLES["margins"], frame)
 
 
 def read_train_params(train_folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -328,16 +431,22 @@ def write_record(run_dir: str | os.PathLike[str], name: str, record: Any) -> Pat
 # --------------------------------------------------------------------------- arrays and chunks
 
 
+def _arrays_path(run_dir: str | os.PathLike[str], kind: str) -> Path:
+    if kind in layout.BORDERLINE_FILES:
+        return layout.borderline_file(run_dir, kind)
+    return layout.attack_file(run_dir, kind)
+
+
 def read_arrays(run_dir: str | os.PathLike[str], kind: str) -> dict[str, np.ndarray] | None:
-    """The arrays of the attack stage's ``kind`` file (``"traces"``, ``"gallery"``), or None
-    if absent."""
-    path = layout.attack_file(run_dir, kind)
+    """The arrays of the attack stage's ``kind`` file (``"traces"``, ``"gallery"``) or of the
+    borderline-training stage's (``"transfer_images"``), or None if absent."""
+    path = _arrays_path(run_dir, kind)
     return io.read_npz(path) if path.is_file() else None
 
 
 def write_arrays(run_dir: str | os.PathLike[str], kind: str, **arrays: np.ndarray) -> Path:
-    """Write the attack stage's ``kind`` arrays (``"traces"``, ``"gallery"``); their path."""
-    path = layout.attack_file(run_dir, kind)
+    """Write the arrays of ``kind`` (see :func:`read_arrays`); their path."""
+    path = _arrays_path(run_dir, kind)
     io.write_npz(path, **arrays)
     return path
 

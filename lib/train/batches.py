@@ -101,6 +101,15 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 
+def loss_weights(train_set: Dataset, balance: str,
+                 device: str | torch.device = "cpu") -> torch.Tensor | None:
+    """The training cross-entropy's class weights: :func:`class_weights` of the training
+    labels with ``balance="weights"``, None otherwise."""
+    if balance != "weights":
+        return None
+    return class_weights(dataset_labels(train_set, "train_set")).to(device)
+
+
 def stream_seed(seed: int, epoch: int, stream: str) -> int:
     """A 63-bit seed for one (seed, epoch, stream), independent across all three."""
     state = np.random.SeedSequence([seed, epoch, _STREAMS[stream]]).generate_state(2)

@@ -18,7 +18,7 @@ The arms:
 - ``"control"``: the clean cross-entropy, exactly the loop's own clean objective (same
   forward, same class weights), so control continues the clean run as it would have gone on.
 - ``"borderline"``: the batch's correctly classified images (all, or a drawn ``share``) are
-  attacked by the engine (:func:`lib.attack.attack_rows`) with a step-size ``schedule``
+  attacked by the engine (:func:`lib.attack.api.attack_rows`) with a step-size ``schedule``
   (default the paper's loss-adaptive), ``lr0`` and at most ``max_updates`` updates, toward the
   nearest boundary (untargeted, ``target="nearest"``) or toward a drawn other class
   (``target="random"``), and refined to the boundary (``refine_tolerance``). Each found image
@@ -79,6 +79,7 @@ from lib.model import precision as precision_lib
 from lib.model.network import frozen
 from lib.train.margins import MarginTable
 
+#: The arms: clean fine-tuning, training on borderline images, PGD adversarial training.
 ARMS: tuple[str, ...] = ("control", "borderline", "pgd")
 #: "nearest": untargeted, toward whichever boundary the attack reaches first; "random": toward
 #: a class drawn uniformly from the other classes.
@@ -120,7 +121,7 @@ class BorderlineSettings:
         pgd_step_size: the PGD step, > 0; None: ``2.5 * pgd_epsilon / pgd_steps``.
         seed: non-negative int; the root of every random draw.
         precision: forwards of the attacks and of the training loss: "float32" or "bfloat16"
-            (resolved; see :mod:`lib.precision`).
+            (resolved; see :mod:`lib.model.precision`).
     """
 
     arm: str = "borderline"
@@ -189,12 +190,10 @@ def check_settings(settings: BorderlineSettings) -> None:
 class Batch(NamedTuple):
     """One SGD step's input.
 
-    Attributes:
-        images: float [B, C, H, W] in [0, 1], on the model's device, in its dtype.
-        labels: int64 [B], the true classes.
-        index: int64 [B], the images' positions in the training set (keys of the margins).
-        epoch: 1-based epoch; step: 1-based step within the epoch. Together with the seed
-            they fix every random draw of the step.
+    ``images`` float [B, C, H, W] in [0, 1], on the model's device, in its dtype;
+    ``labels`` int64 [B], the true classes; ``index`` int64 [B], the images' positions in the
+    training set (keys of the margins); ``epoch`` 1-based epoch and ``step`` 1-based step
+    within the epoch: together with the seed they fix every random draw of the step.
     """
 
     images: Tensor
@@ -405,11 +404,9 @@ def borderline_images(model: nn.Module, images: Tensor, labels: Tensor, attacked
                          "source": sources.numpy(), "target": targets.numpy(),
                          "schedule": settings.schedule})
     result = engine.attack_rows(
-        model, images, rows, lr0=settings.lr0, max_iter=settings.max_updates,
-        mode="targeted" if settings.target == "random" else "untargeted",
-        batch_size=len(rows), device=images.device, dtype=images.dtype,
-        precision=settings.precision, refine_tolerance=settings.refine_tolerance,
-        keep_images=True,
+        model, images, rows, targeted=settings.target == "random", lr0=settings.lr0,
+        max_iter=settings.max_updates, batch_size=len(rows), precision=settings.precision,
+        refine_tolerance=settings.refine_tolerance, certify=False, keep_images=True,
     )  # fmt: skip
     margin = torch.where(result.success, result.refined_linf.double(), math.inf)
     return FoundImages(

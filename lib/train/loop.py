@@ -16,6 +16,13 @@
 - ``losses.csv`` (epoch, step, loss), the training loss of every SGD step,
 - ``train_params.json``, the parameters that define the run (for resuming safely).
 
+With an ``objective`` (:mod:`lib.train.borderline`: the control, borderline or PGD arm) each
+step's loss comes from the objective instead of the clean cross-entropy, and the folder also
+holds ``steps.csv`` (the passes of every step by kind, :data:`lib.train.borderline.STEP_COLUMNS`)
+and, for the borderline arm, ``margins_NN.csv`` (each training image's margin after epoch NN).
+A run may start from another run's checkpoint (``start_epoch``, ``start_checkpoint``): its
+epochs continue that run's numbering and learning-rate schedule.
+
 Every file is written atomically. Randomness is derived from ``(seed, epoch)`` through explicit
 generators (shuffling, sampler, augmentation) and a seeded fork of the global RNG (dropout), so
 on the CPU a run is reproducible bit for bit, and a run resumed after epoch k ends with the
@@ -41,26 +48,44 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lib import NUM_CLASSES
+from lib.checking import check_int
 from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 from lib.model.checkpoints import save_checkpoint
 from lib.model.network import check_image_size, resolve_device
 from lib.progress import message, progress_bar
 from lib.run import layout, ranks
-from lib.run.tables import TABLES, TRAIN_TABLES, write_train_table
+from lib.run.tables import (
+    OBJECTIVE_TABLES,
+    TABLES,
+    TRAIN_TABLES,
+    read_margins,
+    write_margins,
+    write_train_table,
+)
 from lib.train.batches import (
     augment_batch,
-    class_weights,
     dataset_fingerprint,
     dataset_image_size,
     dataset_labels,
     fork_kwargs,
+    loss_weights,
     rank_stream_seed,
     train_loader,
 )
+from lib.train.borderline import (
+    Batch,
+    BorderlineSettings,
+    IndexedImages,
+    Objective,
+    make_objective,
+)
 from lib.train.evaluation import evaluate
+from lib.train.margins import MarginTable
 from lib.train.resume import (
+    StartPoint,
     finished_epochs,
+    objective_record,
     prepare_run_folder,
     read_tables,
     resumable_epoch,
@@ -83,12 +108,15 @@ def fit(
     weight_decay: float = TrainSettings.weight_decay,
     augment: bool = TrainSettings.augment,
     balance: str = TrainSettings.balance,
-    seed: int = TrainSettings.seed,
+    seed: int = TrainSettings.seeds[0],
     device: str | torch.device = "cpu",
     weights_path: str | os.PathLike[str] | None = None,
     num_workers: int = TrainSettings.workers,
     precision: str = TrainSettings.precision,
     progress: bool = True,
+    objective: BorderlineSettings | None = None,
+    start_epoch: int = 0,
+    start_checkpoint: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame | None:
     """Train AlexNet with SGD; checkpoint and evaluate on the whole test split after every epoch.
 
@@ -120,7 +148,9 @@ def fit(
         balance: class balancing: "none", "weights" (cross-entropy weighted by inverse class
             frequency in the train split) or "sampler" (batches drawn with replacement, every
             class equally likely).
-        seed: non-negative integer; fixes initialisation, order, augmentation and dropout.
+        seed: non-negative integer; fixes initialisation, order, augmentation and dropout
+            (the training stage trains one model per seed of ``TrainSettings.seeds``, each
+            into its own folder).
         device: "cpu", "cuda" or "cuda:N"; only the CPU is bit-for-bit reproducible.
         weights_path: optional local ImageNet AlexNet weights (see
             :func:`lib.model.checkpoints.build_model`).
@@ -132,6 +162,17 @@ def fit(
             part of the run's identity (``train_params.json``); the same seed and precision
             give identical checkpoints on the CPU.
         progress: show a progress bar per epoch and evaluation (:mod:`lib.progress`).
+        objective: None trains on the clean cross-entropy (the training stage); else the
+            settings of a training arm (:class:`~lib.train.borderline.BorderlineSettings`),
+            whose objective gives each step's loss and passes. Its ``precision`` is replaced
+            by this run's; the class weights of ``balance="weights"`` are given to it. One
+            process only.
+        start_epoch: 0 starts from a fresh model; k >= 1 from ``start_checkpoint``, the model
+            after epoch k of another run: this run trains epochs k + 1 .. ``epochs`` at that
+            run's learning rates (``lr * lr_decay ** (epoch - 1)``), its SGD momentum starting
+            at zero. A missing checkpoint raises CheckpointError naming ``start_epoch``
+            before anything is written.
+        start_checkpoint: the start model's safetensors file (with ``start_epoch`` >= 1).
 
     Under DistributedDataParallel (a process group with K > 1 ranks is initialised, e.g. by
     ``lib.run.distributed``) the same loop runs on every rank: ``batch_size`` stays the global
@@ -143,18 +184,15 @@ def fit(
         ``metrics.csv`` as a DataFrame: one row per epoch 1..epochs (None on ranks other
         than 0).
     """
-    TrainSettings(  # checks every value
+    check_int(seed, "seed", low=0)
+    TrainSettings(  # checks every other value
         epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, momentum=momentum,
-        weight_decay=weight_decay, augment=augment, balance=balance, seed=seed,
+        weight_decay=weight_decay, augment=augment, balance=balance, seeds=(seed,),
         precision=precision, weights_path=str(weights_path or ""), workers=num_workers,
     )  # fmt: skip
     launch = ranks.current_launch()
-    if batch_size % launch.world_size:
-        raise ParameterError(
-            f"batch_size={batch_size} is not divisible by the {launch.world_size} processes; "
-            f"choose a multiple of {launch.world_size} (each process takes batch_size / "
-            f"{launch.world_size} images per step)"
-        )
+    start = _start_point(start_epoch, start_checkpoint, batch_size, launch,
+                         objective=objective, epochs=epochs)
     device = resolve_device(device)
     used = precision_lib.resolve(precision, device)
     out_dir = Path(out_dir)
@@ -162,43 +200,84 @@ def fit(
                              lr_decay=lr_decay, momentum=momentum,
                              weight_decay=weight_decay, augment=augment, balance=balance,
                              seed=seed, weights_path=weights_path, precision=used)
+    params |= start.record() | objective_record(objective)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks.collective_step(launch, "checking train/",
                           lambda: prepare_run_folder(out_dir, params), main_only=True)
-    finished = ranks.broadcast(launch, finished_epochs(out_dir) if launch.is_main else None)
+    finished = ranks.broadcast(launch, finished_epochs(out_dir, first=(first := start.first))
+                               if launch.is_main else None)
     if finished >= epochs:
-        return (read_tables(out_dir, up_to_epoch=epochs)["metrics"].reset_index(drop=True)
-                if launch.is_main else None)
-    done = ranks.broadcast(launch, resumable_epoch(out_dir, finished)
+        return (read_tables(out_dir, up_to_epoch=epochs, first=first)["metrics"]
+                .reset_index(drop=True) if launch.is_main else None)
+    done = ranks.broadcast(launch, resumable_epoch(out_dir, finished, first=first)
                            if launch.is_main else None)
-    tables = read_tables(out_dir, up_to_epoch=done) if launch.is_main else None
+    tables = (read_tables(out_dir, up_to_epoch=done, first=first,
+                          objective=objective is not None) if launch.is_main else None)
     model, optimizer = start_or_resume(
         out_dir, done=done, seed=seed, weights_path=weights_path, device=device,
-        lr=lr, momentum=momentum, weight_decay=weight_decay,
+        lr=lr, momentum=momentum, weight_decay=weight_decay, start=start,
     )  # fmt: skip
-    weights = (class_weights(dataset_labels(train_set, "train_set")).to(device)
-               if balance == "weights" else None)
+    weights = loss_weights(train_set, balance, device)
     criterion = nn.CrossEntropyLoss(weight=weights)
-    if done and progress and launch.is_main:
-        message(f"{out_dir}: epochs 1-{done} found, continuing from epoch {done + 1}")
-    epoch_plan = EpochPlan(train_set=train_set, seed=seed, batch_size=batch_size,
-                           balance=balance, augment=augment, num_workers=num_workers,
-                           epochs=epochs, progress=progress and launch.is_main,
-                           precision=used)
+    if done > start.epoch and progress and launch.is_main:
+        message(f"{out_dir}: epochs {first}-{done} found, continuing from epoch {done + 1}")
+    epoch_plan = EpochPlan(
+        train_set=train_set, seed=seed, batch_size=batch_size, balance=balance, augment=augment,
+        num_workers=num_workers, epochs=epochs, progress=progress and launch.is_main,
+        precision=used, objective=_step_objective(objective, out_dir, done=done, start=start,
+                                                  precision=used, class_weights=weights,
+                                                  num_images=len(train_set)),
+    )  # fmt: skip
     trained = _parallel(model, device, launch)
     for epoch in range(done + 1, epochs + 1):
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(lr, lr_decay, epoch)
-        step_losses = _gathered(launch, _train_epoch(
-            trained, optimizer, criterion, epoch_plan, epoch=epoch, device=device, launch=launch))
+        first_step = (epoch - 1) * math.ceil(len(train_set) / batch_size) + 1
+        steps = _train_epoch(trained, optimizer, criterion, epoch_plan, epoch=epoch,
+                             device=device, launch=launch, first_step=first_step)
         finish = functools.partial(
-            _finish_epoch, model, optimizer, test_set, tables, out_dir, step_losses, epoch=epoch,
-            batch_size=batch_size, device=device, progress=progress,
-            first_step=(epoch - 1) * math.ceil(len(train_set) / batch_size) + 1,
+            _finish_epoch, model, optimizer, test_set, tables, out_dir,
+            _gathered(launch, steps.losses), epoch=epoch, batch_size=batch_size,
+            device=device, progress=progress, first_step=first_step,
+            objective=epoch_plan.objective, step_rows=steps.rows,
         )  # fmt: skip
         ranks.collective_step(launch, f"saving and evaluating epoch {epoch}", finish,
                               main_only=True)
     return tables["metrics"].reset_index(drop=True) if launch.is_main else None
+
+
+def _start_point(start_epoch: int, start_checkpoint: str | os.PathLike[str] | None,
+                 batch_size: int, launch: ranks.Launch, *,
+                 objective: BorderlineSettings | None, epochs: int) -> StartPoint:
+    """The run's start point, after the checks that need it or the launch (nothing is
+    written before them)."""
+    if batch_size % launch.world_size:
+        raise ParameterError(
+            f"batch_size={batch_size} is not divisible by the {launch.world_size} processes; "
+            f"choose a multiple of {launch.world_size} (each process takes batch_size / "
+            f"{launch.world_size} images per step)"
+        )
+    if objective is not None and launch.distributed:
+        raise ParameterError(
+            "a training objective (the borderline-training arms) runs in one process; run it "
+            "without torchrun")
+    start = StartPoint(start_epoch, None if start_checkpoint is None else Path(start_checkpoint))
+    start.check(epochs=epochs)
+    return start
+
+
+def _step_objective(objective: BorderlineSettings | None, out_dir: Path, *, done: int,
+                    start: StartPoint, precision: str, num_images: int,
+                    class_weights: torch.Tensor | None) -> Objective | None:
+    """The objective that gives each step's loss, its margins restored after epoch ``done``."""
+    if objective is None:
+        return None
+    margins = read_margins(out_dir, done) if done > start.epoch else None
+    return make_objective(
+        dataclasses.replace(objective, precision=precision), num_images=num_images,
+        margins=None if margins is None else MarginTable.from_frame(margins),
+        class_weights=class_weights,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +293,16 @@ class EpochPlan:
     epochs: int
     progress: bool
     precision: str = "float32"  #: resolved: "float32" or "bfloat16"
+    objective: Objective | None = None  #: None: the clean cross-entropy (``batch_loss``)
+
+
+@dataclasses.dataclass
+class EpochSteps:
+    """What one epoch's steps leave: (loss, batch size) per step, and with an objective one
+    row of ``steps.csv`` per step."""
+
+    losses: list[tuple[float, int]]
+    rows: list[dict[str, Any]]
 
 
 def batch_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor,
@@ -233,7 +322,8 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     launch: ranks.Launch,
-) -> list[tuple[float, int]]:
+    first_step: int,
+) -> EpochSteps:
     """One pass of SGD over this rank's part of every batch; (loss, batch size) per step."""
     generator = (torch.Generator().manual_seed(rank_stream_seed(plan.seed, epoch, "augment",
                                                                  launch))
@@ -241,29 +331,36 @@ def _train_epoch(
     batches = _epoch_loader(plan, epoch, launch)
     bar = progress_bar(len(batches), desc=f"epoch {epoch}/{plan.epochs}", unit="batch",
                        enabled=plan.progress)
-    step_losses: list[tuple[float, int]] = []
+    steps = EpochSteps([], [])
     with torch.random.fork_rng(**fork_kwargs(device)), bar:
         torch.manual_seed(rank_stream_seed(plan.seed, epoch, "dropout", launch))
         model.train()
-        for images, labels in batches:
+        for step, (images, labels, *position) in enumerate(batches, start=1):
             if generator is not None:
                 images = augment_batch(images, generator=generator)
-            loss = batch_loss(model, criterion, images.to(device), labels.to(device),
-                              precision=plan.precision)
+            images, labels = images.to(device), labels.to(device)
+            if plan.objective is None:
+                loss = batch_loss(model, criterion, images, labels, precision=plan.precision)
+            else:
+                out = plan.objective(model, Batch(images, labels, position[0], epoch, step))
+                loss = out.loss
+                steps.rows.append(out.row(epoch=epoch, step=first_step + step - 1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             value = loss.item()
-            step_losses.append((value, len(labels)))
+            steps.losses.append((value, len(labels)))
             bar.update(postfix=f"loss={value:.4f}")
-    return step_losses
+    return steps
 
 
 def _epoch_loader(plan: EpochPlan, epoch: int, launch: ranks.Launch) -> DataLoader:
     """The epoch's batches in the order one process draws them from ``(seed, epoch)``; with K
     ranks, rank r takes the images r, r + K, ... of every batch."""
     labels = dataset_labels(plan.train_set, "train_set")
-    single = train_loader(plan.train_set, labels, epoch=epoch, seed=plan.seed,
+    # an objective keys its per-image state (the margins) by the image's position
+    dataset = plan.train_set if plan.objective is None else IndexedImages(plan.train_set)
+    single = train_loader(dataset, labels, epoch=epoch, seed=plan.seed,
                            batch_size=plan.batch_size, balance=plan.balance,
                            num_workers=plan.num_workers if not launch.distributed else 0)
     if not launch.distributed:
@@ -271,7 +368,7 @@ def _epoch_loader(plan: EpochPlan, epoch: int, launch: ranks.Launch) -> DataLoad
     from torch.utils.data import Subset
     from torch.utils.data.distributed import DistributedSampler
 
-    ordered = Subset(plan.train_set, list(single.sampler))
+    ordered = Subset(dataset, list(single.sampler))
     sampler = DistributedSampler(ordered, num_replicas=launch.world_size, rank=launch.rank,
                                  shuffle=False)
     return DataLoader(ordered, batch_size=plan.batch_size // launch.world_size, sampler=sampler)
@@ -305,14 +402,21 @@ def _gathered(launch: ranks.Launch,
 def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, test_set: Dataset,
                   tables: dict[str, pd.DataFrame | None], out_dir: Path,
                   step_losses: list[tuple[float, int]], *, epoch: int, batch_size: int,
-                  device: torch.device, first_step: int, progress: bool) -> None:
-    """The end of an epoch (rank 0): checkpoint, optimizer, evaluation, tables."""
+                  device: torch.device, first_step: int, progress: bool,
+                  objective: Objective | None = None,
+                  step_rows: list[dict[str, Any]] | None = None) -> None:
+    """The end of an epoch (rank 0): checkpoint, optimizer, margins, evaluation, tables."""
     save_checkpoint(model, layout.checkpoint_file(out_dir, epoch))
     save_optimizer(optimizer, layout.optimizer_file(out_dir, epoch))
+    margins = getattr(objective, "margins", None)  # the borderline arm's margin table
+    if margins is not None:
+        write_margins(out_dir, epoch, margins.to_frame())
     evaluation = evaluate(model, test_set, batch_size=batch_size, device=device, epoch=epoch,
                           progress=progress)
     evaluation["losses"] = _losses_table(step_losses, epoch=epoch, first_step=first_step)
     evaluation["metrics"]["train_loss"] = _mean_loss(step_losses)
+    if objective is not None:
+        evaluation["steps"] = pd.DataFrame(step_rows, columns=list(TABLES["steps"].columns))
     _append_tables(out_dir, tables, evaluation)
     # resuming needs only the newest optimizer state, and each is as large as a checkpoint
     layout.optimizer_file(out_dir, epoch - 1).unlink(missing_ok=True)
@@ -360,7 +464,9 @@ def _append_tables(
     out_dir: Path, tables: dict[str, pd.DataFrame | None], epoch_tables: dict[str, pd.DataFrame]
 ) -> None:
     """Add one epoch's rows to every table and rewrite the files, metrics.csv last."""
-    for name in TRAIN_TABLES:
+    for name in (*OBJECTIVE_TABLES, *TRAIN_TABLES):
+        if name not in epoch_tables:
+            continue
         columns = list(TABLES[name].columns)
         tables[name] = pd.concat([tables[name], epoch_tables[name][columns]])
         write_train_table(out_dir, name, tables[name])

@@ -51,7 +51,7 @@ class MarginTable:
         self.step[index] = step
 
     def to_frame(self) -> pd.DataFrame:
-        """The table as a DataFrame with :attr:`COLUMNS`, one row per training image."""
+        """The table as a DataFrame with ``COLUMNS``, one row per training image."""
         return pd.DataFrame({
             "image": np.arange(len(self)), "margin": self.margin.numpy(),
             "epoch": self.epoch.numpy(), "step": self.step.numpy(),

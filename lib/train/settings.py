@@ -15,9 +15,11 @@ from lib.checking import (
     check_bool,
     check_choice,
     check_int,
+    check_ints,
     check_number,
     check_positive,
 )
+from lib.errors import ParameterError
 from lib.model import precision as precision_lib
 
 #: How training sees the imbalanced classes: not at all, through a loss weighted by inverse
@@ -41,7 +43,9 @@ class TrainSettings:
         augment: random flip, crop and brightness/contrast jitter.
         balance: "none", "weights" (inverse-frequency loss) or "sampler" (balanced batches,
             which give a first checkpoint that classifies some images of every tool).
-        seed: fixes initialisation, order, augmentation and dropout.
+        seeds: one trained model per seed, each fixing its initialisation, order,
+            augmentation and dropout; the models differ only in it (replicates). Increasing;
+            the first model is the one every chapter shows in full; [0] trains one model.
         precision: training forwards: "float32", "bfloat16" (autocast, float32 weights) or
             "auto" (bfloat16 where the device computes it natively).
         weights_path: local ImageNet AlexNet weights to start from; "" trains from scratch.
@@ -56,12 +60,14 @@ class TrainSettings:
     weight_decay: float = 0.0005
     augment: bool = True
     balance: str = "sampler"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     precision: str = "auto"
     weights_path: str = ""
     workers: int = field(default=0, metadata=RUNTIME)
 
     def __post_init__(self) -> None:
+        # a list from a notebook or JSON becomes a tuple, so settings compare as values
+        object.__setattr__(self, "seeds", check_ints(self.seeds, "seeds", low=0))
         self.check()
 
     def check(self) -> None:
@@ -74,6 +80,10 @@ class TrainSettings:
         check_number(self.weight_decay, "weight_decay", low=0)
         check_bool(self.augment, "augment")
         check_choice(self.balance, BALANCE_MODES, "balance")
-        check_int(self.seed, "seed", low=0)
+        if not self.seeds:
+            raise ParameterError("seeds is empty; give at least one seed, e.g. [0]")
+        if list(self.seeds) != sorted(set(self.seeds)):
+            raise ParameterError(f"seeds must be increasing (each model its own seed), got "
+                                 f"{list(self.seeds)}; e.g. [0, 1, 2]")
         precision_lib.check(self.precision)
         check_int(self.workers, "workers", low=0)
