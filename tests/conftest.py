@@ -29,10 +29,29 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pipeline.run("tiny", overrides=tiny_overrides(root), progress=False)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--built-book", metavar="HTML_DIR", default=None,
+        help="check this already built book (its _build/html, e.g. of the default profile) "
+             "instead of building the tiny one, e.g. pytest tests/test_book_pages.py "
+             "--built-book _build/html")
+
+
 @pytest.fixture(scope="session")
-def built_book(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built_book(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The book built (warnings are errors, nitpicky) from the tiny run, in a temporary
-    folder with our book sources; returns its ``_build/html``."""
+    folder with our book sources; returns its ``_build/html``. With ``--built-book`` the
+    book found there instead."""
+    given = request.config.getoption("--built-book")
+    if given is not None:
+        html = Path(given).resolve()
+        if not (html / "book" / "index.html").is_file():
+            raise pytest.UsageError(
+                f"--built-book {given}: no book/index.html there; give the _build/html "
+                "folder that 'make book' wrote")
+        return html
+    tiny_run = request.getfixturevalue("tiny_run")
     root = tmp_path_factory.mktemp("book")
     for name in ("_config.yml", "_toc.yml"):
         shutil.copyfile(REPO / name, root / name)
