@@ -685,6 +685,23 @@ def _checkpoint_label(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(checkpoint="epoch " + table["epoch"].astype(str))
 
 
+def _interval_tooltips(column: str, title: str, format: str) -> list[alt.Tooltip]:
+    """Tooltips of an estimate in ``column`` and its 95 % interval (``column``_low/_high)."""
+    return [_tooltip(f"{column}:Q", title, format=format),
+            _tooltip(f"{column}_low:Q", "95 % low", format=format),
+            _tooltip(f"{column}_high:Q", "95 % high", format=format)]
+
+
+def _schedule_rows(table: pd.DataFrame, tooltips: list) -> alt.Chart:
+    """A chart of one row per schedule, the checkpoints side by side within it in their own
+    colours; its tooltip names the schedule and epoch, then ``tooltips``."""
+    return alt.Chart(table).encode(
+        y=alt.Y("schedule:N", sort=_schedules(table), title=None),
+        yOffset=alt.YOffset("checkpoint:N"),
+        color=alt.Color("checkpoint:N", title="checkpoint", legend=top_legend()),
+        tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"), *tooltips])
+
+
 def _by_norm(table: pd.DataFrame, panel) -> alt.TopLevelMixin:
     """One panel per norm of ``table`` (Linf, L2, L1 in this order), stacked, each with its own
     axis; a table without a ``norm`` column is one panel."""
@@ -707,17 +724,11 @@ def minimality_ratio_chart(ratios: pd.DataFrame) -> alt.TopLevelMixin:
     def panel(part: pd.DataFrame, norm: str) -> alt.LayerChart:
         table = _checkpoint_label(part)
         title = f"{norm} distance / best known (median, 95 % interval)".strip()
-        base = alt.Chart(table).encode(
-            y=alt.Y("schedule:N", sort=_schedules(table), title=None),
-            yOffset=alt.YOffset("checkpoint:N"),
-            color=alt.Color("checkpoint:N", title="checkpoint", legend=top_legend()),
-            tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
-                     _tooltip("successful", "successful pairs"),
-                     _tooltip("median_ratio:Q", "median ratio", format=".2f"),
-                     _tooltip("median_ratio_low:Q", "95 % low", format=".2f"),
-                     _tooltip("median_ratio_high:Q", "95 % high", format=".2f"),
-                     _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
-                     _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
+        base = _schedule_rows(table, [
+            _tooltip("successful", "successful pairs"),
+            *_interval_tooltips("median_ratio", "median ratio", ".2f"),
+            _tooltip("q25_ratio:Q", "first quartile", format=".2f"),
+            _tooltip("q75_ratio:Q", "third quartile", format=".2f")])
         low = float(table["median_ratio_low"].min()) if len(table) else 1.0
         high = float(table["median_ratio_high"].max()) if len(table) else 1.0
         if spans_a_decade(low, high):  # ratios from near 1 to far beyond: a log axis
@@ -749,17 +760,11 @@ def optimality_chart(optimality: pd.DataFrame) -> alt.TopLevelMixin:
         robust = part["optimality_robust"].astype(bool)
         table = _checkpoint_label(part).assign(shown=part["optimality"].where(robust))
         title = f"{norm} closeness (95 % interval); optimality as diamonds".strip()
-        base = alt.Chart(table).encode(
-            y=alt.Y("schedule:N", sort=_schedules(table), title=None),
-            yOffset=alt.YOffset("checkpoint:N"),
-            color=alt.Color("checkpoint:N", title="checkpoint", legend=top_legend()),
-            tooltip=[_tooltip("schedule", "schedule"), _tooltip("epoch", "epoch"),
-                     _tooltip("pairs", "pairs"),
-                     _tooltip("closeness:Q", "closeness", format=".3f"),
-                     _tooltip("closeness_low:Q", "95 % low", format=".3f"),
-                     _tooltip("closeness_high:Q", "95 % high", format=".3f"),
-                     _tooltip("optimality:Q", "optimality", format=".3f"),
-                     _tooltip("optimality_robust:N", "no single pair sets it")])
+        base = _schedule_rows(table, [
+            _tooltip("pairs", "pairs"),
+            *_interval_tooltips("closeness", "closeness", ".3f"),
+            _tooltip("optimality:Q", "optimality", format=".3f"),
+            _tooltip("optimality_robust:N", "no single pair sets it")])
         bars = base.mark_bar(opacity=0.6).encode(
             x=alt.X("closeness:Q", scale=alt.Scale(domain=[0, 1]), title=title))
         whiskers = base.mark_rule(color="black").encode(
