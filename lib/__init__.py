@@ -77,8 +77,9 @@ where a run folder keeps its files. There is no import cycle.
   - ``conclusions``: conclusions in words, written from the tables
   - ``arms``, ``arm_verdicts``: the borderline-training arms compared per test image, their
     guards and claims
-  - ``figures``: altair chart builders shared by the notebooks; ``margin_figures`` and
-    ``arm_figures``: those of the margins and borderline-training chapters
+  - ``figures``: the look every chart shares and the data and training charts;
+    ``attack_figures``, ``minimality_figures``, ``margin_figures`` and ``arm_figures``: the
+    charts of the attack, minimality, margins and borderline-training chapters
   - ``gallery``: the borderline images drawn as one picture that fits the text column
   - ``readable``: tables as the book shows them (headers in words, intervals in one cell)
   - ``settings``: the analysis stage's settings

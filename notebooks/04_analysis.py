@@ -45,7 +45,7 @@ import pandas as pd
 from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
-from lib.analysis import aggregates, figures, paired, readable, statistics, trends
+from lib.analysis import aggregates, attack_figures, figures, paired, readable, statistics, trends
 from lib.analysis.claim_table import (
     claims_conclusion,
     claims_over_lr0,
@@ -158,7 +158,7 @@ figures.per_model(figures.accuracy_f1_chart, accuracy)
 
 # %% mystnb={"figure": {"caption": "Share of attacks that reached their target class within the update budget, per step-size schedule and checkpoint, one panel per trained model, with 95 % intervals resampling images (the paper's Figure 2).", "name": "fig-success-rate"}} tags=["hide-input"]
 rates = save(aggregates.success_rates(results), "success_rate")
-figures.per_model(figures.success_rate_chart, rates)
+figures.per_model(attack_figures.success_rate_chart, rates)
 
 # %% [markdown]
 # The same rates per model and checkpoint (rows) and schedule (columns), each with its 95 %
@@ -185,7 +185,7 @@ readable.html(readable.interval_pivot(rates, value="success_rate", order=order,
 
 # %% mystnb={"figure": {"caption": "Mean L1 distance (grey levels of 1/255 per pixel value) between original and borderline images, successful attacks only, per schedule and checkpoint, one panel per trained model, with 95 % intervals resampling images (the paper's Figure 3).", "name": "fig-l1-distance"}} tags=["hide-input"]
 l1 = save(aggregates.mean_l1(results), "mean_l1")
-figures.per_model(figures.l1_chart, l1)
+figures.per_model(attack_figures.l1_chart, l1)
 
 # %% [markdown]
 # The same means (x 1/255) per model, checkpoint and schedule, each with its 95 % interval and
@@ -208,7 +208,7 @@ readable.html(readable.interval_pivot(l1, value="mean_l1_255", order=order, coun
 # %% mystnb={"figure": {"caption": "Mean paired difference of L1 (1/255) between each schedule and the reference schedule on the (image, target) pairs where both succeeded, with 95 % intervals resampling images, per checkpoint, one row of panels per trained model.", "name": "fig-paired-l1"}} tags=["hide-input"]
 paired_l1 = save(paired.paired_schedule_differences(results, reference=reference_schedule),
                  "paired_l1")
-figures.per_model(lambda part: figures.paired_difference_chart(
+figures.per_model(lambda part: attack_figures.paired_difference_chart(
     part, title=f"L1 minus {reference_schedule}'s L1 (x 1/255), paired"), paired_l1)
 
 # %% [markdown]
@@ -234,7 +234,7 @@ readable.html(readable.paired_table(paired_l1, unit="L1, x 1/255"))
 
 # %% mystnb={"figure": {"caption": "Mean number of iterations (left; failed attacks count the full budget) and mean step size (right, in 1/255) per schedule at the last attacked checkpoint, one row per trained model, with 95 % intervals resampling images (the paper's Figure 4).", "name": "fig-iterations-lr"}} tags=["hide-input"]
 effort = save(aggregates.iterations_and_lr(results), "iterations_lr")
-figures.per_model(figures.iterations_lr_chart, effort)
+figures.per_model(attack_figures.iterations_lr_chart, effort)
 
 # %% tags=["remove-input"]
 paired_iterations = paired.paired_schedule_differences(
@@ -261,7 +261,7 @@ readable.html(readable.paired_table(save(paired_iterations, "paired_iterations")
 
 # %% mystnb={"figure": {"caption": "Mean L1 (1/255) of successful attacks per source (rows) and target (columns) tool, one panel per checkpoint, with the number of attacks behind each cell; the selector chooses the schedule.", "name": "fig-class-pairs"}} tags=["hide-input"]
 pairs = save(aggregates.class_pair_l1(first), "class_pair_l1")
-figures.class_pair_chart(pairs)
+attack_figures.class_pair_chart(pairs)
 
 # %% [markdown]
 # ### What borderline images look like
@@ -295,7 +295,7 @@ else:
 
 # %% mystnb={"figure": {"caption": "Distribution of the L1 distance (1/255) of successful attacks at the last checkpoint, one row per schedule.", "name": "fig-l1-histogram"}} tags=["hide-input"]
 histogram = save(aggregates.l1_histogram(first, bins=histogram_bins), "l1_histogram")
-figures.l1_histogram_chart(histogram)
+attack_figures.l1_histogram_chart(histogram)
 
 # %% [markdown]
 # ### Robustness over training, image by image
@@ -318,7 +318,7 @@ if per_image.empty:
     display(Markdown("*No image was attacked, and attacked successfully, at every attacked "
                      "checkpoint: there is nothing to follow in this run.*"))
 else:
-    display(figures.per_model(lambda part: figures.per_image_chart(
+    display(figures.per_model(lambda part: attack_figures.per_image_chart(
         part, l1[l1["model"] == part["model"].iloc[0]]), per_image))
 
 # %% tags=["remove-input"]
@@ -360,7 +360,7 @@ else:
         + " The chart gives each schedule's mean L1 along the path (the first iterate past "
         "the boundary) and refined (at the boundary), successful attacks only, with 95 % "
         "intervals resampling images, one panel per checkpoint and one row per trained model:"))
-    display(figures.per_model(figures.refinement_chart, ranking))
+    display(figures.per_model(attack_figures.refinement_chart, ranking))
     display(Markdown("The schedules ordered by mean L1 at each checkpoint, smallest first, "
                      "along the path and refined:"))
     display(readable.html(readable.ranking_table(changes)))
@@ -384,7 +384,7 @@ else:
 # %% mystnb={"figure": {"caption": "Mean step size (1/255), mean target loss and number of attacks still running over the iterations, at the last checkpoint.", "name": "fig-traces"}} tags=["hide-input"]
 traces = tables.read_arrays(run_dir, "traces")
 trace_table = save(aggregates.trace_summary(traces, first), "traces_summary")
-figures.trace_chart(trace_table)
+attack_figures.trace_chart(trace_table)
 
 # %% [markdown]
 # ### Sensitivity to the initial step size
@@ -401,7 +401,7 @@ if sweep is None:
     print("the attack stage ran without an lr0 sweep (sweep_lr0 = [])")
 else:
     sensitivity = save(aggregates.lr0_sensitivity(sweep), "lr0_sensitivity")
-    display(figures.lr0_sensitivity_chart(sensitivity))
+    display(attack_figures.lr0_sensitivity_chart(sensitivity))
 
 # %% [markdown]
 # ## The paper's claims, checked

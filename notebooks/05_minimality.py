@@ -66,7 +66,7 @@ overwrite = False  # discard this stage's results (and those of every later stag
 # %% tags=["remove-input"]
 from myst_nb import glue
 
-from lib.analysis import figures, margins, minimality_norms
+from lib.analysis import margins, minimality_figures, minimality_norms
 from lib.analysis.readable import html
 from lib.run import minimality_stage, pipeline, tables
 from lib.run.layout import MINIMALITY_STAGE
@@ -127,10 +127,10 @@ html(shown.round(3)[["schedule", "epoch", "norm", "successful", "ratio", "closen
     "closeness": "closeness", "optimality": "optimality score (where no pair sets it)"}))
 
 # %% mystnb={"figure": {"caption": "Median ratio of each schedule's distance to the best-known minimal distance with its 95 % interval resampling images, per checkpoint and norm (Linf first), on the pairs the reference attacks were run on.", "name": "fig-minimality-ratio"}} tags=["hide-input"]
-figures.minimality_ratio_chart(intervals)
+minimality_figures.minimality_ratio_chart(intervals)
 
 # %% mystnb={"figure": {"caption": "Closeness of each schedule (mean of best-known / own distance, failures 0) with its 95 % interval resampling images, and AttackBench's optimality score where no single pair sets it (1: as small as the best known on every pair), per norm.", "name": "fig-minimality-optimality"}} tags=["hide-input"]
-figures.optimality_chart(intervals)
+minimality_figures.optimality_chart(intervals)
 
 # %% tags=["remove-input"]
 first_norm = intervals["norm"].iloc[0]

@@ -1,5 +1,5 @@
-"""Chart builders for the attack results (lib/analysis/figures.py), fed by the tables of
-lib/analysis/aggregates.py."""
+"""Chart builders (lib/analysis/figures.py, attack_figures.py, minimality_figures.py), fed
+by the tables of lib/analysis/aggregates.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.analysis import aggregates, figures, minimality_norms, paired, trends
+from lib.analysis import (
+    aggregates,
+    attack_figures,
+    figures,
+    minimality_figures,
+    minimality_norms,
+    paired,
+    trends,
+)
 from tests.chart_specs import colours_of, drawn
 from tests.test_metrics import (
     AGREEING,
@@ -29,12 +37,12 @@ def inline_rows(spec: dict) -> int:
 @pytest.mark.parametrize(
     ("build", "table"),
     [
-        (figures.success_rate_chart, lambda: aggregates.success_rates(RESULTS)),
-        (figures.l1_chart, lambda: aggregates.mean_l1(RESULTS)),
-        (figures.iterations_lr_chart, lambda: aggregates.iterations_and_lr(RESULTS)),
-        (figures.class_pair_chart, lambda: aggregates.class_pair_l1(RESULTS)),
-        (figures.l1_histogram_chart, lambda: aggregates.l1_histogram(RESULTS, bins=5)),
-        (figures.lr0_sensitivity_chart,
+        (attack_figures.success_rate_chart, lambda: aggregates.success_rates(RESULTS)),
+        (attack_figures.l1_chart, lambda: aggregates.mean_l1(RESULTS)),
+        (attack_figures.iterations_lr_chart, lambda: aggregates.iterations_and_lr(RESULTS)),
+        (attack_figures.class_pair_chart, lambda: aggregates.class_pair_l1(RESULTS)),
+        (attack_figures.l1_histogram_chart, lambda: aggregates.l1_histogram(RESULTS, bins=5)),
+        (attack_figures.lr0_sensitivity_chart,
          lambda: aggregates.lr0_sensitivity(RESULTS.assign(lr0=0.004))),
     ],
     ids=["success-rate", "l1", "iterations-lr", "class-pairs", "l1-histogram", "lr0"],
@@ -43,11 +51,11 @@ def test_charts_are_valid_and_carry_only_the_aggregated_rows(build, table) -> No
     data = table()
     spec = build(data).to_dict()  # validates against the Vega-Lite schema
     assert inline_rows(spec) == len(data)
-    assert len(data) < len(RESULTS) or build is figures.class_pair_chart
+    assert len(data) < len(RESULTS) or build is attack_figures.class_pair_chart
 
 
 def test_schedule_colours_follow_the_stage_order_and_the_palette() -> None:
-    spec = figures.success_rate_chart(aggregates.success_rates(RESULTS)).to_dict()
+    spec = attack_figures.success_rate_chart(aggregates.success_rates(RESULTS)).to_dict()
     scale = spec["layer"][0]["encoding"]["color"]["scale"]
     assert scale["domain"] == SCHEDULES
     assert scale["range"] == [figures.SCHEDULE_COLOURS[s] for s in SCHEDULES]
@@ -85,16 +93,16 @@ def layer_marks(spec: dict) -> list:
 @pytest.mark.parametrize(
     ("build", "table", "low", "high"),
     [
-        (figures.success_rate_chart, lambda: aggregates.success_rates(RESULTS),
+        (attack_figures.success_rate_chart, lambda: aggregates.success_rates(RESULTS),
          "success_rate_low", "success_rate_high"),
-        (figures.l1_chart, lambda: aggregates.mean_l1(RESULTS),
+        (attack_figures.l1_chart, lambda: aggregates.mean_l1(RESULTS),
          "mean_l1_255_low", "mean_l1_255_high"),
-        (figures.iterations_lr_chart, lambda: aggregates.iterations_and_lr(RESULTS),
+        (attack_figures.iterations_lr_chart, lambda: aggregates.iterations_and_lr(RESULTS),
          "mean_iterations_low", "mean_iterations_high"),
-        (figures.lr0_sensitivity_chart,
+        (attack_figures.lr0_sensitivity_chart,
          lambda: aggregates.lr0_sensitivity(RESULTS.assign(lr0=0.004)),
          "mean_l1_255_low", "mean_l1_255_high"),
-        (figures.paired_difference_chart,
+        (attack_figures.paired_difference_chart,
          lambda: paired.paired_schedule_differences(many_attacks(AGREEING)), "low", "high"),
     ],
     ids=["success-rate", "l1", "iterations-lr", "lr0", "paired"],
@@ -109,7 +117,7 @@ def test_charts_draw_their_intervals(build, table, low, high) -> None:
 
 
 def test_class_pair_chart_has_a_schedule_selector_and_one_panel_per_epoch() -> None:
-    spec = figures.class_pair_chart(aggregates.class_pair_l1(RESULTS)).to_dict()
+    spec = attack_figures.class_pair_chart(aggregates.class_pair_l1(RESULTS)).to_dict()
     (param,) = spec["params"]
     assert param["bind"]["options"] == SCHEDULES
     assert spec["facet"]["field"] == "epoch" and spec["columns"] == 2
@@ -126,7 +134,7 @@ def test_per_image_chart() -> None:
     results = many_attacks(AGREEING, images=3)
     per_image = trends.per_image_l1(results, selection_of(results, ["img0", "img2"]))
     means = aggregates.mean_l1(results)
-    spec = figures.per_image_chart(per_image, means).to_dict()
+    spec = attack_figures.per_image_chart(per_image, means).to_dict()
     assert spec["facet"]["field"] == "schedule" and spec["columns"] == 3
     assert inline_rows(spec) == len(per_image) + len(means)
     marks = layer_marks(spec)
@@ -139,7 +147,7 @@ def test_refinement_chart_draws_both_distances() -> None:
 
     refined = with_refinement(many_attacks(AGREEING), dict.fromkeys(SCHEDULES, 0.5))
     ranking = aggregates.refinement_ranking(refined)
-    spec = figures.refinement_chart(ranking).to_dict()
+    spec = attack_figures.refinement_chart(ranking).to_dict()
     (rows,) = spec["datasets"].values()
     assert len(rows) == 2 * len(ranking)
     assert {r["distance"] for r in rows} == {"path (first iterate past)",
@@ -156,12 +164,12 @@ def test_minimality_charts_draw_their_intervals() -> None:
     assert row["median_ratio"] == pytest.approx(1.0) and row["successful"] == 10
     assert row["optimality_low"] <= row["optimality"] <= row["optimality_high"]
     assert row["closeness_low"] <= row["closeness"] <= row["closeness_high"]
-    for build, low in ((figures.minimality_ratio_chart, "median_ratio_low"),
-                       (figures.optimality_chart, "closeness_low")):
+    for build, low in ((minimality_figures.minimality_ratio_chart, "median_ratio_low"),
+                       (minimality_figures.optimality_chart, "closeness_low")):
         marks = layer_marks(build(table).to_dict())
         assert any(fields.get("x") == low for mark, fields in marks if mark == "rule")
     # several norms: one panel each, Linf first
-    spec = figures.minimality_ratio_chart(pd.concat([table, table.assign(norm="linf")])
+    spec = minimality_figures.minimality_ratio_chart(pd.concat([table, table.assign(norm="linf")])
                                           ).to_dict()
     assert [panel["layer"][0]["encoding"]["x"]["title"] for panel in spec["vconcat"]] == [
         "Linf distance / best known (median, 95 % interval)",
@@ -172,7 +180,7 @@ def test_trace_chart() -> None:
     traces = {"model": np.array([0, 0]), "epoch": np.array([2, 2]), "row_id": np.array([0, 1]),
               "lr": np.full((2, 4), 0.004), "loss": np.ones((2, 4))}
     summary = aggregates.trace_summary(traces, RESULTS)
-    spec = figures.trace_chart(summary).to_dict()
+    spec = attack_figures.trace_chart(summary).to_dict()
     assert len(spec["vconcat"]) == 3 and inline_rows(spec) == len(summary) == 4
 
 
@@ -246,25 +254,25 @@ def _sample_charts() -> dict:
             aggregates.accuracy_f1_intervals(prediction_table({1: 50, 2: 80}))),
         "per-class-f1": figures.per_class_f1_chart(per_class),
         "confusion": figures.confusion_chart(confusion),
-        "success-rate": figures.success_rate_chart(aggregates.success_rates(results)),
-        "l1": figures.l1_chart(aggregates.mean_l1(results)),
-        "paired": figures.paired_difference_chart(
+        "success-rate": attack_figures.success_rate_chart(aggregates.success_rates(results)),
+        "l1": attack_figures.l1_chart(aggregates.mean_l1(results)),
+        "paired": attack_figures.paired_difference_chart(
             paired.paired_schedule_differences(results)),
-        "iterations-lr": figures.iterations_lr_chart(aggregates.iterations_and_lr(results)),
-        "class-pairs": figures.class_pair_chart(aggregates.class_pair_l1(
+        "iterations-lr": attack_figures.iterations_lr_chart(aggregates.iterations_and_lr(results)),
+        "class-pairs": attack_figures.class_pair_chart(aggregates.class_pair_l1(
             many_attacks(AGREEING, images=6, epochs=(1, 3, 4, 5)))),
-        "l1-histogram": figures.l1_histogram_chart(aggregates.l1_histogram(results, bins=5)),
-        "per-image": figures.per_image_chart(
+        "l1-histogram": attack_figures.l1_histogram_chart(aggregates.l1_histogram(results, bins=5)),
+        "per-image": attack_figures.per_image_chart(
             trends.per_image_l1(results, selection_of(results, ["img0", "img2"])),
             aggregates.mean_l1(results)),
-        "refinement": figures.refinement_chart(aggregates.refinement_ranking(
+        "refinement": attack_figures.refinement_chart(aggregates.refinement_ranking(
             with_refinement(many_attacks(AGREEING, epochs=(1, 3, 4, 5)),
                             dict.fromkeys(SCHEDULES, 0.5)))),
-        "traces": figures.trace_chart(aggregates.trace_summary(traces, RESULTS)),
-        "lr0": figures.lr0_sensitivity_chart(aggregates.lr0_sensitivity(sweep)),
-        "minimality-ratio": figures.minimality_ratio_chart(intervals),
-        "optimality": figures.optimality_chart(intervals),
-        "per-model": figures.per_model(figures.success_rate_chart,
+        "traces": attack_figures.trace_chart(aggregates.trace_summary(traces, RESULTS)),
+        "lr0": attack_figures.lr0_sensitivity_chart(aggregates.lr0_sensitivity(sweep)),
+        "minimality-ratio": minimality_figures.minimality_ratio_chart(intervals),
+        "optimality": minimality_figures.optimality_chart(intervals),
+        "per-model": figures.per_model(attack_figures.success_rate_chart,
                                        aggregates.success_rates(two_models)),
     }
 
@@ -310,7 +318,7 @@ def test_the_drawn_text_check_sees_a_column_name() -> None:
     ([1.02, 2.04, 4.08, 10.2], True), ([1.02, 2.04, 4.08], False), ([2.04], False)])
 def test_the_lr0_axis_is_logarithmic_only_over_a_factor_of_ten(values: list, log: bool) -> None:
 
-    x = figures._step_axis(pd.Series(values, name="lr0_255"), title="lr0").to_dict()
+    x = attack_figures._step_axis(pd.Series(values, name="lr0_255"), title="lr0").to_dict()
     assert (x["scale"].get("type") == "log") is log
     assert x["axis"]["values"] == sorted(values)  # ticks at the values tried, no others
 
@@ -323,7 +331,7 @@ def test_the_minimality_ratio_axis_is_logarithmic_only_over_a_decade(high: float
                            "successful": [5, 5], "median_ratio": [2.0, high / 2],
                            "median_ratio_low": [1.5, high / 3], "median_ratio_high": [2.5, high],
                            "q25_ratio": [1.8, high / 2.5], "q75_ratio": [2.2, high / 1.5]})
-    spec = figures.minimality_ratio_chart(ratios).to_dict()
+    spec = minimality_figures.minimality_ratio_chart(ratios).to_dict()
     x = spec["layer"][0]["encoding"]["x"]
     assert (x.get("scale", {}).get("type") == "log") is log
     if log:  # ticks at 1, 2, 5 x 10^k inside the domain: never crowded
@@ -336,11 +344,11 @@ def test_one_panel_per_trained_model() -> None:
 
     two = pd.concat([RESULTS, RESULTS.assign(model=1)], ignore_index=True)
     rates = aggregates.success_rates(two)
-    spec = figures.per_model(figures.success_rate_chart, rates).to_dict()
+    spec = figures.per_model(attack_figures.success_rate_chart, rates).to_dict()
     assert [panel["title"] for panel in spec["vconcat"]] == ["model of seed 0",
                                                            "model of seed 1"]
     assert inline_rows(spec) == len(rates)
     assert "config" in spec and all("config" not in panel for panel in spec["vconcat"])
     # one model: the chart itself
-    alone = figures.per_model(figures.success_rate_chart, aggregates.success_rates(RESULTS))
+    alone = figures.per_model(attack_figures.success_rate_chart, aggregates.success_rates(RESULTS))
     assert "vconcat" not in alone.to_dict()
