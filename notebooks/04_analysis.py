@@ -212,11 +212,11 @@ figures.per_model(lambda part: attack_figures.paired_difference_chart(
     part, title=f"L1 minus {reference_schedule}'s L1 (x 1/255), paired"), paired_l1)
 
 # %% [markdown]
-# The same differences in numbers: for each model, checkpoint and schedule, the reference it
-# is compared with, the images and the pairs where both succeeded, the mean difference of L1
-# (x 1/255) with its 95 % interval, and the p-value of the Wilcoxon signed-rank test of the
-# images' mean differences (a p-value below 0.0001 prints as such; "-" where every difference
-# is zero or there are too few images).
+# The same differences in numbers: for each model, checkpoint and schedule (the reference it
+# is compared with is named in the column's header), the images and the pairs where both
+# succeeded, the mean difference of L1 (x 1/255) with its 95 % interval, and the p-value of
+# the Wilcoxon signed-rank test of the images' mean differences (a p-value below 0.0001 prints
+# as such; "-" where every difference is zero or there are too few images).
 
 # %% tags=["remove-input"]
 readable.html(readable.paired_table(paired_l1, unit="L1, x 1/255"))

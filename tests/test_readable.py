@@ -22,13 +22,19 @@ def test_the_paired_table_puts_words_in_its_header_and_a_floor_under_its_p_value
     differences = paired.paired_schedule_differences(many_attacks(AGREEING, images=60))
     assert (differences["p_signed_rank"] < readable.P_FLOOR).any()  # the case being shown
     shown = readable.paired_table(differences, unit="L1, x 1/255")
-    assert list(shown.columns) == ["model", "epoch", "schedule", "minus", "images", "pairs",
-                                   "mean difference (L1, x 1/255)", "95 % interval",
-                                   "signed-rank p"]
-    assert "< 0.0001" in set(shown["signed-rank p"])
+    assert list(shown.columns) == ["model", "epoch", "schedule (minus constant)",
+                                   "images / pairs", "mean difference (L1, x 1/255)",
+                                   "95 % interval", "signed-rank p"]
     first = differences.iloc[0]
+    assert shown["images / pairs"].iloc[0] == f"{first['images']} / {first['pairs']}"
+    assert "< 0.0001" in set(shown["signed-rank p"])
     assert shown["95 % interval"].iloc[0] == f"[{first['low']:.3g},\u00a0{first['high']:.3g}]"
     assert not any("_" in column for column in shown.columns)
+    mixed = readable.paired_table(differences.assign(reference=["constant", "step"]
+                                                     * (len(differences) // 2)
+                                                     + ["constant"] * (len(differences) % 2)),
+                                  unit="L1, x 1/255")
+    assert list(mixed.columns)[2:4] == ["schedule", "minus"]
 
 
 def test_the_ranking_table_shows_every_order_in_full() -> None:

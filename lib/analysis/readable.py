@@ -54,21 +54,29 @@ def interval_text(estimate: float, low: float, high: float, *, digits: int = 3) 
 def paired_table(differences: pd.DataFrame, *, unit: str) -> pd.DataFrame:
     """Paired differences against the reference schedule, one row per epoch and schedule.
 
+    Seven columns, so that the table fits the book's text column: the reference schedule is
+    named in the schedule column's header when every row has the same one (a ``minus``
+    column otherwise), and images and pairs share a column.
+
     Args:
         differences: :func:`lib.analysis.paired.paired_schedule_differences`.
         unit: what the difference measures, e.g. ``"L1, x 1/255"`` or ``"iterations"``.
 
     Returns:
-        ``model, epoch, schedule, minus, images, pairs, mean difference (<unit>), 95 %
-        interval, signed-rank p`` (the signed-rank test of the images' mean differences).
+        ``model, epoch, schedule (minus <reference>), images / pairs, mean difference
+        (<unit>), 95 % interval, signed-rank p`` (the signed-rank test of the images' mean
+        differences).
     """
+    references = list(dict.fromkeys(differences["reference"]))
+    if len(references) == 1:
+        compared = {f"schedule (minus {references[0]})": differences["schedule"]}
+    else:
+        compared = {"schedule": differences["schedule"], "minus": differences["reference"]}
     return pd.DataFrame({
         "model": differences["model"],
         "epoch": differences["epoch"],
-        "schedule": differences["schedule"],
-        "minus": differences["reference"],
-        "images": differences["images"],
-        "pairs": differences["pairs"],
+        **compared,
+        "images / pairs": [f"{r.images} / {r.pairs}" for r in differences.itertuples()],
         f"mean difference ({unit})": differences["mean_difference"].map(number_text),
         "95 % interval": [bounds_text(r.low, r.high) for r in differences.itertuples()],
         "signed-rank p": differences["p_signed_rank"].map(p_value_text),
