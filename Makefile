@@ -3,7 +3,8 @@
 #   make test   set up, run every test
 #   make check  lint and every test that does not run a whole pipeline (a few minutes)
 # Other targets: make stage STAGE=02_train [PARAMS="-p epochs 3"], make nbval, make bench,
-# make bench-quick, make bench-memory, make bench-decode, make gpu-check, make clean.
+# make bench-quick, make bench-memory, make bench-decode, make bench-rate, make gpu-check,
+# make clean.
 
 PYTHON ?= python3.11
 PROFILE ?= default
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: setup book stages stage nbval test check browser bench bench-quick bench-memory bench-decode \
-	gpu-check lint clean
+	bench-rate gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -74,6 +75,11 @@ bench-memory: $(STAMP)
 # The data stage's decoding rate at 854 x 480 and the Cholec80 decode time derived from it.
 bench-decode: $(STAMP)
 	$(PY) benchmarks/bench_decode.py
+
+# The machine's rate (AlexNet float32 forward + backward to the input, 64 px, batch 128): the
+# yardstick of the build times in the reproduce chapter.
+bench-rate: $(STAMP)
+	$(PY) benchmarks/bench_rate.py
 
 # The GPU check (CUDA when present, else tiny sizes on the CPU). On a bare GPU machine with only
 # torch and torchvision installed: python benchmarks/gpu_check.py
