@@ -141,9 +141,9 @@ def test_claims_failures_minimality_and_limitations() -> None:
             "input gradient is exactly 0 in every value") in text
     ratios = pd.DataFrame({"epoch": 5, "norm": ["linf", "linf", "l1", "l1"],
                            "schedule": ["a", "b", "a", "b"], "pairs": 30,
-                           "median_ratio": [1.2, 1.5, 17.0, 27.0]})
+                           "median_ratio": [1.12, 1.14, 17.0, 27.0]})
     text = cc.minimality_paragraph(ratios, {"linf": {"outcome": "agrees"}})
-    assert "Linf 1.2 to 1.5 times the best known (loss-adaptive closest: agrees)" in text
+    assert "Linf 1.12 to 1.14 times the best known (loss-adaptive closest: agrees)" in text
     assert "L1 17 to 27 times the best known (loss-adaptive closest: inconclusive)" in text
     assert text.endswith("They come closest to minimal in Linf (the geometry of a sign step).")
     text = cc.minimality_paragraph(ratios.assign(median_ratio=[3.0, 4.0, 1.5, 2.0]), {})
@@ -184,7 +184,8 @@ def test_the_findings_page_is_written_from_the_run_folder(tmp_path) -> None:
            " factor is 0.6 [0.4, 0.9] (shrinks" in page
     assert "Linf: **agrees**" in page
     assert "Of 2 claims checked in the results chapter" in page
-    assert "Of 1 claim checked in `" in page and "borderline_claims.csv`: 0 agree" in page
+    assert ("Of 1 claim checked in {doc}`06_borderline` (`borderline/borderline_claims.csv`): "
+            "0 agree") in page
     assert "The minimality stage did not run per norm" in page
     assert "One trained model" in page and "synthetic dataset" in page
     assert "Stages run: 01_data, 07_margins." in page

@@ -165,7 +165,8 @@ def arm_claims(comparisons: pd.DataFrame, accuracy: statistics.Interval, *,
                            comparisons, "borderline", "control", "linf")
     cost = statistics.Interval(-100 * accuracy.estimate, -100 * accuracy.high,
                                -100 * accuracy.low, accuracy.n)
-    costs = {"claim": f"at a clean-accuracy cost of at most {accuracy_cost:g} points",
+    costs = {"claim": f"borderline training costs at most {accuracy_cost:g} points of clean "
+             "accuracy",
              "quantity": "accuracy(control) - accuracy(borderline), percentage points, whole "
              "test split (paired by image)", "estimate": cost.estimate, "low": cost.low,
              "high": cost.high, "n": cost.n, "counted": "test images",
@@ -178,8 +179,8 @@ def arm_claims(comparisons: pd.DataFrame, accuracy: statistics.Interval, *,
     if pgd_mismatch > tolerance:
         versus["verdict"] = statistics.INCONCLUSIVE
         versus["detail"] += f", more than {tolerance:.0%}: not at equal cost"
-    holds = _change_claim("the gain holds in L2 too", comparisons, "borderline", "control",
-                          "l2")
+    holds = _change_claim("borderline training widens the median L2 margin over control too",
+                          comparisons, "borderline", "control", "l2")
     return pd.DataFrame([widens, costs, versus, holds], columns=list(CLAIM_COLUMNS))
 
 
@@ -201,7 +202,7 @@ def findings(claims: pd.DataFrame, comparisons: pd.DataFrame, guards: pd.DataFra
     said = [VERDICT_WORDS[verdict] for verdict in claims["verdict"]]
     cost = claims.iloc[1]
     failed = guards[~guards["passed"].astype(bool)]
-    allowed = cost["claim"].removeprefix("at a clean-accuracy cost of ")
+    allowed = cost["claim"].removeprefix("borderline training costs ")
     return {
         "linf": (f"Against the control arm, borderline training changed the median test "
                  f"image's Linf margin {_factor(comparisons, 'borderline', 'control', 'linf')}: "

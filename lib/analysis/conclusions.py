@@ -240,8 +240,8 @@ def minimality_paragraph(ratios: pd.DataFrame | None, verdicts: dict[str, dict[s
     for norm in [n for n in NORMS if n in set(last["norm"])]:
         part = last[last["norm"] == norm]
         verdict = verdicts.get(norm, {}).get("outcome", statistics.INCONCLUSIVE)
-        parts.append(f"{NORM_NAMES[norm]} {part['median_ratio'].min():.2g} to "
-                     f"{part['median_ratio'].max():.2g} times the best known (loss-adaptive "
+        parts.append(f"{NORM_NAMES[norm]} {part['median_ratio'].min():.3g} to "
+                     f"{part['median_ratio'].max():.3g} times the best known (loss-adaptive "
                      f"closest: {verdict})")
     pairs = int(last["pairs"].max())
     closest = last.loc[last["median_ratio"].idxmin(), "norm"]

@@ -69,7 +69,9 @@ def _other_claims(run_dir: str | os.PathLike[str]) -> list[str]:
     sections above state)."""
     found = {key: table for key, table in tables.claim_tables(run_dir).items()
              if key[0] != layout.STAGE_OUTPUTS[layout.ANALYSIS_STAGE]}
-    return [conclusions.claims_paragraph(table, source=f"`{folder}/{name}.csv`")
+    stage_of = {folder: stage for stage, folder in layout.STAGE_OUTPUTS.items()}
+    return [conclusions.claims_paragraph(
+                table, source=f"{{doc}}`{stage_of[folder]}` (`{folder}/{name}.csv`)")
             for (folder, name), table in sorted(found.items())]
 
 
