@@ -130,7 +130,8 @@ def field_tooltip(field: str, title: str, *, format: str | None = None) -> alt.T
 
 
 def interval_tooltips(column: str, title: str, format: str) -> list[alt.Tooltip]:
-    """Tooltips of an estimate in ``column`` and its 95 % interval (``column``_low/_high)."""
+    """Tooltips of an estimate in ``column`` and its 95 % interval (the columns
+    ``<column>_low`` and ``<column>_high``)."""
     return [field_tooltip(f"{column}:Q", title, format=format),
             field_tooltip(f"{column}_low:Q", "95 % low", format=format),
             field_tooltip(f"{column}_high:Q", "95 % high", format=format)]
