@@ -170,4 +170,5 @@ def test_every_guard_of_every_model_is_a_row_and_a_masked_gradient_fails() -> No
     assert "1 of 26 guard checks failed (borderline: gradient not vanishing)" in sentences["guards"]
     assert "by a factor 1.00" in sentences["linf"]
     assert "widens the margin is contradicted (verdict: disagrees)" in sentences["linf"]
-    assert "costs at most 2 points of clean accuracy holds (verdict: agrees)" in sentences["accuracy"]
+    assert ("costs at most 2 points of clean accuracy holds (verdict: agrees)"
+            in sentences["accuracy"])

@@ -202,7 +202,6 @@ def findings(claims: pd.DataFrame, comparisons: pd.DataFrame, guards: pd.DataFra
     said = [VERDICT_WORDS[verdict] for verdict in claims["verdict"]]
     cost = claims.iloc[1]
     failed = guards[~guards["passed"].astype(bool)]
-    allowed = cost["claim"].removeprefix("borderline training costs ")
     return {
         "linf": (f"Against the control arm, borderline training changed the median test "
                  f"image's Linf margin {_factor(comparisons, 'borderline', 'control', 'linf')}: "
@@ -211,7 +210,7 @@ def findings(claims: pd.DataFrame, comparisons: pd.DataFrame, guards: pd.DataFra
                f"; the claim that the gain holds in L2 {said[3]}."),
         "accuracy": (f"Clean accuracy on the whole test split fell by {cost['estimate']:.1f} "
                      f"points (95 % interval {cost['low']:.1f} to {cost['high']:.1f}); the "
-                     f"claim that it costs {allowed} {said[1]}."),
+                     f"claim that {cost['claim']} {said[1]}."),
         "pgd": (f"Against PGD training, whose passes per image differ by {pgd_mismatch:.0%}, "
                 f"the borderline arm's Linf margins differ "
                 f"{_factor(comparisons, 'borderline', 'pgd', 'linf')}; the claim that borderline "
