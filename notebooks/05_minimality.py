@@ -47,15 +47,15 @@
 # The attack stage (03_attack) has written `attack/results.csv`. The reference attacks are far
 # more expensive than ours (hundreds of steps each, no early stop), so a build runs them on a
 # few pairs of the chosen checkpoints of the first trained model (the parameters of this build,
-# below, say how many; the default build takes 30 pairs of the first and of the last attacked
-# checkpoint, with the budget of our own attacks); raise `n_pairs` and `steps` for a firmer
-# answer. The pairs come six to an image (its targets), so the intervals below resample
+# below, say how many; the default build takes 21 pairs, 3 per tool, of the first and of the
+# last attacked checkpoint, with the budget of our own attacks); raise `n_pairs` and `steps`
+# for a firmer answer. The pairs come six to an image (its targets), so the intervals below resample
 # images, not pairs.
 
 # %% tags=["parameters"]
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
 epochs = [1, 5]  # checkpoints of the first attacked model to compare; [] for the last attacked one
-n_pairs = 30  # (image, target) pairs per checkpoint, taken in turn from every tool, its images and targets (every image once before any twice; every tool a target too)
+n_pairs = 21  # (image, target) pairs per checkpoint, taken in turn from every tool, its images and targets (every image once before any twice; every tool a target too)
 steps = [100]  # step budgets of every reference attack (100 matches the attack's max_iter; a 1,000-step budget lowers the best known further at ten times the cost)
 attacks = ["fmn_l1", "alma_l1", "pdpgd_l1", "fmn_l2", "fmn_linf"]  # reference attacks (lib.attack.reference)
 batch_size = 64  # pairs per reference-attack batch

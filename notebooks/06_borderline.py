@@ -49,7 +49,7 @@
 # The training stage (02_train) has written its checkpoints; the arms continue its first model
 # (the smallest seed). Unless `pgd_epsilon` is given, the attack stage (03_attack) has attacked
 # the start checkpoint: the PGD arm's radius is the median of its images' Linf margins there. The defaults fit a small budget: one epoch per arm
-# on 1,024 of the training images, 35 measured test images, FMN with 40 steps (the default
+# on 512 of the training images, 35 measured test images, FMN with 40 steps (the default
 # build gives this chapter a few minutes of two CPU cores; the {doc}`../reproduce` chapter
 # gives its measured cost); the paper profile holds the full-scale values.
 
@@ -57,7 +57,7 @@
 run_dir = "data/runs/default"  # the run folder: this stage reads what the stages before it wrote there and writes its own subfolder
 start_epoch = 0  # the clean checkpoint every arm continues from; 0 for the last trained epoch
 epochs = 1  # fine-tuning epochs of every arm, at the clean run's learning rates continued
-train_images = 1024  # training images the arms fine-tune on, a seeded draw from the training split (the same for every arm); 0 for all of them
+train_images = 512  # training images the arms fine-tune on, a seeded draw from the training split (the same for every arm); 0 for all of them
 schedule = "loss-adaptive"  # the step-size schedule that finds the borderline images during training
 lr0 = 0.008  # that schedule's initial step (pixel units, > 0)
 max_updates = 10  # the update cap of each borderline search during training (at least 1)

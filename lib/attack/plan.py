@@ -108,13 +108,13 @@ class AttackSettings:
     lr0: float = 0.008
     max_iter: int = 100
     n_per_class: int = 4
-    replicate_per_class: int = 2
+    replicate_per_class: int = 1
     mode: str = "targeted"
     seed: int = 0
     batch_size: int = 128
     chunk_size: int = 840
     schedule_constants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    sweep_lr0: tuple[float, ...] = (0.004, 0.008, 0.016, 0.04)
+    sweep_lr0: tuple[float, ...] = (0.004, 0.008, 0.04)
     sweep_per_class: int = 1
     sweep_epoch: int = 0
     gallery_images: int = 7

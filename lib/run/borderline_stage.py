@@ -74,7 +74,7 @@ class BorderlineStageSettings:
 
     start_epoch: int = 0
     epochs: int = 1
-    train_images: int = 1024
+    train_images: int = 512
     schedule: str = "loss-adaptive"
     lr0: float = 0.008
     max_updates: int = 10

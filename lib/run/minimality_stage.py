@@ -43,7 +43,7 @@ class MinimalitySettings:
     """
 
     epochs: tuple[int, ...] = (1, 5)
-    n_pairs: int = 30
+    n_pairs: int = 21
     steps: tuple[int, ...] = (100,)
     attacks: tuple[str, ...] = tuple(REFERENCE_ATTACKS)
     batch_size: int = 64

@@ -143,8 +143,11 @@ def start_or_resume(
             torch.manual_seed(stream_seed(seed, 0, "init"))
             model = build_model(num_classes=NUM_CLASSES, weights_path=weights_path)
         model = model.to(device)
+    # fused: one pass over each tensor and no new weight-decay tensor per step; on two CPU
+    # cores AlexNet's step takes 0.025 s instead of 0.145 s (an epoch 39 s instead of 44 s).
+    # Its rounding differs from the per-tensor loop's, so runs of each agree only to float32.
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True
     )
     if resumed:
         _load_optimizer(optimizer, layout.optimizer_file(out_dir, done))
