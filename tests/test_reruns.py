@@ -83,6 +83,7 @@ def test_progress_rules_keep_counts_and_results(first: str, second: str) -> None
     "52 training and 35 test frames of 64 px; videos decoded now: 4",
     "checkpoints [1, 2]: 120 attacks, 120 more in the lr0 sweep, in 4 chunks",
     "'0.5 million'", "'66.7 %'", "<td>0.024070</td>", "altair-viz-4e23",
+    '<div class="vega-embed">' + "spec " * 2000 + "</div>",  # a chart's long line
 ])
 def test_sanitize_keeps_results(kept: str) -> None:
     assert _sanitize(kept) == kept
